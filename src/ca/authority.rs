@@ -1,0 +1,425 @@
+//! The signing authority: validated CA material and the signing operations.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{CertificateParams, Issuer, KeyPair, PublicKeyData, SubjectPublicKeyInfo};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+
+use super::bundle::{self, Cert, TrustBundle, parse_pem_certs};
+use super::csr::CheckedCsr;
+use super::keys::{KeyAlgorithm, PrivateKey};
+use super::store::CaFiles;
+use super::{Error, profile};
+use crate::identity::{SpiffeId, TrustDomain};
+
+/// How far NotBefore is set back, for clocks that run behind (Istio: 2 min).
+pub const CLOCK_SKEW_BACKDATE: Duration = Duration::from_secs(120);
+
+/// Leaf lifetimes: what `validity_duration <= 0` means, and the ceiling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TtlPolicy {
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+impl Default for TtlPolicy {
+    /// Istio's values: 24 hours by default, 90 days at most.
+    fn default() -> Self {
+        Self {
+            default_ttl: Duration::from_secs(24 * 3600),
+            max_ttl: Duration::from_secs(90 * 24 * 3600),
+        }
+    }
+}
+
+impl TtlPolicy {
+    /// The lifetime for a request's `validity_duration` in seconds.
+    ///
+    /// # Errors
+    /// [`Error::TtlTooLong`] above the maximum (as Istio: no silent clamp).
+    pub fn resolve(&self, requested_secs: i64) -> Result<Duration, Error> {
+        let Ok(secs) = u64::try_from(requested_secs) else {
+            return Ok(self.default_ttl);
+        };
+        if secs == 0 {
+            return Ok(self.default_ttl);
+        }
+        let ttl = Duration::from_secs(secs);
+        if ttl > self.max_ttl {
+            return Err(Error::TtlTooLong {
+                requested: ttl,
+                max: self.max_ttl,
+            });
+        }
+        Ok(ttl)
+    }
+}
+
+/// A certificate we issued, with the chain to hand back.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    /// Leaf first, then the signer and intermediates (one PEM cert each),
+    /// then the root bundle (possibly several roots) last.
+    pub chain: Vec<String>,
+    pub leaf_der: Vec<u8>,
+    pub serial_hex: String,
+    pub not_after: SystemTime,
+}
+
+/// Validated CA material, ready to sign.
+pub struct Authority {
+    trust_domain: TrustDomain,
+    issuer: Issuer<'static, KeyPair>,
+    signer: Cert,
+    signer_not_after: SystemTime,
+    /// What follows the leaf in every response.
+    chain_tail: Vec<String>,
+    roots: TrustBundle,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("trust_domain", &self.trust_domain)
+            .field("signer_not_after", &self.signer_not_after)
+            .field("roots", &self.roots.roots().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authority {
+    /// Generates a self-signed root for `td` and returns it as CA files
+    /// (`ca-cert.pem` = `root-cert.pem`, empty `cert-chain.pem`).
+    ///
+    /// # Errors
+    /// [`Error::Key`] or [`Error::Signing`].
+    pub fn generate_root(
+        td: &TrustDomain,
+        alg: KeyAlgorithm,
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<CaFiles, Error> {
+        let key = PrivateKey::generate(alg)?;
+        let params = profile::root(td, now, lifetime, CLOCK_SKEW_BACKDATE)?;
+        let cert = params
+            .self_signed(key.key_pair())
+            .map_err(|e| Error::Signing(format!("self-signing the root failed: {e}")))?;
+        let pem = cert.pem();
+        Ok(CaFiles {
+            ca_cert: pem.clone(),
+            ca_key: key.to_pem(),
+            cert_chain: String::new(),
+            root_cert: pem,
+        })
+    }
+
+    /// Validates CA files (embedded or plugged-in) and builds the authority.
+    ///
+    /// Refused, each with [`Error::Material`] naming the problem: a key that
+    /// does not match `ca-cert.pem`; a signing cert that is not a CA (no
+    /// basicConstraints CA=true, or a keyUsage without keyCertSign); one that
+    /// is expired or not yet valid; one whose SPIFFE ID has a path or another
+    /// trust domain; a root that is not a self-signed CA; a chain from the
+    /// signer through `cert-chain.pem` that does not verify to a root; a
+    /// signer whose name rcgen cannot reproduce byte for byte (checked by
+    /// signing a throw-away leaf).
+    ///
+    /// # Errors
+    /// [`Error::Material`], [`Error::Cert`], [`Error::Key`].
+    pub fn from_files(files: &CaFiles, td: &TrustDomain, now: SystemTime) -> Result<Self, Error> {
+        let signer = single_cert(&files.ca_cert, "ca-cert.pem")?;
+        let key = PrivateKey::from_pem(&files.ca_key)
+            .map_err(|e| Error::Material(format!("ca-key.pem: {e}")))?;
+        let roots = parse_pem_certs(&files.root_cert)
+            .map_err(|e| Error::Material(format!("root-cert.pem: {e}")))?;
+        let roots = TrustBundle::new(roots)
+            .map_err(|_| Error::Material("root-cert.pem holds no certificate".into()))?;
+        let chain = parse_pem_certs(&files.cert_chain)
+            .map_err(|e| Error::Material(format!("cert-chain.pem: {e}")))?;
+
+        let parsed = signer.parsed()?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(Error::Material(
+                "ca-key.pem does not match the public key of ca-cert.pem".into(),
+            ));
+        }
+        check_is_ca(&parsed).map_err(|m| Error::Material(format!("ca-cert.pem {m}")))?;
+        check_validity(&parsed, now).map_err(|m| Error::Material(format!("ca-cert.pem {m}")))?;
+        check_ca_spiffe_id(&parsed, td)?;
+        for (i, root) in roots.roots().iter().enumerate() {
+            let r = root.parsed()?;
+            check_is_ca(&r)
+                .map_err(|m| Error::Material(format!("root {i} in root-cert.pem {m}")))?;
+            verify_issued_by(&r, &r).map_err(|m| {
+                Error::Material(format!("root {i} in root-cert.pem is not self-signed: {m}"))
+            })?;
+        }
+
+        // Intermediates: cert-chain.pem without the signer and the roots.
+        let intermediates: Vec<&Cert> = chain
+            .iter()
+            .filter(|c| c.der() != signer.der() && !roots.contains(c.der()))
+            .collect();
+        let mut current = parsed;
+        for (i, next) in intermediates.iter().enumerate() {
+            let n = next.parsed()?;
+            check_is_ca(&n)
+                .map_err(|m| Error::Material(format!("intermediate {i} in cert-chain.pem {m}")))?;
+            verify_issued_by(&current, &n).map_err(|m| {
+                Error::Material(format!(
+                    "cert-chain.pem does not chain at intermediate {i}: {m}"
+                ))
+            })?;
+            current = n;
+        }
+        let reaches_root = roots.roots().iter().any(|r| {
+            r.parsed()
+                .is_ok_and(|r| verify_issued_by(&current, &r).is_ok())
+        });
+        if !reaches_root {
+            return Err(Error::Material(
+                "the chain from ca-cert.pem through cert-chain.pem does not verify to any certificate in root-cert.pem".into(),
+            ));
+        }
+
+        let signer_is_root = roots.contains(signer.der());
+        let mut chain_tail: Vec<String> = Vec::new();
+        if !signer_is_root {
+            chain_tail.push(signer.pem().to_owned());
+        }
+        chain_tail.extend(intermediates.iter().map(|c| c.pem().to_owned()));
+        chain_tail.push(roots.pem());
+
+        let signer_not_after = bundle::not_after(&signer.parsed()?);
+        let issuer = Issuer::from_ca_cert_der(&signer.der().to_vec().into(), key.into_key_pair())
+            .map_err(|e| {
+            Error::Material(format!("ca-cert.pem cannot be used as an issuer: {e}"))
+        })?;
+        let authority = Self {
+            trust_domain: td.clone(),
+            issuer,
+            signer,
+            signer_not_after,
+            chain_tail,
+            roots,
+        };
+        authority.self_test(now)?;
+        Ok(authority)
+    }
+
+    /// Signs a throw-away leaf and checks it chains to the signer, so a CA
+    /// that would issue broken certificates is refused at start.
+    fn self_test(&self, now: SystemTime) -> Result<(), Error> {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
+        let id = SpiffeId::parse(&format!("spiffe://{}/self-test", self.trust_domain))
+            .map_err(|e| Error::Signing(e.to_string()))?;
+        let params = profile::leaf(&id, now, now + Duration::from_secs(60), false)?;
+        let der = self.sign_params(&params, key.key_pair())?;
+        let leaf = Cert::from_der(der)?;
+        verify_issued_by(&leaf.parsed()?, &self.signer.parsed()?).map_err(|m| {
+            Error::Material(format!(
+                "a test leaf signed with this CA does not chain to ca-cert.pem: {m}"
+            ))
+        })
+    }
+
+    fn sign_params(
+        &self,
+        params: &CertificateParams,
+        public_key: &impl PublicKeyData,
+    ) -> Result<Vec<u8>, Error> {
+        params
+            .signed_by(public_key, &self.issuer)
+            .map(|c| c.der().to_vec())
+            .map_err(|e| Error::Signing(e.to_string()))
+    }
+
+    /// Signs a workload leaf for `caller` with the CSR's public key.
+    ///
+    /// The lifetime is `ttl`, cut short at the signer's NotAfter; NotBefore is
+    /// `now` less [`CLOCK_SKEW_BACKDATE`].
+    ///
+    /// # Errors
+    /// [`Error::IdentityMismatch`] if the CSR names a URI SAN other than
+    /// `caller`; [`Error::WrongTrustDomain`] if `caller` is outside this CA's
+    /// trust domain; [`Error::SignerExpired`]; [`Error::Signing`].
+    pub fn sign_leaf(
+        &self,
+        csr: &CheckedCsr,
+        caller: &SpiffeId,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Issued, Error> {
+        if caller.trust_domain() != self.trust_domain {
+            return Err(Error::WrongTrustDomain {
+                id: caller.to_string(),
+                expected: self.trust_domain.to_string(),
+            });
+        }
+        if let Some(other) = csr
+            .requested_uris()
+            .iter()
+            .find(|u| u.as_str() != caller.as_str())
+        {
+            return Err(Error::IdentityMismatch {
+                requested: other.clone(),
+                allowed: caller.to_string(),
+            });
+        }
+        let not_after = self.not_after_for(ttl, now)?;
+        let params = profile::leaf(
+            caller,
+            now.checked_sub(CLOCK_SKEW_BACKDATE).unwrap_or(now),
+            not_after,
+            csr.key_kind().is_rsa(),
+        )?;
+        let spki = SubjectPublicKeyInfo::from_der(csr.spki_der())
+            .map_err(|e| Error::CsrKeyType(format!("public key not usable: {e}")))?;
+        self.finish(&params, &spki, not_after)
+    }
+
+    /// Signs the server's own TLS certificate for `key`.
+    ///
+    /// # Errors
+    /// [`Error::SignerExpired`], [`Error::Signing`].
+    pub fn sign_serving(
+        &self,
+        key: &PrivateKey,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Issued, Error> {
+        let not_after = self.not_after_for(ttl, now)?;
+        let params = profile::serving(
+            dns_names,
+            ips,
+            now.checked_sub(CLOCK_SKEW_BACKDATE).unwrap_or(now),
+            not_after,
+        )?;
+        self.finish(&params, key.key_pair(), not_after)
+    }
+
+    fn not_after_for(&self, ttl: Duration, now: SystemTime) -> Result<SystemTime, Error> {
+        if now >= self.signer_not_after {
+            return Err(Error::SignerExpired);
+        }
+        Ok((now + ttl).min(self.signer_not_after))
+    }
+
+    fn finish(
+        &self,
+        params: &CertificateParams,
+        key: &impl PublicKeyData,
+        not_after: SystemTime,
+    ) -> Result<Issued, Error> {
+        let leaf_der = self.sign_params(params, key)?;
+        let serial_hex = params
+            .serial_number
+            .as_ref()
+            .map(|s| hex(s.as_ref()))
+            .unwrap_or_default();
+        let mut chain = Vec::with_capacity(self.chain_tail.len() + 1);
+        chain.push(pem::encode(&pem::Pem::new("CERTIFICATE", leaf_der.clone())));
+        chain.extend(self.chain_tail.iter().cloned());
+        Ok(Issued {
+            chain,
+            leaf_der,
+            serial_hex,
+            not_after,
+        })
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    pub fn roots(&self) -> &TrustBundle {
+        &self.roots
+    }
+
+    /// The signing certificate (the root itself for a self-signed CA).
+    pub fn signer(&self) -> &Cert {
+        &self.signer
+    }
+
+    pub fn signer_not_after(&self) -> SystemTime {
+        self.signer_not_after
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn single_cert(text: &str, name: &str) -> Result<Cert, Error> {
+    let mut certs = parse_pem_certs(text).map_err(|e| Error::Material(format!("{name}: {e}")))?;
+    match certs.len() {
+        1 => Ok(certs.remove(0)),
+        n => Err(Error::Material(format!(
+            "{name} must hold exactly one certificate, found {n}"
+        ))),
+    }
+}
+
+fn check_is_ca(cert: &X509Certificate<'_>) -> Result<(), String> {
+    match cert.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => {}
+        _ => return Err("is not a CA certificate (basicConstraints CA=true missing)".into()),
+    }
+    match cert.key_usage() {
+        Ok(Some(ku)) if !ku.value.key_cert_sign() => {
+            Err("has a keyUsage without keyCertSign".into())
+        }
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("has a malformed keyUsage: {e}")),
+    }
+}
+
+fn check_validity(cert: &X509Certificate<'_>, now: SystemTime) -> Result<(), String> {
+    let v = cert.validity();
+    if now < bundle::time_from_unix(v.not_before.timestamp()) {
+        return Err(format!("is not valid before {}", v.not_before));
+    }
+    if now >= bundle::time_from_unix(v.not_after.timestamp()) {
+        return Err(format!("expired at {}", v.not_after));
+    }
+    Ok(())
+}
+
+fn check_ca_spiffe_id(cert: &X509Certificate<'_>, td: &TrustDomain) -> Result<(), Error> {
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Ok(());
+    };
+    for name in &san.value.general_names {
+        if let GeneralName::URI(uri) = name {
+            let id = SpiffeId::parse(uri)
+                .map_err(|e| Error::Material(format!("ca-cert.pem URI SAN {uri:?}: {e}")))?;
+            if !id.path().is_empty() || &id.trust_domain() != td {
+                return Err(Error::Material(format!(
+                    "ca-cert.pem carries SPIFFE ID {id}; a signing certificate may only carry spiffe://{td}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `child` names `parent` as issuer and carries its signature.
+fn verify_issued_by(
+    child: &X509Certificate<'_>,
+    parent: &X509Certificate<'_>,
+) -> Result<(), String> {
+    if child.issuer().as_raw() != parent.subject().as_raw() {
+        return Err(format!(
+            "issuer \"{}\" is not \"{}\"",
+            child.issuer(),
+            parent.subject()
+        ));
+    }
+    child
+        .verify_signature(Some(parent.public_key()))
+        .map_err(|e| format!("signature does not verify: {e}"))
+}

@@ -1,0 +1,279 @@
+//! Checks on certificate signing requests.
+//!
+//! A CSR contributes exactly one thing to a certificate we issue: its public
+//! key. Everything else it asks for (subject, DNS names, CA=true, key usages,
+//! validity) is ignored, except that a URI SAN it names must be the caller's
+//! own identity, so that a confused client gets a clear error instead of a
+//! certificate it did not expect.
+//!
+//! Checked, in this order (cheapest first, nothing parsed before the size):
+//! 1. size at most [`MAX_CSR_BYTES`] ([`Error::CsrTooLarge`]);
+//! 2. PEM with one `CERTIFICATE REQUEST` block, or raw DER
+//!    ([`Error::CsrMalformed`]);
+//! 3. well-formed PKCS#10 with no trailing bytes ([`Error::CsrMalformed`]);
+//! 4. key type allowed: ECDSA P-256/P-384, RSA 2048 to 4096 bits, Ed25519
+//!    ([`Error::CsrKeyType`]);
+//! 5. signature algorithm not SHA-1 and signature valid
+//!    ([`Error::CsrSignature`]).
+//!
+//! Not checked here: the subject (Istio agents send `O=""`, which a strict
+//! X.509 reading forbids but we accept) and whether requested URI SANs match
+//! the caller; [`CheckedCsr::requested_uris`] hands those to the authority.
+
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::oid_registry::{
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
+    OID_PKCS1_SHA1WITHRSA, OID_SHA1_WITH_RSA, OID_SIG_ED25519,
+};
+use x509_parser::prelude::FromDer;
+use x509_parser::public_key::PublicKey;
+
+use super::Error;
+
+/// Largest CSR accepted, in bytes of the request field as received.
+pub const MAX_CSR_BYTES: usize = 64 * 1024;
+
+/// The type of key a CSR carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    EcdsaP256,
+    EcdsaP384,
+    Ed25519,
+    /// RSA, with its modulus size in bits.
+    Rsa(usize),
+}
+
+impl KeyKind {
+    /// True for RSA keys, which get keyEncipherment besides digitalSignature.
+    pub fn is_rsa(self) -> bool {
+        matches!(self, Self::Rsa(_))
+    }
+}
+
+/// A CSR that passed every check in the module docs.
+#[derive(Debug, Clone)]
+pub struct CheckedCsr {
+    spki_der: Vec<u8>,
+    key: KeyKind,
+    requested_uris: Vec<String>,
+}
+
+impl CheckedCsr {
+    /// The DER SubjectPublicKeyInfo, byte for byte as in the CSR.
+    pub fn spki_der(&self) -> &[u8] {
+        &self.spki_der
+    }
+
+    /// The key type.
+    pub fn key_kind(&self) -> KeyKind {
+        self.key
+    }
+
+    /// URI SANs the CSR asks for (usually none, or the caller's SPIFFE ID).
+    pub fn requested_uris(&self) -> &[String] {
+        &self.requested_uris
+    }
+}
+
+/// Runs every check in the module docs on a PEM or DER CSR.
+///
+/// # Errors
+/// [`Error::CsrTooLarge`], [`Error::CsrMalformed`], [`Error::CsrKeyType`],
+/// [`Error::CsrSignature`].
+pub fn check_csr(input: &[u8]) -> Result<CheckedCsr, Error> {
+    if input.len() > MAX_CSR_BYTES {
+        return Err(Error::CsrTooLarge {
+            size: input.len(),
+            max: MAX_CSR_BYTES,
+        });
+    }
+    let der = decode_pem_or_der(input)?;
+    let (rest, csr) = X509CertificationRequest::from_der(&der)
+        .map_err(|e| Error::CsrMalformed(format!("not a PKCS#10 request: {e}")))?;
+    if !rest.is_empty() {
+        return Err(Error::CsrMalformed(
+            "trailing bytes after the request".into(),
+        ));
+    }
+    let info = &csr.certification_request_info;
+    let key = key_kind(&info.subject_pki)?;
+    let sig_oid = &csr.signature_algorithm.algorithm;
+    if *sig_oid == OID_PKCS1_SHA1WITHRSA || *sig_oid == OID_SHA1_WITH_RSA {
+        return Err(Error::CsrSignature(
+            "SHA-1 signatures are not accepted".into(),
+        ));
+    }
+    csr.verify_signature()
+        .map_err(|e| Error::CsrSignature(format!("signature does not verify: {e}")))?;
+    let mut requested_uris = Vec::new();
+    if let Some(exts) = csr.requested_extensions() {
+        for ext in exts {
+            if let ParsedExtension::SubjectAlternativeName(san) = ext {
+                for name in &san.general_names {
+                    if let GeneralName::URI(uri) = name {
+                        requested_uris.push((*uri).to_owned());
+                    }
+                }
+            }
+        }
+    }
+    Ok(CheckedCsr {
+        spki_der: info.subject_pki.raw.to_vec(),
+        key,
+        requested_uris,
+    })
+}
+
+fn decode_pem_or_der(input: &[u8]) -> Result<Vec<u8>, Error> {
+    let trimmed = input.trim_ascii_start();
+    if !trimmed.starts_with(b"-----BEGIN") {
+        if trimmed.first() == Some(&0x30) {
+            return Ok(trimmed.to_vec());
+        }
+        return Err(Error::CsrMalformed("neither PEM nor DER".into()));
+    }
+    let blocks =
+        pem::parse_many(trimmed).map_err(|e| Error::CsrMalformed(format!("bad PEM: {e}")))?;
+    match blocks.as_slice() {
+        [one] if matches!(one.tag(), "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST") => {
+            Ok(one.contents().to_vec())
+        }
+        [one] => Err(Error::CsrMalformed(format!(
+            "PEM block is {:?}, not a CERTIFICATE REQUEST",
+            one.tag()
+        ))),
+        _ => Err(Error::CsrMalformed(format!(
+            "expected one PEM block, found {}",
+            blocks.len()
+        ))),
+    }
+}
+
+fn key_kind(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<KeyKind, Error> {
+    let alg = &spki.algorithm.algorithm;
+    if *alg == OID_SIG_ED25519 {
+        if spki.subject_public_key.data.len() != 32 {
+            return Err(Error::CsrKeyType("Ed25519 key is not 32 bytes".into()));
+        }
+        return Ok(KeyKind::Ed25519);
+    }
+    if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok())
+            .ok_or_else(|| Error::CsrKeyType("EC key without a named curve".into()))?;
+        let (kind, len) = if curve == OID_EC_P256 {
+            (KeyKind::EcdsaP256, 65)
+        } else if curve == OID_NIST_EC_P384 {
+            (KeyKind::EcdsaP384, 97)
+        } else {
+            return Err(Error::CsrKeyType(format!(
+                "EC curve {curve} is not allowed (P-256 or P-384)"
+            )));
+        };
+        let point = spki.subject_public_key.data.as_ref();
+        if point.len() != len || point.first() != Some(&4) {
+            return Err(Error::CsrKeyType(
+                "EC key is not an uncompressed point on its curve".into(),
+            ));
+        }
+        return Ok(kind);
+    }
+    if *alg == OID_PKCS1_RSAENCRYPTION {
+        let Ok(PublicKey::RSA(rsa)) = spki.parsed() else {
+            return Err(Error::CsrKeyType("malformed RSA public key".into()));
+        };
+        let bits = rsa.key_size();
+        if !(2048..=4096).contains(&bits) {
+            return Err(Error::CsrKeyType(format!(
+                "RSA key of {bits} bits is not allowed (2048 to 4096)"
+            )));
+        }
+        return Ok(KeyKind::Rsa(bits));
+    }
+    Err(Error::CsrKeyType(format!(
+        "key algorithm {alg} is not allowed (ECDSA P-256/P-384, RSA 2048-4096, Ed25519)"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::keys::{KeyAlgorithm, PrivateKey};
+
+    pub(crate) fn csr_pem(key: &PrivateKey, uris: &[&str]) -> String {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| rcgen::SanType::URI(rcgen::string::Ia5String::try_from(*u).unwrap()))
+            .collect();
+        params
+            .serialize_request(key.key_pair())
+            .unwrap()
+            .pem()
+            .unwrap()
+    }
+
+    #[test]
+    fn accepts_each_allowed_key_type() {
+        for (alg, kind) in [
+            (KeyAlgorithm::EcdsaP256, KeyKind::EcdsaP256),
+            (KeyAlgorithm::EcdsaP384, KeyKind::EcdsaP384),
+            (KeyAlgorithm::Ed25519, KeyKind::Ed25519),
+            (KeyAlgorithm::Rsa2048, KeyKind::Rsa(2048)),
+        ] {
+            let key = PrivateKey::generate(alg).unwrap();
+            let csr = check_csr(csr_pem(&key, &[]).as_bytes()).unwrap();
+            assert_eq!(csr.key_kind(), kind);
+            assert_eq!(csr.spki_der(), key.spki_der());
+        }
+    }
+
+    #[test]
+    fn reports_requested_uris() {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let csr = check_csr(csr_pem(&key, &["spiffe://td/ns/a/sa/b"]).as_bytes()).unwrap();
+        assert_eq!(csr.requested_uris(), ["spiffe://td/ns/a/sa/b"]);
+    }
+
+    #[test]
+    fn accepts_der() {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let pem_text = csr_pem(&key, &[]);
+        let der = pem::parse(&pem_text).unwrap().into_contents();
+        assert!(check_csr(&der).is_ok());
+    }
+
+    #[test]
+    fn size_is_checked_before_parsing() {
+        let big = vec![b'A'; MAX_CSR_BYTES + 1];
+        assert!(matches!(check_csr(&big), Err(Error::CsrTooLarge { .. })));
+    }
+
+    #[test]
+    fn rejects_wrong_blocks_and_garbage() {
+        assert!(matches!(check_csr(b"garbage"), Err(Error::CsrMalformed(_))));
+        let cert = "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n";
+        assert!(
+            matches!(check_csr(cert.as_bytes()), Err(Error::CsrMalformed(m)) if m.contains("CERTIFICATE"))
+        );
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let two = format!("{}{}", csr_pem(&key, &[]), csr_pem(&key, &[]));
+        assert!(matches!(
+            check_csr(two.as_bytes()),
+            Err(Error::CsrMalformed(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_a_broken_signature() {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let mut der = pem::parse(csr_pem(&key, &[])).unwrap().into_contents();
+        let last = der.len() - 3;
+        der[last] ^= 0x55;
+        assert!(matches!(check_csr(&der), Err(Error::CsrSignature(_))));
+    }
+}

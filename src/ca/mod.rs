@@ -1,0 +1,49 @@
+//! Key material, CSR checks, certificate profiles, signing, the trust bundle
+//! and CA storage. Synchronous and free of networking: the clock is always
+//! passed in, so every rule here is testable at any instant.
+
+pub mod authority;
+pub mod bundle;
+pub mod csr;
+pub mod keys;
+pub mod profile;
+pub mod store;
+
+use std::time::Duration;
+
+pub use authority::{Authority, Issued, TtlPolicy};
+pub use bundle::{Cert, TrustBundle};
+pub use csr::{CheckedCsr, check_csr};
+pub use keys::{KeyAlgorithm, PrivateKey};
+pub use store::{CaFiles, DirStore, KeyStore};
+
+/// Everything that can go wrong in this module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("CSR of {size} bytes exceeds the {max}-byte limit")]
+    CsrTooLarge { size: usize, max: usize },
+    #[error("malformed CSR: {0}")]
+    CsrMalformed(String),
+    #[error("CSR key not allowed: {0}")]
+    CsrKeyType(String),
+    #[error("CSR signature rejected: {0}")]
+    CsrSignature(String),
+    #[error("the CSR asks for identity {requested}, but the caller may only have {allowed}")]
+    IdentityMismatch { requested: String, allowed: String },
+    #[error("identity {id} is outside this CA's trust domain {expected}")]
+    WrongTrustDomain { id: String, expected: String },
+    #[error("requested lifetime {}s exceeds the maximum {}s", requested.as_secs(), max.as_secs())]
+    TtlTooLong { requested: Duration, max: Duration },
+    #[error("the signing certificate has expired")]
+    SignerExpired,
+    #[error("key: {0}")]
+    Key(String),
+    #[error("certificate: {0}")]
+    Cert(String),
+    #[error("signing failed: {0}")]
+    Signing(String),
+    #[error("CA material refused: {0}")]
+    Material(String),
+    #[error("CA store {location}: {reason}")]
+    Store { location: String, reason: String },
+}

@@ -1,0 +1,369 @@
+//! Where CA material lives: a trait, and the local-directory backend.
+//!
+//! The directory layout is Istio's (`ca-cert.pem`, `ca-key.pem`,
+//! `cert-chain.pem`, `root-cert.pem`), so a plugged-in `cacerts` directory
+//! and our own state directory are read by the same code. A Kubernetes Secret
+//! backend implements the same trait.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::future::Future;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use zeroize::Zeroizing;
+
+use super::keys::KeyAlgorithm;
+use super::{Authority, Error};
+use crate::identity::TrustDomain;
+
+pub const CA_CERT: &str = "ca-cert.pem";
+pub const CA_KEY: &str = "ca-key.pem";
+pub const CERT_CHAIN: &str = "cert-chain.pem";
+pub const ROOT_CERT: &str = "root-cert.pem";
+const FILES: [&str; 4] = [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT];
+
+/// The four pieces of CA material, in Istio's naming.
+#[derive(Clone)]
+pub struct CaFiles {
+    pub ca_cert: String,
+    pub ca_key: Zeroizing<String>,
+    pub cert_chain: String,
+    pub root_cert: String,
+}
+
+impl fmt::Debug for CaFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaFiles")
+            .field("ca_cert", &self.ca_cert)
+            .field("ca_key", &"<redacted>")
+            .field("cert_chain", &self.cert_chain)
+            .field("root_cert", &self.root_cert)
+            .finish()
+    }
+}
+
+/// Storage for CA material.
+///
+/// `create` must be create-if-absent: when several replicas start at once,
+/// exactly one wins and the others load what it stored.
+pub trait KeyStore: Send + Sync {
+    /// Where the material lives, for messages.
+    fn describe(&self) -> String;
+
+    /// The stored material, or `None` if nothing is stored yet.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the store is unreadable or only partly there:
+    /// a partial or corrupt store is never treated as empty.
+    fn load(&self) -> impl Future<Output = Result<Option<CaFiles>, Error>> + Send;
+
+    /// Stores `files` unless material already exists. `Ok(false)`: someone
+    /// else stored first, and nothing was written.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when writing fails.
+    fn create(&self, files: &CaFiles) -> impl Future<Output = Result<bool, Error>> + Send;
+}
+
+/// What to generate when a store is empty.
+#[derive(Clone, Debug)]
+pub struct RootSpec {
+    pub trust_domain: TrustDomain,
+    pub algorithm: KeyAlgorithm,
+    pub lifetime: Duration,
+}
+
+/// Loads the CA from `store`, generating and storing a self-signed root on
+/// first use. Returns the authority and whether it was created now.
+///
+/// # Errors
+/// Whatever the store or [`Authority::from_files`] reports: stored material
+/// that fails validation is refused, never replaced.
+pub async fn load_or_create<S: KeyStore>(
+    store: &S,
+    spec: &RootSpec,
+    now: SystemTime,
+) -> Result<(Authority, bool), Error> {
+    if let Some(files) = store.load().await? {
+        return Ok((
+            Authority::from_files(&files, &spec.trust_domain, now)?,
+            false,
+        ));
+    }
+    let files = Authority::generate_root(&spec.trust_domain, spec.algorithm, spec.lifetime, now)?;
+    let authority = Authority::from_files(&files, &spec.trust_domain, now)?;
+    if store.create(&files).await? {
+        return Ok((authority, true));
+    }
+    let files = store.load().await?.ok_or_else(|| Error::Store {
+        location: store.describe(),
+        reason: "another process created the CA but it cannot be read back".into(),
+    })?;
+    Ok((
+        Authority::from_files(&files, &spec.trust_domain, now)?,
+        false,
+    ))
+}
+
+/// CA material as four files in one directory.
+#[derive(Clone, Debug)]
+pub struct DirStore {
+    dir: PathBuf,
+}
+
+impl DirStore {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn err(&self, reason: impl Into<String>) -> Error {
+        Error::Store {
+            location: self.dir.display().to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn load_sync(&self) -> Result<Option<CaFiles>, Error> {
+        let present: Vec<&str> = FILES
+            .iter()
+            .copied()
+            .filter(|f| self.dir.join(f).exists())
+            .collect();
+        if present.is_empty() {
+            return Ok(None);
+        }
+        if present.len() != FILES.len() {
+            let missing: Vec<&str> = FILES
+                .iter()
+                .copied()
+                .filter(|f| !present.contains(f))
+                .collect();
+            return Err(self.err(format!(
+                "partial CA material: has {}, missing {}; refusing to start. Restore the missing files, \
+                 or remove the directory to create a new CA (every certificate issued so far will stop verifying)",
+                present.join(", "),
+                missing.join(", ")
+            )));
+        }
+        let read = |name: &str| {
+            fs::read_to_string(self.dir.join(name))
+                .map_err(|e| self.err(format!("reading {name}: {e}")))
+        };
+        Ok(Some(CaFiles {
+            ca_cert: read(CA_CERT)?,
+            ca_key: Zeroizing::new(read(CA_KEY)?),
+            cert_chain: read(CERT_CHAIN)?,
+            root_cert: read(ROOT_CERT)?,
+        }))
+    }
+
+    /// Writes all four files into a fresh sibling directory, then renames it
+    /// into place, so a crash never leaves a partial CA behind.
+    fn create_sync(&self, files: &CaFiles) -> Result<bool, Error> {
+        let parent = self
+            .dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = self
+            .dir
+            .file_name()
+            .ok_or_else(|| self.err("the CA directory has no name"))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| self.err(format!("creating {}: {e}", parent.display())))?;
+        let tmp = parent.join(format!(
+            ".{}.tmp-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(|e| self.err(format!("creating {}: {e}", tmp.display())))?;
+        let write_all = || -> io::Result<()> {
+            write_new_file(&tmp.join(CA_KEY), files.ca_key.as_bytes(), 0o600)?;
+            write_new_file(&tmp.join(CA_CERT), files.ca_cert.as_bytes(), 0o644)?;
+            write_new_file(&tmp.join(CERT_CHAIN), files.cert_chain.as_bytes(), 0o644)?;
+            write_new_file(&tmp.join(ROOT_CERT), files.root_cert.as_bytes(), 0o644)?;
+            File::open(&tmp)?.sync_all()
+        };
+        if let Err(e) = write_all() {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(self.err(format!("writing CA files: {e}")));
+        }
+        match fs::rename(&tmp, &self.dir) {
+            Ok(()) => {
+                File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| self.err(format!("syncing: {e}")))?;
+                Ok(true)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::DirectoryNotEmpty | io::ErrorKind::AlreadyExists
+                ) =>
+            {
+                let _ = fs::remove_dir_all(&tmp);
+                Ok(false)
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                Err(self.err(format!("moving the new CA into place: {e}")))
+            }
+        }
+    }
+}
+
+impl KeyStore for DirStore {
+    fn describe(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    fn load(&self) -> impl Future<Output = Result<Option<CaFiles>, Error>> + Send {
+        std::future::ready(self.load_sync())
+    }
+
+    fn create(&self, files: &CaFiles) -> impl Future<Output = Result<bool, Error>> + Send {
+        std::future::ready(self.create_sync(files))
+    }
+}
+
+fn write_new_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Replaces `path` atomically: a temporary file in the same directory,
+/// written with `mode`, fsynced, renamed over `path`, then the directory
+/// fsynced. Readers see the old content or the new, never a mix.
+///
+/// # Errors
+/// Any I/O error; the temporary file is removed on failure.
+pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = fs::remove_file(&tmp);
+    let result = write_new_file(&tmp, bytes, mode).and_then(|()| fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn spec() -> RootSpec {
+        RootSpec {
+            trust_domain: TrustDomain::new("td").unwrap(),
+            algorithm: KeyAlgorithm::EcdsaP256,
+            lifetime: Duration::from_secs(3600),
+        }
+    }
+
+    #[tokio::test]
+    async fn creates_once_then_reuses() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::new(tmp.path().join("state/ca"));
+        let now = SystemTime::now();
+        let (first, created) = load_or_create(&store, &spec(), now).await.unwrap();
+        assert!(created);
+        let (second, created) = load_or_create(&store, &spec(), now).await.unwrap();
+        assert!(!created);
+        assert_eq!(first.signer(), second.signer());
+        let mode = fs::metadata(store.dir().join(CA_KEY))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        let dir_mode = fs::metadata(store.dir()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(dir_mode, 0o700);
+    }
+
+    #[tokio::test]
+    async fn a_second_create_loses_and_writes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::new(tmp.path().join("ca"));
+        let a = Authority::generate_root(
+            &spec().trust_domain,
+            KeyAlgorithm::EcdsaP256,
+            Duration::from_secs(60),
+            SystemTime::now(),
+        )
+        .unwrap();
+        let b = Authority::generate_root(
+            &spec().trust_domain,
+            KeyAlgorithm::EcdsaP256,
+            Duration::from_secs(60),
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert!(store.create(&a).await.unwrap());
+        assert!(!store.create(&b).await.unwrap());
+        assert_eq!(store.load().await.unwrap().unwrap().ca_cert, a.ca_cert);
+        assert_eq!(
+            fs::read_dir(tmp.path()).unwrap().count(),
+            1,
+            "no temporary directory left behind"
+        );
+    }
+
+    #[test]
+    fn atomic_write_replaces_with_mode() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("f");
+        atomic_write(&path, b"one", 0o600).unwrap();
+        atomic_write(&path, b"two", 0o600).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn debug_redacts_the_key() {
+        let files = Authority::generate_root(
+            &spec().trust_domain,
+            KeyAlgorithm::EcdsaP256,
+            Duration::from_secs(60),
+            SystemTime::now(),
+        )
+        .unwrap();
+        let dbg = format!("{files:?}");
+        assert!(dbg.contains("<redacted>"));
+        assert!(!dbg.contains("PRIVATE KEY"));
+    }
+}

@@ -1,0 +1,7 @@
+//! workload-ca: a certificate authority for workload identity.
+//!
+//! Module dependencies flow one way: [`identity`] <- [`ca`] <- [`server`] <- [`cli`].
+#![forbid(unsafe_code)]
+
+pub mod ca;
+pub mod identity;
