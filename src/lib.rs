@@ -4,4 +4,6 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
+pub mod cli;
 pub mod identity;
+pub mod server;

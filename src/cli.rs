@@ -1,0 +1,411 @@
+//! The `ca` command line. Lives in the library so it can be tested; `main.rs`
+//! only calls [`main`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::ca::{KeyAlgorithm, TtlPolicy};
+use crate::identity::TrustDomain;
+use crate::server::devissuer::DevIssuer;
+use crate::server::jwt::{IssuerConfig, KeySource};
+use crate::server::tls::ServingSpec;
+use crate::server::{self, CaSource, ServerConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ca",
+    version,
+    about = "workload-ca: SPIFFE certificates for Kubernetes service accounts"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LogArgs {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CA_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `workload_ca=debug`.
+    #[arg(long, global = true, default_value = "info", env = "CA_LOG")]
+    pub log_level: String,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the CA server (Istio's CreateCertificate API over gRPC/TLS).
+    Server(ServerArgs),
+    /// Mint a development service-account token (trusted only by `server --dev`).
+    Token(TokenArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// State directory: the embedded CA, root-cert.pem, the dev issuer key.
+    #[arg(long, env = "CA_STATE_DIR", default_value = "ca-state")]
+    pub state_dir: PathBuf,
+    /// SPIFFE trust domain of issued identities.
+    #[arg(long, env = "CA_TRUST_DOMAIN", default_value = "cluster.local", value_parser = parse_trust_domain)]
+    pub trust_domain: TrustDomain,
+    /// gRPC (TLS) listen address.
+    #[arg(long, env = "CA_LISTEN", default_value = "127.0.0.1:15012")]
+    pub listen: SocketAddr,
+    /// Metrics and health listen address; `off` disables it.
+    #[arg(long, env = "CA_OPS_LISTEN", default_value = "127.0.0.1:15014")]
+    pub ops_listen: String,
+    /// DNS names in the server's TLS certificate (repeat or comma-separate).
+    #[arg(long = "dns-name", env = "CA_DNS_NAMES", value_delimiter = ',',
+          default_values_t = ["localhost".to_string(), "istiod.istio-system.svc".to_string()])]
+    pub dns_names: Vec<String>,
+    /// IP addresses in the server's TLS certificate.
+    #[arg(long = "ip-san", env = "CA_IP_SANS", value_delimiter = ',', default_values_t = [IpAddr::from([127, 0, 0, 1])])]
+    pub ip_sans: Vec<IpAddr>,
+    /// Lifetime of the server's TLS certificate (renewed at half-life).
+    #[arg(long, env = "CA_SERVING_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub serving_cert_ttl: Duration,
+    /// Workload certificate lifetime when the request asks for none.
+    #[arg(long, env = "CA_DEFAULT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub default_ttl: Duration,
+    /// Longest workload certificate lifetime; longer requests are refused.
+    #[arg(long, env = "CA_MAX_TTL", default_value = "90d", value_parser = parse_duration)]
+    pub max_ttl: Duration,
+    /// Key type of a newly generated root.
+    #[arg(long, env = "CA_ROOT_KEY", default_value = "ecdsa-p256", value_parser = parse_key_algorithm)]
+    pub root_key: KeyAlgorithm,
+    /// Lifetime of a newly generated root.
+    #[arg(long, env = "CA_ROOT_LIFETIME", default_value = "10y", value_parser = parse_duration)]
+    pub root_lifetime: Duration,
+    /// Use a plugged-in CA from an Istio `cacerts` directory instead of the
+    /// embedded root.
+    #[arg(long, env = "CA_CACERTS_DIR")]
+    pub cacerts: Option<PathBuf>,
+    /// Trusted token issuer as `ISSUER=KEYS`, KEYS being a JWKS or PEM file,
+    /// or an http:// JWKS URL on loopback. Repeatable.
+    #[arg(long = "jwt-issuer", env = "CA_JWT_ISSUERS", value_delimiter = ';', value_parser = parse_issuer)]
+    pub jwt_issuers: Vec<IssuerConfig>,
+    /// Accepted token audiences.
+    #[arg(long = "jwt-audience", env = "CA_JWT_AUDIENCES", value_delimiter = ',', default_values_t = ["istio-ca".to_string()])]
+    pub jwt_audiences: Vec<String>,
+    /// How often JWKS files and URLs are re-read.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub jwks_refresh: Duration,
+    /// Trust the development issuer used by `ca token`. Never in production.
+    #[arg(long, env = "CA_DEV")]
+    pub dev: bool,
+    /// How long in-flight calls may run after SIGTERM.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    /// State directory of a server started with `--dev`.
+    #[arg(long, env = "CA_STATE_DIR", default_value = "ca-state")]
+    pub state_dir: PathBuf,
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    #[arg(long, default_value = "default")]
+    pub service_account: String,
+    #[arg(long, default_value = "istio-ca")]
+    pub audience: String,
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub ttl: Duration,
+}
+
+fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
+    TrustDomain::new(s).map_err(|e| e.to_string())
+}
+
+fn parse_key_algorithm(s: &str) -> Result<KeyAlgorithm, String> {
+    s.parse().map_err(|e: crate::ca::Error| e.to_string())
+}
+
+fn parse_issuer(s: &str) -> Result<IssuerConfig, String> {
+    let (issuer, keys) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not ISSUER=KEYS"))?;
+    if issuer.is_empty() || keys.is_empty() {
+        return Err(format!("{s:?} is not ISSUER=KEYS"));
+    }
+    Ok(IssuerConfig {
+        issuer: issuer.to_owned(),
+        keys: KeySource::parse(keys).map_err(|e| e.to_string())?,
+    })
+}
+
+/// `30s`, `15m`, `24h`, `90d`, `10y` (365 days); a bare number is seconds.
+///
+/// # Errors
+/// A message naming the accepted forms.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 15m, 24h, 90d, 10y"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "ms" => return Ok(Duration::from_millis(n)),
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "y" => 365 * 86_400,
+        _ => {
+            return Err(format!(
+                "{s:?} has unknown unit {unit:?} (ms, s, m, h, d, y)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+impl ServerArgs {
+    /// The server configuration these flags describe.
+    ///
+    /// # Errors
+    /// Inconsistent flags (default TTL above the maximum, a bad ops address).
+    pub fn to_config(&self) -> anyhow::Result<ServerConfig> {
+        if self.default_ttl > self.max_ttl {
+            bail!(
+                "--default-ttl ({:?}) is above --max-ttl ({:?})",
+                self.default_ttl,
+                self.max_ttl
+            );
+        }
+        if self.default_ttl.is_zero() || self.serving_cert_ttl.is_zero() {
+            bail!("certificate lifetimes must be positive");
+        }
+        let ops_listen = match self.ops_listen.as_str() {
+            "off" | "" => None,
+            addr => Some(
+                addr.parse()
+                    .with_context(|| format!("--ops-listen {addr:?}"))?,
+            ),
+        };
+        let ca = match &self.cacerts {
+            Some(dir) => CaSource::PluggedIn(dir.clone()),
+            None => CaSource::Embedded {
+                algorithm: self.root_key,
+                root_lifetime: self.root_lifetime,
+            },
+        };
+        Ok(ServerConfig {
+            state_dir: self.state_dir.clone(),
+            trust_domain: self.trust_domain.clone(),
+            ca,
+            listen: self.listen,
+            ops_listen,
+            serving: ServingSpec {
+                dns_names: self.dns_names.clone(),
+                ips: self.ip_sans.clone(),
+                ttl: self.serving_cert_ttl,
+            },
+            ttl: TtlPolicy {
+                default_ttl: self.default_ttl,
+                max_ttl: self.max_ttl,
+            },
+            jwt_issuers: self.jwt_issuers.clone(),
+            jwt_audiences: self.jwt_audiences.clone(),
+            dev_issuer: self.dev,
+            jwks_refresh: self.jwks_refresh,
+            drain_timeout: self.drain_timeout,
+        })
+    }
+}
+
+fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .with_context(|| format!("--log-level {:?}", args.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match args.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("initialising logs: {e}"))
+}
+
+/// Entry point of the `ca` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a parsed command line.
+///
+/// # Errors
+/// Whatever the command reports.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    init_logging(&cli.log)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    match cli.command {
+        Command::Server(args) => runtime.block_on(run_server(args)),
+        Command::Token(args) => {
+            crate::server::jwt_crypto::install();
+            let issuer = DevIssuer::load(&args.state_dir)?;
+            let token = issuer.mint(
+                &args.namespace,
+                &args.service_account,
+                &args.audience,
+                args.ttl,
+                SystemTime::now(),
+            )?;
+            println!("{token}");
+            Ok(())
+        }
+    }
+}
+
+async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
+    let config = args.to_config()?;
+    let running = server::start(config.clone())
+        .await
+        .context("starting the CA server")?;
+    let ca_line = match &config.ca {
+        CaSource::PluggedIn(dir) => format!("plugged-in CA from {}", dir.display()),
+        CaSource::Embedded { .. } if running.ca_created => {
+            format!(
+                "created a new self-signed root in {}",
+                config.state_dir.join("ca").display()
+            )
+        }
+        CaSource::Embedded { .. } => format!(
+            "reusing the root in {}",
+            config.state_dir.join("ca").display()
+        ),
+    };
+    println!("workload-ca server is up");
+    println!("  trust domain : {}", config.trust_domain);
+    println!("  CA           : {ca_line}");
+    println!(
+        "  gRPC (TLS)   : {}  istio.v1.auth.IstioCertificateService/CreateCertificate",
+        running.grpc_addr
+    );
+    println!("  TLS names    : {}", config.serving.dns_names.join(", "));
+    println!(
+        "  root cert    : {}  (clients verify the server and their certificates with it)",
+        running.root_cert_path.display()
+    );
+    if let Some(ops) = running.ops_addr {
+        println!("  metrics      : http://{ops}/metrics   health: /healthz /readyz");
+    }
+    println!("  auth         : {}", running.authenticators.join(", "));
+    if running.dev_issuer_key.is_some() {
+        println!(
+            "  get a token  : ca token --state-dir {} --namespace default --service-account default   (DEVELOPMENT issuer)",
+            config.state_dir.display()
+        );
+    } else if running.jwt_issuers.is_empty() {
+        println!(
+            "  get a token  : no token issuer configured; add --jwt-issuer ISSUER=JWKS, or --dev for local use"
+        );
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down: draining in-flight calls");
+    running.shutdown().await.context("shutting down")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("90d"), Ok(Duration::from_secs(90 * 86_400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("5w").is_err());
+        assert!(parse_duration("99999999999999999y").is_err());
+    }
+
+    #[test]
+    fn server_flags_and_their_checks() {
+        let cli = Cli::try_parse_from([
+            "ca",
+            "server",
+            "--dev",
+            "--jwt-issuer",
+            "https://k8s=/tmp/jwks.json",
+            "--ops-listen",
+            "off",
+        ])
+        .unwrap();
+        let Command::Server(args) = cli.command else {
+            panic!("not server")
+        };
+        let config = args.to_config().unwrap();
+        assert!(config.dev_issuer);
+        assert!(config.ops_listen.is_none());
+        assert_eq!(config.jwt_issuers[0].issuer, "https://k8s");
+        assert_eq!(config.jwt_audiences, ["istio-ca"]);
+        assert_eq!(config.ttl, TtlPolicy::default());
+
+        let bad = Cli::try_parse_from(["ca", "server", "--default-ttl", "100d"]).unwrap();
+        let Command::Server(args) = bad.command else {
+            panic!("not server")
+        };
+        assert!(
+            args.to_config()
+                .unwrap_err()
+                .to_string()
+                .contains("--max-ttl")
+        );
+        for argv in [
+            vec!["ca", "server", "--trust-domain", "Bad.Domain"],
+            vec!["ca", "server", "--root-key", "dsa"],
+            vec!["ca", "server", "--jwt-issuer", "no-equals-sign"],
+            vec!["ca", "server", "--jwt-issuer", "iss=http://10.0.0.1/jwks"],
+        ] {
+            assert!(Cli::try_parse_from(&argv).is_err(), "{argv:?}");
+        }
+    }
+}

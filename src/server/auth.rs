@@ -1,0 +1,202 @@
+//! Caller authentication. Every method sits behind [`Authenticator`]; the
+//! chain tries them in order and the first success wins.
+//!
+//! An authenticator answers one of three ways: `Ok(Some(caller))` (proved),
+//! `Ok(None)` (its kind of credential is absent, e.g. no bearer token), or
+//! `Err(reason)` (a credential was presented and is bad). Reasons go to the
+//! log only; the client is told `Unauthenticated` and nothing else.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rustls_pki_types::{CertificateDer, UnixTime};
+use tokio::sync::watch;
+use tonic::metadata::MetadataMap;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::FromDer;
+
+use crate::ca::Authority;
+use crate::identity::{SpiffeId, TrustDomain};
+
+/// Why a presented credential was not accepted. Logged, never sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("bearer token rejected: {0}")]
+    Token(String),
+    #[error("client certificate rejected: {0}")]
+    Cert(String),
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The identity the certificate will carry.
+    pub identity: SpiffeId,
+    /// Which authenticator proved it.
+    pub method: &'static str,
+    /// Extra context for logs (issuer and pod, or the presented serial).
+    pub detail: String,
+}
+
+/// What an authenticator may look at.
+pub struct AuthContext<'a> {
+    pub metadata: &'a MetadataMap,
+    pub peer_certs: Option<&'a [CertificateDer<'static>]>,
+    pub now: SystemTime,
+}
+
+pub type AuthFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Option<Caller>, AuthError>> + Send + 'a>>;
+
+/// One way of proving who a caller is.
+pub trait Authenticator: Send + Sync {
+    /// A short name for logs and metrics.
+    fn name(&self) -> &'static str;
+    /// See the module docs for the three outcomes.
+    fn authenticate<'a>(&'a self, ctx: &'a AuthContext<'a>) -> AuthFuture<'a>;
+}
+
+/// Authenticators tried in order.
+#[derive(Clone, Default)]
+pub struct AuthChain(Vec<Arc<dyn Authenticator>>);
+
+impl AuthChain {
+    pub fn new(authenticators: Vec<Arc<dyn Authenticator>>) -> Self {
+        Self(authenticators)
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.0.iter().map(|a| a.name()).collect()
+    }
+
+    /// The first success, or every reason for failure (empty when the caller
+    /// presented no credential at all).
+    pub async fn authenticate(&self, ctx: &AuthContext<'_>) -> Result<Caller, Vec<AuthError>> {
+        let mut reasons = Vec::new();
+        for a in &self.0 {
+            match a.authenticate(ctx).await {
+                Ok(Some(caller)) => return Ok(caller),
+                Ok(None) => {}
+                Err(e) => reasons.push(e),
+            }
+        }
+        Err(reasons)
+    }
+}
+
+/// Renewal with a current certificate: a client certificate that path-
+/// validates (rustls-webpki, clientAuth, at the request time) to one of this
+/// CA's current roots and carries exactly one URI SAN, a service-account
+/// SPIFFE ID in our trust domain.
+///
+/// The TLS layer accepts any client certificate whose private key the peer
+/// holds; this is where it is judged, against the trust bundle as it is at
+/// the moment of the request (so it follows root rotation).
+pub struct ClientCertAuthenticator {
+    authority: watch::Receiver<Arc<Authority>>,
+}
+
+impl ClientCertAuthenticator {
+    pub fn new(authority: watch::Receiver<Arc<Authority>>) -> Self {
+        Self { authority }
+    }
+
+    fn check(
+        &self,
+        certs: &[CertificateDer<'static>],
+        now: SystemTime,
+    ) -> Result<Caller, AuthError> {
+        let authority = self.authority.borrow().clone();
+        let leaf = certs
+            .first()
+            .ok_or_else(|| AuthError::Cert("empty chain".into()))?;
+        let anchors = authority
+            .roots()
+            .roots()
+            .iter()
+            .map(|r| {
+                webpki::anchor_from_trusted_cert(&CertificateDer::from(r.der()))
+                    .map(|a| a.to_owned())
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| AuthError::Cert(format!("trust bundle unusable: {e}")))?;
+        let mut intermediates: Vec<CertificateDer<'_>> = certs[1..].to_vec();
+        intermediates.push(CertificateDer::from(authority.signer().der()));
+        let ee = webpki::EndEntityCert::try_from(leaf)
+            .map_err(|e| AuthError::Cert(format!("unparsable: {e}")))?;
+        let secs = now
+            .duration_since(UNIX_EPOCH)
+            .map_err(|_| AuthError::Cert("clock before 1970".into()))?;
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &intermediates,
+            UnixTime::since_unix_epoch(secs),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| AuthError::Cert(format!("does not verify to this CA's roots: {e}")))?;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf)
+            .map_err(|e| AuthError::Cert(format!("unparsable: {e}")))?;
+        let uris: Vec<&str> = match cert.subject_alternative_name() {
+            Ok(Some(san)) => san
+                .value
+                .general_names
+                .iter()
+                .filter_map(|n| {
+                    if let GeneralName::URI(u) = n {
+                        Some(*u)
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let [uri] = uris.as_slice() else {
+            return Err(AuthError::Cert(format!(
+                "has {} URI SANs, expected exactly one",
+                uris.len()
+            )));
+        };
+        let id =
+            SpiffeId::parse(uri).map_err(|e| AuthError::Cert(format!("URI SAN {uri:?}: {e}")))?;
+        check_workload_id(&id, authority.trust_domain()).map_err(AuthError::Cert)?;
+        Ok(Caller {
+            identity: id,
+            method: self.name(),
+            detail: format!("serial {}", cert.raw_serial_as_string()),
+        })
+    }
+}
+
+/// A workload identity must be in our trust domain and name a service account.
+pub fn check_workload_id(id: &SpiffeId, td: &TrustDomain) -> Result<(), String> {
+    if &id.trust_domain() != td {
+        return Err(format!("{id} is outside trust domain {td}"));
+    }
+    if id.service_account().is_none() {
+        return Err(format!(
+            "{id} is not of the form spiffe://{td}/ns/<ns>/sa/<sa>"
+        ));
+    }
+    Ok(())
+}
+
+impl Authenticator for ClientCertAuthenticator {
+    fn name(&self) -> &'static str {
+        "client-certificate"
+    }
+
+    fn authenticate<'a>(&'a self, ctx: &'a AuthContext<'a>) -> AuthFuture<'a> {
+        Box::pin(async move {
+            match ctx.peer_certs {
+                None | Some([]) => Ok(None),
+                Some(certs) => self.check(certs, ctx.now).map(Some),
+            }
+        })
+    }
+}

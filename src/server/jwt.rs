@@ -1,0 +1,426 @@
+//! Bearer-token authentication: Kubernetes service-account JWTs validated
+//! locally against configured public keys.
+//!
+//! Checked for every token: at most [`MAX_TOKEN_BYTES`]; an asymmetric `alg`
+//! (HMAC and `none` refused); an issuer (`iss`) that is configured; a
+//! signature by one of that issuer's keys (matched by `kid` when the token
+//! names one, and by the key's `alg` when the JWK names one); `exp` in the
+//! future and `nbf` in the past, with [`LEEWAY_SECS`] of leeway; an `aud`
+//! among the configured audiences; `sub` of the form
+//! `system:serviceaccount:<ns>:<sa>`, and, when present, a `kubernetes.io`
+//! claim that agrees with it.
+//!
+//! Not checked: whether the pod named in the token still exists (that needs
+//! the Kubernetes API; see the TokenReview authenticator).
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, UNIX_EPOCH};
+
+use http_body_util::BodyExt;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use super::Error;
+use super::auth::{AuthContext, AuthError, AuthFuture, Authenticator, Caller};
+use crate::identity::{SpiffeId, TrustDomain};
+
+/// Largest bearer token accepted.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Clock leeway for `exp` and `nbf`.
+pub const LEEWAY_SECS: u64 = 10;
+/// Largest JWKS document fetched from a URL.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+
+/// A public key a token may be signed with.
+#[derive(Clone)]
+pub struct VerifyKey {
+    pub kid: Option<String>,
+    /// The JWK's `alg`, if it names one.
+    pub alg: Option<String>,
+    pub key: DecodingKey,
+}
+
+/// Where an issuer's keys come from.
+#[derive(Clone, Debug)]
+pub enum KeySource {
+    /// A JWKS JSON document or PEM public keys in a file (re-read on refresh).
+    File(PathBuf),
+    /// A JWKS served over plain HTTP on a loopback address.
+    Url(http::Uri),
+    /// Keys known at start (the development issuer).
+    Static(Vec<String>),
+}
+
+impl KeySource {
+    /// `http://` URLs (loopback only) or file paths.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a URL that is not plain HTTP on a loopback host.
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        if !s.contains("://") {
+            return Ok(Self::File(PathBuf::from(s)));
+        }
+        let uri: http::Uri = s
+            .parse()
+            .map_err(|e| Error::Config(format!("JWKS URL {s:?}: {e}")))?;
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if uri.scheme_str() != Some("http") || !loopback {
+            return Err(Error::Config(format!(
+                "JWKS URL {s:?}: only http:// URLs on a loopback address are supported; use a file for anything else"
+            )));
+        }
+        Ok(Self::Url(uri))
+    }
+}
+
+/// One trusted token issuer.
+#[derive(Clone, Debug)]
+pub struct IssuerConfig {
+    pub issuer: String,
+    pub keys: KeySource,
+}
+
+struct Issuer {
+    config: IssuerConfig,
+    keys: RwLock<Arc<Vec<VerifyKey>>>,
+}
+
+impl Issuer {
+    async fn refresh(&self) -> Result<usize, Error> {
+        let keys = load_keys(&self.config.keys).await?;
+        let n = keys.len();
+        if let Ok(mut slot) = self.keys.write() {
+            *slot = Arc::new(keys);
+        }
+        Ok(n)
+    }
+
+    fn keys(&self) -> Arc<Vec<VerifyKey>> {
+        self.keys.read().map(|k| k.clone()).unwrap_or_default()
+    }
+}
+
+/// Validates bearer tokens from any configured issuer.
+pub struct JwtAuthenticator {
+    trust_domain: TrustDomain,
+    audiences: Vec<String>,
+    issuers: Vec<Arc<Issuer>>,
+}
+
+impl JwtAuthenticator {
+    /// Loads every issuer's keys once; a key source that cannot be read at
+    /// start is a configuration error.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an unreadable or empty key source, or no audience.
+    pub async fn new(
+        trust_domain: TrustDomain,
+        audiences: Vec<String>,
+        configs: Vec<IssuerConfig>,
+    ) -> Result<Self, Error> {
+        if audiences.is_empty() {
+            return Err(Error::Config(
+                "at least one JWT audience is required".into(),
+            ));
+        }
+        let mut issuers = Vec::new();
+        for config in configs {
+            let issuer = Arc::new(Issuer {
+                config,
+                keys: RwLock::new(Arc::default()),
+            });
+            let n = issuer.refresh().await?;
+            if n == 0 {
+                return Err(Error::Config(format!(
+                    "issuer {:?} has no usable public key",
+                    issuer.config.issuer
+                )));
+            }
+            issuers.push(issuer);
+        }
+        Ok(Self {
+            trust_domain,
+            audiences,
+            issuers,
+        })
+    }
+
+    /// The issuers, for the startup log.
+    pub fn issuer_names(&self) -> Vec<String> {
+        self.issuers
+            .iter()
+            .map(|i| i.config.issuer.clone())
+            .collect()
+    }
+
+    /// Re-reads every file or URL key source every `period`, keeping the last
+    /// good keys when a refresh fails. Ends when `shutdown` fires.
+    pub fn spawn_refresh(
+        self: &Arc<Self>,
+        period: Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = shutdown.changed() => return,
+                }
+                for issuer in &this.issuers {
+                    if matches!(issuer.config.keys, KeySource::Static(_)) {
+                        continue;
+                    }
+                    if let Err(e) = issuer.refresh().await {
+                        tracing::warn!(issuer = %issuer.config.issuer, error = %e, "JWKS refresh failed; keeping the previous keys");
+                    }
+                }
+            }
+        });
+    }
+
+    fn verify(&self, token: &str, now_secs: u64) -> Result<Caller, AuthError> {
+        let bad = |m: String| AuthError::Token(m);
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(bad(format!("longer than {MAX_TOKEN_BYTES} bytes")));
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| bad(format!("malformed header: {e}")))?;
+        if matches!(
+            header.alg,
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+        ) {
+            return Err(bad(format!(
+                "symmetric algorithm {:?} is not accepted",
+                header.alg
+            )));
+        }
+        #[derive(Deserialize)]
+        struct Unverified {
+            iss: Option<String>,
+        }
+        let unverified: Unverified = jsonwebtoken::dangerous::insecure_decode_claims(token)
+            .map_err(|e| bad(format!("malformed claims: {e}")))?;
+        let iss = unverified.iss.ok_or_else(|| bad("no iss claim".into()))?;
+        let issuer = self
+            .issuers
+            .iter()
+            .find(|i| i.config.issuer == iss)
+            .ok_or_else(|| bad(format!("issuer {iss:?} is not trusted")))?;
+
+        let mut validation = Validation::new(header.alg);
+        validation.set_issuer(&[&iss]);
+        validation.set_audience(&self.audiences);
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+
+        let keys = issuer.keys();
+        let alg_name = format!("{:?}", header.alg);
+        let candidates: Vec<&VerifyKey> = keys
+            .iter()
+            .filter(|k| header.kid.is_none() || k.kid == header.kid)
+            .filter(|k| k.alg.as_ref().is_none_or(|a| *a == alg_name))
+            .collect();
+        if candidates.is_empty() {
+            return Err(bad(format!(
+                "no key of issuer {iss:?} matches kid {:?} and alg {alg_name}",
+                header.kid
+            )));
+        }
+        let mut last = None;
+        for key in candidates {
+            match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
+                Ok(data) => return self.caller(data.claims, &iss, now_secs),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(bad(last.map(|e| e.to_string()).unwrap_or_default()))
+    }
+
+    fn caller(&self, claims: Claims, iss: &str, _now_secs: u64) -> Result<Caller, AuthError> {
+        let bad = |m: String| AuthError::Token(m);
+        let rest = claims
+            .sub
+            .strip_prefix("system:serviceaccount:")
+            .ok_or_else(|| bad(format!("sub {:?} is not a service account", claims.sub)))?;
+        let (ns, sa) = rest
+            .split_once(':')
+            .ok_or_else(|| bad(format!("sub {:?} is malformed", claims.sub)))?;
+        let mut pod = String::new();
+        if let Some(k) = &claims.kubernetes {
+            if k.namespace != ns || k.serviceaccount.as_ref().is_some_and(|s| s.name != sa) {
+                return Err(bad(format!(
+                    "kubernetes.io claim disagrees with sub {:?}",
+                    claims.sub
+                )));
+            }
+            if let Some(p) = &k.pod {
+                pod = p.name.clone();
+            }
+        }
+        let identity = SpiffeId::for_service_account(&self.trust_domain, ns, sa)
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(Caller {
+            identity,
+            method: "jwt",
+            detail: format!("iss={iss} pod={pod}"),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(rename = "kubernetes.io")]
+    kubernetes: Option<KubernetesClaim>,
+}
+
+#[derive(Deserialize)]
+struct KubernetesClaim {
+    namespace: String,
+    serviceaccount: Option<NamedRef>,
+    pod: Option<NamedRef>,
+}
+
+#[derive(Deserialize)]
+struct NamedRef {
+    name: String,
+}
+
+impl Authenticator for JwtAuthenticator {
+    fn name(&self) -> &'static str {
+        "jwt"
+    }
+
+    fn authenticate<'a>(&'a self, ctx: &'a AuthContext<'a>) -> AuthFuture<'a> {
+        Box::pin(async move {
+            let Some(value) = ctx.metadata.get("authorization") else {
+                return Ok(None);
+            };
+            let value = value
+                .to_str()
+                .map_err(|_| AuthError::Token("authorization is not ASCII".into()))?;
+            let token = match value.split_once(' ') {
+                Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+                _ => {
+                    return Err(AuthError::Token(
+                        "authorization is not a Bearer token".into(),
+                    ));
+                }
+            };
+            let now = ctx
+                .now
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            self.verify(token, now).map(Some)
+        })
+    }
+}
+
+async fn load_keys(source: &KeySource) -> Result<Vec<VerifyKey>, Error> {
+    match source {
+        KeySource::Static(docs) => {
+            let mut keys = Vec::new();
+            for doc in docs {
+                keys.extend(parse_key_document(doc).map_err(Error::Config)?);
+            }
+            Ok(keys)
+        }
+        KeySource::File(path) => {
+            let text = tokio::fs::read_to_string(path)
+                .await
+                .map_err(|e| Error::Config(format!("reading JWT keys {}: {e}", path.display())))?;
+            parse_key_document(&text)
+                .map_err(|e| Error::Config(format!("JWT keys {}: {e}", path.display())))
+        }
+        KeySource::Url(uri) => {
+            let text = fetch(uri)
+                .await
+                .map_err(|e| Error::Config(format!("fetching JWKS {uri}: {e}")))?;
+            parse_key_document(&text).map_err(|e| Error::Config(format!("JWKS {uri}: {e}")))
+        }
+    }
+}
+
+/// A JWKS JSON document, or one or more PEM public keys.
+fn parse_key_document(text: &str) -> Result<Vec<VerifyKey>, String> {
+    if text.trim_start().starts_with('{') {
+        let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWK set: {e}"))?;
+        return Ok(set
+            .keys
+            .iter()
+            .filter_map(|jwk| {
+                let key = DecodingKey::from_jwk(jwk).ok()?;
+                Some(VerifyKey {
+                    kid: jwk.common.key_id.clone(),
+                    alg: jwk.common.key_algorithm.map(|a| format!("{a:?}")),
+                    key,
+                })
+            })
+            .collect());
+    }
+    let blocks = pem::parse_many(text).map_err(|e| format!("neither a JWK set nor PEM: {e}"))?;
+    blocks
+        .iter()
+        .map(|b| {
+            let pem_text = pem::encode(b);
+            DecodingKey::from_rsa_pem(pem_text.as_bytes())
+                .or_else(|_| DecodingKey::from_ec_pem(pem_text.as_bytes()))
+                .or_else(|_| DecodingKey::from_ed_pem(pem_text.as_bytes()))
+                .map(|key| VerifyKey {
+                    kid: None,
+                    alg: None,
+                    key,
+                })
+                .map_err(|e| format!("PEM block {:?} is not a supported public key: {e}", b.tag()))
+        })
+        .collect()
+}
+
+async fn fetch(uri: &http::Uri) -> Result<String, String> {
+    let host = uri.host().ok_or("no host")?;
+    let port = uri.port_u16().unwrap_or(80);
+    let addr = format!("{}:{port}", host);
+    let stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(&addr),
+    )
+    .await
+    .map_err(|_| "connect timed out".to_string())?
+    .map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let req = http::Request::get(path)
+        .header(http::header::HOST, host)
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .map_err(|_| "request timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("HTTP {}", resp.status()));
+    }
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    String::from_utf8(body.to_vec()).map_err(|_| "body is not UTF-8".to_string())
+}

@@ -1,0 +1,110 @@
+//! Prometheus metrics, under Istio's `citadel_server_*` names where Istio has
+//! one (so existing dashboards and alerts keep working), `workload_ca_*`
+//! otherwise. Counters keep Istio's exact names, without a `_total` suffix.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+use super::Error;
+
+/// Kinds of signing error, the `error` label of `citadel_server_csr_sign_err_count`.
+pub const SIGN_ERROR_KINDS: &[&str] = &["identity_mismatch", "ttl", "signer_expired", "internal"];
+
+pub struct Metrics {
+    registry: Registry,
+    pub csr_count: IntCounter,
+    pub success_cert_issuance: IntCounter,
+    pub authentication_failure: IntCounter,
+    pub csr_parsing_err: IntCounter,
+    pub id_extraction_err: IntCounter,
+    pub csr_sign_err: IntCounterVec,
+    pub root_cert_expiry: IntGauge,
+    pub cert_chain_expiry: IntGauge,
+    pub serving_cert_expiry: IntGauge,
+}
+
+impl Metrics {
+    /// # Errors
+    /// [`Error::Config`] if a metric cannot be registered (a programming error).
+    pub fn new() -> Result<Self, Error> {
+        let registry = Registry::new();
+        let reg_err = |e: prometheus::Error| Error::Config(format!("metrics: {e}"));
+        let counter = |name: &str, help: &str| -> Result<IntCounter, Error> {
+            let c = IntCounter::new(name, help).map_err(reg_err)?;
+            registry.register(Box::new(c.clone())).map_err(reg_err)?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, Error> {
+            let g = IntGauge::new(name, help).map_err(reg_err)?;
+            registry.register(Box::new(g.clone())).map_err(reg_err)?;
+            Ok(g)
+        };
+        let csr_sign_err = IntCounterVec::new(
+            Opts::new(
+                "citadel_server_csr_sign_err_count",
+                "The number of errors occurred when signing the CSR.",
+            ),
+            &["error"],
+        )
+        .map_err(reg_err)?;
+        registry
+            .register(Box::new(csr_sign_err.clone()))
+            .map_err(reg_err)?;
+        for kind in SIGN_ERROR_KINDS {
+            csr_sign_err.with_label_values(&[kind]);
+        }
+        Ok(Self {
+            csr_count: counter(
+                "citadel_server_csr_count",
+                "The number of CSRs received by Citadel server.",
+            )?,
+            success_cert_issuance: counter(
+                "citadel_server_success_cert_issuance_count",
+                "The number of certificates issuances that have succeeded.",
+            )?,
+            authentication_failure: counter(
+                "citadel_server_authentication_failure_count",
+                "The number of authentication failures.",
+            )?,
+            csr_parsing_err: counter(
+                "citadel_server_csr_parsing_err_count",
+                "The number of errors occurred when parsing the CSR.",
+            )?,
+            id_extraction_err: counter(
+                "citadel_server_id_extraction_err_count",
+                "The number of errors occurred when extracting the ID from CSR.",
+            )?,
+            csr_sign_err,
+            root_cert_expiry: gauge(
+                "citadel_server_root_cert_expiry_timestamp",
+                "The unix timestamp, in seconds, when Citadel root cert will expire.",
+            )?,
+            cert_chain_expiry: gauge(
+                "citadel_server_cert_chain_expiry_timestamp",
+                "The unix timestamp, in seconds, when Citadel cert chain will expire.",
+            )?,
+            serving_cert_expiry: gauge(
+                "workload_ca_serving_cert_expiry_timestamp",
+                "The unix timestamp, in seconds, when the CA server's own TLS certificate will expire.",
+            )?,
+            registry,
+        })
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Seconds since the epoch, for expiry gauges.
+pub fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

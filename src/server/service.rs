@@ -1,0 +1,107 @@
+//! `istio.v1.auth.IstioCertificateService/CreateCertificate`.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use super::auth::{AuthChain, AuthContext};
+use super::metrics::Metrics;
+use super::proto::istio_certificate_service_server::IstioCertificateService;
+use super::proto::{IstioCertificateRequest, IstioCertificateResponse};
+use super::status;
+use crate::ca::{Authority, TtlPolicy, check_csr};
+
+/// The CSR-signing service.
+pub struct CaService {
+    pub(crate) authority: watch::Receiver<Arc<Authority>>,
+    pub(crate) auth: AuthChain,
+    pub(crate) ttl: TtlPolicy,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        self.metrics.csr_count.inc();
+        let now = SystemTime::now();
+        let peer = request.remote_addr();
+        let peer_certs = request.peer_certs();
+        let ctx = AuthContext {
+            metadata: request.metadata(),
+            peer_certs: peer_certs.as_deref().map(Vec::as_slice),
+            now,
+        };
+        let caller = match self.auth.authenticate(&ctx).await {
+            Ok(caller) => caller,
+            Err(reasons) => {
+                self.metrics.authentication_failure.inc();
+                let reasons: Vec<String> = reasons.iter().map(ToString::to_string).collect();
+                let reasons = if reasons.is_empty() {
+                    "no credential presented".to_string()
+                } else {
+                    reasons.join("; ")
+                };
+                tracing::warn!(?peer, %reasons, "authentication failed");
+                return Err(status::unauthenticated());
+            }
+        };
+        let body = request.into_inner();
+        if let Some(requested) = impersonation(&body) {
+            if requested != caller.identity.as_str() {
+                self.metrics.id_extraction_err.inc();
+                tracing::warn!(?peer, caller = %caller.identity, %requested, "impersonation refused");
+                return Err(Status::permission_denied(format!(
+                    "{} is not allowed to request certificates for other identities",
+                    caller.identity
+                )));
+            }
+        }
+        let result = self
+            .ttl
+            .resolve(body.validity_duration)
+            .and_then(|ttl| check_csr(body.csr.as_bytes()).map(|csr| (ttl, csr)))
+            .and_then(|(ttl, csr)| {
+                self.authority
+                    .borrow()
+                    .sign_leaf(&csr, &caller.identity, ttl, now)
+            });
+        match result {
+            Ok(issued) => {
+                self.metrics.success_cert_issuance.inc();
+                tracing::info!(
+                    identity = %caller.identity, via = caller.method, detail = %caller.detail, ?peer,
+                    serial = %issued.serial_hex, not_after = %humantime(issued.not_after),
+                    "certificate issued"
+                );
+                Ok(Response::new(IstioCertificateResponse {
+                    cert_chain: issued.chain,
+                }))
+            }
+            Err(e) => {
+                status::count(&self.metrics, &e);
+                tracing::warn!(identity = %caller.identity, ?peer, error = %e, "certificate refused");
+                Err(status::from_ca(&e))
+            }
+        }
+    }
+}
+
+/// The `ImpersonatedIdentity` metadata value, when set and non-empty.
+fn impersonation(req: &IstioCertificateRequest) -> Option<&str> {
+    let field = req.metadata.as_ref()?.fields.get("ImpersonatedIdentity")?;
+    match &field.kind {
+        Some(prost_types::value::Kind::StringValue(s)) if !s.is_empty() => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+fn humantime(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}

@@ -1,0 +1,49 @@
+//! The one place where errors become gRPC statuses (and metric labels).
+
+use tonic::Status;
+
+use super::metrics::Metrics;
+use crate::ca;
+
+/// What every authentication failure looks like to the caller: nothing that
+/// tells an attacker which check failed. The reason is logged instead.
+pub fn unauthenticated() -> Status {
+    Status::unauthenticated("authentication failed")
+}
+
+/// Maps a CA error to the status Istio's clients expect.
+pub fn from_ca(e: &ca::Error) -> Status {
+    use ca::Error as E;
+    match e {
+        E::CsrTooLarge { .. }
+        | E::CsrMalformed(_)
+        | E::CsrKeyType(_)
+        | E::CsrSignature(_)
+        | E::TtlTooLong { .. } => Status::invalid_argument(e.to_string()),
+        E::IdentityMismatch { .. } | E::WrongTrustDomain { .. } => {
+            Status::permission_denied(e.to_string())
+        }
+        E::SignerExpired => {
+            Status::unavailable("the CA cannot sign: its signing certificate has expired")
+        }
+        E::Key(_) | E::Cert(_) | E::Signing(_) | E::Material(_) | E::Store { .. } => {
+            Status::internal("signing failed")
+        }
+    }
+}
+
+/// Counts a refused request under Istio's metric for its kind.
+pub fn count(metrics: &Metrics, e: &ca::Error) {
+    use ca::Error as E;
+    let kind = match e {
+        E::CsrTooLarge { .. } | E::CsrMalformed(_) | E::CsrKeyType(_) | E::CsrSignature(_) => {
+            metrics.csr_parsing_err.inc();
+            return;
+        }
+        E::IdentityMismatch { .. } | E::WrongTrustDomain { .. } => "identity_mismatch",
+        E::TtlTooLong { .. } => "ttl",
+        E::SignerExpired => "signer_expired",
+        _ => "internal",
+    };
+    metrics.csr_sign_err.with_label_values(&[kind]).inc();
+}

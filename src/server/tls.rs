@@ -1,0 +1,255 @@
+//! The server's TLS: a serving certificate issued by the CA itself and swapped
+//! in place when renewed, client certificates requested but optional, and an
+//! accept loop that handshakes connections concurrently with a deadline.
+
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use super::Error;
+use crate::ca::{Authority, KeyAlgorithm, PrivateKey};
+
+/// How long a client may take to complete its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; more wait for a slot.
+const MAX_PENDING_HANDSHAKES: usize = 1024;
+
+pub(crate) fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// What the serving certificate covers and how long it lives.
+#[derive(Clone, Debug)]
+pub struct ServingSpec {
+    pub dns_names: Vec<String>,
+    pub ips: Vec<IpAddr>,
+    pub ttl: Duration,
+}
+
+/// The current serving certificate, replaceable while connections are open.
+#[derive(Debug)]
+pub struct ServingCert {
+    current: RwLock<Arc<CertifiedKey>>,
+    /// (issued at, NotAfter) of the current certificate.
+    validity: RwLock<(SystemTime, SystemTime)>,
+}
+
+impl ServingCert {
+    /// Issues the first serving certificate.
+    ///
+    /// # Errors
+    /// [`Error::Ca`] if the CA cannot sign, [`Error::Tls`] if rustls refuses the key.
+    pub fn issue(
+        authority: &Authority,
+        spec: &ServingSpec,
+        now: SystemTime,
+    ) -> Result<Self, Error> {
+        let (key, not_after) = issue(authority, spec, now)?;
+        Ok(Self {
+            current: RwLock::new(key),
+            validity: RwLock::new((now, not_after)),
+        })
+    }
+
+    /// Replaces the serving certificate with a fresh key and certificate.
+    ///
+    /// # Errors
+    /// As [`ServingCert::issue`]; the old certificate stays in use.
+    pub fn renew(
+        &self,
+        authority: &Authority,
+        spec: &ServingSpec,
+        now: SystemTime,
+    ) -> Result<SystemTime, Error> {
+        let (key, not_after) = issue(authority, spec, now)?;
+        if let (Ok(mut cur), Ok(mut validity)) = (self.current.write(), self.validity.write()) {
+            *cur = key;
+            *validity = (now, not_after);
+        }
+        Ok(not_after)
+    }
+
+    pub fn not_after(&self) -> SystemTime {
+        self.validity
+            .read()
+            .map(|v| v.1)
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+
+    /// Halfway through the current certificate's actual lifetime (which the
+    /// CA may have cut short at its own expiry).
+    pub fn renew_at(&self) -> SystemTime {
+        let (issued, not_after) = self
+            .validity
+            .read()
+            .map(|v| *v)
+            .unwrap_or((SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH));
+        issued + not_after.duration_since(issued).unwrap_or_default() / 2
+    }
+}
+
+fn issue(
+    authority: &Authority,
+    spec: &ServingSpec,
+    now: SystemTime,
+) -> Result<(Arc<CertifiedKey>, SystemTime), Error> {
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
+    let issued = authority.sign_serving(&key, &spec.dns_names, &spec.ips, spec.ttl, now)?;
+    // Leaf and intermediates; the root bundle (last element) is the client's.
+    let mut chain = Vec::new();
+    for text in &issued.chain[..issued.chain.len().saturating_sub(1)] {
+        for block in pem::parse_many(text).map_err(|e| Error::Tls(e.to_string()))? {
+            chain.push(CertificateDer::from(block.into_contents()));
+        }
+    }
+    let pem_key = key.to_pem();
+    let der = pem::parse(pem_key.as_bytes())
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .into_contents();
+    let signing_key = provider()
+        .key_provider
+        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der)))
+        .map_err(|e| Error::Tls(format!("serving key: {e}")))?;
+    Ok((
+        Arc::new(CertifiedKey::new(chain, signing_key)),
+        issued.not_after,
+    ))
+}
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.read().ok().map(|k| k.clone())
+    }
+}
+
+/// Asks for a client certificate, accepts a handshake without one, and checks
+/// only that the client holds the private key of what it presented. Whether
+/// that certificate proves anything is decided per request by
+/// [`super::auth::ClientCertAuthenticator`] against the current trust bundle,
+/// so a certificate from another CA yields a clean `Unauthenticated` (and a
+/// bearer token on the same call can still succeed) instead of a failed
+/// handshake.
+#[derive(Debug)]
+struct OptionalClientCert {
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for OptionalClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// The rustls server configuration: TLS 1.2 and 1.3, ring only, ALPN h2.
+///
+/// # Errors
+/// [`Error::Tls`] if rustls rejects the protocol set.
+pub fn server_config(cert: Arc<ServingCert>) -> Result<rustls::ServerConfig, Error> {
+    let provider = provider();
+    let algs = provider.signature_verification_algorithms;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(OptionalClientCert { algs }))
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Accepts TCP connections and hands back completed TLS streams. Each
+/// handshake runs in its own task under [`HANDSHAKE_TIMEOUT`], so a slow or
+/// silent client never holds up others. Stops accepting when `shutdown`
+/// fires.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    let slots = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = shutdown.changed() => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let _ = stream.set_nodelay(true);
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
