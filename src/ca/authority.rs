@@ -322,7 +322,7 @@ impl Authority {
             .map(|s| hex(s.as_ref()))
             .unwrap_or_default();
         let mut chain = Vec::with_capacity(self.chain_tail.len() + 1);
-        chain.push(pem::encode(&pem::Pem::new("CERTIFICATE", leaf_der.clone())));
+        chain.push(bundle::to_pem("CERTIFICATE", &leaf_der));
         chain.extend(self.chain_tail.iter().cloned());
         Ok(Issued {
             chain,

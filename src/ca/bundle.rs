@@ -21,7 +21,7 @@ impl Cert {
     /// [`Error::Cert`] if they do not.
     pub fn from_der(der: Vec<u8>) -> Result<Self, Error> {
         parse(&der)?;
-        let pem = pem::encode(&pem::Pem::new("CERTIFICATE", der.clone()));
+        let pem = to_pem("CERTIFICATE", &der);
         Ok(Self { der, pem })
     }
 
@@ -45,6 +45,14 @@ fn parse(der: &[u8]) -> Result<X509Certificate<'_>, Error> {
         Ok(_) => Err(Error::Cert("trailing bytes after certificate".into())),
         Err(e) => Err(Error::Cert(format!("malformed certificate: {e}"))),
     }
+}
+
+/// PEM with LF line endings (the `pem` crate defaults to CRLF).
+pub fn to_pem(tag: &str, der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new(tag, der),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 /// Every `CERTIFICATE` block of a PEM text, in order. Other block types are

@@ -375,7 +375,7 @@ fn parse_key_document(text: &str) -> Result<Vec<VerifyKey>, String> {
     blocks
         .iter()
         .map(|b| {
-            let pem_text = pem::encode(b);
+            let pem_text = crate::ca::bundle::to_pem(b.tag(), b.contents());
             DecodingKey::from_rsa_pem(pem_text.as_bytes())
                 .or_else(|_| DecodingKey::from_ec_pem(pem_text.as_bytes()))
                 .or_else(|_| DecodingKey::from_ed_pem(pem_text.as_bytes()))

@@ -202,6 +202,10 @@ pub fn ders(pem_text: &str) -> Vec<Vec<u8>> {
 /// roots in the last element, for both serverAuth and clientAuth, now.
 pub fn webpki_verify(chain: &[String]) {
     assert!(chain.len() >= 2, "chain of {} elements", chain.len());
+    assert!(
+        chain.iter().all(|e| !e.contains('\r')),
+        "PEM with LF line endings"
+    );
     for (i, elem) in chain[..chain.len() - 1].iter().enumerate() {
         assert_eq!(
             ders(elem).len(),

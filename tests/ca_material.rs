@@ -1,0 +1,337 @@
+//! CA key material: plugged-in CAs made by openssl, refusals with clear
+//! messages, and a state directory that survives restarts and is never
+//! silently replaced.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use workload_ca::ca::KeyAlgorithm;
+use workload_ca::server::{self, CaSource};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is installed (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An Istio-style `cacerts` directory: a root, and an intermediate signed by
+/// it, made by openssl. `rsa` makes the intermediate key RSA in PKCS#1
+/// ("RSA PRIVATE KEY"), as older tooling writes it.
+fn make_cacerts(dir: &Path, rsa: bool) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "root-key.pem",
+            "-out",
+            "root-cert.pem",
+            "-days",
+            "3650",
+            "-subj",
+            "/O=Example Org/CN=Example Root CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    if rsa {
+        openssl(
+            dir,
+            &["genrsa", "-traditional", "-out", "ca-key.pem", "2048"],
+        );
+        openssl(
+            dir,
+            &[
+                "req",
+                "-new",
+                "-key",
+                "ca-key.pem",
+                "-out",
+                "inter.csr",
+                "-subj",
+                "/O=Example Org/CN=Intermediate CA",
+            ],
+        );
+    } else {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-384",
+                "-nodes",
+                "-keyout",
+                "ca-key.pem",
+                "-out",
+                "inter.csr",
+                "-subj",
+                "/O=Example Org/OU=Mesh/CN=Intermediate CA cluster-1",
+            ],
+        );
+    }
+    fs::write(
+        dir.join("ext.cnf"),
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectAltName=URI:spiffe://cluster.local\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "inter.csr",
+            "-CA",
+            "root-cert.pem",
+            "-CAkey",
+            "root-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "365",
+            "-out",
+            "ca-cert.pem",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    let chain = fs::read_to_string(dir.join("ca-cert.pem")).unwrap()
+        + &fs::read_to_string(dir.join("root-cert.pem")).unwrap();
+    fs::write(dir.join("cert-chain.pem"), chain).unwrap();
+    for f in ["root-key.pem", "inter.csr", "ext.cnf", "root-cert.srl"] {
+        let _ = fs::remove_file(dir.join(f));
+    }
+}
+
+fn plugged_config(state: &Path, cacerts: &Path) -> server::ServerConfig {
+    let mut cfg = config(state);
+    cfg.ca = CaSource::PluggedIn(cacerts.to_owned());
+    cfg
+}
+
+#[tokio::test]
+async fn plugged_in_intermediates_from_openssl_issue_verifiable_chains() {
+    for rsa in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let cacerts = tmp.path().join("cacerts");
+        fs::create_dir(&cacerts).unwrap();
+        make_cacerts(&cacerts, rsa);
+        let server =
+            TestServer::start_with(plugged_config(&tmp.path().join("state"), &cacerts), None).await;
+        assert_eq!(
+            server.root_pem(),
+            fs::read_to_string(cacerts.join("root-cert.pem")).unwrap()
+        );
+        let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
+        let chain = request(
+            &mut server.client(None).await,
+            &csr,
+            Some(&server.token("prod", "web")),
+            0,
+        )
+        .await
+        .unwrap();
+        assert_eq!(chain.len(), 3, "leaf, intermediate, root (rsa={rsa})");
+        assert_eq!(
+            chain[1],
+            fs::read_to_string(cacerts.join("ca-cert.pem"))
+                .unwrap()
+                .replace("\r\n", "\n")
+        );
+        webpki_verify(&chain);
+        openssl_verify(&chain);
+        assert_eq!(
+            leaf_facts(&chain[0]).uris,
+            ["spiffe://cluster.local/ns/prod/sa/web"]
+        );
+    }
+}
+
+async fn start_err(cfg: server::ServerConfig) -> String {
+    match server::start(cfg).await {
+        Ok(_) => panic!("the server started on material it should refuse"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn bad_plugged_in_material_is_refused_with_a_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good");
+    fs::create_dir(&good).unwrap();
+    make_cacerts(&good, false);
+    let other = tmp.path().join("other");
+    fs::create_dir(&other).unwrap();
+    make_cacerts(&other, false);
+    let state = tmp.path().join("state");
+
+    let variant = |name: &str, edit: &dyn Fn(&Path)| {
+        let dir = tmp.path().join(name);
+        fs::create_dir(&dir).unwrap();
+        for f in [
+            "ca-cert.pem",
+            "ca-key.pem",
+            "cert-chain.pem",
+            "root-cert.pem",
+        ] {
+            fs::copy(good.join(f), dir.join(f)).unwrap();
+        }
+        edit(&dir);
+        dir
+    };
+    let partial = variant("partial", &|d| {
+        fs::remove_file(d.join("ca-key.pem")).unwrap()
+    });
+    let mismatch = variant("mismatch", &|d| {
+        fs::copy(other.join("ca-key.pem"), d.join("ca-key.pem")).unwrap();
+    });
+    let not_ca = variant("not-ca", &|d| {
+        // A leaf cert (CA=false) and its key in the signing slot.
+        openssl(
+            d,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "ca-key.pem",
+                "-out",
+                "ca-cert.pem",
+                "-days",
+                "30",
+                "-subj",
+                "/CN=leaf",
+                "-addext",
+                "basicConstraints=critical,CA:FALSE",
+            ],
+        );
+    });
+    let wrong_root = variant("wrong-root", &|d| {
+        fs::copy(other.join("root-cert.pem"), d.join("root-cert.pem")).unwrap();
+        fs::copy(d.join("ca-cert.pem"), d.join("cert-chain.pem")).unwrap();
+    });
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+
+    for (dir, want) in [
+        (&partial, "missing ca-key.pem"),
+        (&mismatch, "does not match"),
+        (&not_ca, "not a CA"),
+        (
+            &wrong_root,
+            "does not verify to any certificate in root-cert.pem",
+        ),
+        (&empty, "holds none of"),
+    ] {
+        let before: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| fs::read(e.unwrap().path()).unwrap())
+            .collect();
+        let msg = start_err(plugged_config(&state, dir)).await;
+        assert!(
+            msg.contains(want),
+            "{}: {msg:?} should mention {want:?}",
+            dir.display()
+        );
+        let after: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| fs::read(e.unwrap().path()).unwrap())
+            .collect();
+        assert_eq!(
+            before,
+            after,
+            "{}: refused material is left untouched",
+            dir.display()
+        );
+    }
+}
+
+#[tokio::test]
+async fn restart_keeps_the_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let first = TestServer::start_with(config(&state), None).await;
+    let root = first.root_pem();
+    assert!(first.running.ca_created);
+    first.running.shutdown().await.unwrap();
+    let second = TestServer::start_with(config(&state), None).await;
+    assert!(!second.running.ca_created);
+    assert_eq!(second.root_pem(), root, "the same root after a restart");
+    let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
+    let chain = request(
+        &mut second.client(None).await,
+        &csr,
+        Some(&second.token("prod", "web")),
+        0,
+    )
+    .await
+    .unwrap();
+    assert_eq!(chain.last().unwrap(), &root);
+    webpki_verify(&chain);
+}
+
+#[tokio::test]
+async fn a_corrupt_or_partial_state_directory_is_refused_never_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    TestServer::start_with(config(&state), None)
+        .await
+        .running
+        .shutdown()
+        .await
+        .unwrap();
+    let ca = state.join("ca");
+    let key_before = fs::read(ca.join("ca-key.pem")).unwrap();
+
+    fs::write(
+        ca.join("ca-cert.pem"),
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let msg = start_err(config(&state)).await;
+    assert!(msg.contains("ca-cert.pem"), "{msg}");
+    assert_eq!(
+        fs::read(ca.join("ca-key.pem")).unwrap(),
+        key_before,
+        "the key is never replaced"
+    );
+
+    fs::remove_file(ca.join("ca-cert.pem")).unwrap();
+    let msg = start_err(config(&state)).await;
+    assert!(
+        msg.contains("partial") && msg.contains("missing ca-cert.pem"),
+        "{msg}"
+    );
+    assert!(!ca.join("ca-cert.pem").exists(), "nothing regenerated");
+    assert_eq!(fs::read(ca.join("ca-key.pem")).unwrap(), key_before);
+
+    fs::write(ca.join("ca-cert.pem"), "not pem").unwrap();
+    fs::write(ca.join("ca-key.pem"), "garbage").unwrap();
+    let msg = start_err(config(&state)).await;
+    assert!(msg.contains("CA material refused"), "{msg}");
+}

@@ -1,0 +1,300 @@
+//! The server's own TLS certificate renews without a restart, other token
+//! issuers (RS256 from a PEM file, ES256 from a loopback JWKS URL), health,
+//! graceful shutdown, and the real `ca` binary.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::*;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::json;
+use workload_ca::ca::{KeyAlgorithm, PrivateKey};
+use workload_ca::server::jwt::{IssuerConfig, KeySource};
+
+/// The serving certificate the server presents to a fresh TLS handshake.
+async fn served_cert(server: &TestServer) -> Vec<u8> {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in ders(&server.root_pem()) {
+        roots.add(CertificateDer::from(der)).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(server.running.grpc_addr)
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("handshake verifies against the root file");
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test]
+async fn the_serving_certificate_renews_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir.path().join("state"));
+    cfg.serving.ttl = Duration::from_secs(4);
+    let server = TestServer::start_with(cfg, Some(dir)).await;
+    let first = served_cert(&server).await;
+    let f = leaf_facts(&pem::encode(&pem::Pem::new("CERTIFICATE", first.clone())));
+    assert!(f.server_auth && !f.client_auth && !f.is_ca && f.dns == 1 && f.uris.is_empty());
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut renewed = None;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = served_cert(&server).await;
+        if now != first {
+            renewed = Some(now);
+            break;
+        }
+    }
+    assert!(
+        renewed.is_some(),
+        "the serving certificate was not renewed at half-life"
+    );
+    // And the service works over the renewed certificate.
+    let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
+    request(
+        &mut server.client(None).await,
+        &csr,
+        Some(&server.token("prod", "web")),
+        0,
+    )
+    .await
+    .unwrap();
+}
+
+fn k8s_claims(iss: &str) -> serde_json::Value {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    json!({
+        "iss": iss, "aud": ["istio-ca"], "sub": "system:serviceaccount:payments:api",
+        "iat": now, "nbf": now, "exp": now + 600,
+        "kubernetes.io": {"namespace": "payments", "serviceaccount": {"name": "api", "uid": "1"}, "pod": {"name": "api-0", "uid": "2"}}
+    })
+}
+
+async fn serve_jwks(body: String) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/openid/v1/jwks",
+        axum::routing::get(move || async move { body }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+#[tokio::test]
+async fn tokens_from_configured_issuers_rs256_file_and_es256_loopback_url() {
+    workload_ca::server::jwt_crypto::install();
+    let dir = tempfile::tempdir().unwrap();
+
+    // RS256, public key as a PEM file.
+    let rsa = PrivateKey::generate(KeyAlgorithm::Rsa2048).unwrap();
+    let rsa_pub = dir.path().join("sa.pub");
+    std::fs::write(
+        &rsa_pub,
+        workload_ca::ca::bundle::to_pem("PUBLIC KEY", &rsa.spki_der()),
+    )
+    .unwrap();
+    // ES256, served as a JWKS over HTTP on loopback, with a kid.
+    let ec = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let ec_key = EncodingKey::from_ec_pem(ec.to_pem().as_bytes()).unwrap();
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&ec_key, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("k1".into());
+    let jwks_addr =
+        serve_jwks(serde_json::to_string(&jsonwebtoken::jwk::JwkSet { keys: vec![jwk] }).unwrap())
+            .await;
+
+    let mut cfg = config(&dir.path().join("state"));
+    cfg.dev_issuer = false;
+    cfg.jwt_issuers = vec![
+        IssuerConfig {
+            issuer: "https://rsa.example".into(),
+            keys: KeySource::File(rsa_pub),
+        },
+        IssuerConfig {
+            issuer: "https://kubernetes.default.svc".into(),
+            keys: KeySource::parse(&format!("http://{jwks_addr}/openid/v1/jwks")).unwrap(),
+        },
+    ];
+    let server = TestServer::start_with(cfg, Some(dir)).await;
+    assert!(server.running.dev_issuer_key.is_none());
+    let mut client = server.client(None).await;
+
+    let rs_token = jsonwebtoken::encode(
+        &Header::new(Algorithm::RS256),
+        &k8s_claims("https://rsa.example"),
+        &EncodingKey::from_rsa_pem(rsa.to_pem().as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let mut es_header = Header::new(Algorithm::ES256);
+    es_header.kid = Some("k1".into());
+    let es_token = jsonwebtoken::encode(
+        &es_header,
+        &k8s_claims("https://kubernetes.default.svc"),
+        &ec_key,
+    )
+    .unwrap();
+    for token in [&rs_token, &es_token] {
+        let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
+        let chain = request(&mut client, &csr, Some(token), 0)
+            .await
+            .expect("token from a configured issuer");
+        webpki_verify(&chain);
+        assert_eq!(
+            leaf_facts(&chain[0]).uris,
+            ["spiffe://cluster.local/ns/payments/sa/api"]
+        );
+    }
+    // A token whose kubernetes.io claim disagrees with sub is refused.
+    let mut claims = k8s_claims("https://rsa.example");
+    claims["kubernetes.io"]["namespace"] = json!("kube-system");
+    let forged = jsonwebtoken::encode(
+        &Header::new(Algorithm::RS256),
+        &claims,
+        &EncodingKey::from_rsa_pem(rsa.to_pem().as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
+    assert_eq!(
+        request(&mut client, &csr, Some(&forged), 0)
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::Unauthenticated
+    );
+    // Development tokens are not trusted unless --dev.
+    let dev = workload_ca::server::devissuer::DevIssuer::load_or_create(&server.state).unwrap();
+    let dev_token = dev
+        .mint(
+            "payments",
+            "api",
+            "istio-ca",
+            Duration::from_secs(60),
+            SystemTime::now(),
+        )
+        .unwrap();
+    assert_eq!(
+        request(&mut client, &csr, Some(&dev_token), 0)
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::Unauthenticated
+    );
+}
+
+#[tokio::test]
+async fn health_and_graceful_shutdown() {
+    let server = TestServer::start().await;
+    let ops = server.running.ops_addr.unwrap();
+    assert_eq!(http_get(ops, "/healthz").await.0, 200);
+    assert_eq!(http_get(ops, "/readyz").await, (200, "ready\n".to_string()));
+    let grpc = server.running.grpc_addr;
+    let started = Instant::now();
+    server.running.shutdown().await.expect("clean shutdown");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "an idle server drains at once"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(grpc).await.is_err(),
+        "the gRPC port is closed after shutdown"
+    );
+}
+
+#[test]
+fn the_binary_runs_the_embedded_default_and_mints_tokens() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let bin = env!("CARGO_BIN_EXE_ca");
+    let mut child = Command::new(bin)
+        .args([
+            "server",
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--ops-listen",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
+        .arg(&state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut banner = Vec::new();
+    for line in lines.by_ref().take(9) {
+        banner.push(line.unwrap());
+    }
+    let text = banner.join("\n");
+    for want in ["gRPC (TLS)", "root cert", "ca token", "metrics"] {
+        assert!(
+            text.contains(want),
+            "start-up banner lacks {want:?}:\n{text}"
+        );
+    }
+    assert!(state.join("root-cert.pem").exists());
+    let token = Command::new(bin)
+        .args([
+            "token",
+            "--namespace",
+            "prod",
+            "--service-account",
+            "web",
+            "--state-dir",
+        ])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(token.status.success());
+    assert_eq!(
+        String::from_utf8(token.stdout)
+            .unwrap()
+            .trim()
+            .split('.')
+            .count(),
+        3,
+        "a JWT"
+    );
+    // SIGTERM: drains and exits 0.
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A bad flag is a clear error and a non-zero exit.
+    let bad = Command::new(bin)
+        .args(["server", "--trust-domain", "UPPER"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("trust domain"));
+}
