@@ -48,7 +48,7 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the CA server (Istio's CreateCertificate API over gRPC/TLS).
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Mint a development service-account token (trusted only by `server --dev`).
     Token(TokenArgs),
 }
@@ -266,7 +266,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     match cli.command {
-        Command::Server(args) => runtime.block_on(run_server(args)),
+        Command::Server(args) => runtime.block_on(run_server(*args)),
         Command::Token(args) => {
             crate::server::jwt_crypto::install();
             let issuer = DevIssuer::load(&args.state_dir)?;

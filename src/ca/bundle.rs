@@ -41,7 +41,7 @@ impl Cert {
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, Error> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err(Error::Cert("trailing bytes after certificate".into())),
         Err(e) => Err(Error::Cert(format!("malformed certificate: {e}"))),
     }

@@ -106,6 +106,8 @@ pub struct Running {
     pub authenticators: Vec<&'static str>,
     pub jwt_issuers: Vec<String>,
     pub ca_created: bool,
+    /// Publishes a new authority to every part of the server (root rotation).
+    authority: watch::Sender<Arc<Authority>>,
     shutdown: watch::Sender<bool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     ops: Option<JoinHandle<()>>,
@@ -114,6 +116,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// The authority currently signing.
+    pub fn authority(&self) -> Arc<Authority> {
+        self.authority.borrow().clone()
+    }
+
     /// Stops accepting, lets in-flight calls finish (up to the drain
     /// timeout), then stops.
     ///
@@ -248,13 +255,6 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         metrics.clone(),
         shutdown_rx.clone(),
     );
-    // The sender stays alive for as long as the server runs (root rotation
-    // will publish through it).
-    tokio::spawn(async move {
-        let mut stop = authority_tx.subscribe();
-        let _ = stop.changed().await;
-        drop(authority_tx);
-    });
 
     let service = service::CaService {
         authority: authority_rx,
@@ -282,6 +282,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         authenticators: auth.names(),
         jwt_issuers,
         ca_created,
+        authority: authority_tx,
         shutdown: shutdown_tx,
         grpc,
         ops,

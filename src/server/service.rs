@@ -51,15 +51,13 @@ impl IstioCertificateService for CaService {
             }
         };
         let body = request.into_inner();
-        if let Some(requested) = impersonation(&body) {
-            if requested != caller.identity.as_str() {
-                self.metrics.id_extraction_err.inc();
-                tracing::warn!(?peer, caller = %caller.identity, %requested, "impersonation refused");
-                return Err(Status::permission_denied(format!(
-                    "{} is not allowed to request certificates for other identities",
-                    caller.identity
-                )));
-            }
+        if let Some(requested) = impersonation(&body).filter(|r| *r != caller.identity.as_str()) {
+            self.metrics.id_extraction_err.inc();
+            tracing::warn!(?peer, caller = %caller.identity, %requested, "impersonation refused");
+            return Err(Status::permission_denied(format!(
+                "{} is not allowed to request certificates for other identities",
+                caller.identity
+            )));
         }
         let result = self
             .ttl
