@@ -25,10 +25,9 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// An Istio-style `cacerts` directory: a root, and an intermediate signed by
-/// it, made by openssl. `rsa` makes the intermediate key RSA in PKCS#1
-/// ("RSA PRIVATE KEY"), as older tooling writes it.
-fn make_cacerts(dir: &Path, rsa: bool) {
+/// A self-signed root (`root-cert.pem`, `root-key.pem`) made by openssl,
+/// valid for `days`.
+fn make_root(dir: &Path, days: u32) {
     openssl(
         dir,
         &[
@@ -44,7 +43,7 @@ fn make_cacerts(dir: &Path, rsa: bool) {
             "-out",
             "root-cert.pem",
             "-days",
-            "3650",
+            &days.to_string(),
             "-subj",
             "/O=Example Org/CN=Example Root CA",
             "-addext",
@@ -53,6 +52,13 @@ fn make_cacerts(dir: &Path, rsa: bool) {
             "keyUsage=critical,keyCertSign,cRLSign",
         ],
     );
+}
+
+/// An Istio-style `cacerts` directory in `dir`: an intermediate signed by the
+/// root in `root_dir`, made by openssl. `rsa` makes the intermediate key RSA
+/// in PKCS#1 ("RSA PRIVATE KEY"), as older tooling writes it; `key_usage`
+/// false leaves the keyUsage extension out.
+fn make_intermediate(dir: &Path, root_dir: &Path, rsa: bool, key_usage: bool) {
     if rsa {
         openssl(
             dir,
@@ -91,11 +97,18 @@ fn make_cacerts(dir: &Path, rsa: bool) {
             ],
         );
     }
+    let ku = if key_usage {
+        "keyUsage=critical,keyCertSign,cRLSign\n"
+    } else {
+        ""
+    };
     fs::write(
         dir.join("ext.cnf"),
-        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectAltName=URI:spiffe://cluster.local\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
+        format!("basicConstraints=critical,CA:TRUE,pathlen:0\n{ku}subjectAltName=URI:spiffe://cluster.local\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"),
     )
     .unwrap();
+    let root_cert = root_dir.join("root-cert.pem");
+    let root_key = root_dir.join("root-key.pem");
     openssl(
         dir,
         &[
@@ -104,10 +117,11 @@ fn make_cacerts(dir: &Path, rsa: bool) {
             "-in",
             "inter.csr",
             "-CA",
-            "root-cert.pem",
+            root_cert.to_str().unwrap(),
             "-CAkey",
-            "root-key.pem",
-            "-CAcreateserial",
+            root_key.to_str().unwrap(),
+            "-set_serial",
+            "0x1234",
             "-days",
             "365",
             "-out",
@@ -116,12 +130,21 @@ fn make_cacerts(dir: &Path, rsa: bool) {
             "ext.cnf",
         ],
     );
-    let chain = fs::read_to_string(dir.join("ca-cert.pem")).unwrap()
-        + &fs::read_to_string(dir.join("root-cert.pem")).unwrap();
-    fs::write(dir.join("cert-chain.pem"), chain).unwrap();
-    for f in ["root-key.pem", "inter.csr", "ext.cnf", "root-cert.srl"] {
+    let root = fs::read_to_string(&root_cert).unwrap();
+    fs::write(dir.join("root-cert.pem"), &root).unwrap();
+    fs::write(
+        dir.join("cert-chain.pem"),
+        fs::read_to_string(dir.join("ca-cert.pem")).unwrap() + &root,
+    )
+    .unwrap();
+    for f in ["inter.csr", "ext.cnf"] {
         let _ = fs::remove_file(dir.join(f));
     }
+}
+
+fn make_cacerts(dir: &Path, rsa: bool) {
+    make_root(dir, 3650);
+    make_intermediate(dir, dir, rsa, true);
 }
 
 fn plugged_config(state: &Path, cacerts: &Path) -> server::ServerConfig {
@@ -231,6 +254,9 @@ async fn bad_plugged_in_material_is_refused_with_a_clear_message() {
             ],
         );
     });
+    let no_key_usage = variant("no-key-usage", &|d| {
+        make_intermediate(d, &good, false, false)
+    });
     let wrong_root = variant("wrong-root", &|d| {
         fs::copy(other.join("root-cert.pem"), d.join("root-cert.pem")).unwrap();
         fs::copy(d.join("ca-cert.pem"), d.join("cert-chain.pem")).unwrap();
@@ -242,6 +268,7 @@ async fn bad_plugged_in_material_is_refused_with_a_clear_message() {
         (&partial, "missing ca-key.pem"),
         (&mismatch, "does not match"),
         (&not_ca, "not a CA"),
+        (&no_key_usage, "no keyUsage"),
         (
             &wrong_root,
             "does not verify to any certificate in root-cert.pem",
@@ -334,4 +361,101 @@ async fn a_corrupt_or_partial_state_directory_is_refused_never_replaced() {
     fs::write(ca.join("ca-key.pem"), "garbage").unwrap();
     let msg = start_err(config(&state)).await;
     assert!(msg.contains("CA material refused"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_sibling_intermediate_under_the_same_root_cannot_renew_here() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    fs::create_dir(&a).unwrap();
+    fs::create_dir(&b).unwrap();
+    make_root(&a, 3650);
+    make_intermediate(&a, &a, false, true);
+    make_intermediate(&b, &a, false, true);
+    let ours = TestServer::start_with(plugged_config(&tmp.path().join("sa"), &a), None).await;
+    let sibling = TestServer::start_with(plugged_config(&tmp.path().join("sb"), &b), None).await;
+    assert_eq!(ours.root_pem(), sibling.root_pem(), "one shared root");
+
+    let (key, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
+    let theirs = request(
+        &mut sibling.client(None).await,
+        &csr,
+        Some(&sibling.token("kube-system", "admin")),
+        0,
+    )
+    .await
+    .unwrap();
+    webpki_verify(&theirs);
+    let identity = theirs[..theirs.len() - 1].concat();
+    let (_k, csr2) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
+    let err = request(
+        &mut ours.client(Some((&identity, &key))).await,
+        &csr2,
+        None,
+        0,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::Unauthenticated,
+        "a certificate from a sibling CA is not a renewal credential here"
+    );
+
+    // Our own leaf renews.
+    let (key, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
+    let mine = request(
+        &mut ours.client(None).await,
+        &csr,
+        Some(&ours.token("prod", "web")),
+        0,
+    )
+    .await
+    .unwrap();
+    let identity = mine[..mine.len() - 1].concat();
+    let renewed = request(
+        &mut ours.client(Some((&identity, &key))).await,
+        &csr2,
+        None,
+        0,
+    )
+    .await
+    .unwrap();
+    webpki_verify(&renewed);
+}
+
+#[tokio::test]
+async fn a_leaf_never_outlives_the_root_its_intermediate_chains_to() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cacerts = tmp.path().join("cacerts");
+    fs::create_dir(&cacerts).unwrap();
+    make_root(&cacerts, 1);
+    make_intermediate(&cacerts, &cacerts, false, true);
+    let server =
+        TestServer::start_with(plugged_config(&tmp.path().join("state"), &cacerts), None).await;
+    let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
+    let chain = request(
+        &mut server.client(None).await,
+        &csr,
+        Some(&server.token("prod", "web")),
+        3 * 86_400,
+    )
+    .await
+    .unwrap();
+    let (leaf, inter, root) = (
+        leaf_facts(&chain[0]),
+        leaf_facts(&chain[1]),
+        leaf_facts(&chain[2]),
+    );
+    assert!(
+        inter.not_after > root.not_after,
+        "the setup: the intermediate outlives the root"
+    );
+    assert!(
+        leaf.not_after <= root.not_after,
+        "leaf {} outlives root {}",
+        leaf.not_after,
+        root.not_after
+    );
+    webpki_verify(&chain);
 }

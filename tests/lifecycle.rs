@@ -134,8 +134,11 @@ async fn tokens_from_configured_issuers_rs256_file_and_es256_loopback_url() {
     assert!(server.running.dev_issuer_key.is_none());
     let mut client = server.client(None).await;
 
+    // Kubernetes tokens always name a kid; a PEM key has none and must match.
+    let mut rs_header = Header::new(Algorithm::RS256);
+    rs_header.kid = Some("kubernetes-sa-key-1".into());
     let rs_token = jsonwebtoken::encode(
-        &Header::new(Algorithm::RS256),
+        &rs_header,
         &k8s_claims("https://rsa.example"),
         &EncodingKey::from_rsa_pem(rsa.to_pem().as_bytes()).unwrap(),
     )

@@ -73,7 +73,8 @@ pub struct Authority {
     trust_domain: TrustDomain,
     issuer: Issuer<'static, KeyPair>,
     signer: Cert,
-    signer_not_after: SystemTime,
+    /// The earliest NotAfter on the path signer -> intermediates -> root.
+    path_not_after: SystemTime,
     /// What follows the leaf in every response.
     chain_tail: Vec<String>,
     roots: TrustBundle,
@@ -83,7 +84,7 @@ impl std::fmt::Debug for Authority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authority")
             .field("trust_domain", &self.trust_domain)
-            .field("signer_not_after", &self.signer_not_after)
+            .field("path_not_after", &self.path_not_after)
             .field("roots", &self.roots.roots().len())
             .finish_non_exhaustive()
     }
@@ -162,27 +163,34 @@ impl Authority {
             .iter()
             .filter(|c| c.der() != signer.der() && !roots.contains(c.der()))
             .collect();
+        // Walk signer -> intermediates -> a root; every certificate on the
+        // path must be a valid CA now, and no leaf may outlive any of them.
+        let mut path_not_after = bundle::not_after(&parsed);
         let mut current = parsed;
         for (i, next) in intermediates.iter().enumerate() {
             let n = next.parsed()?;
-            check_is_ca(&n)
-                .map_err(|m| Error::Material(format!("intermediate {i} in cert-chain.pem {m}")))?;
+            let name = format!("intermediate {i} in cert-chain.pem");
+            check_is_ca(&n).map_err(|m| Error::Material(format!("{name} {m}")))?;
+            check_validity(&n, now).map_err(|m| Error::Material(format!("{name} {m}")))?;
             verify_issued_by(&current, &n).map_err(|m| {
                 Error::Material(format!(
                     "cert-chain.pem does not chain at intermediate {i}: {m}"
                 ))
             })?;
+            path_not_after = path_not_after.min(bundle::not_after(&n));
             current = n;
         }
-        let reaches_root = roots.roots().iter().any(|r| {
-            r.parsed()
-                .is_ok_and(|r| verify_issued_by(&current, &r).is_ok())
-        });
-        if !reaches_root {
-            return Err(Error::Material(
+        let anchor = roots
+            .roots()
+            .iter()
+            .filter_map(|r| r.parsed().ok())
+            .find(|r| verify_issued_by(&current, r).is_ok())
+            .ok_or_else(|| Error::Material(
                 "the chain from ca-cert.pem through cert-chain.pem does not verify to any certificate in root-cert.pem".into(),
-            ));
-        }
+            ))?;
+        check_validity(&anchor, now)
+            .map_err(|m| Error::Material(format!("the root that ca-cert.pem chains to {m}")))?;
+        path_not_after = path_not_after.min(bundle::not_after(&anchor));
 
         let signer_is_root = roots.contains(signer.der());
         let mut chain_tail: Vec<String> = Vec::new();
@@ -192,7 +200,6 @@ impl Authority {
         chain_tail.extend(intermediates.iter().map(|c| c.pem().to_owned()));
         chain_tail.push(roots.pem());
 
-        let signer_not_after = bundle::not_after(&signer.parsed()?);
         let issuer = Issuer::from_ca_cert_der(&signer.der().to_vec().into(), key.into_key_pair())
             .map_err(|e| {
             Error::Material(format!("ca-cert.pem cannot be used as an issuer: {e}"))
@@ -201,7 +208,7 @@ impl Authority {
             trust_domain: td.clone(),
             issuer,
             signer,
-            signer_not_after,
+            path_not_after,
             chain_tail,
             roots,
         };
@@ -238,7 +245,7 @@ impl Authority {
 
     /// Signs a workload leaf for `caller` with the CSR's public key.
     ///
-    /// The lifetime is `ttl`, cut short at the signer's NotAfter; NotBefore is
+    /// The lifetime is `ttl`, cut short at [`Authority::chain_not_after`]; NotBefore is
     /// `now` less [`CLOCK_SKEW_BACKDATE`].
     ///
     /// # Errors
@@ -303,10 +310,12 @@ impl Authority {
     }
 
     fn not_after_for(&self, ttl: Duration, now: SystemTime) -> Result<SystemTime, Error> {
-        if now >= self.signer_not_after {
+        if now >= self.path_not_after {
             return Err(Error::SignerExpired);
         }
-        Ok((now + ttl).min(self.signer_not_after))
+        Ok(now
+            .checked_add(ttl)
+            .map_or(self.path_not_after, |t| t.min(self.path_not_after)))
     }
 
     fn finish(
@@ -345,8 +354,10 @@ impl Authority {
         &self.signer
     }
 
-    pub fn signer_not_after(&self) -> SystemTime {
-        self.signer_not_after
+    /// The earliest NotAfter among the signer, its intermediates and the
+    /// root it chains to: no leaf outlives it.
+    pub fn chain_not_after(&self) -> SystemTime {
+        self.path_not_after
     }
 }
 
@@ -370,10 +381,9 @@ fn check_is_ca(cert: &X509Certificate<'_>) -> Result<(), String> {
         _ => return Err("is not a CA certificate (basicConstraints CA=true missing)".into()),
     }
     match cert.key_usage() {
-        Ok(Some(ku)) if !ku.value.key_cert_sign() => {
-            Err("has a keyUsage without keyCertSign".into())
-        }
-        Ok(_) => Ok(()),
+        Ok(Some(ku)) if ku.value.key_cert_sign() => Ok(()),
+        Ok(Some(_)) => Err("has a keyUsage without keyCertSign".into()),
+        Ok(None) => Err("has no keyUsage extension (a CA certificate needs keyCertSign)".into()),
         Err(e) => Err(format!("has a malformed keyUsage: {e}")),
     }
 }

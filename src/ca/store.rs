@@ -181,12 +181,8 @@ impl DirStore {
             .mode(0o700)
             .create(parent)
             .map_err(|e| self.err(format!("creating {}: {e}", parent.display())))?;
-        let tmp = parent.join(format!(
-            ".{}.tmp-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&tmp);
+        let tmp = parent.join(temp_name(name).map_err(|e| self.err(e.to_string()))?);
+        // `create` fails if the name exists: we only ever remove what we made.
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&tmp)
@@ -240,6 +236,18 @@ impl KeyStore for DirStore {
     }
 }
 
+/// `.<name>.tmp-<128 random bits>`: unique across processes and replicas
+/// sharing a volume (PIDs are not: every container's main process is 1).
+fn temp_name(name: &std::ffi::OsStr) -> io::Result<String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| io::Error::other("system random source failed"))?;
+    let suffix: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!(".{}.tmp-{suffix}", name.to_string_lossy()))
+}
+
 fn write_new_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let mut f = OpenOptions::new()
         .write(true)
@@ -264,12 +272,8 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let _ = fs::remove_file(&tmp);
+    let tmp = dir.join(temp_name(name)?);
+    // `write_new_file` refuses an existing name: we only remove what we made.
     let result = write_new_file(&tmp, bytes, mode).and_then(|()| fs::rename(&tmp, path));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

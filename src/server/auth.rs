@@ -86,14 +86,14 @@ impl AuthChain {
     }
 }
 
-/// Renewal with a current certificate: a client certificate that path-
-/// validates (rustls-webpki, clientAuth, at the request time) to one of this
-/// CA's current roots and carries exactly one URI SAN, a service-account
-/// SPIFFE ID in our trust domain.
+/// Renewal with a current certificate: a client certificate issued by this
+/// CA's signing certificate (rustls-webpki path validation anchored on the
+/// signer, clientAuth, at the request time) carrying exactly one URI SAN, a
+/// service-account SPIFFE ID in our trust domain.
 ///
 /// The TLS layer accepts any client certificate whose private key the peer
-/// holds; this is where it is judged, against the trust bundle as it is at
-/// the moment of the request (so it follows root rotation).
+/// holds; this is where it is judged, against the signer as it is at the moment
+/// of the request (root rotation will add the previous signers here).
 pub struct ClientCertAuthenticator {
     authority: watch::Receiver<Arc<Authority>>,
 }
@@ -112,18 +112,14 @@ impl ClientCertAuthenticator {
         let leaf = certs
             .first()
             .ok_or_else(|| AuthError::Cert("empty chain".into()))?;
-        let anchors = authority
-            .roots()
-            .roots()
-            .iter()
-            .map(|r| {
-                webpki::anchor_from_trusted_cert(&CertificateDer::from(r.der()))
-                    .map(|a| a.to_owned())
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| AuthError::Cert(format!("trust bundle unusable: {e}")))?;
-        let mut intermediates: Vec<CertificateDer<'_>> = certs[1..].to_vec();
-        intermediates.push(CertificateDer::from(authority.signer().der()));
+        // Anchored on this CA's own signing certificate, not on the whole
+        // root bundle: a sibling intermediate under a shared root must not be
+        // able to mint renewals here.
+        let anchor_der = CertificateDer::from(authority.signer().der());
+        let anchors = [webpki::anchor_from_trusted_cert(&anchor_der).map_err(|e| {
+            AuthError::Cert(format!("signing certificate unusable as anchor: {e}"))
+        })?];
+        let intermediates: Vec<CertificateDer<'_>> = certs[1..].to_vec();
         let ee = webpki::EndEntityCert::try_from(leaf)
             .map_err(|e| AuthError::Cert(format!("unparsable: {e}")))?;
         let secs = now

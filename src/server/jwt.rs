@@ -11,7 +11,8 @@
 //! claim that agrees with it.
 //!
 //! Not checked: whether the pod named in the token still exists (that needs
-//! the Kubernetes API; see the TokenReview authenticator).
+//! the Kubernetes API: a TokenReview authenticator is a later issue). A key
+//! without a `kid` (PEM keys) is tried for any token.
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -96,9 +97,17 @@ struct Issuer {
 }
 
 impl Issuer {
+    /// Replaces the keys; a source that now yields no usable key is an
+    /// error and the previous keys stay.
     async fn refresh(&self) -> Result<usize, Error> {
         let keys = load_keys(&self.config.keys).await?;
         let n = keys.len();
+        if n == 0 {
+            return Err(Error::Config(format!(
+                "issuer {:?} has no usable public key",
+                self.config.issuer
+            )));
+        }
         if let Ok(mut slot) = self.keys.write() {
             *slot = Arc::new(keys);
         }
@@ -139,13 +148,7 @@ impl JwtAuthenticator {
                 config,
                 keys: RwLock::new(Arc::default()),
             });
-            let n = issuer.refresh().await?;
-            if n == 0 {
-                return Err(Error::Config(format!(
-                    "issuer {:?} has no usable public key",
-                    issuer.config.issuer
-                )));
-            }
+            issuer.refresh().await?;
             issuers.push(issuer);
         }
         Ok(Self {
@@ -230,7 +233,9 @@ impl JwtAuthenticator {
         let alg_name = format!("{:?}", header.alg);
         let candidates: Vec<&VerifyKey> = keys
             .iter()
-            .filter(|k| header.kid.is_none() || k.kid == header.kid)
+            // A key without a kid (PEM keys) may sign a token that names one:
+            // Kubernetes tokens always carry a kid.
+            .filter(|k| header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
             .filter(|k| k.alg.as_ref().is_none_or(|a| *a == alg_name))
             .collect();
         if candidates.is_empty() {
@@ -357,6 +362,12 @@ fn parse_key_document(text: &str) -> Result<Vec<VerifyKey>, String> {
         return Ok(set
             .keys
             .iter()
+            .filter(|jwk| {
+                !matches!(
+                    jwk.common.public_key_use,
+                    Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
+                )
+            })
             .filter_map(|jwk| {
                 let key = DecodingKey::from_jwk(jwk).ok()?;
                 Some(VerifyKey {

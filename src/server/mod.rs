@@ -169,8 +169,8 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
     }
     metrics
         .cert_chain_expiry
-        .set(unix_secs(authority.signer_not_after()));
-    let signer_not_after = authority.signer_not_after();
+        .set(unix_secs(authority.chain_not_after()));
+    let chain_not_after = authority.chain_not_after();
     let serving_cert = Arc::new(ServingCert::issue(&authority, &config.serving, now)?);
     metrics
         .serving_cert_expiry
@@ -227,7 +227,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
     let health = Arc::new(Health {
         serving: false.into(),
         serving_cert: serving_cert.clone(),
-        signer_not_after,
+        chain_not_after,
     });
     let (ops, ops_addr) = match config.ops_listen {
         Some(addr) => {
@@ -268,6 +268,11 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .timeout(Duration::from_secs(30))
+            .concurrency_limit_per_connection(64)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // Reconnects spread clients over replicas as they come and go.
+            .max_connection_age(Duration::from_secs(30 * 60))
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.changed().await;

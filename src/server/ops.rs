@@ -19,7 +19,7 @@ pub struct Health {
     /// False before start-up completes and once shutdown begins.
     pub serving: AtomicBool,
     pub serving_cert: Arc<ServingCert>,
-    pub signer_not_after: SystemTime,
+    pub chain_not_after: SystemTime,
 }
 
 impl Health {
@@ -29,8 +29,8 @@ impl Health {
         if !self.serving.load(Ordering::Acquire) {
             return Err("not serving (starting or draining)");
         }
-        if now >= self.signer_not_after {
-            return Err("the CA signing certificate has expired");
+        if now >= self.chain_not_after {
+            return Err("the CA signing chain has expired");
         }
         if now >= self.serving_cert.not_after() {
             return Err("the serving certificate has expired");

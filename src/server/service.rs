@@ -46,14 +46,14 @@ impl IstioCertificateService for CaService {
                 } else {
                     reasons.join("; ")
                 };
-                tracing::warn!(?peer, %reasons, "authentication failed");
+                tracing::warn!(?peer, ?reasons, "authentication failed");
                 return Err(status::unauthenticated());
             }
         };
         let body = request.into_inner();
         if let Some(requested) = impersonation(&body).filter(|r| *r != caller.identity.as_str()) {
             self.metrics.id_extraction_err.inc();
-            tracing::warn!(?peer, caller = %caller.identity, %requested, "impersonation refused");
+            tracing::warn!(?peer, caller = %caller.identity, ?requested, "impersonation refused");
             return Err(Status::permission_denied(format!(
                 "{} is not allowed to request certificates for other identities",
                 caller.identity
@@ -82,7 +82,8 @@ impl IstioCertificateService for CaService {
             }
             Err(e) => {
                 status::count(&self.metrics, &e);
-                tracing::warn!(identity = %caller.identity, ?peer, error = %e, "certificate refused");
+                // Debug formatting escapes control characters from CSR-supplied text.
+                tracing::warn!(identity = %caller.identity, ?peer, error = ?e, "certificate refused");
                 Err(status::from_ca(&e))
             }
         }

@@ -22,8 +22,9 @@ use super::Error;
 use crate::ca::{Authority, KeyAlgorithm, PrivateKey};
 
 /// How long a client may take to complete its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; more wait for a slot.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes in progress at once; connections beyond that are closed at
+/// once rather than stalling the accept loop.
 const MAX_PENDING_HANDSHAKES: usize = 1024;
 
 pub(crate) fn provider() -> Arc<CryptoProvider> {
@@ -233,8 +234,9 @@ pub fn incoming(
                     continue;
                 }
             };
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "too many TLS handshakes in progress; closing the connection");
+                continue;
             };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
