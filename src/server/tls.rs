@@ -255,3 +255,54 @@ pub fn incoming(
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::TrustDomain;
+
+    fn authority(lifetime: Duration, now: SystemTime) -> Authority {
+        let td = TrustDomain::new("td").unwrap();
+        let files = Authority::generate_root(&td, KeyAlgorithm::EcdsaP256, lifetime, now).unwrap();
+        Authority::from_files(&files, &td, now).unwrap()
+    }
+
+    fn spec(ttl: Duration) -> ServingSpec {
+        ServingSpec {
+            dns_names: vec!["localhost".into()],
+            ips: vec![],
+            ttl,
+        }
+    }
+
+    #[test]
+    fn renews_halfway_through_the_lifetime() {
+        let now = SystemTime::now();
+        let cert = ServingCert::issue(
+            &authority(Duration::from_secs(86_400), now),
+            &spec(Duration::from_secs(3600)),
+            now,
+        )
+        .unwrap();
+        assert_eq!(cert.renew_at(), now + Duration::from_secs(1800));
+        assert!(cert.not_after() <= now + Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn renews_halfway_through_a_lifetime_cut_short_by_the_ca() {
+        // The CA expires in 10 minutes: the serving cert lives 10 minutes, not
+        // 24 hours, and renewal comes after 5, not after 12 hours.
+        let now = SystemTime::now();
+        let ca = authority(Duration::from_secs(600), now);
+        let cert = ServingCert::issue(&ca, &spec(Duration::from_secs(86_400)), now).unwrap();
+        let not_after = cert.not_after();
+        assert!(not_after <= now + Duration::from_secs(600));
+        let half = not_after.duration_since(now).unwrap() / 2;
+        assert_eq!(cert.renew_at(), now + half);
+        // A renewal replaces the certificate and moves the schedule.
+        let later = now + Duration::from_secs(300);
+        cert.renew(&ca, &spec(Duration::from_secs(60)), later)
+            .unwrap();
+        assert_eq!(cert.renew_at(), later + Duration::from_secs(30));
+    }
+}
