@@ -166,15 +166,7 @@ async fn plugged_in_intermediates_from_openssl_issue_verifiable_chains() {
             server.root_pem(),
             fs::read_to_string(cacerts.join("root-cert.pem")).unwrap()
         );
-        let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
-        let chain = request(
-            &mut server.client(None).await,
-            &csr,
-            Some(&server.token("prod", "web")),
-            0,
-        )
-        .await
-        .unwrap();
+        let (_k, chain) = server.issue("prod", "web", 0).await;
         assert_eq!(chain.len(), 3, "leaf, intermediate, root (rsa={rsa})");
         assert_eq!(
             chain[1],
@@ -309,15 +301,7 @@ async fn restart_keeps_the_root() {
     let second = TestServer::start_with(config(&state), None).await;
     assert!(!second.running.ca_created);
     assert_eq!(second.root_pem(), root, "the same root after a restart");
-    let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
-    let chain = request(
-        &mut second.client(None).await,
-        &csr,
-        Some(&second.token("prod", "web")),
-        0,
-    )
-    .await
-    .unwrap();
+    let (_k, chain) = second.issue("prod", "web", 0).await;
     assert_eq!(chain.last().unwrap(), &root);
     webpki_verify(&chain);
 }
@@ -376,15 +360,7 @@ async fn a_sibling_intermediate_under_the_same_root_cannot_renew_here() {
     let sibling = TestServer::start_with(plugged_config(&tmp.path().join("sb"), &b), None).await;
     assert_eq!(ours.root_pem(), sibling.root_pem(), "one shared root");
 
-    let (key, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
-    let theirs = request(
-        &mut sibling.client(None).await,
-        &csr,
-        Some(&sibling.token("kube-system", "admin")),
-        0,
-    )
-    .await
-    .unwrap();
+    let (key, theirs) = sibling.issue("kube-system", "admin", 0).await;
     webpki_verify(&theirs);
     let identity = theirs[..theirs.len() - 1].concat();
     let (_k, csr2) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
@@ -403,15 +379,7 @@ async fn a_sibling_intermediate_under_the_same_root_cannot_renew_here() {
     );
 
     // Our own leaf renews.
-    let (key, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
-    let mine = request(
-        &mut ours.client(None).await,
-        &csr,
-        Some(&ours.token("prod", "web")),
-        0,
-    )
-    .await
-    .unwrap();
+    let (key, mine) = ours.issue("prod", "web", 0).await;
     let identity = mine[..mine.len() - 1].concat();
     let renewed = request(
         &mut ours.client(Some((&identity, &key))).await,
@@ -433,15 +401,7 @@ async fn a_leaf_never_outlives_the_root_its_intermediate_chains_to() {
     make_intermediate(&cacerts, &cacerts, false, true);
     let server =
         TestServer::start_with(plugged_config(&tmp.path().join("state"), &cacerts), None).await;
-    let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
-    let chain = request(
-        &mut server.client(None).await,
-        &csr,
-        Some(&server.token("prod", "web")),
-        3 * 86_400,
-    )
-    .await
-    .unwrap();
+    let (_k, chain) = server.issue("prod", "web", 3 * 86_400).await;
     let (leaf, inter, root) = (
         leaf_facts(&chain[0]),
         leaf_facts(&chain[1]),

@@ -33,14 +33,23 @@ static PROVIDER: CryptoProvider = CryptoProvider {
     },
 };
 
-fn verification_alg(alg: Algorithm) -> Result<&'static dyn sig::VerificationAlgorithm, Error> {
-    Ok(match alg {
+fn rsa_params(alg: Algorithm) -> Option<&'static sig::RsaParameters> {
+    Some(match alg {
         Algorithm::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
         Algorithm::RS384 => &sig::RSA_PKCS1_2048_8192_SHA384,
         Algorithm::RS512 => &sig::RSA_PKCS1_2048_8192_SHA512,
         Algorithm::PS256 => &sig::RSA_PSS_2048_8192_SHA256,
         Algorithm::PS384 => &sig::RSA_PSS_2048_8192_SHA384,
         Algorithm::PS512 => &sig::RSA_PSS_2048_8192_SHA512,
+        _ => return None,
+    })
+}
+
+fn verification_alg(alg: Algorithm) -> Result<&'static dyn sig::VerificationAlgorithm, Error> {
+    if let Some(params) = rsa_params(alg) {
+        return Ok(params);
+    }
+    Ok(match alg {
         Algorithm::ES256 => &sig::ECDSA_P256_SHA256_FIXED,
         Algorithm::ES384 => &sig::ECDSA_P384_SHA384_FIXED,
         Algorithm::EdDSA => &sig::ED25519,
@@ -62,15 +71,7 @@ impl Verifier<Vec<u8>> for RingVerifier {
                 sig::UnparsedPublicKey::new(self.ring_alg, der).verify(msg, signature)
             }
             DecodingKeyKind::RsaModulusExponent { n, e } => {
-                let params: &sig::RsaParameters = match self.alg {
-                    Algorithm::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
-                    Algorithm::RS384 => &sig::RSA_PKCS1_2048_8192_SHA384,
-                    Algorithm::RS512 => &sig::RSA_PKCS1_2048_8192_SHA512,
-                    Algorithm::PS256 => &sig::RSA_PSS_2048_8192_SHA256,
-                    Algorithm::PS384 => &sig::RSA_PSS_2048_8192_SHA384,
-                    Algorithm::PS512 => &sig::RSA_PSS_2048_8192_SHA512,
-                    _ => return Err(signature::Error::new()),
-                };
+                let params = rsa_params(self.alg).ok_or_else(signature::Error::new)?;
                 sig::RsaPublicKeyComponents { n, e }.verify(params, msg, signature)
             }
         };

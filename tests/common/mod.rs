@@ -108,6 +108,21 @@ impl TestServer {
         .unwrap()
     }
 
+    /// A fresh P-256 key and a certificate for `ns`/`sa`, obtained with a
+    /// development token: (key PEM, cert_chain).
+    pub async fn issue(&self, ns: &str, sa: &str, ttl_secs: i64) -> (String, Vec<String>) {
+        let (key, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
+        let chain = request(
+            &mut self.client(None).await,
+            &csr,
+            Some(&self.token(ns, sa)),
+            ttl_secs,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("issuing for {ns}/{sa}: {e}"));
+        (key, chain)
+    }
+
     pub fn dev_key_pem(&self) -> String {
         std::fs::read_to_string(self.state.join("dev-issuer-key.pem")).unwrap()
     }
