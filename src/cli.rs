@@ -285,9 +285,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let config = args.to_config()?;
-    let running = server::start(config.clone())
-        .await
-        .context("starting the CA server")?;
+    // Installed before anything else, so SIGTERM at any moment is an
+    // orderly stop rather than the default kill.
+    let mut signals = Signals::install()?;
+    let running = tokio::select! {
+        r = server::start(config.clone()) => r.context("starting the CA server")?,
+        _ = signals.recv() => {
+            tracing::info!("stop signal during start-up; exiting");
+            return Ok(());
+        }
+    };
     let ca_line = match &config.ca {
         CaSource::PluggedIn(dir) => format!("plugged-in CA from {}", dir.display()),
         CaSource::Embedded { .. } if running.ca_created => {
@@ -327,26 +334,31 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
             "  get a token  : no token issuer configured; add --jwt-issuer ISSUER=JWKS, or --dev for local use"
         );
     }
-    shutdown_signal().await;
+    signals.recv().await;
     tracing::info!("shutting down: draining in-flight calls");
     running.shutdown().await.context("shutting down")?;
     Ok(())
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+/// SIGTERM and SIGINT.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
     }
 }
