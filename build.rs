@@ -3,7 +3,14 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile(["istio/v1/auth/ca.proto"], ["proto"])?;
+    let fds = protox::compile(
+        [
+            "istio/v1/auth/ca.proto",
+            "envoy/service/secret/v3/sds.proto",
+            "envoy/extensions/transport_sockets/tls/v3/secret.proto",
+        ],
+        ["proto"],
+    )?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

@@ -16,9 +16,9 @@ use tokio::sync::Semaphore;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use workload_ca::ca::{KeyAlgorithm, PrivateKey, TtlPolicy};
 use workload_ca::identity::TrustDomain;
+use workload_ca::proto::istio::IstioCertificateRequest;
+use workload_ca::proto::istio::istio_certificate_service_client::IstioCertificateServiceClient;
 use workload_ca::server::devissuer::DevIssuer;
-use workload_ca::server::proto::IstioCertificateRequest;
-use workload_ca::server::proto::istio_certificate_service_client::IstioCertificateServiceClient;
 use workload_ca::server::tls::ServingSpec;
 use workload_ca::server::{self, CaSource, ServerConfig};
 

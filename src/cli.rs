@@ -9,6 +9,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::agent::client::CaEndpoint;
+use crate::agent::workload::RotationPolicy;
+use crate::agent::{self, AgentConfig, WorkloadConfig};
 use crate::ca::{KeyAlgorithm, TtlPolicy};
 use crate::identity::TrustDomain;
 use crate::server::devissuer::DevIssuer;
@@ -49,8 +52,97 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the CA server (Istio's CreateCertificate API over gRPC/TLS).
     Server(Box<ServerArgs>),
+    /// Run the node agent: certificates for local proxies over Envoy SDS.
+    Agent(Box<AgentArgs>),
+    /// Run a CA and an agent together on the embedded default (development).
+    Dev(Box<DevArgs>),
     /// Mint a development service-account token (trusted only by `server --dev`).
     Token(TokenArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// CA address, host:port.
+    #[arg(long, env = "CA_ADDR", default_value = "127.0.0.1:15012")]
+    pub ca_addr: String,
+    /// PEM roots the CA's TLS certificate must chain to.
+    #[arg(long, env = "CA_ROOT_CERT", default_value = "ca-state/root-cert.pem")]
+    pub ca_root_cert: PathBuf,
+    /// Name checked in the CA's TLS certificate.
+    #[arg(long, env = "CA_SERVER_NAME", default_value = "localhost")]
+    pub ca_server_name: String,
+    /// Sidecar mode: the workload's service-account token (re-read before every request).
+    #[arg(
+        long,
+        env = "CA_TOKEN_FILE",
+        default_value = "/var/run/secrets/tokens/istio-token"
+    )]
+    pub token_file: PathBuf,
+    /// Sidecar mode: the SDS socket the proxy connects to.
+    #[arg(long, env = "CA_SDS_SOCKET", default_value = "sds.sock")]
+    pub sds_socket: PathBuf,
+    /// Node mode: a workload as NAME=TOKEN_FILE (repeatable); its socket is
+    /// `<socket-dir>/<NAME>.sock`.
+    #[arg(long = "workload", value_parser = parse_workload)]
+    pub workloads: Vec<(String, PathBuf)>,
+    /// Node mode: directory of the per-workload sockets.
+    #[arg(long, env = "CA_SOCKET_DIR", default_value = "sds")]
+    pub socket_dir: PathBuf,
+    #[command(flatten)]
+    pub rotation: RotationArgs,
+    /// Metrics and health listen address; `off` disables it.
+    #[arg(long, env = "CA_AGENT_OPS_LISTEN", default_value = "127.0.0.1:15020")]
+    pub ops_listen: String,
+    /// Also write key.pem (0600), cert-chain.pem and root-cert.pem to DIR/<workload>/.
+    #[arg(long, env = "CA_OUTPUT_DIR")]
+    pub output_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RotationArgs {
+    /// Key type of workload keys (a fresh key for every certificate).
+    #[arg(long, env = "CA_KEY_ALGORITHM", default_value = "ecdsa-p256", value_parser = parse_key_algorithm)]
+    pub key_algorithm: KeyAlgorithm,
+    /// Requested certificate lifetime; 0 asks for the CA's default.
+    #[arg(long, env = "CA_CERT_TTL", default_value = "0", value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+    /// Renew after this fraction of the lifetime.
+    #[arg(long, default_value_t = 0.5, value_parser = parse_fraction)]
+    pub rotation_fraction: f64,
+    /// Relative jitter on the renewal point (0.1 = +-10%).
+    #[arg(long, default_value_t = 0.1, value_parser = parse_fraction)]
+    pub rotation_jitter: f64,
+}
+
+impl RotationArgs {
+    fn policy(&self) -> RotationPolicy {
+        RotationPolicy {
+            key: self.key_algorithm,
+            ttl: self.cert_ttl,
+            fraction: self.rotation_fraction,
+            jitter: self.rotation_jitter,
+            ..RotationPolicy::default()
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// The SDS socket of the local agent [default: <state-dir>/sds.sock].
+    #[arg(long)]
+    pub sds_socket: Option<PathBuf>,
+    /// The identity the local agent gets.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    #[arg(long, default_value = "default")]
+    pub service_account: String,
+    #[command(flatten)]
+    pub rotation: RotationArgs,
+    /// The agent's metrics and health address.
+    #[arg(long, default_value = "127.0.0.1:15020")]
+    pub agent_ops_listen: String,
 }
 
 #[derive(Args, Debug)]
@@ -132,6 +224,42 @@ fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
 
 fn parse_key_algorithm(s: &str) -> Result<KeyAlgorithm, String> {
     s.parse().map_err(|e: crate::ca::Error| e.to_string())
+}
+
+fn parse_workload(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, token) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=TOKEN_FILE"))?;
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !name.starts_with('.');
+    if !ok || token.is_empty() {
+        return Err(format!(
+            "{s:?} is not NAME=TOKEN_FILE (NAME: letters, digits, '-', '_', '.')"
+        ));
+    }
+    Ok((name.to_owned(), PathBuf::from(token)))
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let f: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(0.0..1.0).contains(&f) {
+        return Err(format!("{s} must be at least 0 and below 1"));
+    }
+    Ok(f)
+}
+
+fn parse_ops(s: &str) -> anyhow::Result<Option<SocketAddr>> {
+    match s {
+        "off" | "" => Ok(None),
+        addr => Ok(Some(
+            addr.parse()
+                .with_context(|| format!("ops address {addr:?}"))?,
+        )),
+    }
 }
 
 fn parse_issuer(s: &str) -> Result<IssuerConfig, String> {
@@ -267,6 +395,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     match cli.command {
         Command::Server(args) => runtime.block_on(run_server(*args)),
+        Command::Agent(args) => runtime.block_on(run_agent(*args)),
+        Command::Dev(args) => runtime.block_on(run_dev(*args)),
         Command::Token(args) => {
             crate::server::jwt_crypto::install();
             let issuer = DevIssuer::load(&args.state_dir)?;
@@ -340,6 +470,170 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl AgentArgs {
+    /// The agent configuration these flags describe.
+    ///
+    /// # Errors
+    /// A bad ops address.
+    pub fn to_config(&self) -> anyhow::Result<AgentConfig> {
+        let workloads = if self.workloads.is_empty() {
+            vec![WorkloadConfig {
+                name: "default".into(),
+                token_file: self.token_file.clone(),
+                socket: self.sds_socket.clone(),
+            }]
+        } else {
+            std::fs::create_dir_all(&self.socket_dir)
+                .with_context(|| format!("creating {}", self.socket_dir.display()))?;
+            self.workloads
+                .iter()
+                .map(|(name, token)| WorkloadConfig {
+                    name: name.clone(),
+                    token_file: token.clone(),
+                    socket: self.socket_dir.join(format!("{name}.sock")),
+                })
+                .collect()
+        };
+        Ok(AgentConfig {
+            ca: CaEndpoint {
+                address: self.ca_addr.clone(),
+                root_cert: self.ca_root_cert.clone(),
+                server_name: self.ca_server_name.clone(),
+            },
+            workloads,
+            policy: self.rotation.policy(),
+            ops_listen: parse_ops(&self.ops_listen)?,
+            output_dir: self.output_dir.clone(),
+        })
+    }
+}
+
+async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    let config = args.to_config()?;
+    let mut signals = Signals::install()?;
+    let agent = agent::start(config.clone())
+        .await
+        .context("starting the agent")?;
+    println!("workload-ca agent is up");
+    println!(
+        "  CA           : {} (verified with {})",
+        config.ca.address,
+        config.ca.root_cert.display()
+    );
+    for w in &config.workloads {
+        println!(
+            "  workload     : {}  token {}  SDS socket {}",
+            w.name,
+            w.token_file.display(),
+            w.socket.display()
+        );
+    }
+    if let Some(ops) = agent.ops_addr {
+        println!("  metrics      : http://{ops}/metrics   health: /healthz /readyz");
+    }
+    signals.recv().await;
+    tracing::info!("shutting down the agent");
+    agent.shutdown().await;
+    Ok(())
+}
+
+async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
+    let mut server_args = args.server;
+    server_args.dev = true;
+    let config = server_args.to_config()?;
+    let mut signals = Signals::install()?;
+    let running = server::start(config.clone())
+        .await
+        .context("starting the CA server")?;
+
+    // The local workload's token, minted by the development issuer and
+    // refreshed well before it expires, as a kubelet would.
+    let agent_dir = config.state_dir.join("agent");
+    std::fs::create_dir_all(&agent_dir)
+        .with_context(|| format!("creating {}", agent_dir.display()))?;
+    let token_file = agent_dir.join("token");
+    let sds_socket = args
+        .sds_socket
+        .clone()
+        .unwrap_or_else(|| config.state_dir.join("sds.sock"));
+    let issuer = DevIssuer::load(&config.state_dir)?;
+    let mint = {
+        let (ns, sa, token_file) = (
+            args.namespace.clone(),
+            args.service_account.clone(),
+            token_file.clone(),
+        );
+        move |issuer: &DevIssuer| -> anyhow::Result<()> {
+            let token = issuer.mint(
+                &ns,
+                &sa,
+                "istio-ca",
+                Duration::from_secs(3600),
+                SystemTime::now(),
+            )?;
+            crate::ca::store::atomic_write(&token_file, token.as_bytes(), 0o600)?;
+            Ok(())
+        }
+    };
+    mint(&issuer)?;
+    let refresher = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1800)).await;
+            if let Err(e) = mint(&issuer) {
+                tracing::error!(error = %e, "refreshing the development token failed");
+            }
+        }
+    });
+
+    let agent = agent::start(AgentConfig {
+        ca: CaEndpoint {
+            address: running.grpc_addr.to_string(),
+            root_cert: running.root_cert_path.clone(),
+            server_name: "localhost".into(),
+        },
+        workloads: vec![WorkloadConfig {
+            name: "default".into(),
+            token_file: token_file.clone(),
+            socket: sds_socket.clone(),
+        }],
+        policy: args.rotation.policy(),
+        ops_listen: parse_ops(&args.agent_ops_listen)?,
+        output_dir: None,
+    })
+    .await
+    .context("starting the agent")?;
+
+    println!("workload-ca (CA + agent) is up");
+    println!(
+        "  identity     : spiffe://{}/ns/{}/sa/{}",
+        config.trust_domain, args.namespace, args.service_account
+    );
+    println!(
+        "  CA gRPC (TLS): {}   root cert: {}",
+        running.grpc_addr,
+        running.root_cert_path.display()
+    );
+    println!(
+        "  SDS socket   : {}   (resources \"default\" and \"ROOTCA\")",
+        sds_socket.display()
+    );
+    if let Some(ops) = running.ops_addr {
+        println!("  CA metrics   : http://{ops}/metrics");
+    }
+    if let Some(ops) = agent.ops_addr {
+        println!("  agent metrics: http://{ops}/metrics   ready: /readyz");
+    }
+    println!(
+        "  try Envoy    : envoy -c deploy/envoy/sidecar.yaml --disable-hot-restart   (then: curl -k https://127.0.0.1:10443/)"
+    );
+    signals.recv().await;
+    tracing::info!("shutting down: agent, then CA");
+    refresher.abort();
+    agent.shutdown().await;
+    running.shutdown().await.context("shutting down")?;
+    Ok(())
+}
+
 /// SIGTERM and SIGINT.
 struct Signals {
     term: tokio::signal::unix::Signal,
@@ -366,6 +660,47 @@ impl Signals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn agent_flags() {
+        // A socket dir below a regular file cannot be created, even by root.
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let dir = file.path().join("sockets");
+        let cli = Cli::try_parse_from([
+            "ca",
+            "agent",
+            "--workload",
+            "web=/t/web",
+            "--workload",
+            "db=/t/db",
+            "--ops-listen",
+            "off",
+            "--socket-dir",
+            dir.to_str().unwrap(),
+        ])
+        .unwrap();
+        let Command::Agent(args) = cli.command else {
+            panic!("not agent")
+        };
+        assert_eq!(args.workloads.len(), 2);
+        assert!(
+            args.to_config().is_err(),
+            "an uncreatable socket dir is an error"
+        );
+        for argv in [
+            vec!["ca", "agent", "--workload", "=x"],
+            vec!["ca", "agent", "--workload", "../up=x"],
+            vec!["ca", "agent", "--rotation-fraction", "1.5"],
+        ] {
+            assert!(Cli::try_parse_from(&argv).is_err(), "{argv:?}");
+        }
+    }
 
     #[test]
     fn durations() {

@@ -330,7 +330,7 @@ async fn impersonation_is_refused() {
     let server = TestServer::start().await;
     let mut client = server.client(None).await;
     let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
-    let mut req = tonic::Request::new(workload_ca::server::proto::IstioCertificateRequest {
+    let mut req = tonic::Request::new(workload_ca::proto::istio::IstioCertificateRequest {
         csr,
         validity_duration: 0,
         metadata: Some(prost_types::Struct {

@@ -10,12 +10,6 @@ mod service;
 mod status;
 pub mod tls;
 
-/// Generated from `proto/istio/v1/auth/ca.proto`.
-#[allow(clippy::all, clippy::pedantic, missing_docs)]
-pub mod proto {
-    tonic::include_proto!("istio.v1.auth");
-}
-
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -262,7 +256,10 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         ttl: config.ttl,
         metrics,
     };
-    let svc = proto::istio_certificate_service_server::IstioCertificateServiceServer::new(service)
+    let svc =
+        crate::proto::istio::istio_certificate_service_server::IstioCertificateServiceServer::new(
+            service,
+        )
         .max_decoding_message_size(2 << 20);
     let mut stop = shutdown_rx.clone();
     let grpc = tokio::spawn(

@@ -8,10 +8,10 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{AuthChain, AuthContext};
 use super::metrics::Metrics;
-use super::proto::istio_certificate_service_server::IstioCertificateService;
-use super::proto::{IstioCertificateRequest, IstioCertificateResponse};
 use super::status;
 use crate::ca::{Authority, TtlPolicy, check_csr};
+use crate::proto::istio::istio_certificate_service_server::IstioCertificateService;
+use crate::proto::istio::{IstioCertificateRequest, IstioCertificateResponse};
 
 /// The CSR-signing service.
 pub struct CaService {

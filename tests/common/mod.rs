@@ -12,8 +12,8 @@ use tempfile::TempDir;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use workload_ca::ca::{KeyAlgorithm, PrivateKey, TtlPolicy};
 use workload_ca::identity::TrustDomain;
-use workload_ca::server::proto::IstioCertificateRequest;
-use workload_ca::server::proto::istio_certificate_service_client::IstioCertificateServiceClient;
+use workload_ca::proto::istio::IstioCertificateRequest;
+use workload_ca::proto::istio::istio_certificate_service_client::IstioCertificateServiceClient;
 use workload_ca::server::tls::ServingSpec;
 use workload_ca::server::{self, CaSource, Running, ServerConfig};
 

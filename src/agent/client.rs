@@ -1,0 +1,198 @@
+//! Talking to the CA: the [`CaClient`] trait (so rotation is testable with a
+//! scripted CA) and its gRPC implementation, which authenticates with a token
+//! file re-read before every request.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+use super::Error;
+use crate::proto::istio::IstioCertificateRequest;
+use crate::proto::istio::istio_certificate_service_client::IstioCertificateServiceClient;
+
+pub type SignFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<String>, Error>> + Send + 'a>>;
+
+/// Something that turns a CSR into an Istio-style `cert_chain` (leaf first,
+/// root bundle last).
+pub trait CaClient: Send + Sync + 'static {
+    /// `ttl` of zero asks for the server's default lifetime.
+    fn sign(&self, csr_pem: String, ttl: Duration) -> SignFuture<'_>;
+}
+
+/// A service-account token on disk (a projected token is rewritten by the
+/// kubelet, so it is read again for every request).
+#[derive(Clone, Debug)]
+pub struct TokenFile {
+    path: PathBuf,
+}
+
+/// Tokens this close to expiry are treated as expired: the CA would reject
+/// them in flight.
+const TOKEN_EXPIRY_MARGIN: Duration = Duration::from_secs(5);
+
+impl TokenFile {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The current token, refused when it has expired (by its own `exp`).
+    ///
+    /// # Errors
+    /// [`Error::Token`] when the file cannot be read, is empty, or is not a
+    /// JWT; [`Error::TokenExpired`] when its `exp` has passed.
+    pub fn read(&self, now: SystemTime) -> Result<String, Error> {
+        let raw = std::fs::read_to_string(&self.path)
+            .map_err(|e| Error::Token(format!("reading {}: {e}", self.path.display())))?;
+        let token = raw.trim().to_owned();
+        if token.is_empty() {
+            return Err(Error::Token(format!("{} is empty", self.path.display())));
+        }
+        if let Some(exp) = jwt_exp(&token) {
+            let exp_time = UNIX_EPOCH + Duration::from_secs(exp);
+            if exp_time <= now + TOKEN_EXPIRY_MARGIN {
+                return Err(Error::TokenExpired {
+                    path: self.path.clone(),
+                    exp,
+                });
+            }
+        }
+        Ok(token)
+    }
+}
+
+/// The `exp` claim, read without verifying anything (the CA verifies).
+fn jwt_exp(token: &str) -> Option<u64> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("exp")?.as_u64()
+}
+
+/// Where and how to reach the CA.
+#[derive(Clone, Debug)]
+pub struct CaEndpoint {
+    /// `host:port`.
+    pub address: String,
+    /// PEM roots the CA's serving certificate must chain to.
+    pub root_cert: PathBuf,
+    /// The name checked in the CA's certificate.
+    pub server_name: String,
+}
+
+/// Opens a TLS channel to the CA. The connection itself is made lazily and
+/// re-made after failures by tonic.
+///
+/// # Errors
+/// [`Error::Config`] for an unreadable root file or a bad address.
+pub fn connect(endpoint: &CaEndpoint) -> Result<Channel, Error> {
+    let root = std::fs::read_to_string(&endpoint.root_cert).map_err(|e| {
+        Error::Config(format!(
+            "reading CA root {}: {e}",
+            endpoint.root_cert.display()
+        ))
+    })?;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(root))
+        .domain_name(endpoint.server_name.clone());
+    let channel = Channel::from_shared(format!("https://{}", endpoint.address))
+        .map_err(|e| Error::Config(format!("CA address {:?}: {e}", endpoint.address)))?
+        .tls_config(tls)
+        .map_err(|e| Error::Config(format!("CA TLS: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect_lazy();
+    Ok(channel)
+}
+
+/// The CA over gRPC, as one workload (one token file).
+#[derive(Clone)]
+pub struct GrpcCaClient {
+    channel: Channel,
+    token: TokenFile,
+}
+
+impl GrpcCaClient {
+    pub fn new(channel: Channel, token: TokenFile) -> Self {
+        Self { channel, token }
+    }
+}
+
+impl CaClient for GrpcCaClient {
+    fn sign(&self, csr_pem: String, ttl: Duration) -> SignFuture<'_> {
+        Box::pin(async move {
+            let token = self.token.read(SystemTime::now())?;
+            let mut req = tonic::Request::new(IstioCertificateRequest {
+                csr: csr_pem,
+                validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+                metadata: None,
+            });
+            let value = format!("Bearer {token}").parse().map_err(|_| {
+                Error::Token(format!(
+                    "{} holds characters not allowed in a header",
+                    self.token.path.display()
+                ))
+            })?;
+            req.metadata_mut().insert("authorization", value);
+            let resp = IstioCertificateServiceClient::new(self.channel.clone())
+                .create_certificate(req)
+                .await
+                .map_err(|s| Error::Ca {
+                    code: s.code(),
+                    message: s.message().to_owned(),
+                })?;
+            Ok(resp.into_inner().cert_chain)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token_with_exp(exp: u64) -> String {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.sig",
+            b64.encode(br#"{"alg":"ES256"}"#),
+            b64.encode(format!(r#"{{"exp":{exp}}}"#))
+        )
+    }
+
+    #[test]
+    fn expired_tokens_are_never_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let now = SystemTime::now();
+        let secs = now.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let file = TokenFile::new(&path);
+        assert!(
+            matches!(file.read(now), Err(Error::Token(_))),
+            "missing file"
+        );
+        std::fs::write(&path, token_with_exp(secs - 10)).unwrap();
+        assert!(matches!(file.read(now), Err(Error::TokenExpired { .. })));
+        std::fs::write(&path, token_with_exp(secs + 2)).unwrap();
+        assert!(
+            matches!(file.read(now), Err(Error::TokenExpired { .. })),
+            "within the margin"
+        );
+        std::fs::write(&path, format!("{}\n", token_with_exp(secs + 3600))).unwrap();
+        assert_eq!(
+            file.read(now).unwrap(),
+            token_with_exp(secs + 3600),
+            "re-read, trimmed"
+        );
+        std::fs::write(&path, "").unwrap();
+        assert!(matches!(file.read(now), Err(Error::Token(_))));
+    }
+}

@@ -1,0 +1,115 @@
+//! Agent metrics (Prometheus). The `workload` label is the workload's name
+//! (`default` in sidecar mode); `resource` is the SDS resource name.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use super::Error;
+
+pub struct AgentMetrics {
+    registry: Registry,
+    pub cert_expiry: IntGaugeVec,
+    pub csr_latency: HistogramVec,
+    pub csr_failures: IntCounterVec,
+    pub csr_retries: IntCounterVec,
+    pub sds_streams: IntGauge,
+    pub sds_pushes: IntCounterVec,
+    pub sds_nacks: IntCounterVec,
+}
+
+impl AgentMetrics {
+    /// # Errors
+    /// [`Error::Config`] if a metric cannot be registered (a programming error).
+    pub fn new() -> Result<Self, Error> {
+        let registry = Registry::new();
+        let e = |e: prometheus::Error| Error::Config(format!("metrics: {e}"));
+        let cert_expiry = IntGaugeVec::new(
+            Opts::new(
+                "workload_ca_agent_cert_expiry_timestamp",
+                "Unix time at which the workload certificate expires.",
+            ),
+            &["workload"],
+        )
+        .map_err(e)?;
+        let csr_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "workload_ca_agent_csr_duration_seconds",
+                "Time from key generation to a verified certificate.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["workload"],
+        )
+        .map_err(e)?;
+        let csr_failures = IntCounterVec::new(
+            Opts::new(
+                "workload_ca_agent_csr_failures_total",
+                "Failed certificate requests.",
+            ),
+            &["workload"],
+        )
+        .map_err(e)?;
+        let csr_retries = IntCounterVec::new(
+            Opts::new(
+                "workload_ca_agent_csr_retries_total",
+                "Certificate requests retried after a failure.",
+            ),
+            &["workload"],
+        )
+        .map_err(e)?;
+        let sds_streams =
+            IntGauge::new("workload_ca_agent_sds_streams", "Connected SDS streams.").map_err(e)?;
+        let sds_pushes = IntCounterVec::new(
+            Opts::new("workload_ca_agent_sds_pushes_total", "SDS responses sent."),
+            &["resource"],
+        )
+        .map_err(e)?;
+        let sds_nacks = IntCounterVec::new(
+            Opts::new(
+                "workload_ca_agent_sds_nacks_total",
+                "SDS responses rejected by the proxy.",
+            ),
+            &["resource"],
+        )
+        .map_err(e)?;
+        registry
+            .register(Box::new(cert_expiry.clone()))
+            .map_err(e)?;
+        registry
+            .register(Box::new(csr_latency.clone()))
+            .map_err(e)?;
+        registry
+            .register(Box::new(csr_failures.clone()))
+            .map_err(e)?;
+        registry
+            .register(Box::new(csr_retries.clone()))
+            .map_err(e)?;
+        registry
+            .register(Box::new(sds_streams.clone()))
+            .map_err(e)?;
+        registry.register(Box::new(sds_pushes.clone())).map_err(e)?;
+        registry.register(Box::new(sds_nacks.clone())).map_err(e)?;
+        Ok(Self {
+            registry,
+            cert_expiry,
+            csr_latency,
+            csr_failures,
+            csr_retries,
+            sds_streams,
+            sds_pushes,
+            sds_nacks,
+        })
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

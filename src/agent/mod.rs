@@ -1,0 +1,244 @@
+//! The node agent: keys, CSRs, rotation, and Envoy SDS on Unix sockets.
+
+pub mod client;
+pub mod metrics;
+pub mod sds;
+pub mod workload;
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Crypto(#[from] crate::ca::Error),
+    #[error("{0}")]
+    Config(String),
+    #[error("service-account token: {0}")]
+    Token(String),
+    #[error("service-account token {path} expired (exp {exp}); not sending it")]
+    TokenExpired { path: PathBuf, exp: u64 },
+    #[error("CA answered {code:?}: {message}")]
+    Ca { code: tonic::Code, message: String },
+    #[error("CA response refused: {0}")]
+    BadResponse(String),
+    #[error("SDS socket {path}: {reason}")]
+    Socket { path: PathBuf, reason: String },
+}
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::sync::watch;
+
+use client::{CaEndpoint, GrpcCaClient, TokenFile};
+use metrics::AgentMetrics;
+use workload::{CertManager, CertWatch, RotationPolicy};
+
+/// One workload: its credentials and the socket its proxy connects to.
+#[derive(Clone, Debug)]
+pub struct WorkloadConfig {
+    /// `default` in sidecar mode; the workload's name in node mode.
+    pub name: String,
+    pub token_file: PathBuf,
+    pub socket: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub ca: CaEndpoint,
+    pub workloads: Vec<WorkloadConfig>,
+    pub policy: RotationPolicy,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub ops_listen: Option<SocketAddr>,
+    /// Also write `key.pem` (0600), `cert-chain.pem`, `root-cert.pem` to
+    /// `<dir>/<workload>/` on every rotation. Keys stay in memory otherwise.
+    pub output_dir: Option<PathBuf>,
+}
+
+/// A running agent.
+pub struct Agent {
+    pub sockets: Vec<PathBuf>,
+    pub ops_addr: Option<SocketAddr>,
+    pub watches: Vec<(String, CertWatch)>,
+    pub metrics: Arc<AgentMetrics>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Agent {
+    /// True once every workload holds a valid certificate.
+    pub fn ready(&self) -> bool {
+        all_ready(&self.watches)
+    }
+
+    /// Stops rotation and the SDS servers and removes the sockets.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+fn all_ready(watches: &[(String, CertWatch)]) -> bool {
+    let now = tokio::time::Instant::now();
+    watches
+        .iter()
+        .all(|(_, w)| w.cert.borrow().as_ref().is_some_and(|c| c.expires_at > now))
+}
+
+/// Starts one certificate manager and one SDS socket per workload.
+///
+/// # Errors
+/// [`Error::Config`] for a bad CA endpoint or duplicate workload names,
+/// [`Error::Socket`] when a socket cannot be bound.
+pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
+    if config.workloads.is_empty() {
+        return Err(Error::Config("no workload configured".into()));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for w in &config.workloads {
+        if !names.insert(&w.name) {
+            return Err(Error::Config(format!(
+                "workload {:?} is configured twice",
+                w.name
+            )));
+        }
+    }
+    let channel = client::connect(&config.ca)?;
+    let metrics = Arc::new(AgentMetrics::new()?);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut sockets = Vec::new();
+    let mut watches = Vec::new();
+    for w in &config.workloads {
+        let client = Arc::new(GrpcCaClient::new(
+            channel.clone(),
+            TokenFile::new(&w.token_file),
+        ));
+        let (manager, cert_watch) = CertManager::new(
+            w.name.clone(),
+            client,
+            config.policy.clone(),
+            metrics.clone(),
+        );
+        let socket = match sds::serve(
+            &w.socket,
+            sds::Sds::new(cert_watch.clone(), metrics.clone()),
+            shutdown_rx.clone(),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = shutdown_tx.send(true);
+                return Err(e);
+            }
+        };
+        tasks.push(tokio::spawn(manager.run(shutdown_rx.clone())));
+        tasks.push(socket.task);
+        sockets.push(socket.path);
+        if let Some(dir) = &config.output_dir {
+            tasks.push(tokio::spawn(write_files(
+                dir.join(&w.name),
+                cert_watch.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
+        watches.push((w.name.clone(), cert_watch));
+    }
+    let ops_addr = match config.ops_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Config(format!("binding {addr}: {e}")))?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| Error::Config(e.to_string()))?;
+            tasks.push(spawn_ops(
+                listener,
+                metrics.clone(),
+                watches.clone(),
+                shutdown_rx.clone(),
+            ));
+            Some(bound)
+        }
+        None => None,
+    };
+    Ok(Agent {
+        sockets,
+        ops_addr,
+        watches,
+        metrics,
+        shutdown: shutdown_tx,
+        tasks,
+    })
+}
+
+fn spawn_ops(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<AgentMetrics>,
+    watches: Vec<(String, CertWatch)>,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let watches = Arc::new(watches);
+    let app = axum::Router::new()
+        .route("/metrics", get(move || async move { metrics.render() }))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || async move {
+                if all_ready(&watches) {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "waiting for a valid certificate\n",
+                    )
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        let stop = async move {
+            let _ = shutdown.changed().await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::warn!(error = %e, "agent ops endpoint stopped");
+        }
+    })
+}
+
+/// Writes the workload's files on every new certificate or bundle.
+async fn write_files(dir: PathBuf, mut w: CertWatch, mut shutdown: watch::Receiver<bool>) {
+    use crate::ca::store::atomic_write;
+    loop {
+        let cert = w.cert.borrow_and_update().clone();
+        let roots = w.roots.borrow_and_update().clone();
+        if let (Some(cert), Some(roots)) = (cert, roots) {
+            let result = std::fs::create_dir_all(&dir)
+                .and_then(|()| atomic_write(&dir.join("key.pem"), cert.key_pem.as_bytes(), 0o600))
+                .and_then(|()| {
+                    atomic_write(
+                        &dir.join("cert-chain.pem"),
+                        cert.chain_pem.as_bytes(),
+                        0o644,
+                    )
+                })
+                .and_then(|()| {
+                    atomic_write(&dir.join("root-cert.pem"), roots.pem.as_bytes(), 0o644)
+                });
+            if let Err(e) = result {
+                tracing::error!(dir = %dir.display(), error = %e, "writing certificate files failed");
+            }
+        }
+        tokio::select! {
+            r = w.cert.changed() => if r.is_err() { return },
+            r = w.roots.changed() => if r.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,565 @@
+//! Envoy's Secret Discovery Service (v3) for one workload, on a Unix socket.
+//!
+//! Resources: `default` (a `TlsCertificate`: chain and key), `ROOTCA` (a
+//! `CertificateValidationContext` with every trusted root), and the
+//! workload's own SPIFFE ID, answered like `default`. Any other name ends
+//! that stream only, with `InvalidArgument` (unknown) or `PermissionDenied`
+//! (another identity's SPIFFE ID).
+//!
+//! State of the world (`StreamSecrets`) follows what a real Envoy does
+//! (REFERENCE section 3): a request with an empty nonce (a new stream, or a
+//! reconnect carrying the last accepted `version_info`) is always answered
+//! once the resources exist; a request whose nonce is not the last one sent
+//! is stale and ignored; `error_detail` marks a NACK, which is logged and
+//! counted, and the secret is not resent until it changes; an ACK only
+//! matters if it changes the subscribed names. A rotated certificate or a
+//! changed bundle is pushed to every stream subscribed to it as soon as the
+//! `watch` fires (bursts coalesce in the channel). Nothing is sent for a
+//! resource that does not exist yet, or for a certificate that has expired:
+//! an empty answer would be ACKed and leave Envoy waiting 15 s.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Error;
+use super::metrics::AgentMetrics;
+use super::workload::{CertWatch, RootBundle, WorkloadCert};
+use crate::proto::envoy::config::core::v3::{DataSource, data_source};
+use crate::proto::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, Secret, TlsCertificate, secret,
+};
+use crate::proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use crate::proto::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
+
+pub const SECRET_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+pub const DEFAULT: &str = "default";
+pub const ROOTCA: &str = "ROOTCA";
+/// How long `FetchSecrets` waits for a first certificate.
+const FETCH_WAIT: Duration = Duration::from_secs(10);
+
+/// What a resource name refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Cert,
+    Roots,
+}
+
+/// The SDS service for one workload.
+#[derive(Clone)]
+pub struct Sds {
+    watch: CertWatch,
+    metrics: Arc<AgentMetrics>,
+    nonces: Arc<AtomicU64>,
+}
+
+type Snapshot = (Option<Arc<WorkloadCert>>, Option<Arc<RootBundle>>);
+
+impl Sds {
+    pub fn new(watch: CertWatch, metrics: Arc<AgentMetrics>) -> Self {
+        Self {
+            watch,
+            metrics,
+            nonces: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn nonce(&self) -> String {
+        self.nonces.fetch_add(1, Ordering::Relaxed).to_string()
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let now = tokio::time::Instant::now();
+        let cert = self
+            .watch
+            .cert
+            .borrow()
+            .clone()
+            .filter(|c| c.expires_at > now);
+        let roots = self.watch.roots.borrow().clone();
+        (cert, roots)
+    }
+
+    /// Maps a requested name to a resource kind. `Ok(None)`: cannot tell yet
+    /// (a SPIFFE ID before the first certificate).
+    fn classify(name: &str, snap: &Snapshot) -> Result<Option<Kind>, Status> {
+        match name {
+            DEFAULT => Ok(Some(Kind::Cert)),
+            ROOTCA => Ok(Some(Kind::Roots)),
+            id if id.starts_with("spiffe://") => match &snap.0 {
+                Some(c) if c.identity.as_str() == id => Ok(Some(Kind::Cert)),
+                Some(c) => Err(Status::permission_denied(format!(
+                    "this socket serves {} only, not {id}",
+                    c.identity
+                ))),
+                None => Ok(None),
+            },
+            other => Err(Status::invalid_argument(format!(
+                "unknown secret {other:?}: this agent serves \"default\", \"ROOTCA\" and the workload's SPIFFE ID"
+            ))),
+        }
+    }
+
+    /// The resource for `name`: `Ok(None)` if it does not exist yet.
+    fn resource(name: &str, snap: &Snapshot) -> Result<Option<(String, prost_types::Any)>, Status> {
+        let Some(kind) = Self::classify(name, snap)? else {
+            return Ok(None);
+        };
+        let (version, secret) = match kind {
+            Kind::Cert => {
+                let Some(c) = &snap.0 else { return Ok(None) };
+                (
+                    c.version.clone(),
+                    secret::Type::TlsCertificate(TlsCertificate {
+                        certificate_chain: Some(inline(c.chain_pem.as_bytes())),
+                        private_key: Some(inline(c.key_pem.as_bytes())),
+                    }),
+                )
+            }
+            Kind::Roots => {
+                let Some(r) = &snap.1 else { return Ok(None) };
+                (
+                    r.version.clone(),
+                    secret::Type::ValidationContext(CertificateValidationContext {
+                        trusted_ca: Some(inline(r.pem.as_bytes())),
+                    }),
+                )
+            }
+        };
+        let secret = Secret {
+            name: name.to_owned(),
+            r#type: Some(secret),
+        };
+        Ok(Some((
+            version,
+            prost_types::Any {
+                type_url: SECRET_TYPE_URL.to_owned(),
+                value: secret.encode_to_vec(),
+            },
+        )))
+    }
+
+    /// A state-of-the-world response for all `names`, or `Ok(None)` while any
+    /// of them does not exist yet.
+    fn sotw_response(
+        &self,
+        names: &BTreeSet<String>,
+        snap: &Snapshot,
+    ) -> Result<Option<DiscoveryResponse>, Status> {
+        let mut resources = Vec::new();
+        let mut versions = Vec::new();
+        for name in names {
+            let Some((version, any)) = Self::resource(name, snap)? else {
+                return Ok(None);
+            };
+            versions.push(format!("{name}={version}"));
+            resources.push(any);
+        }
+        Ok(Some(DiscoveryResponse {
+            version_info: versions.join(";"),
+            resources,
+            canary: false,
+            type_url: SECRET_TYPE_URL.to_owned(),
+            nonce: self.nonce(),
+        }))
+    }
+
+    fn count_push(&self, names: impl IntoIterator<Item = impl AsRef<str>>) {
+        for n in names {
+            self.metrics
+                .sds_pushes
+                .with_label_values(&[label(n.as_ref())])
+                .inc();
+        }
+    }
+
+    async fn sotw_loop(
+        self,
+        mut inbound: Streaming<DiscoveryRequest>,
+        tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    ) {
+        let mut cert_rx = self.watch.cert.clone();
+        let mut roots_rx = self.watch.roots.clone();
+        let mut names: BTreeSet<String> = BTreeSet::new();
+        let mut last_nonce: Option<String> = None;
+        let mut last_version: Option<String> = None;
+        // Set when a response is due (new stream, new names) but a resource
+        // does not exist yet.
+        let mut due = false;
+        loop {
+            tokio::select! {
+                msg = inbound.message() => {
+                    let req = match msg {
+                        Ok(Some(req)) => req,
+                        Ok(None) => return,
+                        Err(e) => { tracing::debug!(error = %e, "SDS stream ended"); return }
+                    };
+                    if !req.type_url.is_empty() && req.type_url != SECRET_TYPE_URL {
+                        let _ = tx.send(Err(Status::invalid_argument(format!("type {:?} is not served here; only {SECRET_TYPE_URL}", req.type_url)))).await;
+                        return;
+                    }
+                    let requested: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+                    if !req.response_nonce.is_empty() {
+                        if last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
+                            tracing::debug!(nonce = %req.response_nonce, "stale nonce; ignored");
+                            continue;
+                        }
+                        if let Some(err) = &req.error_detail {
+                            for n in &names {
+                                self.metrics.sds_nacks.with_label_values(&[label(n)]).inc();
+                            }
+                            tracing::warn!(
+                                resources = ?names, rejected = ?last_version, accepted = %req.version_info,
+                                code = err.code, detail = %err.message,
+                                "proxy rejected the secret (NACK); it keeps its previous one"
+                            );
+                            continue;
+                        }
+                        if requested == names {
+                            continue; // a plain ACK
+                        }
+                    }
+                    names = requested;
+                    due = true;
+                }
+                changed = cert_rx.changed() => {
+                    if changed.is_err() { return }
+                    if !names.is_empty() { due = true }
+                }
+                changed = roots_rx.changed() => {
+                    if changed.is_err() { return }
+                    if !names.is_empty() { due = true }
+                }
+                _ = tx.closed() => return,
+            }
+            if !due || names.is_empty() {
+                continue;
+            }
+            let snap = self.snapshot();
+            match self.sotw_response(&names, &snap) {
+                Err(status) => {
+                    tracing::warn!(resources = ?names, error = %status.message(), "refusing SDS request");
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+                Ok(None) => {} // stays due until the resources exist
+                Ok(Some(resp)) => {
+                    due = false;
+                    // A change that leaves our resources as they were (the
+                    // other watch fired) is not pushed, unless the request
+                    // itself asked for an answer.
+                    if last_version.as_deref() == Some(resp.version_info.as_str())
+                        && last_nonce.is_some()
+                        && !names_changed(&last_version, &resp)
+                    {
+                        continue;
+                    }
+                    last_nonce = Some(resp.nonce.clone());
+                    last_version = Some(resp.version_info.clone());
+                    self.count_push(&names);
+                    if tx.send(Ok(resp)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn delta_loop(
+        self,
+        mut inbound: Streaming<DeltaDiscoveryRequest>,
+        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    ) {
+        let mut cert_rx = self.watch.cert.clone();
+        let mut roots_rx = self.watch.roots.clone();
+        let mut subscribed: BTreeSet<String> = BTreeSet::new();
+        // What the client holds, by name: the version we sent it (or it told
+        // us it had, on reconnect).
+        let mut held: BTreeMap<String, String> = BTreeMap::new();
+        let mut first = true;
+        loop {
+            tokio::select! {
+                msg = inbound.message() => {
+                    let req = match msg {
+                        Ok(Some(req)) => req,
+                        Ok(None) => return,
+                        Err(e) => { tracing::debug!(error = %e, "delta SDS stream ended"); return }
+                    };
+                    if !req.type_url.is_empty() && req.type_url != SECRET_TYPE_URL {
+                        let _ = tx.send(Err(Status::invalid_argument(format!("type {:?} is not served here", req.type_url)))).await;
+                        return;
+                    }
+                    if first {
+                        held.extend(req.initial_resource_versions.clone());
+                        first = false;
+                    }
+                    if let Some(err) = &req.error_detail {
+                        self.metrics.sds_nacks.with_label_values(&["delta"]).inc();
+                        tracing::warn!(nonce = %req.response_nonce, code = err.code, detail = %err.message, "proxy rejected a delta update (NACK)");
+                    }
+                    for name in &req.resource_names_unsubscribe {
+                        subscribed.remove(name);
+                        held.remove(name);
+                    }
+                    for name in &req.resource_names_subscribe {
+                        // A (re-)subscription must be answered unless the
+                        // client told us, in this stream's first message,
+                        // that it already holds the current version.
+                        if !req.initial_resource_versions.contains_key(name) {
+                            held.remove(name);
+                        }
+                        subscribed.insert(name.clone());
+                    }
+                }
+                changed = cert_rx.changed() => if changed.is_err() { return },
+                changed = roots_rx.changed() => if changed.is_err() { return },
+                _ = tx.closed() => return,
+            }
+            let snap = self.snapshot();
+            let mut resources = Vec::new();
+            for name in &subscribed {
+                match Self::resource(name, &snap) {
+                    Err(status) => {
+                        tracing::warn!(resource = %name, error = %status.message(), "refusing delta SDS subscription");
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                    Ok(None) => {}
+                    Ok(Some((version, any))) => {
+                        if held.get(name) != Some(&version) {
+                            held.insert(name.clone(), version.clone());
+                            resources.push(Resource {
+                                version,
+                                resource: Some(any),
+                                name: name.clone(),
+                                aliases: vec![],
+                                ttl: None,
+                            });
+                        }
+                    }
+                }
+            }
+            if resources.is_empty() {
+                continue;
+            }
+            self.count_push(resources.iter().map(|r| r.name.clone()));
+            let resp = DeltaDiscoveryResponse {
+                system_version_info: String::new(),
+                resources,
+                type_url: SECRET_TYPE_URL.to_owned(),
+                nonce: self.nonce(),
+                removed_resources: vec![],
+            };
+            if tx.send(Ok(resp)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Whether the subscribed names differ between the last response and this
+/// one (the version string starts each entry with the name).
+fn names_changed(last_version: &Option<String>, resp: &DiscoveryResponse) -> bool {
+    let names = |v: &str| {
+        v.split(';')
+            .map(|e| e.split('=').next().unwrap_or_default().to_owned())
+            .collect::<Vec<_>>()
+    };
+    last_version.as_deref().map(names) != Some(names(&resp.version_info))
+}
+
+/// Metric label for a resource name: SPIFFE IDs are folded into one value so
+/// the label set stays small.
+fn label(name: &str) -> &str {
+    match name {
+        DEFAULT | ROOTCA => name,
+        _ => "spiffe-id",
+    }
+}
+
+fn inline(bytes: &[u8]) -> DataSource {
+    DataSource {
+        specifier: Some(data_source::Specifier::InlineBytes(bytes.to_vec())),
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Counts a connected stream for as long as it lives.
+struct StreamGauge(Arc<AgentMetrics>);
+
+impl StreamGauge {
+    fn new(m: &Arc<AgentMetrics>) -> Self {
+        m.sds_streams.inc();
+        Self(m.clone())
+    }
+}
+
+impl Drop for StreamGauge {
+    fn drop(&mut self) {
+        self.0.sds_streams.dec();
+    }
+}
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for Sds {
+    type DeltaSecretsStream = BoxStream<DeltaDiscoveryResponse>;
+    type StreamSecretsStream = BoxStream<DiscoveryResponse>;
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let (tx, rx) = mpsc::channel(4);
+        let this = self.clone();
+        let gauge = StreamGauge::new(&self.metrics);
+        tokio::spawn(async move {
+            let _gauge = gauge;
+            this.sotw_loop(request.into_inner(), tx).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn delta_secrets(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        let (tx, rx) = mpsc::channel(4);
+        let this = self.clone();
+        let gauge = StreamGauge::new(&self.metrics);
+        tokio::spawn(async move {
+            let _gauge = gauge;
+            this.delta_loop(request.into_inner(), tx).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let names: BTreeSet<String> = request.into_inner().resource_names.into_iter().collect();
+        if names.is_empty() {
+            return Err(Status::invalid_argument("name at least one secret"));
+        }
+        let mut cert_rx = self.watch.cert.clone();
+        let mut roots_rx = self.watch.roots.clone();
+        let deadline = tokio::time::Instant::now() + FETCH_WAIT;
+        loop {
+            if let Some(resp) = self.sotw_response(&names, &self.snapshot())? {
+                self.count_push(&names);
+                return Ok(Response::new(resp));
+            }
+            tokio::select! {
+                _ = cert_rx.changed() => {}
+                _ = roots_rx.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(Status::unavailable("no certificate yet; the agent is still waiting for the CA"));
+                }
+            }
+        }
+    }
+}
+
+/// A bound SDS socket, serving until shutdown.
+pub struct SdsSocket {
+    pub path: PathBuf,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Binds `path` (mode 0600 from the first moment it is reachable: the socket
+/// is bound under a temporary name, restricted, then renamed into place) and
+/// serves `sds` on it until `shutdown` fires; the socket file is removed then.
+///
+/// A socket left by a crashed agent (nothing accepts on it) is replaced; a
+/// live one, or a path that is not a socket, is an error.
+///
+/// # Errors
+/// [`Error::Socket`].
+pub fn serve(
+    path: &Path,
+    sds: Sds,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<SdsSocket, Error> {
+    let err = |reason: String| Error::Socket {
+        path: path.to_owned(),
+        reason,
+    };
+    if path.as_os_str().len() > 107 {
+        return Err(err(
+            "longer than the 107 bytes a Unix socket path may have".into()
+        ));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(err("another process is serving on it".into())),
+                Err(_) => {
+                    tracing::info!(path = %path.display(), "replacing a stale socket");
+                    std::fs::remove_file(path)
+                        .map_err(|e| err(format!("removing the stale socket: {e}")))?;
+                }
+            }
+        }
+        Ok(_) => {
+            return Err(err(
+                "exists and is not a socket; refusing to replace it".into()
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e.to_string())),
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".sds-{}-{}.tmp",
+        std::process::id(),
+        super::workload::unit_random().to_bits()
+    ));
+    let listener =
+        tokio::net::UnixListener::bind(&tmp).map_err(|e| err(format!("binding: {e}")))?;
+    let finish = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = finish {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(format!("placing the socket: {e}")));
+    }
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let owned = path.to_owned();
+    let task = tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(SecretDiscoveryServiceServer::new(sds))
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = shutdown.changed().await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(path = %owned.display(), error = %e, "SDS server failed");
+        }
+        let _ = std::fs::remove_file(&owned);
+    });
+    Ok(SdsSocket {
+        path: path.to_owned(),
+        task,
+    })
+}

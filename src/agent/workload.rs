@@ -1,0 +1,463 @@
+//! One workload identity's certificate: a fresh key for every certificate,
+//! renewal at a fraction of the lifetime with jitter, exponential back-off on
+//! CA errors, and publication through `tokio::sync::watch`.
+//!
+//! All scheduling uses tokio time: the wall clock is read once per issued
+//! certificate, to turn its NotAfter into a tokio deadline. So the whole
+//! policy runs under tokio's paused clock in tests.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls_pki_types::{CertificateDer, UnixTime};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::FromDer;
+use zeroize::Zeroizing;
+
+use super::Error;
+use super::client::CaClient;
+use super::metrics::AgentMetrics;
+use crate::ca::bundle::to_pem;
+use crate::ca::{KeyAlgorithm, PrivateKey};
+use crate::identity::SpiffeId;
+
+/// A certificate and its key, as served to proxies.
+pub struct WorkloadCert {
+    pub identity: SpiffeId,
+    /// Leaf, then intermediates, PEM (no roots).
+    pub chain_pem: String,
+    pub key_pem: Zeroizing<String>,
+    pub serial_hex: String,
+    pub not_after: SystemTime,
+    /// NotAfter on tokio's clock: past it the certificate is withdrawn.
+    pub expires_at: Instant,
+    /// Opaque version for xDS (the serial).
+    pub version: String,
+}
+
+impl fmt::Debug for WorkloadCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkloadCert")
+            .field("identity", &self.identity)
+            .field("serial", &self.serial_hex)
+            .field("key", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// The trust bundle learnt from the CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootBundle {
+    pub pem: String,
+    /// Opaque version for xDS (a digest of the bundle).
+    pub version: String,
+}
+
+/// When and how to renew.
+#[derive(Clone, Debug)]
+pub struct RotationPolicy {
+    pub key: KeyAlgorithm,
+    /// Requested lifetime; zero asks for the CA's default.
+    pub ttl: Duration,
+    /// Renew after this fraction of the lifetime (0 < f < 1).
+    pub fraction: f64,
+    /// Relative jitter on that point: 0.1 means +-10%.
+    pub jitter: f64,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for RotationPolicy {
+    fn default() -> Self {
+        Self {
+            key: KeyAlgorithm::EcdsaP256,
+            ttl: Duration::ZERO,
+            fraction: 0.5,
+            jitter: 0.1,
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RotationPolicy {
+    /// How long after issuance to renew a certificate with `remaining`
+    /// lifetime, for a uniform random `u` in [0, 1). Never later than one
+    /// tenth of the lifetime before expiry, never sooner than 100 ms.
+    pub fn renew_after(&self, remaining: Duration, u: f64) -> Duration {
+        let factor = self.fraction * (1.0 + self.jitter * (2.0 * u - 1.0));
+        let latest = remaining.mul_f64(0.9);
+        remaining
+            .mul_f64(factor.clamp(0.0, 1.0))
+            .min(latest)
+            .max(Duration::from_millis(100))
+    }
+
+    /// Back-off before retry number `attempt` (0-based): doubling from
+    /// `backoff_initial`, capped at `backoff_max`, then "equal jitter" (half
+    /// fixed, half random) so a fleet does not retry in lockstep.
+    pub fn backoff(&self, attempt: u32, u: f64) -> Duration {
+        let exp = self
+            .backoff_initial
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.backoff_max);
+        exp / 2 + exp.mul_f64(u.clamp(0.0, 1.0) / 2.0)
+    }
+}
+
+/// A uniform random number in [0, 1).
+pub fn unit_random() -> f64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        return 0.5;
+    }
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// What the rest of the agent watches.
+#[derive(Clone)]
+pub struct CertWatch {
+    pub cert: watch::Receiver<Option<Arc<WorkloadCert>>>,
+    pub roots: watch::Receiver<Option<Arc<RootBundle>>>,
+}
+
+/// Keeps one identity's certificate fresh.
+pub struct CertManager<C> {
+    name: String,
+    client: Arc<C>,
+    policy: RotationPolicy,
+    cert_tx: watch::Sender<Option<Arc<WorkloadCert>>>,
+    roots_tx: watch::Sender<Option<Arc<RootBundle>>>,
+    metrics: Arc<AgentMetrics>,
+}
+
+impl<C: CaClient> CertManager<C> {
+    /// `name` labels logs and metrics (the workload name in node mode).
+    pub fn new(
+        name: impl Into<String>,
+        client: Arc<C>,
+        policy: RotationPolicy,
+        metrics: Arc<AgentMetrics>,
+    ) -> (Self, CertWatch) {
+        let (cert_tx, cert) = watch::channel(None);
+        let (roots_tx, roots) = watch::channel(None);
+        (
+            Self {
+                name: name.into(),
+                client,
+                policy,
+                cert_tx,
+                roots_tx,
+                metrics,
+            },
+            CertWatch { cert, roots },
+        )
+    }
+
+    /// Runs until `shutdown` changes.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut attempt: u32 = 0;
+        loop {
+            let started = Instant::now();
+            let next = match self.fetch().await {
+                Ok((cert, roots)) => {
+                    self.metrics
+                        .csr_latency
+                        .with_label_values(&[&self.name])
+                        .observe(started.elapsed().as_secs_f64());
+                    attempt = 0;
+                    let remaining = cert.expires_at.saturating_duration_since(Instant::now());
+                    let after = self.policy.renew_after(remaining, unit_random());
+                    tracing::info!(
+                        workload = %self.name, identity = %cert.identity, serial = %cert.serial_hex,
+                        lifetime_s = remaining.as_secs(), renew_in_s = after.as_secs_f64(),
+                        "certificate obtained"
+                    );
+                    self.metrics
+                        .cert_expiry
+                        .with_label_values(&[&self.name])
+                        .set(unix_secs(cert.not_after));
+                    self.cert_tx.send_replace(Some(Arc::new(cert)));
+                    let changed = self
+                        .roots_tx
+                        .borrow()
+                        .as_ref()
+                        .is_none_or(|r| r.version != roots.version);
+                    if changed {
+                        tracing::info!(workload = %self.name, version = %roots.version, "trust bundle changed");
+                        self.roots_tx.send_replace(Some(Arc::new(roots)));
+                    }
+                    Instant::now() + after
+                }
+                Err(e) => {
+                    self.metrics
+                        .csr_failures
+                        .with_label_values(&[&self.name])
+                        .inc();
+                    if attempt > 0 {
+                        self.metrics
+                            .csr_retries
+                            .with_label_values(&[&self.name])
+                            .inc();
+                    }
+                    let delay = self.policy.backoff(attempt, unit_random());
+                    attempt = attempt.saturating_add(1);
+                    let serving = self.cert_tx.borrow().as_ref().map(|c| c.serial_hex.clone());
+                    match &e {
+                        Error::TokenExpired { .. } | Error::Token(_) => tracing::error!(
+                            workload = %self.name, error = %e, retry_in_ms = delay.as_millis() as u64, ?serving,
+                            "NOT requesting a certificate: the service-account token is unusable; waiting for a fresh one"
+                        ),
+                        _ => tracing::warn!(
+                            workload = %self.name, error = %e, retry_in_ms = delay.as_millis() as u64, ?serving,
+                            "certificate request failed; keeping the current certificate while it is valid"
+                        ),
+                    }
+                    Instant::now() + delay
+                }
+            };
+            if !self.wait_until(next, &mut shutdown).await {
+                return;
+            }
+        }
+    }
+
+    /// Sleeps until `next`, withdrawing the certificate if it expires first.
+    /// False when shutdown was requested.
+    async fn wait_until(&self, next: Instant, shutdown: &mut watch::Receiver<bool>) -> bool {
+        loop {
+            let expiry = self.cert_tx.borrow().as_ref().map(|c| c.expires_at);
+            let wake = expiry.filter(|e| *e < next).unwrap_or(next);
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = shutdown.changed() => return false,
+            }
+            let now = Instant::now();
+            if expiry.is_some_and(|e| e <= now) {
+                tracing::error!(workload = %self.name, "certificate expired before it could be renewed; no longer serving it");
+                self.cert_tx.send_replace(None);
+            }
+            if now >= next {
+                return true;
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<(WorkloadCert, RootBundle), Error> {
+        let alg = self.policy.key;
+        let key = if matches!(
+            alg,
+            KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096
+        ) {
+            tokio::task::spawn_blocking(move || PrivateKey::generate(alg))
+                .await
+                .map_err(|e| Error::Config(format!("key generation task: {e}")))??
+        } else {
+            PrivateKey::generate(alg)?
+        };
+        let csr = csr_for(&key)?;
+        let chain = self.client.sign(csr, self.policy.ttl).await?;
+        accept_chain(&key, &chain, SystemTime::now())
+    }
+}
+
+/// A CSR with an empty subject and no SAN: the CA names the identity from
+/// the caller's credentials.
+fn csr_for(key: &PrivateKey) -> Result<String, Error> {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .serialize_request(key.key_pair())
+        .and_then(|r| r.pem())
+        .map_err(|e| Error::Config(format!("building the CSR: {e}")))
+}
+
+/// Checks a CA response before anything is served: at least leaf + roots,
+/// the leaf is for our key, carries exactly one SPIFFE ID, is valid now and
+/// path-validates (rustls-webpki) to the roots in the response.
+///
+/// # Errors
+/// [`Error::BadResponse`] naming what is wrong.
+pub fn accept_chain(
+    key: &PrivateKey,
+    chain: &[String],
+    now: SystemTime,
+) -> Result<(WorkloadCert, RootBundle), Error> {
+    let bad = |m: String| Error::BadResponse(m);
+    let [leaf_pem, middle @ .., roots_pem] = chain else {
+        return Err(bad(format!(
+            "cert_chain has {} elements, expected at least 2",
+            chain.len()
+        )));
+    };
+    let leaf_der = pem_ders(leaf_pem)
+        .map_err(bad)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| bad("empty leaf".into()))?;
+    let mut intermediates = Vec::new();
+    for m in middle {
+        intermediates.extend(pem_ders(m).map_err(bad)?);
+    }
+    let roots = pem_ders(roots_pem).map_err(bad)?;
+    if roots.is_empty() {
+        return Err(bad("no root in the last element".into()));
+    }
+    let (_, leaf) = x509_parser::certificate::X509Certificate::from_der(&leaf_der)
+        .map_err(|e| bad(format!("leaf: {e}")))?;
+    if leaf.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err(bad("the leaf is not for the key we sent".into()));
+    }
+    let uris: Vec<&str> = match leaf.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| {
+                if let GeneralName::URI(u) = n {
+                    Some(*u)
+                } else {
+                    None
+                }
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let [uri] = uris.as_slice() else {
+        return Err(bad(format!(
+            "the leaf has {} URI SANs, expected one",
+            uris.len()
+        )));
+    };
+    let identity = SpiffeId::parse(uri).map_err(|e| bad(format!("leaf SPIFFE ID: {e}")))?;
+    let anchors = roots
+        .iter()
+        .map(|r| {
+            webpki::anchor_from_trusted_cert(&CertificateDer::from(r.as_slice()))
+                .map(|a| a.to_owned())
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("root: {e}")))?;
+    let inter: Vec<CertificateDer<'_>> = intermediates
+        .iter()
+        .map(|d| CertificateDer::from(d.as_slice()))
+        .collect();
+    let leaf_cert = CertificateDer::from(leaf_der.as_slice());
+    let ee = webpki::EndEntityCert::try_from(&leaf_cert).map_err(|e| bad(format!("leaf: {e}")))?;
+    let secs = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &anchors,
+        &inter,
+        UnixTime::since_unix_epoch(secs),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .map_err(|e| {
+        bad(format!(
+            "the leaf does not verify to the roots sent with it: {e}"
+        ))
+    })?;
+
+    let not_after = crate::ca::bundle::not_after(&leaf);
+    let remaining = not_after.duration_since(now).unwrap_or_default();
+    let serial_hex = leaf.raw_serial_as_string().replace(':', "");
+    let mut chain_pem = to_pem("CERTIFICATE", &leaf_der);
+    for d in &intermediates {
+        chain_pem.push_str(&to_pem("CERTIFICATE", d));
+    }
+    let roots_pem: String = roots.iter().map(|d| to_pem("CERTIFICATE", d)).collect();
+    let digest = ring::digest::digest(&ring::digest::SHA256, roots_pem.as_bytes());
+    let roots_version: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((
+        WorkloadCert {
+            identity,
+            chain_pem,
+            key_pem: key.to_pem(),
+            version: serial_hex.clone(),
+            serial_hex,
+            not_after,
+            expires_at: Instant::now() + remaining,
+        },
+        RootBundle {
+            pem: roots_pem,
+            version: roots_version,
+        },
+    ))
+}
+
+fn pem_ders(text: &str) -> Result<Vec<Vec<u8>>, String> {
+    pem::parse_many(text)
+        .map_err(|e| format!("bad PEM: {e}"))?
+        .into_iter()
+        .map(|p| {
+            if p.tag() == "CERTIFICATE" {
+                Ok(p.into_contents())
+            } else {
+                Err(format!("unexpected PEM block {:?}", p.tag()))
+            }
+        })
+        .collect()
+}
+
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_point_spreads_within_the_jitter_and_stays_before_expiry() {
+        let p = RotationPolicy::default();
+        let life = Duration::from_secs(3600);
+        assert_eq!(p.renew_after(life, 0.5), Duration::from_secs(1800));
+        assert_eq!(p.renew_after(life, 0.0), Duration::from_secs(1620));
+        assert!(p.renew_after(life, 0.999_999) <= Duration::from_secs(1980));
+        let late = RotationPolicy {
+            fraction: 0.99,
+            jitter: 0.5,
+            ..RotationPolicy::default()
+        };
+        assert_eq!(
+            late.renew_after(life, 0.99),
+            Duration::from_secs(3240),
+            "never past 90% of the lifetime"
+        );
+        assert_eq!(
+            p.renew_after(Duration::ZERO, 0.5),
+            Duration::from_millis(100)
+        );
+        // A fleet of 1,000 agents started together spreads out.
+        let points: Vec<Duration> = (0..1000)
+            .map(|_| p.renew_after(life, unit_random()))
+            .collect();
+        let (min, max) = (points.iter().min().unwrap(), points.iter().max().unwrap());
+        assert!(
+            *max - *min > Duration::from_secs(300),
+            "spread {:?}",
+            *max - *min
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter() {
+        let p = RotationPolicy::default();
+        assert_eq!(p.backoff(0, 0.0), Duration::from_millis(100));
+        assert_eq!(p.backoff(0, 1.0), Duration::from_millis(200));
+        assert_eq!(p.backoff(3, 1.0), Duration::from_millis(1600));
+        assert_eq!(p.backoff(30, 1.0), Duration::from_secs(30));
+        assert_eq!(p.backoff(30, 0.0), Duration::from_secs(15));
+    }
+}
