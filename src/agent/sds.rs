@@ -213,24 +213,27 @@ impl Sds {
                         return;
                     }
                     let requested: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+                    // A rejection is always reported, even for a response
+                    // that a newer push has already superseded.
+                    if let Some(err) = &req.error_detail {
+                        for n in &names {
+                            self.metrics.sds_nacks.with_label_values(&[label(n)]).inc();
+                        }
+                        tracing::warn!(
+                            resources = ?names, nonce = %req.response_nonce, accepted = %req.version_info,
+                            code = err.code, detail = %err.message,
+                            "proxy rejected the secret (NACK); it keeps its previous one"
+                        );
+                    }
                     if !req.response_nonce.is_empty() {
                         if last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
                             tracing::debug!(nonce = %req.response_nonce, "stale nonce; ignored");
                             continue;
                         }
-                        if let Some(err) = &req.error_detail {
-                            for n in &names {
-                                self.metrics.sds_nacks.with_label_values(&[label(n)]).inc();
-                            }
-                            tracing::warn!(
-                                resources = ?names, rejected = ?last_version, accepted = %req.version_info,
-                                code = err.code, detail = %err.message,
-                                "proxy rejected the secret (NACK); it keeps its previous one"
-                            );
+                        // A NACK is not answered with the same secret again;
+                        // a plain ACK only matters if the names changed.
+                        if req.error_detail.is_some() || requested == names {
                             continue;
-                        }
-                        if requested == names {
-                            continue; // a plain ACK
                         }
                     }
                     names = requested;
