@@ -293,3 +293,72 @@ fn the_binary_runs_the_embedded_default_and_mints_tokens() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("trust domain"));
 }
+
+#[tokio::test]
+async fn the_run_command_brings_up_a_ca_and_an_agent() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use workload_ca::proto::envoy::service::discovery::v3::DiscoveryRequest;
+    use workload_ca::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ca"))
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--ops-listen",
+            "off",
+            "--agent-ops-listen",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
+        .arg(&state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let banner: Vec<String> = lines
+        .map(|l| l.unwrap())
+        .take_while(|l| !l.contains("try Envoy"))
+        .collect();
+    let text = banner.join("\n");
+    assert!(
+        text.contains("spiffe://cluster.local/ns/default/sa/default"),
+        "{text}"
+    );
+    let socket = state.join("sds.sock");
+    assert!(socket.exists(), "{text}");
+
+    // What Envoy would fetch: the default certificate and the roots.
+    let mut sds = SecretDiscoveryServiceClient::new(unix_channel(&socket).await);
+    let resp = sds
+        .fetch_secrets(DiscoveryRequest {
+            resource_names: vec!["default".into(), "ROOTCA".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("the agent serves its certificate")
+        .into_inner();
+    assert_eq!(resp.resources.len(), 2);
+
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "ca dev did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!socket.exists(), "the socket is removed on shutdown");
+}

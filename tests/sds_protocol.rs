@@ -1,6 +1,8 @@
 //! The SDS server against a scripted client on a real Unix socket: what a
 //! real Envoy sends (REFERENCE section 3), and what it must get back.
 
+mod common;
+
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use workload_ca::agent::metrics::AgentMetrics;
 use workload_ca::agent::sds::{self, SECRET_TYPE_URL, Sds};
 use workload_ca::agent::workload::{CertWatch, RootBundle, WorkloadCert, accept_chain};
@@ -124,19 +126,7 @@ impl Fixture {
 }
 
 async fn connect(path: &Path) -> Channel {
-    let path = path.to_owned();
-    Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap()
+    common::unix_channel(path).await
 }
 
 /// One StreamSecrets stream driven by hand.

@@ -17,6 +17,7 @@ pub struct AgentMetrics {
     pub sds_streams: IntGauge,
     pub sds_pushes: IntCounterVec,
     pub sds_nacks: IntCounterVec,
+    pub sds_ack_latency: prometheus::Histogram,
 }
 
 impl AgentMetrics {
@@ -92,6 +93,17 @@ impl AgentMetrics {
             .map_err(e)?;
         registry.register(Box::new(sds_pushes.clone())).map_err(e)?;
         registry.register(Box::new(sds_nacks.clone())).map_err(e)?;
+        let sds_ack_latency = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "workload_ca_agent_sds_push_to_ack_seconds",
+                "From a certificate or bundle change to the proxy's ACK of the push.",
+            )
+            .buckets(vec![0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+        )
+        .map_err(e)?;
+        registry
+            .register(Box::new(sds_ack_latency.clone()))
+            .map_err(e)?;
         Ok(Self {
             registry,
             cert_expiry,
@@ -101,6 +113,7 @@ impl AgentMetrics {
             sds_streams,
             sds_pushes,
             sds_nacks,
+            sds_ack_latency,
         })
     }
 

@@ -200,6 +200,9 @@ impl Sds {
         // Set when a response is due (new stream, new names) but a resource
         // does not exist yet.
         let mut due = false;
+        // When the change behind the response awaiting an ACK happened.
+        let mut changed_at: Option<tokio::time::Instant> = None;
+        let mut awaiting: Option<(String, tokio::time::Instant)> = None;
         loop {
             tokio::select! {
                 msg = inbound.message() => {
@@ -230,6 +233,9 @@ impl Sds {
                             tracing::debug!(nonce = %req.response_nonce, "stale nonce; ignored");
                             continue;
                         }
+                        if let Some((_, at)) = awaiting.take().filter(|(n, _)| *n == req.response_nonce && req.error_detail.is_none()) {
+                            self.metrics.sds_ack_latency.observe(at.elapsed().as_secs_f64());
+                        }
                         // A NACK is not answered with the same secret again;
                         // a plain ACK only matters if the names changed.
                         if req.error_detail.is_some() || requested == names {
@@ -241,11 +247,11 @@ impl Sds {
                 }
                 changed = cert_rx.changed() => {
                     if changed.is_err() { return }
-                    if !names.is_empty() { due = true }
+                    if !names.is_empty() { due = true; changed_at.get_or_insert_with(tokio::time::Instant::now); }
                 }
                 changed = roots_rx.changed() => {
                     if changed.is_err() { return }
-                    if !names.is_empty() { due = true }
+                    if !names.is_empty() { due = true; changed_at.get_or_insert_with(tokio::time::Instant::now); }
                 }
                 _ = tx.closed() => return,
             }
@@ -273,6 +279,9 @@ impl Sds {
                     }
                     last_nonce = Some(resp.nonce.clone());
                     last_version = Some(resp.version_info.clone());
+                    if let Some(at) = changed_at.take() {
+                        awaiting = Some((resp.nonce.clone(), at));
+                    }
                     self.count_push(&names);
                     if tx.send(Ok(resp)).await.is_err() {
                         return;
