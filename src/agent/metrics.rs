@@ -117,6 +117,11 @@ impl AgentMetrics {
         })
     }
 
+    /// The raw metric families (for benchmarks and tests).
+    pub fn registry_gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = Vec::new();

@@ -194,6 +194,10 @@ impl Sds {
     ) {
         let mut cert_rx = self.watch.cert.clone();
         let mut roots_rx = self.watch.roots.clone();
+        // Only changes after the stream opened wake it; the first request
+        // is answered from the current state anyway.
+        cert_rx.borrow_and_update();
+        roots_rx.borrow_and_update();
         let mut names: BTreeSet<String> = BTreeSet::new();
         let mut last_nonce: Option<String> = None;
         let mut last_version: Option<String> = None;
@@ -233,6 +237,7 @@ impl Sds {
                             tracing::debug!(nonce = %req.response_nonce, "stale nonce; ignored");
                             continue;
                         }
+                        tracing::debug!(nonce = %req.response_nonce, nack = req.error_detail.is_some(), "SDS response acknowledged");
                         if let Some((_, at)) = awaiting.take().filter(|(n, _)| *n == req.response_nonce && req.error_detail.is_none()) {
                             self.metrics.sds_ack_latency.observe(at.elapsed().as_secs_f64());
                         }
@@ -275,6 +280,7 @@ impl Sds {
                         && last_nonce.is_some()
                         && !names_changed(&last_version, &resp)
                     {
+                        changed_at = None;
                         continue;
                     }
                     last_nonce = Some(resp.nonce.clone());
@@ -283,6 +289,7 @@ impl Sds {
                         awaiting = Some((resp.nonce.clone(), at));
                     }
                     self.count_push(&names);
+                    tracing::debug!(resources = ?names, nonce = %resp.nonce, version = %resp.version_info, "SDS push");
                     if tx.send(Ok(resp)).await.is_err() {
                         return;
                     }
