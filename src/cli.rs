@@ -82,7 +82,8 @@ pub struct AgentArgs {
     #[arg(long, env = "CA_SDS_SOCKET", default_value = "sds.sock")]
     pub sds_socket: PathBuf,
     /// Node mode: a workload as NAME=TOKEN_FILE (repeatable); its socket is
-    /// `<socket-dir>/<NAME>.sock`.
+    /// `<socket-dir>/<NAME>/socket`, a directory per workload that can be
+    /// mounted into that workload's pod alone.
     #[arg(long = "workload", value_parser = parse_workload)]
     pub workloads: Vec<(String, PathBuf)>,
     /// Node mode: directory of the per-workload sockets.
@@ -106,11 +107,11 @@ pub struct RotationArgs {
     /// Requested certificate lifetime; 0 asks for the CA's default.
     #[arg(long, env = "CA_CERT_TTL", default_value = "0", value_parser = parse_duration)]
     pub cert_ttl: Duration,
-    /// Renew after this fraction of the lifetime.
-    #[arg(long, default_value_t = 0.5, value_parser = parse_fraction)]
+    /// Renew after this fraction of the lifetime (0.1 to 0.95).
+    #[arg(long, default_value_t = 0.5, value_parser = parse_rotation_fraction)]
     pub rotation_fraction: f64,
-    /// Relative jitter on the renewal point (0.1 = +-10%).
-    #[arg(long, default_value_t = 0.1, value_parser = parse_fraction)]
+    /// Relative jitter on the renewal point (0.1 = +-10%; at most 0.5).
+    #[arg(long, default_value_t = 0.1, value_parser = parse_jitter)]
     pub rotation_jitter: f64,
 }
 
@@ -244,12 +245,20 @@ fn parse_workload(s: &str) -> Result<(String, PathBuf), String> {
     Ok((name.to_owned(), PathBuf::from(token)))
 }
 
-fn parse_fraction(s: &str) -> Result<f64, String> {
+fn parse_bounded(s: &str, min: f64, max: f64) -> Result<f64, String> {
     let f: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    if !(0.0..1.0).contains(&f) {
-        return Err(format!("{s} must be at least 0 and below 1"));
+    if !(min..=max).contains(&f) {
+        return Err(format!("{s} must be between {min} and {max}"));
     }
     Ok(f)
+}
+
+fn parse_rotation_fraction(s: &str) -> Result<f64, String> {
+    parse_bounded(s, 0.1, 0.95)
+}
+
+fn parse_jitter(s: &str) -> Result<f64, String> {
+    parse_bounded(s, 0.0, 0.5)
 }
 
 fn parse_ops(s: &str) -> anyhow::Result<Option<SocketAddr>> {
@@ -483,16 +492,18 @@ impl AgentArgs {
                 socket: self.sds_socket.clone(),
             }]
         } else {
-            std::fs::create_dir_all(&self.socket_dir)
-                .with_context(|| format!("creating {}", self.socket_dir.display()))?;
-            self.workloads
-                .iter()
-                .map(|(name, token)| WorkloadConfig {
+            let mut configs = Vec::new();
+            for (name, token) in &self.workloads {
+                let dir = self.socket_dir.join(name);
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                configs.push(WorkloadConfig {
                     name: name.clone(),
                     token_file: token.clone(),
-                    socket: self.socket_dir.join(format!("{name}.sock")),
-                })
-                .collect()
+                    socket: dir.join("socket"),
+                });
+            }
+            configs
         };
         Ok(AgentConfig {
             ca: CaEndpoint {
@@ -697,6 +708,8 @@ mod tests {
             vec!["ca", "agent", "--workload", "=x"],
             vec!["ca", "agent", "--workload", "../up=x"],
             vec!["ca", "agent", "--rotation-fraction", "1.5"],
+            vec!["ca", "agent", "--rotation-fraction", "0"],
+            vec!["ca", "agent", "--rotation-jitter", "0.9"],
         ] {
             assert!(Cli::try_parse_from(&argv).is_err(), "{argv:?}");
         }

@@ -322,6 +322,16 @@ async fn unknown_and_foreign_names_end_only_their_stream() {
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     assert!(e.message().contains(ID));
 
+    // SPIRE's bundle name (the trust domain's ID) answers like ROOTCA.
+    let mut bundle = Stream::open(&mut client).await;
+    bundle.send(&["spiffe://cluster.local"], "", "", None).await;
+    let r = bundle.recv().await.unwrap();
+    assert_eq!(secrets(&r)[0].name, "spiffe://cluster.local");
+    assert!(matches!(
+        &secrets(&r)[0].r#type,
+        Some(secret::Type::ValidationContext(_))
+    ));
+
     // Our own SPIFFE ID answers like default, under that exact name.
     let mut own = Stream::open(&mut client).await;
     own.send(&[ID], "", "", None).await;
@@ -542,4 +552,41 @@ async fn the_socket_is_private_stale_ones_are_replaced_live_ones_are_not() {
     let (_s3, rx3) = watch::channel(false);
     assert!(sds::serve(&file, Sds::new(f.watch.clone(), f.metrics.clone()), rx3).is_err());
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+}
+
+#[tokio::test]
+async fn an_old_agent_never_removes_its_successors_socket() {
+    let f = Fixture::new(false).await;
+    let (stop_old, rx_old) = watch::channel(false);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sds.sock");
+    let old = sds::serve(&path, Sds::new(f.watch.clone(), f.metrics.clone()), rx_old).unwrap();
+    // The successor takes the path over (as after the old one stopped accepting).
+    std::fs::remove_file(&path).unwrap();
+    let (_stop_new, rx_new) = watch::channel(false);
+    sds::serve(&path, Sds::new(f.watch.clone(), f.metrics.clone()), rx_new).unwrap();
+    // The old agent finishes its shutdown: the successor's socket stays.
+    stop_old.send(true).unwrap();
+    old.task.await.unwrap();
+    assert!(path.exists(), "the successor's socket was removed");
+    let mut client = SecretDiscoveryServiceClient::new(connect(&path).await);
+    let mut s = Stream::open(&mut client).await;
+    s.send(&["default"], "", "", None).await;
+    s.recv().await.unwrap();
+    // No private temporary directories are left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers, [std::ffi::OsString::from("sds.sock")]);
+    // Abstract names are refused with a clear message.
+    let (_s, rx) = watch::channel(false);
+    let e = sds::serve(
+        Path::new("@sds"),
+        Sds::new(f.watch.clone(), f.metrics.clone()),
+        rx,
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("abstract"), "{e}");
 }

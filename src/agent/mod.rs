@@ -77,8 +77,10 @@ impl Agent {
     /// Stops rotation and the SDS servers and removes the sockets.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        // One deadline for all tasks, however many workloads there are.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         for t in self.tasks {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+            let _ = tokio::time::timeout_at(deadline, t).await;
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Envoy's Secret Discovery Service (v3) for one workload, on a Unix socket.
 //!
 //! Resources: `default` (a `TlsCertificate`: chain and key), `ROOTCA` (a
-//! `CertificateValidationContext` with every trusted root), and the
-//! workload's own SPIFFE ID, answered like `default`. Any other name ends
+//! `CertificateValidationContext` with every trusted root), the workload's
+//! own SPIFFE ID, answered like `default`, and its trust domain's ID
+//! (`spiffe://<td>`, SPIRE's bundle name), answered like `ROOTCA`. Any other name ends
 //! that stream only, with `InvalidArgument` (unknown) or `PermissionDenied`
 //! (another identity's SPIFFE ID).
 //!
@@ -102,6 +103,8 @@ impl Sds {
             ROOTCA => Ok(Some(Kind::Roots)),
             id if id.starts_with("spiffe://") => match &snap.0 {
                 Some(c) if c.identity.as_str() == id => Ok(Some(Kind::Cert)),
+                // SPIRE names the bundle by the trust domain's ID.
+                Some(c) if c.identity.trust_domain().id().as_str() == id => Ok(Some(Kind::Roots)),
                 Some(c) => Err(Status::permission_denied(format!(
                     "this socket serves {} only, not {id}",
                     c.identity
@@ -488,8 +491,8 @@ impl SecretDiscoveryService for Sds {
                 return Ok(Response::new(resp));
             }
             tokio::select! {
-                _ = cert_rx.changed() => {}
-                _ = roots_rx.changed() => {}
+                r = cert_rx.changed() => if r.is_err() { return Err(Status::unavailable("the agent is shutting down")) },
+                r = roots_rx.changed() => if r.is_err() { return Err(Status::unavailable("the agent is shutting down")) },
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(Status::unavailable("no certificate yet; the agent is still waiting for the CA"));
                 }
@@ -504,12 +507,19 @@ pub struct SdsSocket {
     pub task: tokio::task::JoinHandle<()>,
 }
 
-/// Binds `path` (mode 0600 from the first moment it is reachable: the socket
-/// is bound under a temporary name, restricted, then renamed into place) and
-/// serves `sds` on it until `shutdown` fires; the socket file is removed then.
+/// Binds `path` and serves `sds` on it until `shutdown` fires.
 ///
-/// A socket left by a crashed agent (nothing accepts on it) is replaced; a
-/// live one, or a path that is not a socket, is an error.
+/// The socket is bound inside a fresh private (0700) directory next to
+/// `path`, restricted to 0600, then hard-linked into place, which fails
+/// rather than replace anything that appeared meanwhile. So it is never
+/// reachable with looser permissions, and never overwrites another socket.
+/// On shutdown the path is removed only if it is still our socket (same
+/// device and inode): an overlapping successor's socket is left alone.
+///
+/// An existing socket is replaced only when connecting to it is refused
+/// (left by a crashed agent); a live one, one we may not connect to, or a
+/// path that is not a socket is an error. Abstract names (`@name`) are
+/// refused: they have no file permissions to protect the keys.
 ///
 /// # Errors
 /// [`Error::Socket`].
@@ -518,23 +528,47 @@ pub fn serve(
     sds: Sds,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<SdsSocket, Error> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let err = |reason: String| Error::Socket {
         path: path.to_owned(),
         reason,
     };
-    if path.as_os_str().len() > 107 {
+    if path.as_os_str().to_string_lossy().starts_with('@') {
         return Err(err(
-            "longer than the 107 bytes a Unix socket path may have".into()
+            "abstract sockets are not supported: they cannot be protected by file permissions"
+                .into(),
         ));
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let private = dir.join(format!(
+        ".sds-{:016x}",
+        super::workload::unit_random().to_bits()
+    ));
+    let tmp = private.join("s");
+    for p in [path, tmp.as_path()] {
+        if p.as_os_str().len() > 107 {
+            return Err(err(format!(
+                "{} is longer than the 107 bytes a Unix socket path may have",
+                p.display()
+            )));
+        }
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             match std::os::unix::net::UnixStream::connect(path) {
                 Ok(_) => return Err(err("another process is serving on it".into())),
-                Err(_) => {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     tracing::info!(path = %path.display(), "replacing a stale socket");
                     std::fs::remove_file(path)
                         .map_err(|e| err(format!("removing the stale socket: {e}")))?;
+                }
+                Err(e) => {
+                    return Err(err(format!(
+                        "exists and cannot be probed ({e}); refusing to replace it"
+                    )));
                 }
             }
         }
@@ -546,23 +580,24 @@ pub fn serve(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e.to_string())),
     }
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".sds-{}-{}.tmp",
-        std::process::id(),
-        super::workload::unit_random().to_bits()
-    ));
-    let listener =
-        tokio::net::UnixListener::bind(&tmp).map_err(|e| err(format!("binding: {e}")))?;
-    let finish = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = finish {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(err(format!("placing the socket: {e}")));
-    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(|e| err(format!("creating {}: {e}", private.display())))?;
+    let placed = tokio::net::UnixListener::bind(&tmp)
+        .map_err(|e| format!("binding: {e}"))
+        .and_then(|l| {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .and_then(|()| std::fs::hard_link(&tmp, path))
+                .map_err(|e| format!("placing the socket: {e}"))?;
+            Ok(l)
+        });
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&private);
+    let listener = placed.map_err(err)?;
+    let ours = std::fs::symlink_metadata(path)
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(|e| err(e.to_string()))?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let owned = path.to_owned();
     let task = tokio::spawn(async move {
@@ -575,7 +610,9 @@ pub fn serve(
         if let Err(e) = result {
             tracing::error!(path = %owned.display(), error = %e, "SDS server failed");
         }
-        let _ = std::fs::remove_file(&owned);
+        if std::fs::symlink_metadata(&owned).is_ok_and(|m| (m.dev(), m.ino()) == ours) {
+            let _ = std::fs::remove_file(&owned);
+        }
     });
     Ok(SdsSocket {
         path: path.to_owned(),

@@ -108,6 +108,9 @@ impl RotationPolicy {
     }
 }
 
+/// The shortest time between two renewals.
+pub const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
+
 /// A uniform random number in [0, 1).
 pub fn unit_random() -> f64 {
     use ring::rand::SecureRandom;
@@ -163,7 +166,11 @@ impl<C: CaClient> CertManager<C> {
         let mut attempt: u32 = 0;
         loop {
             let started = Instant::now();
-            let next = match self.fetch().await {
+            let fetched = tokio::select! {
+                r = self.fetch() => r,
+                _ = shutdown.changed() => return,
+            };
+            let next = match fetched {
                 Ok((cert, roots)) => {
                     self.metrics
                         .csr_latency
@@ -181,7 +188,8 @@ impl<C: CaClient> CertManager<C> {
                         .cert_expiry
                         .with_label_values(&[&self.name])
                         .set(unix_secs(cert.not_after));
-                    self.cert_tx.send_replace(Some(Arc::new(cert)));
+                    // Roots first: a proxy must trust a new root before it
+                    // sees a certificate that chains to it.
                     let changed = self
                         .roots_tx
                         .borrow()
@@ -191,6 +199,7 @@ impl<C: CaClient> CertManager<C> {
                         tracing::info!(workload = %self.name, version = %roots.version, "trust bundle changed");
                         self.roots_tx.send_replace(Some(Arc::new(roots)));
                     }
+                    self.cert_tx.send_replace(Some(Arc::new(cert)));
                     Instant::now() + after
                 }
                 Err(e) => {
