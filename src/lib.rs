@@ -1,11 +1,14 @@
 //! workload-ca: a certificate authority for workload identity.
 //!
-//! Module dependencies flow one way: [`identity`] <- [`ca`] <- [`server`] <- [`cli`].
+//! Module dependencies flow one way: [`identity`] <- [`ca`] <- {[`server`],
+//! [`agent`]} <- [`cli`]. [`proto`] (generated types) and [`ops`] (the
+//! health and metrics endpoint) are leaves used by both.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod ca;
 pub mod cli;
 pub mod identity;
+pub mod ops;
 pub mod proto;
 pub mod server;

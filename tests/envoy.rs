@@ -114,6 +114,14 @@ async fn envoy_serves_mtls_with_the_agents_certificate_and_roots() {
     assert!(envoy.stat("sds.default.update_success").await >= 1);
     assert!(envoy.stat("sds.ROOTCA.update_success").await >= 1);
     assert_eq!(envoy.stat("sds.default.update_rejected").await, 0);
+    let ops = agent.ops_addr.unwrap();
+    assert_eq!(http_get(ops, "/readyz").await, (200, "ready\n".to_string()));
+    let metrics = http_get(ops, "/metrics").await.1;
+    assert!(
+        metrics.contains("workload_ca_agent_sds_streams 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("workload_ca_agent_cert_expiry_timestamp{workload=\"web\"}"));
 
     // Without a client certificate from our CA, Envoy refuses.
     let other_ca = TestServer::start().await;

@@ -29,8 +29,6 @@ pub enum Error {
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::http::StatusCode;
-use axum::routing::get;
 use tokio::sync::watch;
 
 use client::{CaEndpoint, GrpcCaClient, TokenFile};
@@ -182,36 +180,20 @@ fn spawn_ops(
     listener: tokio::net::TcpListener,
     metrics: Arc<AgentMetrics>,
     watches: Vec<(String, CertWatch)>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    let watches = Arc::new(watches);
-    let app = axum::Router::new()
-        .route("/metrics", get(move || async move { metrics.render() }))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || async move {
-                if all_ready(&watches) {
-                    (StatusCode::OK, "ready\n")
-                } else {
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "waiting for a valid certificate\n",
-                    )
-                }
-            }),
-        );
-    tokio::spawn(async move {
-        let stop = async move {
-            let _ = shutdown.changed().await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::warn!(error = %e, "agent ops endpoint stopped");
-        }
-    })
+    crate::ops::spawn(
+        listener,
+        move || metrics.render(),
+        move || {
+            if all_ready(&watches) {
+                Ok(())
+            } else {
+                Err("waiting for a valid certificate".into())
+            }
+        },
+        shutdown,
+    )
 }
 
 /// Writes the workload's files on every new certificate or bundle.

@@ -421,6 +421,27 @@ fn inline(bytes: &[u8]) -> DataSource {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+impl Sds {
+    /// Runs one stream's loop in its own task, counted while it lives, and
+    /// hands back the stream of its responses.
+    fn spawn_stream<T: Send + 'static, F>(
+        &self,
+        body: impl FnOnce(mpsc::Sender<Result<T, Status>>) -> F,
+    ) -> BoxStream<T>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(4);
+        let gauge = StreamGauge::new(&self.metrics);
+        let task = body(tx);
+        tokio::spawn(async move {
+            let _gauge = gauge;
+            task.await;
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+}
+
 /// Counts a connected stream for as long as it lives.
 struct StreamGauge(Arc<AgentMetrics>);
 
@@ -446,32 +467,20 @@ impl SecretDiscoveryService for Sds {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
-        let gauge = StreamGauge::new(&self.metrics);
-        tokio::spawn(async move {
-            let _gauge = gauge;
-            this.sotw_loop(request.into_inner(), tx).await;
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(self.spawn_stream(move |tx| {
+            this.sotw_loop(request.into_inner(), tx)
+        })))
     }
 
     async fn delta_secrets(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
-        let gauge = StreamGauge::new(&self.metrics);
-        tokio::spawn(async move {
-            let _gauge = gauge;
-            this.delta_loop(request.into_inner(), tx).await;
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(self.spawn_stream(move |tx| {
+            this.delta_loop(request.into_inner(), tx)
+        })))
     }
 
     async fn fetch_secrets(

@@ -10,17 +10,15 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 use zeroize::Zeroizing;
 
 use super::Error;
 use super::client::CaClient;
 use super::metrics::AgentMetrics;
-use crate::ca::bundle::to_pem;
+use crate::ca::bundle::{single_spiffe_id, to_pem, verify_path};
 use crate::ca::{KeyAlgorithm, PrivateKey};
 use crate::identity::SpiffeId;
 
@@ -321,51 +319,14 @@ pub fn accept_chain(
     if leaf.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
         return Err(bad("the leaf is not for the key we sent".into()));
     }
-    let uris: Vec<&str> = match leaf.subject_alternative_name() {
-        Ok(Some(san)) => san
-            .value
-            .general_names
-            .iter()
-            .filter_map(|n| {
-                if let GeneralName::URI(u) = n {
-                    Some(*u)
-                } else {
-                    None
-                }
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
-    let [uri] = uris.as_slice() else {
-        return Err(bad(format!(
-            "the leaf has {} URI SANs, expected one",
-            uris.len()
-        )));
-    };
-    let identity = SpiffeId::parse(uri).map_err(|e| bad(format!("leaf SPIFFE ID: {e}")))?;
-    let anchors = roots
-        .iter()
-        .map(|r| {
-            webpki::anchor_from_trusted_cert(&CertificateDer::from(r.as_slice()))
-                .map(|a| a.to_owned())
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(format!("root: {e}")))?;
-    let inter: Vec<CertificateDer<'_>> = intermediates
-        .iter()
-        .map(|d| CertificateDer::from(d.as_slice()))
-        .collect();
-    let leaf_cert = CertificateDer::from(leaf_der.as_slice());
-    let ee = webpki::EndEntityCert::try_from(&leaf_cert).map_err(|e| bad(format!("leaf: {e}")))?;
-    let secs = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-    ee.verify_for_usage(
-        webpki::ALL_VERIFICATION_ALGS,
+    let identity = single_spiffe_id(&leaf).map_err(|e| bad(format!("the leaf has {e}")))?;
+    let anchors: Vec<&[u8]> = roots.iter().map(Vec::as_slice).collect();
+    verify_path(
+        &leaf_der,
+        &intermediates,
         &anchors,
-        &inter,
-        UnixTime::since_unix_epoch(secs),
+        now,
         webpki::KeyUsage::client_auth(),
-        None,
-        None,
     )
     .map_err(|e| {
         bad(format!(

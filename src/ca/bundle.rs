@@ -84,6 +84,76 @@ pub fn not_after(cert: &X509Certificate<'_>) -> SystemTime {
     time_from_unix(cert.validity().not_after.timestamp())
 }
 
+/// The SPIFFE ID of a leaf: exactly one URI SAN, a valid SPIFFE ID.
+///
+/// # Errors
+/// A message saying how many URI SANs there were, or why the one is invalid.
+pub fn single_spiffe_id(cert: &X509Certificate<'_>) -> Result<crate::identity::SpiffeId, String> {
+    use x509_parser::extensions::GeneralName;
+    let uris: Vec<&str> = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| {
+                if let GeneralName::URI(u) = n {
+                    Some(*u)
+                } else {
+                    None
+                }
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let [uri] = uris.as_slice() else {
+        return Err(format!("{} URI SANs, expected exactly one", uris.len()));
+    };
+    crate::identity::SpiffeId::parse(uri).map_err(|e| format!("URI SAN {uri:?}: {e}"))
+}
+
+/// rustls-webpki path validation of `leaf` through `intermediates` to one of
+/// `anchors` (DER CA certificates; an intermediate may serve as anchor), at
+/// `now`, for `usage` (serverAuth or clientAuth).
+///
+/// # Errors
+/// webpki's reason, as text.
+pub fn verify_path(
+    leaf: &[u8],
+    intermediates: &[Vec<u8>],
+    anchors: &[&[u8]],
+    now: SystemTime,
+    usage: webpki::KeyUsage,
+) -> Result<(), String> {
+    use rustls_pki_types::{CertificateDer, UnixTime};
+    let anchor_ders: Vec<CertificateDer<'_>> =
+        anchors.iter().map(|a| CertificateDer::from(*a)).collect();
+    let anchors = anchor_ders
+        .iter()
+        .map(webpki::anchor_from_trusted_cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("unusable trust anchor: {e}"))?;
+    let inter: Vec<CertificateDer<'_>> = intermediates
+        .iter()
+        .map(|d| CertificateDer::from(d.as_slice()))
+        .collect();
+    let leaf = CertificateDer::from(leaf);
+    let ee = webpki::EndEntityCert::try_from(&leaf).map_err(|e| format!("unparsable: {e}"))?;
+    let secs = now
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| "clock before 1970".to_string())?;
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &anchors,
+        &inter,
+        UnixTime::since_unix_epoch(secs),
+        usage,
+        None,
+        None,
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
 /// The roots relying parties trust, in the order they were configured.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrustBundle {

@@ -9,15 +9,15 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
-use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
 use crate::ca::Authority;
+use crate::ca::bundle::{single_spiffe_id, verify_path};
 use crate::identity::{SpiffeId, TrustDomain};
 
 /// Why a presented credential was not accepted. Logged, never sent.
@@ -115,51 +115,18 @@ impl ClientCertAuthenticator {
         // Anchored on this CA's own signing certificate, not on the whole
         // root bundle: a sibling intermediate under a shared root must not be
         // able to mint renewals here.
-        let anchor_der = CertificateDer::from(authority.signer().der());
-        let anchors = [webpki::anchor_from_trusted_cert(&anchor_der).map_err(|e| {
-            AuthError::Cert(format!("signing certificate unusable as anchor: {e}"))
-        })?];
-        let intermediates: Vec<CertificateDer<'_>> = certs[1..].to_vec();
-        let ee = webpki::EndEntityCert::try_from(leaf)
-            .map_err(|e| AuthError::Cert(format!("unparsable: {e}")))?;
-        let secs = now
-            .duration_since(UNIX_EPOCH)
-            .map_err(|_| AuthError::Cert("clock before 1970".into()))?;
-        ee.verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &anchors,
+        let intermediates: Vec<Vec<u8>> = certs[1..].iter().map(|c| c.to_vec()).collect();
+        verify_path(
+            leaf,
             &intermediates,
-            UnixTime::since_unix_epoch(secs),
+            &[authority.signer().der()],
+            now,
             webpki::KeyUsage::client_auth(),
-            None,
-            None,
         )
-        .map_err(|e| AuthError::Cert(format!("does not verify to this CA's roots: {e}")))?;
+        .map_err(|e| AuthError::Cert(format!("does not verify to this CA: {e}")))?;
         let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf)
             .map_err(|e| AuthError::Cert(format!("unparsable: {e}")))?;
-        let uris: Vec<&str> = match cert.subject_alternative_name() {
-            Ok(Some(san)) => san
-                .value
-                .general_names
-                .iter()
-                .filter_map(|n| {
-                    if let GeneralName::URI(u) = n {
-                        Some(*u)
-                    } else {
-                        None
-                    }
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        let [uri] = uris.as_slice() else {
-            return Err(AuthError::Cert(format!(
-                "has {} URI SANs, expected exactly one",
-                uris.len()
-            )));
-        };
-        let id =
-            SpiffeId::parse(uri).map_err(|e| AuthError::Cert(format!("URI SAN {uri:?}: {e}")))?;
+        let id = single_spiffe_id(&cert).map_err(AuthError::Cert)?;
         check_workload_id(&id, authority.trust_domain()).map_err(AuthError::Cert)?;
         Ok(Caller {
             identity: id,

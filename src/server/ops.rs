@@ -1,13 +1,9 @@
-//! The operations HTTP endpoint: `/metrics`, `/healthz`, `/readyz`.
+//! The server's readiness, and its operations endpoint (see [`crate::ops`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -39,44 +35,17 @@ impl Health {
     }
 }
 
-#[derive(Clone)]
-struct OpsState {
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-}
-
-/// Serves the endpoint until `shutdown` fires.
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` fires.
 pub fn spawn(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(|State(s): State<OpsState>| async move { s.metrics.render() }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(|State(s): State<OpsState>| async move {
-                match s.health.ready() {
-                    Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-                    Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
-                }
-            }),
-        )
-        .with_state(OpsState { metrics, health });
-    tokio::spawn(async move {
-        let stop = async move {
-            let _ = shutdown.changed().await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::warn!(error = %e, "ops endpoint stopped");
-        }
-    })
+    crate::ops::spawn(
+        listener,
+        move || metrics.render(),
+        move || health.ready().map_err(str::to_owned),
+        shutdown,
+    )
 }
