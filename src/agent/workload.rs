@@ -84,19 +84,35 @@ impl Default for RotationPolicy {
 impl RotationPolicy {
     /// How long after issuance to renew a certificate with `remaining`
     /// lifetime, for a uniform random `u` in [0, 1). Never later than one
-    /// tenth of the lifetime before expiry, never sooner than 100 ms.
+    /// tenth of the lifetime before expiry, never sooner than
+    /// [`MIN_RENEWAL_INTERVAL`] (a CA handing out nearly expired leaves must
+    /// not get a fleet renewing in a tight loop).
     pub fn renew_after(&self, remaining: Duration, u: f64) -> Duration {
         let factor = self.fraction * (1.0 + self.jitter * (2.0 * u - 1.0));
         let latest = remaining.mul_f64(0.9);
         remaining
             .mul_f64(factor.clamp(0.0, 1.0))
             .min(latest)
-            .max(Duration::from_millis(100))
+            .max(MIN_RENEWAL_INTERVAL)
     }
 
     /// Back-off before retry number `attempt` (0-based): doubling from
     /// `backoff_initial`, capped at `backoff_max`, then "equal jitter" (half
     /// fixed, half random) so a fleet does not retry in lockstep.
+    ///
+    /// With `remaining` validity left on the certificate being served, the
+    /// delay is also capped at a quarter of it (but not below
+    /// `backoff_initial`): retries grow more urgent as expiry nears, so a CA
+    /// that returns shortly before expiry is not missed.
+    pub fn retry_delay(&self, attempt: u32, u: f64, remaining: Option<Duration>) -> Duration {
+        let delay = self.backoff(attempt, u);
+        match remaining {
+            Some(r) => delay.min((r / 4).max(self.backoff_initial)),
+            None => delay,
+        }
+    }
+
+    /// The uncapped back-off before retry number `attempt` (0-based).
     pub fn backoff(&self, attempt: u32, u: f64) -> Duration {
         let exp = self
             .backoff_initial
@@ -211,7 +227,12 @@ impl<C: CaClient> CertManager<C> {
                             .with_label_values(&[&self.name])
                             .inc();
                     }
-                    let delay = self.policy.backoff(attempt, unit_random());
+                    let remaining = self
+                        .cert_tx
+                        .borrow()
+                        .as_ref()
+                        .map(|c| c.expires_at.saturating_duration_since(Instant::now()));
+                    let delay = self.policy.retry_delay(attempt, unit_random(), remaining);
                     attempt = attempt.saturating_add(1);
                     let serving = self.cert_tx.borrow().as_ref().map(|c| c.serial_hex.clone());
                     match &e {
@@ -407,7 +428,12 @@ mod tests {
         );
         assert_eq!(
             p.renew_after(Duration::ZERO, 0.5),
-            Duration::from_millis(100)
+            MIN_RENEWAL_INTERVAL,
+            "no tight loop on a nearly expired leaf"
+        );
+        assert_eq!(
+            p.renew_after(Duration::from_millis(500), 0.5),
+            MIN_RENEWAL_INTERVAL
         );
         // A fleet of 1,000 agents started together spreads out.
         let points: Vec<Duration> = (0..1000)
@@ -429,5 +455,19 @@ mod tests {
         assert_eq!(p.backoff(3, 1.0), Duration::from_millis(1600));
         assert_eq!(p.backoff(30, 1.0), Duration::from_secs(30));
         assert_eq!(p.backoff(30, 0.0), Duration::from_secs(15));
+        // Near expiry the retries speed up, never below the initial delay.
+        assert_eq!(
+            p.retry_delay(30, 1.0, Some(Duration::from_secs(3600))),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            p.retry_delay(30, 1.0, Some(Duration::from_secs(8))),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            p.retry_delay(30, 1.0, Some(Duration::ZERO)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(p.retry_delay(30, 1.0, None), Duration::from_secs(30));
     }
 }
