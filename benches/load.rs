@@ -9,31 +9,26 @@
 //! Client and server share the machine's cores, so the figures are a floor.
 //! CSRs and tokens are made before the clock starts.
 
+#[path = "../tests/common/mod.rs"]
+#[allow(unused_imports)]
+mod common;
+
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::{TestServer, key_and_csr};
 use tokio::sync::Semaphore;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
-use workload_ca::ca::{KeyAlgorithm, PrivateKey, TtlPolicy};
-use workload_ca::identity::TrustDomain;
+use workload_ca::ca::KeyAlgorithm;
 use workload_ca::proto::istio::IstioCertificateRequest;
 use workload_ca::proto::istio::istio_certificate_service_client::IstioCertificateServiceClient;
 use workload_ca::server::devissuer::DevIssuer;
-use workload_ca::server::tls::ServingSpec;
-use workload_ca::server::{self, CaSource, ServerConfig};
 
 const COLD_REQUESTS: usize = 2_000;
 const WARM_REQUESTS: usize = 5_000;
 const CONCURRENCY: usize = 64;
 const WARM_CONNECTIONS: usize = 8;
-
-fn csr() -> String {
-    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
-    let kp = rcgen::KeyPair::from_pem(&key.to_pem()).unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.serialize_request(&kp).unwrap().pem().unwrap()
-}
 
 fn request(csr: &str, token: &str) -> tonic::Request<IstioCertificateRequest> {
     let mut req = tonic::Request::new(IstioCertificateRequest {
@@ -46,15 +41,38 @@ fn request(csr: &str, token: &str) -> tonic::Request<IstioCertificateRequest> {
     req
 }
 
-fn report(name: &str, total: Duration, mut lat: Vec<Duration>) {
+/// Runs `n` calls of `call(i)` with at most [`CONCURRENCY`] in flight and
+/// prints throughput and latency percentiles.
+async fn timed<F, Fut>(name: &str, n: usize, call: F)
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(CONCURRENCY));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let permit = slots.clone().acquire_owned().await.unwrap();
+        let fut = call(i);
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            let t = Instant::now();
+            fut.await;
+            t.elapsed()
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.push(t.await.unwrap());
+    }
+    let total = start.elapsed();
     lat.sort();
     let pct =
         |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e3;
     println!(
-        "{name:>5}: {} requests in {:.2}s = {:.0} certs/s; latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        lat.len(),
+        "{name:>5}: {n} requests in {:.2}s = {:.0} certs/s; latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         total.as_secs_f64(),
-        lat.len() as f64 / total.as_secs_f64(),
+        n as f64 / total.as_secs_f64(),
         pct(0.50),
         pct(0.99),
         pct(1.0)
@@ -64,64 +82,36 @@ fn report(name: &str, total: Duration, mut lat: Vec<Duration>) {
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let running = server::start(ServerConfig {
-        state_dir: state.clone(),
-        trust_domain: TrustDomain::new("cluster.local").unwrap(),
-        ca: CaSource::Embedded {
-            algorithm: KeyAlgorithm::EcdsaP256,
-            root_lifetime: Duration::from_secs(86_400 * 365),
-        },
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ops_listen: None,
-        serving: ServingSpec {
-            dns_names: vec!["localhost".into()],
-            ips: vec![],
-            ttl: Duration::from_secs(3600),
-        },
-        ttl: TtlPolicy::default(),
-        jwt_issuers: vec![],
-        jwt_audiences: vec!["istio-ca".into()],
-        dev_issuer: true,
-        jwks_refresh: Duration::from_secs(300),
-        drain_timeout: Duration::from_secs(5),
-    })
-    .await
-    .unwrap();
-    let root = std::fs::read_to_string(&running.root_cert_path).unwrap();
+    let mut cfg = common::config(&dir.path().join("state"));
+    cfg.ops_listen = None;
+    let server = TestServer::start_with(cfg, None).await;
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&root))
+        .ca_certificate(Certificate::from_pem(server.root_pem()))
         .domain_name("localhost");
-    let url = format!("https://{}", running.grpc_addr);
-    let dev = DevIssuer::load(&state).unwrap();
-    let n = COLD_REQUESTS.max(WARM_REQUESTS);
+    let url = format!("https://{}", server.running.grpc_addr);
+    let dev = DevIssuer::load(&server.state).unwrap();
     let work: Arc<Vec<(String, String)>> = Arc::new(
-        (0..n)
+        (0..COLD_REQUESTS.max(WARM_REQUESTS))
             .map(|i| {
+                let sa = format!("sa-{}", i % 500);
                 let token = dev
                     .mint(
                         "load",
-                        &format!("sa-{}", i % 500),
+                        &sa,
                         "istio-ca",
                         Duration::from_secs(3600),
                         SystemTime::now(),
                     )
                     .unwrap();
-                (csr(), token)
+                (key_and_csr(KeyAlgorithm::EcdsaP256, None).1, token)
             })
             .collect(),
     );
 
     // Cold: a new connection per request.
-    let slots = Arc::new(Semaphore::new(CONCURRENCY));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..COLD_REQUESTS {
-        let permit = slots.clone().acquire_owned().await.unwrap();
+    timed("cold", COLD_REQUESTS, |i| {
         let (work, url, tls) = (work.clone(), url.clone(), tls.clone());
-        tasks.push(tokio::spawn(async move {
-            let _permit = permit;
-            let t = Instant::now();
+        async move {
             let channel = Channel::from_shared(url)
                 .unwrap()
                 .tls_config(tls)
@@ -134,14 +124,9 @@ async fn main() {
                 .create_certificate(request(csr, token))
                 .await
                 .unwrap();
-            t.elapsed()
-        }));
-    }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.push(t.await.unwrap());
-    }
-    report("cold", start.elapsed(), lat);
+        }
+    })
+    .await;
 
     // Warm: a few shared connections.
     let mut clients = Vec::new();
@@ -155,27 +140,17 @@ async fn main() {
             .unwrap();
         clients.push(IstioCertificateServiceClient::new(channel));
     }
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..WARM_REQUESTS {
-        let permit = slots.clone().acquire_owned().await.unwrap();
+    timed("warm", WARM_REQUESTS, |i| {
         let mut client = clients[i % WARM_CONNECTIONS].clone();
         let work = work.clone();
-        tasks.push(tokio::spawn(async move {
-            let _permit = permit;
-            let t = Instant::now();
+        async move {
             let (csr, token) = &work[i];
             client
                 .create_certificate(request(csr, token))
                 .await
                 .unwrap();
-            t.elapsed()
-        }));
-    }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.push(t.await.unwrap());
-    }
-    report("warm", start.elapsed(), lat);
-    running.shutdown().await.unwrap();
+        }
+    })
+    .await;
+    server.running.shutdown().await.unwrap();
 }

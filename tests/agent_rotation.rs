@@ -3,6 +3,8 @@
 //! current certificate kept while valid and withdrawn at expiry, recovery
 //! when the CA returns. The scripted CA signs with a real `Authority`.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
@@ -13,8 +15,8 @@ use workload_ca::agent::Error;
 use workload_ca::agent::client::{CaClient, SignFuture};
 use workload_ca::agent::metrics::AgentMetrics;
 use workload_ca::agent::workload::{CertManager, CertWatch, RotationPolicy};
-use workload_ca::ca::{Authority, KeyAlgorithm, check_csr};
-use workload_ca::identity::{SpiffeId, TrustDomain};
+use workload_ca::ca::{Authority, check_csr};
+use workload_ca::identity::SpiffeId;
 
 struct ScriptedCa {
     authority: Authority,
@@ -26,17 +28,8 @@ struct ScriptedCa {
 
 impl ScriptedCa {
     fn new(ttl: Duration) -> Arc<Self> {
-        let td = TrustDomain::new("cluster.local").unwrap();
-        let now = SystemTime::now();
-        let files = Authority::generate_root(
-            &td,
-            KeyAlgorithm::EcdsaP256,
-            Duration::from_secs(86_400),
-            now,
-        )
-        .unwrap();
         Arc::new(Self {
-            authority: Authority::from_files(&files, &td, now).unwrap(),
+            authority: common::authority(),
             id: SpiffeId::parse("spiffe://cluster.local/ns/prod/sa/web").unwrap(),
             ttl,
             up: AtomicBool::new(true),

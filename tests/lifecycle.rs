@@ -213,25 +213,21 @@ async fn health_and_graceful_shutdown() {
 #[test]
 fn the_binary_runs_the_embedded_default_and_mints_tokens() {
     use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
+    use std::process::Command;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let bin = env!("CARGO_BIN_EXE_ca");
-    let mut child = Command::new(bin)
-        .args([
+    let mut child = spawn_ca(
+        &[
             "server",
             "--dev",
             "--listen",
             "127.0.0.1:0",
             "--ops-listen",
             "127.0.0.1:0",
-            "--state-dir",
-        ])
-        .arg(&state)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        ],
+        &state,
+    );
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut banner = Vec::new();
     for line in lines.by_ref().take(9) {
@@ -268,23 +264,7 @@ fn the_binary_runs_the_embedded_default_and_mints_tokens() {
         "a JWT"
     );
     // SIGTERM: drains and exits 0.
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "exit status {status:?}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the server did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    stop_ca(child);
     // A bad flag is a clear error and a non-zero exit.
     let bad = Command::new(bin)
         .args(["server", "--trust-domain", "UPPER"])
@@ -297,14 +277,13 @@ fn the_binary_runs_the_embedded_default_and_mints_tokens() {
 #[tokio::test]
 async fn the_run_command_brings_up_a_ca_and_an_agent() {
     use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     use workload_ca::proto::envoy::service::discovery::v3::DiscoveryRequest;
     use workload_ca::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ca"))
-        .args([
+    let mut child = spawn_ca(
+        &[
             "dev",
             "--listen",
             "127.0.0.1:0",
@@ -312,13 +291,9 @@ async fn the_run_command_brings_up_a_ca_and_an_agent() {
             "off",
             "--agent-ops-listen",
             "127.0.0.1:0",
-            "--state-dir",
-        ])
-        .arg(&state)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        ],
+        &state,
+    );
     let lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let banner: Vec<String> = lines
         .map(|l| l.unwrap())
@@ -344,21 +319,8 @@ async fn the_run_command_brings_up_a_ca_and_an_agent() {
         .into_inner();
     assert_eq!(resp.resources.len(), 2);
 
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "{status:?}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "ca dev did not stop on SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Stopped while our SDS connection is still open (stop_ca blocks this
+    // runtime): the socket must still be removed.
+    stop_ca(child);
     assert!(!socket.exists(), "the socket is removed on shutdown");
 }

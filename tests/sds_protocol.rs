@@ -16,7 +16,7 @@ use workload_ca::agent::metrics::AgentMetrics;
 use workload_ca::agent::sds::{self, SECRET_TYPE_URL, Sds};
 use workload_ca::agent::workload::{CertWatch, RootBundle, WorkloadCert, accept_chain};
 use workload_ca::ca::{Authority, KeyAlgorithm, PrivateKey, check_csr};
-use workload_ca::identity::{SpiffeId, TrustDomain};
+use workload_ca::identity::SpiffeId;
 use workload_ca::proto::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
 use workload_ca::proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
@@ -40,16 +40,7 @@ struct Fixture {
 }
 
 fn authority() -> Authority {
-    let td = TrustDomain::new("cluster.local").unwrap();
-    let now = SystemTime::now();
-    let files = Authority::generate_root(
-        &td,
-        KeyAlgorithm::EcdsaP256,
-        Duration::from_secs(86_400),
-        now,
-    )
-    .unwrap();
-    Authority::from_files(&files, &td, now).unwrap()
+    common::authority()
 }
 
 fn issue(authority: &Authority) -> (WorkloadCert, RootBundle) {

@@ -609,19 +609,27 @@ pub fn serve(
         .map_err(|e| err(e.to_string()))?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let owned = path.to_owned();
+    // Unlinked as soon as shutdown begins, not after the drain: a proxy that
+    // keeps its stream open must not leave the file behind when the process
+    // exits at its deadline. Only our own socket (same inode) is removed.
+    let remove_ours = move |p: &Path| {
+        if std::fs::symlink_metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == ours) {
+            let _ = std::fs::remove_file(p);
+        }
+    };
     let task = tokio::spawn(async move {
+        let on_stop = owned.clone();
         let result = tonic::transport::Server::builder()
             .add_service(SecretDiscoveryServiceServer::new(sds))
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = shutdown.changed().await;
+                remove_ours(&on_stop);
             })
             .await;
         if let Err(e) = result {
             tracing::error!(path = %owned.display(), error = %e, "SDS server failed");
         }
-        if std::fs::symlink_metadata(&owned).is_ok_and(|m| (m.dev(), m.ino()) == ours) {
-            let _ = std::fs::remove_file(&owned);
-        }
+        remove_ours(&owned);
     });
     Ok(SdsSocket {
         path: path.to_owned(),

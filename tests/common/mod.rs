@@ -409,3 +409,50 @@ pub async fn unix_channel(path: &Path) -> Channel {
         .await
         .unwrap()
 }
+
+/// A fresh in-memory CA for `cluster.local` (P-256 root, one day).
+pub fn authority() -> workload_ca::ca::Authority {
+    let td = TrustDomain::new(TD).unwrap();
+    let now = SystemTime::now();
+    let files = workload_ca::ca::Authority::generate_root(
+        &td,
+        KeyAlgorithm::EcdsaP256,
+        Duration::from_secs(86_400),
+        now,
+    )
+    .unwrap();
+    workload_ca::ca::Authority::from_files(&files, &td, now).unwrap()
+}
+
+/// Starts the real `ca` binary with `args` and `--state-dir state`, stdout piped.
+pub fn spawn_ca(args: &[&str], state: &Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ca"))
+        .args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Sends SIGTERM and asserts a clean exit (status 0) within 15 s.
+pub fn stop_ca(mut child: std::process::Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status:?}");
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ca did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
