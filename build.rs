@@ -12,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ["proto"],
     )?;
     tonic_prost_build::configure()
+        // tonic-prost's codec with small initial buffers (src/proto.rs).
+        .codec_path("crate::proto::SmallCodec")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

@@ -47,22 +47,8 @@ fn agent_config(ca: &TestServer, dir: &Path, ttl: Duration) -> AgentConfig {
         },
         ops_listen: None,
         output_dir: None,
+        limits: workload_ca::limits::AgentLimits::default(),
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap()
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -187,7 +173,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     println!(
         "agent RSS serving one Envoy: {:.1} MB",
-        rss_kib(child.id()) as f64 / 1024.0
+        common::procs::rss_kib(child.id()) as f64 / 1024.0
     );
 
     let mut keep = Vec::new();
@@ -218,7 +204,7 @@ async fn main() {
         "agent RSS with {} more SDS streams open (each answered; opened in {:.2}s): {:.1} MB",
         keep.len(),
         opened.as_secs_f64(),
-        rss_kib(child.id()) as f64 / 1024.0
+        common::procs::rss_kib(child.id()) as f64 / 1024.0
     );
     let _ = child.kill();
     let _ = child.wait();

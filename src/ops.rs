@@ -9,12 +9,17 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// Serves the endpoint on `listener` until `shutdown` changes.
+use crate::limits::{OpsLimits, Refusals};
+
+/// Serves the endpoint on `listener` until `shutdown` changes, under
+/// `limits` (connections, header read time, connection time).
 pub fn spawn(
     listener: TcpListener,
     metrics: impl Fn() -> String + Send + Sync + 'static,
     ready: impl Fn() -> Result<(), String> + Send + Sync + 'static,
-    mut shutdown: watch::Receiver<bool>,
+    limits: OpsLimits,
+    refusals: Refusals,
+    shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let metrics = Arc::new(metrics);
     let ready = Arc::new(ready);
@@ -30,15 +35,5 @@ pub fn spawn(
                 })
             }),
         );
-    tokio::spawn(async move {
-        let stop = async move {
-            let _ = shutdown.changed().await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::warn!(error = %e, "ops endpoint stopped");
-        }
-    })
+    crate::net::spawn_ops(listener, app, limits, refusals, shutdown)
 }

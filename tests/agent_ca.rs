@@ -30,6 +30,7 @@ fn config(ca: &TestServer, dir: &std::path::Path, key: KeyAlgorithm) -> AgentCon
         },
         ops_listen: None,
         output_dir: Some(dir.join("out")),
+        limits: workload_ca::limits::AgentLimits::default(),
     }
 }
 

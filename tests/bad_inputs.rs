@@ -31,6 +31,30 @@ fn sign(key_pem: &str, claims: &serde_json::Value) -> String {
     .unwrap()
 }
 
+/// A token with any header, signed by hand with the development key (ES256):
+/// jsonwebtoken cannot write a `crit` header.
+fn sign_with_header(
+    key_pem: &str,
+    header: &serde_json::Value,
+    claims: &serde_json::Value,
+) -> String {
+    let input = format!(
+        "{}.{}",
+        B64.encode(header.to_string()),
+        B64.encode(claims.to_string())
+    );
+    let der = pem::parse(key_pem).unwrap().into_contents();
+    let rng = ring::rand::SystemRandom::new();
+    let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &der,
+        &rng,
+    )
+    .unwrap();
+    let sig = key.sign(&rng, input.as_bytes()).unwrap();
+    format!("{input}.{}", B64.encode(sig.as_ref()))
+}
+
 fn broken_signature_csr() -> String {
     let (_key, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
     let mut der = ders(&csr).remove(0);
@@ -130,12 +154,48 @@ async fn each_bad_input_gets_its_status_and_nothing_is_issued() {
             message_has: "SHA-1",
         },
         Case {
+            // Refused by the message-size limit before it is buffered.
             name: "1 MiB CSR",
             csr: huge_csr,
             token: t(&good_token),
             ttl: 0,
+            code: Code::OutOfRange,
+            message_has: "limit",
+        },
+        Case {
+            name: "100 KiB CSR (under the message limit, over the CSR limit)",
+            csr: format!(
+                "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+                "A".repeat(100 * 1024)
+            ),
+            token: t(&good_token),
+            ttl: 0,
             code: Code::InvalidArgument,
             message_has: "limit",
+        },
+        Case {
+            name: "RSA-4100 key (4,100 bits, 513 bytes of modulus)",
+            csr: fixture("rsa4100.csr.pem"),
+            token: t(&good_token),
+            ttl: 0,
+            code: Code::InvalidArgument,
+            message_has: "4100",
+        },
+        Case {
+            name: "RSA-2047 key",
+            csr: fixture("rsa2047.csr.pem"),
+            token: t(&good_token),
+            ttl: 0,
+            code: Code::InvalidArgument,
+            message_has: "2047",
+        },
+        Case {
+            name: "DER CSR base64 without PEM armour",
+            csr: B64.encode(ders(&good_csr).remove(0)),
+            token: t(&good_token),
+            ttl: 0,
+            code: Code::InvalidArgument,
+            message_has: "PEM",
         },
         Case {
             name: "CSR for another identity",
@@ -233,6 +293,41 @@ async fn each_bad_input_gets_its_status_and_nothing_is_issued() {
             message_has: "",
         },
         Case {
+            name: "token with a critical header parameter",
+            csr: good_csr.clone(),
+            token: Some(sign_with_header(
+                &dev_key,
+                &json!({"alg": "ES256", "typ": "JWT", "crit": ["exp"]}),
+                &claims("workload-ca-dev", "istio-ca", now, now + 600),
+            )),
+            ttl: 0,
+            code: Code::Unauthenticated,
+            message_has: "",
+        },
+        Case {
+            name: "token issued in the future (iat), valid nbf",
+            csr: good_csr.clone(),
+            token: Some(sign(&dev_key, &{
+                let mut c = claims("workload-ca-dev", "istio-ca", now + 3600, now + 7200);
+                c["nbf"] = json!(now - 10);
+                c
+            })),
+            ttl: 0,
+            code: Code::Unauthenticated,
+            message_has: "",
+        },
+        Case {
+            name: "token living longer than the one-year ceiling",
+            csr: good_csr.clone(),
+            token: Some(sign(
+                &dev_key,
+                &claims("workload-ca-dev", "istio-ca", now, now + 366 * 86_400),
+            )),
+            ttl: 0,
+            code: Code::Unauthenticated,
+            message_has: "",
+        },
+        Case {
             name: "no token",
             csr: good_csr.clone(),
             token: None,
@@ -275,16 +370,46 @@ async fn each_bad_input_gets_its_status_and_nothing_is_issued() {
         server
             .metric("citadel_server_authentication_failure_count")
             .await,
-        9.0
+        12.0
     );
     assert_eq!(
         server.metric("citadel_server_csr_parsing_err_count").await,
-        6.0
+        9.0,
+        "the 1 MiB CSR never reaches the CSR parser"
+    );
+    assert_eq!(
+        server
+            .metric("workload_ca_limit_refusals_total{limit=\"message_size\"}")
+            .await,
+        1.0
     );
     assert_eq!(
         server.metric("citadel_server_csr_sign_err_count").await,
         2.0
     );
+
+    // A Kubernetes extended token lives exactly one year: accepted.
+    let year = sign(
+        &dev_key,
+        &claims("workload-ca-dev", "istio-ca", now, now + 365 * 86_400),
+    );
+    let chain = request(&mut client, &good_csr, Some(&year), 0)
+        .await
+        .expect("a one-year token is at the ceiling, not above it");
+    webpki_verify(&chain);
+
+    // Two authorization values are ambiguous, even if one is good.
+    let mut req = tonic::Request::new(workload_ca::proto::istio::IstioCertificateRequest {
+        csr: good_csr.clone(),
+        validity_duration: 0,
+        metadata: None,
+    });
+    for t in [&good_token, &year] {
+        req.metadata_mut()
+            .append("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let err = client.create_certificate(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{}", err.message());
 
     // The same client and token still work: bad input changed nothing.
     let chain = request(&mut client, &good_csr, Some(&good_token), 0)

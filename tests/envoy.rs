@@ -47,6 +47,7 @@ async fn start_agent(
         },
         ops_listen: Some("127.0.0.1:0".parse().unwrap()),
         output_dir: None,
+        limits: workload_ca::limits::AgentLimits::default(),
     })
     .await
     .expect("agent starts")

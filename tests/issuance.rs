@@ -182,6 +182,43 @@ async fn renewal_with_the_current_certificate_keeps_the_identity() {
 }
 
 #[tokio::test]
+async fn renewal_never_stretches_the_presented_lifetime() {
+    let server = TestServer::start().await;
+    let token = server.token("prod", "web");
+    let (key, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
+    let short = request(&mut server.client(None).await, &csr, Some(&token), 60)
+        .await
+        .unwrap();
+    let presented = leaf_facts(&short[0]);
+    let presented_life = presented.not_after - presented.not_before;
+    assert_eq!(presented_life, 60 + 120, "60 s plus the 2-minute backdate");
+
+    let identity_chain = short[..short.len() - 1].concat();
+    let mut mtls = server.client(Some((&identity_chain, &key))).await;
+    // Asking for the maximum, for the default (24 h), or for less.
+    for (asked, expected) in [(90 * 86_400 - 1, 60), (0, 60), (30, 30)] {
+        let (_k, csr2) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
+        let renewed = request(&mut mtls, &csr2, None, asked).await.unwrap();
+        webpki_verify(&renewed);
+        let f = leaf_facts(&renewed[0]);
+        assert_eq!(f.uris, [WEB]);
+        assert_eq!(
+            f.not_after - f.not_before,
+            expected + 120,
+            "asked {asked} s with a 60 s certificate"
+        );
+        assert!(f.not_after - f.not_before <= presented_life);
+    }
+    // A token caller still gets what it asks for.
+    let (_k, csr3) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
+    let long = request(&mut server.client(None).await, &csr3, Some(&token), 86_400)
+        .await
+        .unwrap();
+    let f = leaf_facts(&long[0]);
+    assert_eq!(f.not_after - f.not_before, 86_400 + 120);
+}
+
+#[tokio::test]
 async fn rsa_root_signs_verifiable_leaves() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(&dir.path().join("state"));

@@ -7,6 +7,7 @@ use prometheus::{
 };
 
 use super::Error;
+use crate::limits::Refusals;
 
 pub struct AgentMetrics {
     registry: Registry,
@@ -18,6 +19,9 @@ pub struct AgentMetrics {
     pub sds_pushes: IntCounterVec,
     pub sds_nacks: IntCounterVec,
     pub sds_ack_latency: prometheus::Histogram,
+    /// `workload_ca_agent_limit_refusals_total{limit}`,
+    /// `workload_ca_agent_log_suppressed_total`.
+    pub refusals: Refusals,
 }
 
 impl AgentMetrics {
@@ -105,6 +109,7 @@ impl AgentMetrics {
             .register(Box::new(sds_ack_latency.clone()))
             .map_err(e)?;
         Ok(Self {
+            refusals: Refusals::register(&registry, "workload_ca_agent").map_err(e)?,
             registry,
             cert_expiry,
             csr_latency,

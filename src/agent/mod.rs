@@ -31,6 +31,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::limits::AgentLimits;
 use client::{CaEndpoint, GrpcCaClient, TokenFile};
 use metrics::AgentMetrics;
 use workload::{CertManager, CertWatch, RotationPolicy};
@@ -54,6 +55,9 @@ pub struct AgentConfig {
     /// Also write `key.pem` (0600), `cert-chain.pem`, `root-cert.pem` to
     /// `<dir>/<workload>/` on every rotation. Keys stay in memory otherwise.
     pub output_dir: Option<PathBuf>,
+    /// Connection, stream and name limits of each SDS socket, and of the
+    /// ops endpoint.
+    pub limits: AgentLimits,
 }
 
 /// A running agent.
@@ -127,7 +131,7 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
         );
         let socket = match sds::serve(
             &w.socket,
-            sds::Sds::new(cert_watch.clone(), metrics.clone()),
+            sds::Sds::new(cert_watch.clone(), metrics.clone()).with_limits(config.limits.clone()),
             shutdown_rx.clone(),
         ) {
             Ok(s) => s,
@@ -160,6 +164,7 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
                 listener,
                 metrics.clone(),
                 watches.clone(),
+                config.limits.ops.clone(),
                 shutdown_rx.clone(),
             ));
             Some(bound)
@@ -180,8 +185,10 @@ fn spawn_ops(
     listener: tokio::net::TcpListener,
     metrics: Arc<AgentMetrics>,
     watches: Vec<(String, CertWatch)>,
+    limits: crate::limits::OpsLimits,
     shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
+    let refusals = metrics.refusals.clone();
     crate::ops::spawn(
         listener,
         move || metrics.render(),
@@ -192,6 +199,8 @@ fn spawn_ops(
                 Err("waiting for a valid certificate".into())
             }
         },
+        limits,
+        refusals,
         shutdown,
     )
 }

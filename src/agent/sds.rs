@@ -35,6 +35,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::Error;
 use super::metrics::AgentMetrics;
 use super::workload::{CertWatch, RootBundle, WorkloadCert};
+use crate::limits::{AgentLimits, label};
+use crate::logsafe::{WarnLimiter, peer};
 use crate::proto::envoy::config::core::v3::{DataSource, data_source};
 use crate::proto::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, Secret, TlsCertificate, secret,
@@ -52,6 +54,9 @@ pub const DEFAULT: &str = "default";
 pub const ROOTCA: &str = "ROOTCA";
 /// How long `FetchSecrets` waits for a first certificate.
 const FETCH_WAIT: Duration = Duration::from_secs(10);
+/// How long SDS connections may take to close after shutdown begins (every
+/// stream ends at once; this covers a proxy slow to read its last frames).
+const SDS_DRAIN: Duration = Duration::from_secs(2);
 
 /// What a resource name refers to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,16 +71,62 @@ pub struct Sds {
     watch: CertWatch,
     metrics: Arc<AgentMetrics>,
     nonces: Arc<AtomicU64>,
+    limits: Arc<AgentLimits>,
+    /// Warnings this socket's peers cause, rate-limited per kind.
+    warn: Arc<WarnLimiter<&'static str>>,
+    /// Streams end when this fires (set by [`serve`]).
+    shutdown: Option<watch::Receiver<bool>>,
 }
 
 type Snapshot = (Option<Arc<WorkloadCert>>, Option<Arc<RootBundle>>);
 
 impl Sds {
+    /// The service with the default [`AgentLimits`].
     pub fn new(watch: CertWatch, metrics: Arc<AgentMetrics>) -> Self {
         Self {
             watch,
             metrics,
             nonces: Arc::new(AtomicU64::new(0)),
+            limits: Arc::new(AgentLimits::default()),
+            warn: Arc::new(WarnLimiter::new()),
+            shutdown: None,
+        }
+    }
+
+    /// Serves under `limits` instead of the defaults.
+    #[must_use]
+    pub fn with_limits(mut self, limits: AgentLimits) -> Self {
+        self.limits = Arc::new(limits);
+        self
+    }
+
+    /// Refuses a stream that subscribes to more names than the limit.
+    fn check_names(&self, n: usize) -> Result<(), Status> {
+        let max = self.limits.max_resource_names_per_stream;
+        if n > max {
+            self.metrics.refusals.refused(label::RESOURCE_NAMES);
+            crate::peer_warn!(
+                self.warn,
+                "names",
+                self.metrics.refusals,
+                names = n,
+                max,
+                "SDS stream refused: too many resource names"
+            );
+            return Err(Status::resource_exhausted(format!(
+                "{n} resource names requested; at most {max} per stream"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Resolves when the agent shuts down (never without a receiver).
+    async fn stopping(shutdown: &mut Option<watch::Receiver<bool>>) {
+        match shutdown {
+            Some(rx) => {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+            None => std::future::pending().await,
         }
     }
 
@@ -185,7 +236,7 @@ impl Sds {
         for n in names {
             self.metrics
                 .sds_pushes
-                .with_label_values(&[label(n.as_ref())])
+                .with_label_values(&[metric_label(n.as_ref())])
                 .inc();
         }
     }
@@ -210,8 +261,10 @@ impl Sds {
         // When the change behind the response awaiting an ACK happened.
         let mut changed_at: Option<tokio::time::Instant> = None;
         let mut awaiting: Option<(String, tokio::time::Instant)> = None;
+        let mut shutdown = self.shutdown.clone();
         loop {
             tokio::select! {
+                () = Self::stopping(&mut shutdown) => return,
                 msg = inbound.message() => {
                     let req = match msg {
                         Ok(Some(req)) => req,
@@ -223,24 +276,28 @@ impl Sds {
                         return;
                     }
                     let requested: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+                    if let Err(status) = self.check_names(requested.len()) {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
                     // A rejection is always reported, even for a response
                     // that a newer push has already superseded.
                     if let Some(err) = &req.error_detail {
                         for n in &names {
-                            self.metrics.sds_nacks.with_label_values(&[label(n)]).inc();
+                            self.metrics.sds_nacks.with_label_values(&[metric_label(n)]).inc();
                         }
-                        tracing::warn!(
-                            resources = ?names, nonce = %req.response_nonce, accepted = %req.version_info,
-                            code = err.code, detail = %err.message,
+                        crate::peer_warn!(self.warn, "nack", self.metrics.refusals,
+                            resources = ?names, nonce = %peer(&req.response_nonce), accepted = %peer(&req.version_info),
+                            code = err.code, detail = %peer(&err.message),
                             "proxy rejected the secret (NACK); it keeps its previous one"
                         );
                     }
                     if !req.response_nonce.is_empty() {
                         if last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
-                            tracing::debug!(nonce = %req.response_nonce, "stale nonce; ignored");
+                            tracing::debug!(nonce = %peer(&req.response_nonce), "stale nonce; ignored");
                             continue;
                         }
-                        tracing::debug!(nonce = %req.response_nonce, nack = req.error_detail.is_some(), "SDS response acknowledged");
+                        tracing::debug!(nonce = %peer(&req.response_nonce), nack = req.error_detail.is_some(), "SDS response acknowledged");
                         if let Some((_, at)) = awaiting.take().filter(|(n, _)| *n == req.response_nonce && req.error_detail.is_none()) {
                             self.metrics.sds_ack_latency.observe(at.elapsed().as_secs_f64());
                         }
@@ -269,7 +326,9 @@ impl Sds {
             let snap = self.snapshot();
             match self.sotw_response(&names, &snap) {
                 Err(status) => {
-                    tracing::warn!(resources = ?names, error = %status.message(), "refusing SDS request");
+                    crate::peer_warn!(self.warn, "refused", self.metrics.refusals,
+                        resources = ?names.iter().map(|n| peer(n).to_string()).collect::<Vec<_>>(),
+                        error = %peer(status.message()), "refusing SDS request");
                     let _ = tx.send(Err(status)).await;
                     return;
                 }
@@ -313,8 +372,10 @@ impl Sds {
         // us it had, on reconnect).
         let mut held: BTreeMap<String, String> = BTreeMap::new();
         let mut first = true;
+        let mut shutdown = self.shutdown.clone();
         loop {
             tokio::select! {
+                () = Self::stopping(&mut shutdown) => return,
                 msg = inbound.message() => {
                     let req = match msg {
                         Ok(Some(req)) => req,
@@ -331,7 +392,9 @@ impl Sds {
                     }
                     if let Some(err) = &req.error_detail {
                         self.metrics.sds_nacks.with_label_values(&["delta"]).inc();
-                        tracing::warn!(nonce = %req.response_nonce, code = err.code, detail = %err.message, "proxy rejected a delta update (NACK)");
+                        crate::peer_warn!(self.warn, "nack", self.metrics.refusals,
+                            nonce = %peer(&req.response_nonce), code = err.code, detail = %peer(&err.message),
+                            "proxy rejected a delta update (NACK)");
                     }
                     for name in &req.resource_names_unsubscribe {
                         subscribed.remove(name);
@@ -346,6 +409,10 @@ impl Sds {
                         }
                         subscribed.insert(name.clone());
                     }
+                    if let Err(status) = self.check_names(subscribed.len()) {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
                 }
                 changed = cert_rx.changed() => if changed.is_err() { return },
                 changed = roots_rx.changed() => if changed.is_err() { return },
@@ -356,7 +423,8 @@ impl Sds {
             for name in &subscribed {
                 match Self::resource(name, &snap) {
                     Err(status) => {
-                        tracing::warn!(resource = %name, error = %status.message(), "refusing delta SDS subscription");
+                        crate::peer_warn!(self.warn, "refused", self.metrics.refusals,
+                            resource = %peer(name), error = %peer(status.message()), "refusing delta SDS subscription");
                         let _ = tx.send(Err(status)).await;
                         return;
                     }
@@ -406,7 +474,7 @@ fn names_changed(last_version: &Option<String>, resp: &DiscoveryResponse) -> boo
 
 /// Metric label for a resource name: SPIFFE IDs are folded into one value so
 /// the label set stays small.
-fn label(name: &str) -> &str {
+fn metric_label(name: &str) -> &str {
     match name {
         DEFAULT | ROOTCA => name,
         _ => "spiffe-id",
@@ -491,6 +559,7 @@ impl SecretDiscoveryService for Sds {
         if names.is_empty() {
             return Err(Status::invalid_argument("name at least one secret"));
         }
+        self.check_names(names.len())?;
         let mut cert_rx = self.watch.cert.clone();
         let mut roots_rx = self.watch.roots.clone();
         let deadline = tokio::time::Instant::now() + FETCH_WAIT;
@@ -607,7 +676,6 @@ pub fn serve(
     let ours = std::fs::symlink_metadata(path)
         .map(|m| (m.dev(), m.ino()))
         .map_err(|e| err(e.to_string()))?;
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let owned = path.to_owned();
     // Unlinked as soon as shutdown begins, not after the drain: a proxy that
     // keeps its stream open must not leave the file behind when the process
@@ -617,16 +685,38 @@ pub fn serve(
             let _ = std::fs::remove_file(p);
         }
     };
+    let mut sds = sds;
+    sds.shutdown = Some(shutdown.clone());
+    let limits = sds.limits.clone();
+    let refusals = sds.metrics.refusals.clone();
+    let routes = tonic::service::Routes::new(
+        SecretDiscoveryServiceServer::new(sds)
+            .max_decoding_message_size(limits.http2.max_message_bytes),
+    );
+    let accept = crate::net::Acceptor {
+        name: format!("SDS {}", path.display()),
+        listener,
+        limits: limits.accept.clone(),
+        refusals: refusals.clone(),
+        shutdown: shutdown.clone(),
+        drain: SDS_DRAIN,
+        refusal_label: None,
+    }
+    .spawn(
+        |io, _| std::future::ready(Some(io)),
+        move |io, calls, stop| {
+            let routes = routes.clone();
+            let limits = limits.clone();
+            let refusals = refusals.clone();
+            async move {
+                crate::net::serve_h2(io, (), routes, &limits.http2, &refusals, calls, stop).await;
+            }
+        },
+    );
     let task = tokio::spawn(async move {
-        let on_stop = owned.clone();
-        let result = tonic::transport::Server::builder()
-            .add_service(SecretDiscoveryServiceServer::new(sds))
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = shutdown.changed().await;
-                remove_ours(&on_stop);
-            })
-            .await;
-        if let Err(e) = result {
+        let _ = shutdown.changed().await;
+        remove_ours(&owned);
+        if let Err(e) = accept.await {
             tracing::error!(path = %owned.display(), error = %e, "SDS server failed");
         }
         remove_ours(&owned);

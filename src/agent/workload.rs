@@ -237,11 +237,12 @@ impl<C: CaClient> CertManager<C> {
                     let serving = self.cert_tx.borrow().as_ref().map(|c| c.serial_hex.clone());
                     match &e {
                         Error::TokenExpired { .. } | Error::Token(_) => tracing::error!(
-                            workload = %self.name, error = %e, retry_in_ms = delay.as_millis() as u64, ?serving,
+                            workload = %self.name, error = %crate::logsafe::peer(&e.to_string()), retry_in_ms = delay.as_millis() as u64, ?serving,
                             "NOT requesting a certificate: the service-account token is unusable; waiting for a fresh one"
                         ),
+                        // The CA's own words: escaped and truncated.
                         _ => tracing::warn!(
-                            workload = %self.name, error = %e, retry_in_ms = delay.as_millis() as u64, ?serving,
+                            workload = %self.name, error = %crate::logsafe::peer(&e.to_string()), retry_in_ms = delay.as_millis() as u64, ?serving,
                             "certificate request failed; keeping the current certificate while it is valid"
                         ),
                     }

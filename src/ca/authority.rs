@@ -55,6 +55,24 @@ impl TtlPolicy {
         }
         Ok(ttl)
     }
+
+    /// As [`TtlPolicy::resolve`], then no longer than `cap`: a renewal with a
+    /// client certificate is capped at that certificate's own lifetime, so
+    /// renewing can never stretch a credential (a stolen 60-second
+    /// certificate renews into 60-second certificates, never into 90-day
+    /// ones). The cap shortens silently: the caller is entitled to a
+    /// certificate, just not a longer-lived one.
+    ///
+    /// # Errors
+    /// As [`TtlPolicy::resolve`].
+    pub fn resolve_capped(
+        &self,
+        requested_secs: i64,
+        cap: Option<Duration>,
+    ) -> Result<Duration, Error> {
+        let ttl = self.resolve(requested_secs)?;
+        Ok(cap.map_or(ttl, |cap| ttl.min(cap.max(Duration::from_secs(1)))))
+    }
 }
 
 /// A certificate we issued, with the chain to hand back.

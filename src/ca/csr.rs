@@ -76,6 +76,21 @@ impl CheckedCsr {
     }
 }
 
+/// [`check_csr`] for APIs whose CSR field is text (Istio's
+/// `CreateCertificate` carries a proto `string`, which cannot hold DER):
+/// only PEM is accepted.
+///
+/// # Errors
+/// As [`check_csr`]; anything but PEM is [`Error::CsrMalformed`].
+pub fn check_pem_csr(text: &str) -> Result<CheckedCsr, Error> {
+    if text.len() <= MAX_CSR_BYTES && !text.trim_start().starts_with("-----BEGIN") {
+        return Err(Error::CsrMalformed(
+            "not PEM: the CSR field takes a PEM CERTIFICATE REQUEST".into(),
+        ));
+    }
+    check_csr(text.as_bytes())
+}
+
 /// Runs every check in the module docs on a PEM or DER CSR.
 ///
 /// # Errors
@@ -186,7 +201,9 @@ fn key_kind(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<KeyKin
         let Ok(PublicKey::RSA(rsa)) = spki.parsed() else {
             return Err(Error::CsrKeyType("malformed RSA public key".into()));
         };
-        let bits = rsa.key_size();
+        // x509-parser's `key_size` counts whole bytes (a 4,100-bit modulus
+        // reads as 4,096): count the bits of the modulus itself.
+        let bits = modulus_bits(rsa.modulus);
         if !(2048..=4096).contains(&bits) {
             return Err(Error::CsrKeyType(format!(
                 "RSA key of {bits} bits is not allowed (2048 to 4096)"
@@ -197,6 +214,17 @@ fn key_kind(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<KeyKin
     Err(Error::CsrKeyType(format!(
         "key algorithm {alg} is not allowed (ECDSA P-256/P-384, RSA 2048-4096, Ed25519)"
     )))
+}
+
+/// The bit length of a big-endian unsigned integer (leading zero bytes, such
+/// as DER's sign byte, do not count).
+fn modulus_bits(modulus: &[u8]) -> usize {
+    let digits = match modulus.iter().position(|b| *b != 0) {
+        Some(first) => &modulus[first..],
+        None => return 0,
+    };
+    let top = usize::try_from(8 - digits[0].leading_zeros()).unwrap_or(8);
+    (digits.len() - 1) * 8 + top
 }
 
 #[cfg(test)]
@@ -256,6 +284,10 @@ mod tests {
     #[test]
     fn rejects_wrong_blocks_and_garbage() {
         assert!(matches!(check_csr(b"garbage"), Err(Error::CsrMalformed(_))));
+        assert_eq!(modulus_bits(&[0x00, 0x80, 0, 0]), 24);
+        assert_eq!(modulus_bits(&[0x0f, 0xff]), 12);
+        assert_eq!(modulus_bits(&[0x01]), 1);
+        assert_eq!(modulus_bits(&[0, 0]), 0);
         let cert = "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n";
         assert!(
             matches!(check_csr(cert.as_bytes()), Err(Error::CsrMalformed(m)) if m.contains("CERTIFICATE"))

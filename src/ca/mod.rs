@@ -11,9 +11,9 @@ pub mod store;
 
 use std::time::Duration;
 
-pub use authority::{Authority, Issued, TtlPolicy};
+pub use authority::{Authority, CLOCK_SKEW_BACKDATE, Issued, TtlPolicy};
 pub use bundle::{Cert, TrustBundle};
-pub use csr::{CheckedCsr, check_csr};
+pub use csr::{CheckedCsr, check_csr, check_pem_csr};
 pub use keys::{KeyAlgorithm, PrivateKey};
 pub use store::{CaFiles, DirStore, KeyStore};
 

@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
@@ -38,6 +38,9 @@ pub struct Caller {
     pub method: &'static str,
     /// Extra context for logs (issuer and pod, or the presented serial).
     pub detail: String,
+    /// The longest certificate this caller may get, when its proof limits it
+    /// (a renewal: the presented certificate's own lifetime).
+    pub max_ttl: Option<Duration>,
 }
 
 /// What an authenticator may look at.
@@ -128,10 +131,16 @@ impl ClientCertAuthenticator {
             .map_err(|e| AuthError::Cert(format!("unparsable: {e}")))?;
         let id = single_spiffe_id(&cert).map_err(AuthError::Cert)?;
         check_workload_id(&id, authority.trust_domain()).map_err(AuthError::Cert)?;
+        // The presented lifetime, less the backdate every leaf of ours
+        // carries: a renewal is never longer-lived than what it renews.
+        let validity = cert.validity();
+        let lifetime = (validity.not_after.timestamp() - validity.not_before.timestamp()).max(0);
+        let lifetime = Duration::from_secs(u64::try_from(lifetime).unwrap_or(0));
         Ok(Caller {
             identity: id,
             method: self.name(),
             detail: format!("serial {}", cert.raw_serial_as_string()),
+            max_ttl: Some(lifetime.saturating_sub(crate::ca::CLOCK_SKEW_BACKDATE)),
         })
     }
 }

@@ -1,14 +1,19 @@
 //! Bearer-token authentication: Kubernetes service-account JWTs validated
 //! locally against configured public keys.
 //!
-//! Checked for every token: at most [`MAX_TOKEN_BYTES`]; an asymmetric `alg`
-//! (HMAC and `none` refused); an issuer (`iss`) that is configured; a
-//! signature by one of that issuer's keys (matched by `kid` when the token
-//! names one, and by the key's `alg` when the JWK names one); `exp` in the
-//! future and `nbf` in the past, with [`LEEWAY_SECS`] of leeway; an `aud`
-//! among the configured audiences; `sub` of the form
-//! `system:serviceaccount:<ns>:<sa>`, and, when present, a `kubernetes.io`
-//! claim that agrees with it.
+//! Checked for every token: exactly one `authorization` value (two are
+//! ambiguous and refused); at most [`MAX_TOKEN_BYTES`]; an asymmetric `alg`
+//! (HMAC and `none` refused); no `crit` header parameter (RFC 7515 4.1.11:
+//! we understand no extension, so any critical one is refused); an issuer
+//! (`iss`) that is configured; a signature by one of that issuer's keys
+//! (matched by `kid` when the token names one, and by the key's `alg` when
+//! the JWK names one); `exp` in the future and `nbf` in the past, with
+//! [`LEEWAY_SECS`] of leeway; `iat`, when present, not in the future beyond
+//! the same leeway; a lifetime (`exp` less `iat`, or `nbf`, or now) no
+//! longer than the configured ceiling ([`DEFAULT_MAX_TOKEN_LIFETIME`]: one
+//! year, what Kubernetes' extended projected tokens get); an `aud` among the
+//! configured audiences; `sub` of the form `system:serviceaccount:<ns>:<sa>`,
+//! and, when present, a `kubernetes.io` claim that agrees with it.
 //!
 //! Not checked: whether the pod named in the token still exists (that needs
 //! the Kubernetes API: a TokenReview authenticator is a later issue). A key
@@ -26,11 +31,15 @@ use serde::Deserialize;
 use super::Error;
 use super::auth::{AuthContext, AuthError, AuthFuture, Authenticator, Caller};
 use crate::identity::{SpiffeId, TrustDomain};
+use crate::logsafe::peer;
 
 /// Largest bearer token accepted.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// Clock leeway for `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 10;
+/// The default ceiling on a token's lifetime: Kubernetes extends projected
+/// tokens to one year when `--service-account-extend-token-expiration` is on.
+pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
 /// Largest JWKS document fetched from a URL.
 const MAX_JWKS_BYTES: usize = 1 << 20;
 
@@ -124,6 +133,7 @@ pub struct JwtAuthenticator {
     trust_domain: TrustDomain,
     audiences: Vec<String>,
     issuers: Vec<Arc<Issuer>>,
+    max_lifetime: Duration,
 }
 
 impl JwtAuthenticator {
@@ -155,7 +165,15 @@ impl JwtAuthenticator {
             trust_domain,
             audiences,
             issuers,
+            max_lifetime: DEFAULT_MAX_TOKEN_LIFETIME,
         })
+    }
+
+    /// Refuses tokens that live longer than `max` (from `iat` to `exp`).
+    #[must_use]
+    pub fn with_max_lifetime(mut self, max: Duration) -> Self {
+        self.max_lifetime = max;
+        self
     }
 
     /// The issuers, for the startup log.
@@ -200,6 +218,7 @@ impl JwtAuthenticator {
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| bad(format!("malformed header: {e}")))?;
+        refuse_crit(token).map_err(bad)?;
         if matches!(
             header.alg,
             Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
@@ -247,11 +266,39 @@ impl JwtAuthenticator {
         let mut last = None;
         for key in candidates {
             match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
-                Ok(data) => return self.caller(data.claims, &iss),
+                Ok(data) => {
+                    self.check_times(&data.claims)?;
+                    return self.caller(data.claims, &iss);
+                }
                 Err(e) => last = Some(e),
             }
         }
         Err(bad(last.map(|e| e.to_string()).unwrap_or_default()))
+    }
+
+    /// `iat` not in the future (beyond the leeway), and the lifetime under
+    /// the ceiling. `exp` and `nbf` were checked by jsonwebtoken.
+    fn check_times(&self, claims: &Claims) -> Result<(), AuthError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if let Some(iat) = claims.iat
+            && iat > now.saturating_add(LEEWAY_SECS)
+        {
+            return Err(AuthError::Token(format!(
+                "issued in the future (iat {iat}, now {now})"
+            )));
+        }
+        let start = claims.iat.or(claims.nbf).unwrap_or(now);
+        let lifetime = claims.exp.saturating_sub(start);
+        if lifetime > self.max_lifetime.as_secs() {
+            return Err(AuthError::Token(format!(
+                "lifetime of {lifetime} s is above the ceiling of {} s",
+                self.max_lifetime.as_secs()
+            )));
+        }
+        Ok(())
     }
 
     fn caller(&self, claims: Claims, iss: &str) -> Result<Caller, AuthError> {
@@ -280,7 +327,8 @@ impl JwtAuthenticator {
         Ok(Caller {
             identity,
             method: "jwt",
-            detail: format!("iss={iss} pod={pod}"),
+            detail: format!("iss={} pod={}", peer(iss), peer(&pod)),
+            max_ttl: None,
         })
     }
 }
@@ -288,6 +336,9 @@ impl JwtAuthenticator {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    exp: u64,
+    nbf: Option<u64>,
+    iat: Option<u64>,
     #[serde(rename = "kubernetes.io")]
     kubernetes: Option<KubernetesClaim>,
 }
@@ -311,9 +362,15 @@ impl Authenticator for JwtAuthenticator {
 
     fn authenticate<'a>(&'a self, ctx: &'a AuthContext<'a>) -> AuthFuture<'a> {
         Box::pin(async move {
-            let Some(value) = ctx.metadata.get("authorization") else {
+            let mut values = ctx.metadata.get_all("authorization").iter();
+            let Some(value) = values.next() else {
                 return Ok(None);
             };
+            if values.next().is_some() {
+                return Err(AuthError::Token(
+                    "more than one authorization value: ambiguous, refused".into(),
+                ));
+            }
             let value = value
                 .to_str()
                 .map_err(|_| AuthError::Token("authorization is not ASCII".into()))?;
@@ -327,6 +384,25 @@ impl Authenticator for JwtAuthenticator {
             };
             self.verify(token).map(Some)
         })
+    }
+}
+
+/// RFC 7515 4.1.11: a recipient must refuse a token whose `crit` header
+/// parameter names an extension it does not understand; we understand none.
+fn refuse_crit(token: &str) -> Result<(), String> {
+    use base64::Engine;
+    let head = token.split('.').next().unwrap_or_default();
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head.trim_end_matches('='))
+        .map_err(|e| format!("malformed header: {e}"))?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&json).map_err(|e| format!("malformed header: {e}"))?;
+    match header.get("crit") {
+        None => Ok(()),
+        Some(crit) => Err(format!(
+            "critical header parameter(s) {} not understood",
+            peer(&crit.to_string())
+        )),
     }
 }
 

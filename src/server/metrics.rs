@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 use super::Error;
+use crate::limits::Refusals;
 
 /// Kinds of signing error, the `error` label of `citadel_server_csr_sign_err_count`.
 pub const SIGN_ERROR_KINDS: &[&str] = &["identity_mismatch", "ttl", "signer_expired", "internal"];
@@ -22,6 +23,8 @@ pub struct Metrics {
     pub root_cert_expiry: IntGauge,
     pub cert_chain_expiry: IntGauge,
     pub serving_cert_expiry: IntGauge,
+    /// `workload_ca_limit_refusals_total{limit}`, `workload_ca_log_suppressed_total`.
+    pub refusals: Refusals,
 }
 
 impl Metrics {
@@ -88,6 +91,7 @@ impl Metrics {
                 "workload_ca_serving_cert_expiry_timestamp",
                 "The unix timestamp, in seconds, when the CA server's own TLS certificate will expire.",
             )?,
+            refusals: Refusals::register(&registry, "workload_ca").map_err(reg_err)?,
             registry,
         })
     }

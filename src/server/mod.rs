@@ -24,6 +24,8 @@ use tokio::task::JoinHandle;
 use crate::ca::store::{RootSpec, atomic_write, load_or_create};
 use crate::ca::{self, Authority, DirStore, KeyAlgorithm, KeyStore, TtlPolicy};
 use crate::identity::TrustDomain;
+use crate::limits::ServerLimits;
+use crate::net;
 use auth::{AuthChain, Authenticator, ClientCertAuthenticator};
 use jwt::{IssuerConfig, JwtAuthenticator, KeySource};
 use metrics::{Metrics, unix_secs};
@@ -82,11 +84,15 @@ pub struct ServerConfig {
     pub ttl: TtlPolicy,
     pub jwt_issuers: Vec<IssuerConfig>,
     pub jwt_audiences: Vec<String>,
+    /// Tokens living longer than this (`iat` to `exp`) are refused.
+    pub max_token_lifetime: Duration,
     /// Trust tokens minted by `ca token` (development only).
     pub dev_issuer: bool,
     pub jwks_refresh: Duration,
     /// How long in-flight calls may take to finish on shutdown.
     pub drain_timeout: Duration,
+    /// Connection, stream and request limits of the gRPC and ops ports.
+    pub limits: ServerLimits,
 }
 
 /// A started server.
@@ -103,10 +109,9 @@ pub struct Running {
     /// Publishes a new authority to every part of the server (root rotation).
     authority: watch::Sender<Arc<Authority>>,
     shutdown: watch::Sender<bool>,
-    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    grpc: JoinHandle<()>,
     ops: Option<JoinHandle<()>>,
     health: Arc<Health>,
-    drain_timeout: Duration,
 }
 
 impl Running {
@@ -116,22 +121,15 @@ impl Running {
     }
 
     /// Stops accepting, lets in-flight calls finish (up to the drain
-    /// timeout), then stops.
+    /// timeout, after which the remaining connections are closed), then
+    /// stops.
     ///
     /// # Errors
-    /// [`Error::Transport`] if the gRPC server failed.
+    /// [`Error::Transport`] if the gRPC accept loop panicked.
     pub async fn shutdown(self) -> Result<(), Error> {
         self.health.serving.store(false, Ordering::Release);
         let _ = self.shutdown.send(true);
-        let result = match tokio::time::timeout(self.drain_timeout, self.grpc).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(Error::Transport(e.to_string())),
-            Ok(Err(e)) => Err(Error::Transport(e.to_string())),
-            Err(_) => {
-                tracing::warn!("drain timeout reached; closing remaining connections");
-                Ok(())
-            }
-        };
+        let result = self.grpc.await.map_err(|e| Error::Transport(e.to_string()));
         if let Some(ops) = self.ops {
             let _ = ops.await;
         }
@@ -200,7 +198,8 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
                 config.jwt_audiences.clone(),
                 issuers,
             )
-            .await?,
+            .await?
+            .with_max_lifetime(config.max_token_lifetime),
         );
         jwt.spawn_refresh(config.jwks_refresh, shutdown_rx.clone());
         jwt_issuers = jwt.issuer_names();
@@ -216,7 +215,6 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         .local_addr()
         .map_err(|e| Error::Config(e.to_string()))?;
     let tls_config = Arc::new(tls::server_config(serving_cert.clone())?);
-    let incoming = tls::incoming(listener, tls_config, shutdown_rx.clone());
 
     let health = Arc::new(Health {
         serving: false.into(),
@@ -234,6 +232,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
                     l,
                     metrics.clone(),
                     health.clone(),
+                    config.limits.ops.clone(),
                     shutdown_rx.clone(),
                 )),
                 Some(bound),
@@ -250,30 +249,37 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         shutdown_rx.clone(),
     );
 
+    let refusals = metrics.refusals.clone();
     let service = service::CaService {
         authority: authority_rx,
         auth: auth.clone(),
         ttl: config.ttl,
         metrics,
+        warn: crate::logsafe::WarnLimiter::new(),
     };
-    let svc =
+    let routes = tonic::service::Routes::new(
         crate::proto::istio::istio_certificate_service_server::IstioCertificateServiceServer::new(
             service,
         )
-        .max_decoding_message_size(2 << 20);
-    let mut stop = shutdown_rx.clone();
-    let grpc = tokio::spawn(
-        tonic::transport::Server::builder()
-            .timeout(Duration::from_secs(30))
-            .concurrency_limit_per_connection(64)
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            // Reconnects spread clients over replicas as they come and go.
-            .max_connection_age(Duration::from_secs(30 * 60))
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = stop.changed().await;
-            }),
+        .max_decoding_message_size(config.limits.http2.max_message_bytes),
+    );
+    let grpc = net::Acceptor {
+        name: "CA gRPC".into(),
+        listener,
+        limits: config.limits.accept.clone(),
+        refusals: refusals.clone(),
+        shutdown: shutdown_rx.clone(),
+        drain: config.drain_timeout,
+        refusal_label: None,
+    }
+    .spawn(
+        tls::handshake(tls_config),
+        move |(tls, info), calls, stop| {
+            let routes = routes.clone();
+            let limits = config.limits.http2.clone();
+            let refusals = refusals.clone();
+            async move { net::serve_h2(tls, info, routes, &limits, &refusals, calls, stop).await }
+        },
     );
     health.serving.store(true, Ordering::Release);
     Ok(Running {
@@ -289,7 +295,6 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         grpc,
         ops,
         health,
-        drain_timeout: config.drain_timeout,
     })
 }
 

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use super::metrics::Metrics;
 use super::tls::ServingCert;
+use crate::limits::OpsLimits;
 
 /// What readiness depends on.
 pub struct Health {
@@ -40,12 +41,16 @@ pub fn spawn(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    limits: OpsLimits,
     shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
+    let refusals = metrics.refusals.clone();
     crate::ops::spawn(
         listener,
         move || metrics.render(),
         move || health.ready().map_err(str::to_owned),
+        limits,
+        refusals,
         shutdown,
     )
 }

@@ -9,9 +9,11 @@ use tonic::{Request, Response, Status};
 use super::auth::{AuthChain, AuthContext};
 use super::metrics::Metrics;
 use super::status;
-use crate::ca::{Authority, TtlPolicy, check_csr};
+use crate::ca::{Authority, TtlPolicy, check_pem_csr};
+use crate::logsafe::{WarnLimiter, peer as peer_text};
 use crate::proto::istio::istio_certificate_service_server::IstioCertificateService;
 use crate::proto::istio::{IstioCertificateRequest, IstioCertificateResponse};
+use std::net::IpAddr;
 
 /// The CSR-signing service.
 pub struct CaService {
@@ -19,6 +21,8 @@ pub struct CaService {
     pub(crate) auth: AuthChain,
     pub(crate) ttl: TtlPolicy,
     pub(crate) metrics: Arc<Metrics>,
+    /// Warnings a caller causes, rate-limited per source address.
+    pub(crate) warn: WarnLimiter<Option<IpAddr>>,
 }
 
 #[tonic::async_trait]
@@ -40,20 +44,24 @@ impl IstioCertificateService for CaService {
             Ok(caller) => caller,
             Err(reasons) => {
                 self.metrics.authentication_failure.inc();
-                let reasons: Vec<String> = reasons.iter().map(ToString::to_string).collect();
+                // Reasons quote what the caller sent: escaped and truncated.
+                let reasons: Vec<String> = reasons
+                    .iter()
+                    .map(|r| peer_text(&r.to_string()).to_string())
+                    .collect();
                 let reasons = if reasons.is_empty() {
                     "no credential presented".to_string()
                 } else {
                     reasons.join("; ")
                 };
-                tracing::warn!(?peer, ?reasons, "authentication failed");
+                crate::peer_warn!(self.warn, peer.map(|a| a.ip()), self.metrics.refusals, ?peer, %reasons, "authentication failed");
                 return Err(status::unauthenticated());
             }
         };
         let body = request.into_inner();
         if let Some(requested) = impersonation(&body).filter(|r| *r != caller.identity.as_str()) {
             self.metrics.id_extraction_err.inc();
-            tracing::warn!(?peer, caller = %caller.identity, ?requested, "impersonation refused");
+            crate::peer_warn!(self.warn, peer.map(|a| a.ip()), self.metrics.refusals, ?peer, caller = %caller.identity, requested = %peer_text(requested), "impersonation refused");
             return Err(Status::permission_denied(format!(
                 "{} is not allowed to request certificates for other identities",
                 caller.identity
@@ -61,8 +69,8 @@ impl IstioCertificateService for CaService {
         }
         let result = self
             .ttl
-            .resolve(body.validity_duration)
-            .and_then(|ttl| check_csr(body.csr.as_bytes()).map(|csr| (ttl, csr)))
+            .resolve_capped(body.validity_duration, caller.max_ttl)
+            .and_then(|ttl| check_pem_csr(&body.csr).map(|csr| (ttl, csr)))
             .and_then(|(ttl, csr)| {
                 self.authority
                     .borrow()
@@ -82,8 +90,8 @@ impl IstioCertificateService for CaService {
             }
             Err(e) => {
                 status::count(&self.metrics, &e);
-                // Debug formatting escapes control characters from CSR-supplied text.
-                tracing::warn!(identity = %caller.identity, ?peer, error = ?e, "certificate refused");
+                // The error may quote the CSR: escaped and truncated.
+                crate::peer_warn!(self.warn, peer.map(|a| a.ip()), self.metrics.refusals, identity = %caller.identity, ?peer, error = %peer_text(&e.to_string()), "certificate refused");
                 Err(status::from_ca(&e))
             }
         }

@@ -11,6 +11,22 @@ pub fn unauthenticated() -> Status {
     Status::unauthenticated("authentication failed")
 }
 
+/// Longest status message sent: errors may quote the CSR, and a message
+/// travels in a header the client must be able to take.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut cut = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str("...");
+    }
+    message
+}
+
 /// Maps a CA error to the status Istio's clients expect.
 pub fn from_ca(e: &ca::Error) -> Status {
     use ca::Error as E;
@@ -19,9 +35,9 @@ pub fn from_ca(e: &ca::Error) -> Status {
         | E::CsrMalformed(_)
         | E::CsrKeyType(_)
         | E::CsrSignature(_)
-        | E::TtlTooLong { .. } => Status::invalid_argument(e.to_string()),
+        | E::TtlTooLong { .. } => Status::invalid_argument(bounded(e.to_string())),
         E::IdentityMismatch { .. } | E::WrongTrustDomain { .. } => {
-            Status::permission_denied(e.to_string())
+            Status::permission_denied(bounded(e.to_string()))
         }
         E::SignerExpired => {
             Status::unavailable("the CA cannot sign: its signing certificate has expired")

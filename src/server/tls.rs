@@ -1,6 +1,6 @@
 //! The server's TLS: a serving certificate issued by the CA itself and swapped
-//! in place when renewed, client certificates requested but optional, and an
-//! accept loop that handshakes connections concurrently with a deadline.
+//! in place when renewed, client certificates requested but optional, and
+//! the handshake of each accepted connection (limits: [`crate::net`]).
 
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
@@ -13,19 +13,13 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tonic::transport::server::Connected;
 
 use super::Error;
 use crate::ca::{Authority, KeyAlgorithm, PrivateKey};
-
-/// How long a client may take to complete its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Handshakes in progress at once; connections beyond that are closed at
-/// once rather than stalling the accept loop.
-const MAX_PENDING_HANDSHAKES: usize = 1024;
 
 pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -208,53 +202,37 @@ pub fn server_config(cert: Arc<ServingCert>) -> Result<rustls::ServerConfig, Err
     Ok(config)
 }
 
-/// Accepts TCP connections and hands back completed TLS streams. Each
-/// handshake runs in its own task under [`HANDSHAKE_TIMEOUT`], so a slow or
-/// silent client never holds up others. Stops accepting when `shutdown`
-/// fires.
-pub fn incoming(
-    listener: TcpListener,
+/// The TLS handshake of one accepted connection (the accept loop puts it
+/// under the handshake deadline): the stream and tonic's connect info (peer
+/// address and certificates), or `None` when the handshake failed.
+pub fn handshake(
     config: Arc<rustls::ServerConfig>,
-    mut shutdown: watch::Receiver<bool>,
-) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
-    let (tx, rx) = mpsc::channel(64);
+) -> impl Fn(TcpStream, Option<IpAddr>) -> HandshakeFuture + Send + Sync + 'static {
     let acceptor = TlsAcceptor::from(config);
-    let slots = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = shutdown.changed() => return,
-            };
-            let (stream, peer) = match accepted {
-                Ok(a) => a,
+    move |tcp, peer| {
+        let acceptor = acceptor.clone();
+        Box::pin(async move {
+            match acceptor.accept(tcp).await {
+                Ok(tls) => {
+                    let info = tls.connect_info();
+                    Some((tls, info))
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    tracing::debug!(?peer, error = %e, "TLS handshake failed");
+                    None
                 }
-            };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, "too many TLS handshakes in progress; closing the connection");
-                continue;
-            };
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let _ = stream.set_nodelay(true);
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+            }
+        })
+    }
 }
+
+type HandshakeFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Option<(TlsStream<TcpStream>, ConnInfo)>> + Send>,
+>;
+
+/// What tonic's `Request::remote_addr` and `Request::peer_certs` read.
+pub type ConnInfo =
+    tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>;
 
 #[cfg(test)]
 mod tests {

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod envoy;
+pub mod h2raw;
+pub mod procs;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,6 +44,8 @@ pub fn config(state_dir: &Path) -> ServerConfig {
         dev_issuer: true,
         jwks_refresh: Duration::from_secs(300),
         drain_timeout: Duration::from_secs(5),
+        max_token_lifetime: workload_ca::server::jwt::DEFAULT_MAX_TOKEN_LIFETIME,
+        limits: workload_ca::limits::ServerLimits::default(),
     }
 }
 
@@ -79,19 +83,7 @@ impl TestServer {
         &self,
         identity: Option<(&str, &str)>,
     ) -> IstioCertificateServiceClient<Channel> {
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(self.root_pem()))
-            .domain_name("localhost");
-        if let Some((chain, key)) = identity {
-            tls = tls.identity(Identity::from_pem(chain, key));
-        }
-        let channel = Channel::from_shared(format!("https://{}", self.running.grpc_addr))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(20))
-            .connect()
+        let channel = tls_channel(self.running.grpc_addr, &self.root_pem(), identity)
             .await
             .expect("TLS connection to the CA");
         IstioCertificateServiceClient::new(channel)
@@ -137,6 +129,28 @@ impl TestServer {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
+}
+
+/// A TLS gRPC channel to the CA at `addr`, verified against `root_pem` for
+/// `localhost`, with an optional client certificate (chain PEM, key PEM).
+pub async fn tls_channel(
+    addr: std::net::SocketAddr,
+    root_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(root_pem))
+        .domain_name("localhost");
+    if let Some((chain, key)) = identity {
+        tls = tls.identity(Identity::from_pem(chain, key));
+    }
+    Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(20))
+        .connect()
+        .await
 }
 
 /// A minimal HTTP/1.1 GET; returns (status, body).

@@ -1,6 +1,18 @@
 //! The `ca` command line. Lives in the library so it can be tested; `main.rs`
 //! only calls [`main`].
 
+pub mod limits;
+
+/// Prints a banner line to stdout, ignoring a closed stdout: a server whose
+/// banner reader went away (`ca server | head -3`) must keep serving, not
+/// panic on `println!`'s broken pipe.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -97,6 +109,8 @@ pub struct AgentArgs {
     /// Also write key.pem (0600), cert-chain.pem and root-cert.pem to DIR/<workload>/.
     #[arg(long, env = "CA_OUTPUT_DIR")]
     pub output_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub limits: limits::AgentLimitArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -193,6 +207,9 @@ pub struct ServerArgs {
     /// Accepted token audiences.
     #[arg(long = "jwt-audience", env = "CA_JWT_AUDIENCES", value_delimiter = ',', default_values_t = ["istio-ca".to_string()])]
     pub jwt_audiences: Vec<String>,
+    /// Tokens that live longer than this, from `iat` to `exp`, are refused.
+    #[arg(long, env = "CA_MAX_TOKEN_LIFETIME", default_value_t = limits::Dur(crate::server::jwt::DEFAULT_MAX_TOKEN_LIFETIME))]
+    pub max_token_lifetime: limits::Dur,
     /// How often JWKS files and URLs are re-read.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub jwks_refresh: Duration,
@@ -202,6 +219,8 @@ pub struct ServerArgs {
     /// How long in-flight calls may run after SIGTERM.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    #[command(flatten)]
+    pub limits: limits::ServerLimitArgs,
 }
 
 #[derive(Args, Debug)]
@@ -360,9 +379,11 @@ impl ServerArgs {
             },
             jwt_issuers: self.jwt_issuers.clone(),
             jwt_audiences: self.jwt_audiences.clone(),
+            max_token_lifetime: self.max_token_lifetime.0,
             dev_issuer: self.dev,
             jwks_refresh: self.jwks_refresh,
             drain_timeout: self.drain_timeout,
+            limits: self.limits.to_limits()?,
         })
     }
 }
@@ -370,8 +391,12 @@ impl ServerArgs {
 fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .with_context(|| format!("--log-level {:?}", args.log_level))?;
+    use std::io::IsTerminal;
+    // Colour codes only where a person reads them, never in a log file or
+    // a collector.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = match args.log_format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -416,7 +441,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 args.ttl,
                 SystemTime::now(),
             )?;
-            println!("{token}");
+            use std::io::Write;
+            writeln!(std::io::stdout(), "{token}").context("writing the token")?;
             Ok(())
         }
     }
@@ -447,29 +473,29 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
             config.state_dir.join("ca").display()
         ),
     };
-    println!("workload-ca server is up");
-    println!("  trust domain : {}", config.trust_domain);
-    println!("  CA           : {ca_line}");
-    println!(
+    say!("workload-ca server is up");
+    say!("  trust domain : {}", config.trust_domain);
+    say!("  CA           : {ca_line}");
+    say!(
         "  gRPC (TLS)   : {}  istio.v1.auth.IstioCertificateService/CreateCertificate",
         running.grpc_addr
     );
-    println!("  TLS names    : {}", config.serving.dns_names.join(", "));
-    println!(
+    say!("  TLS names    : {}", config.serving.dns_names.join(", "));
+    say!(
         "  root cert    : {}  (clients verify the server and their certificates with it)",
         running.root_cert_path.display()
     );
     if let Some(ops) = running.ops_addr {
-        println!("  metrics      : http://{ops}/metrics   health: /healthz /readyz");
+        say!("  metrics      : http://{ops}/metrics   health: /healthz /readyz");
     }
-    println!("  auth         : {}", running.authenticators.join(", "));
+    say!("  auth         : {}", running.authenticators.join(", "));
     if running.dev_issuer_key.is_some() {
-        println!(
+        say!(
             "  get a token  : ca token --state-dir {} --namespace default --service-account default   (DEVELOPMENT issuer)",
             config.state_dir.display()
         );
     } else if running.jwt_issuers.is_empty() {
-        println!(
+        say!(
             "  get a token  : no token issuer configured; add --jwt-issuer ISSUER=JWKS, or --dev for local use"
         );
     }
@@ -515,6 +541,7 @@ impl AgentArgs {
             policy: self.rotation.policy(),
             ops_listen: parse_ops(&self.ops_listen)?,
             output_dir: self.output_dir.clone(),
+            limits: self.limits.to_limits()?,
         })
     }
 }
@@ -525,14 +552,14 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let agent = agent::start(config.clone())
         .await
         .context("starting the agent")?;
-    println!("workload-ca agent is up");
-    println!(
+    say!("workload-ca agent is up");
+    say!(
         "  CA           : {} (verified with {})",
         config.ca.address,
         config.ca.root_cert.display()
     );
     for w in &config.workloads {
-        println!(
+        say!(
             "  workload     : {}  token {}  SDS socket {}",
             w.name,
             w.token_file.display(),
@@ -540,7 +567,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         );
     }
     if let Some(ops) = agent.ops_addr {
-        println!("  metrics      : http://{ops}/metrics   health: /healthz /readyz");
+        say!("  metrics      : http://{ops}/metrics   health: /healthz /readyz");
     }
     signals.recv().await;
     tracing::info!("shutting down the agent");
@@ -610,31 +637,34 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         policy: args.rotation.policy(),
         ops_listen: parse_ops(&args.agent_ops_listen)?,
         output_dir: None,
+        limits: crate::limits::AgentLimits::default(),
     })
     .await
     .context("starting the agent")?;
 
-    println!("workload-ca (CA + agent) is up");
-    println!(
+    say!("workload-ca (CA + agent) is up");
+    say!(
         "  identity     : spiffe://{}/ns/{}/sa/{}",
-        config.trust_domain, args.namespace, args.service_account
+        config.trust_domain,
+        args.namespace,
+        args.service_account
     );
-    println!(
+    say!(
         "  CA gRPC (TLS): {}   root cert: {}",
         running.grpc_addr,
         running.root_cert_path.display()
     );
-    println!(
+    say!(
         "  SDS socket   : {}   (resources \"default\" and \"ROOTCA\")",
         sds_socket.display()
     );
     if let Some(ops) = running.ops_addr {
-        println!("  CA metrics   : http://{ops}/metrics");
+        say!("  CA metrics   : http://{ops}/metrics");
     }
     if let Some(ops) = agent.ops_addr {
-        println!("  agent metrics: http://{ops}/metrics   ready: /readyz");
+        say!("  agent metrics: http://{ops}/metrics   ready: /readyz");
     }
-    println!(
+    say!(
         "  try Envoy    : envoy -c deploy/envoy/sidecar.yaml --disable-hot-restart   (then: curl -k https://127.0.0.1:10443/)"
     );
     signals.recv().await;

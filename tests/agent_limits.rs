@@ -1,0 +1,231 @@
+//! The node agent's limits, crossed against a real `ca agent` process in
+//! node mode (workloads `a` and `b`, each with its own socket) talking to a
+//! real `ca server`: one workload's socket flooded, the other's proxy still
+//! served, every refusal counted, descriptors back to their level, and a
+//! peer's text never forging a log line.
+
+mod common;
+
+use std::time::Duration;
+
+use common::h2raw::{self, RawH2};
+use common::procs::*;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use workload_ca::agent::sds::SECRET_TYPE_URL;
+use workload_ca::limits::{PEER_WARN_BURST, label};
+use workload_ca::proto::envoy::service::discovery::v3::DiscoveryRequest;
+use workload_ca::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use workload_ca::proto::google::rpc::Status as RpcStatus;
+
+const STREAM: &str = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
+
+struct Node {
+    agent: AgentProc,
+    _ca: CaProc,
+}
+
+async fn node(args: &[&str]) -> Node {
+    let ca = CaProc::start(&[]);
+    let workloads = [("a", ca.token("prod", "a")), ("b", ca.token("prod", "b"))];
+    let agent = AgentProc::start(ca.grpc, &ca.root_pem(), &workloads, args);
+    agent.wait_ready().await;
+    Node { agent, _ca: ca }
+}
+
+async fn raw(socket: &std::path::Path) -> RawH2<tokio::net::UnixStream> {
+    RawH2::handshake(tokio::net::UnixStream::connect(socket).await.unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn connections_per_socket_are_capped_per_socket() {
+    let n = node(&["--sds-max-connections", "4"]).await;
+    let (a, b) = (n.agent.socket("a"), n.agent.socket("b"));
+    fetch_default(&b).await;
+    let fds = fd_count(n.agent.pid());
+
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(raw(&a).await);
+    }
+    for _ in 0..3 {
+        let mut s = tokio::net::UnixStream::connect(&a).await.unwrap();
+        assert!(
+            closed_within(&mut s, Duration::from_secs(2)).await,
+            "over the cap"
+        );
+    }
+    // The other workload's proxy is served as usual.
+    fetch_default(&b).await;
+    assert_eq!(n.agent.refusals(label::CONNECTIONS).await, 3.0);
+    drop(held);
+    fds_return_to(n.agent.pid(), fds).await;
+    fetch_default(&a).await;
+}
+
+#[tokio::test]
+async fn streams_per_connection_are_advertised_and_enforced() {
+    let n = node(&["--sds-max-streams-per-connection", "4"]).await;
+    let fds = fd_count(n.agent.pid());
+    let mut c = raw(&n.agent.socket("a")).await;
+    let headers = h2raw::grpc_headers_scheme("http", "localhost", STREAM);
+    for i in 0..50u32 {
+        c.send_headers(1 + 2 * i, &headers, false).await.unwrap();
+    }
+    let events = c
+        .collect_until(Duration::from_secs(10), |e| e.refused() >= 46)
+        .await;
+    assert_eq!(events.max_concurrent_streams, Some(4));
+    assert_eq!(events.refused(), 46, "{:?}", events.resets);
+    fetch_default(&n.agent.socket("b")).await;
+    assert!(n.agent.refusals(label::STREAMS_PER_CONNECTION).await >= 46.0);
+    drop(c);
+    fds_return_to(n.agent.pid(), fds).await;
+}
+
+#[tokio::test]
+async fn silent_connections_meet_the_preface_deadline() {
+    let n = node(&["--sds-preface-timeout", "1s"]).await;
+    let fds = fd_count(n.agent.pid());
+    let mut s = tokio::net::UnixStream::connect(n.agent.socket("a"))
+        .await
+        .unwrap();
+    assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+    assert_eq!(n.agent.refusals(label::PREFACE_TIMEOUT).await, 1.0);
+    fetch_default(&n.agent.socket("a")).await;
+    drop(s);
+    fds_return_to(n.agent.pid(), fds).await;
+}
+
+/// A StreamSecrets stream on `socket`'s workload: its request sender and
+/// its responses.
+async fn open_stream(
+    socket: &std::path::Path,
+) -> (
+    mpsc::Sender<DiscoveryRequest>,
+    tonic::Streaming<workload_ca::proto::envoy::service::discovery::v3::DiscoveryResponse>,
+) {
+    let mut client = SecretDiscoveryServiceClient::new(common::unix_channel(socket).await);
+    let (tx, rx) = mpsc::channel(64);
+    let stream = client
+        .stream_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, stream)
+}
+
+fn request(names: &[String], nonce: &str, nack: Option<&str>) -> DiscoveryRequest {
+    DiscoveryRequest {
+        version_info: String::new(),
+        node: None,
+        resource_names: names.to_vec(),
+        type_url: SECRET_TYPE_URL.into(),
+        response_nonce: nonce.into(),
+        error_detail: nack.map(|m| RpcStatus {
+            code: 13,
+            message: m.into(),
+            details: vec![],
+        }),
+    }
+}
+
+#[tokio::test]
+async fn resource_names_per_stream_are_capped() {
+    let n = node(&["--sds-max-resource-names", "3"]).await;
+    let (tx, mut stream) = open_stream(&n.agent.socket("a")).await;
+    let names: Vec<String> = (0..4)
+        .map(|i| format!("spiffe://cluster.local/x{i}"))
+        .collect();
+    tx.send(request(&names, "", None)).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::ResourceExhausted,
+        "{}",
+        err.message()
+    );
+    assert_eq!(n.agent.refusals(label::RESOURCE_NAMES).await, 1.0);
+    // Within the cap, on a new stream, it is served.
+    let (tx, mut stream) = open_stream(&n.agent.socket("a")).await;
+    tx.send(request(&["default".into(), "ROOTCA".into()], "", None))
+        .await
+        .unwrap();
+    let resp = stream.message().await.unwrap().unwrap();
+    assert_eq!(resp.resources.len(), 2);
+}
+
+/// Ten thousand NACKs do not write ten thousand lines, and the text in
+/// them never starts a line, in either log format.
+#[tokio::test]
+async fn nack_floods_are_rate_limited_and_cannot_forge_lines() {
+    for format in ["text", "json"] {
+        let n = node(&["--log-format", format]).await;
+        let (tx, mut stream) = open_stream(&n.agent.socket("a")).await;
+        let names = vec!["default".to_string()];
+        tx.send(request(&names, "", None)).await.unwrap();
+        let first = stream.message().await.unwrap().unwrap();
+        let forged = "bad\n2026-11-30T00:00:00Z  INFO workload_ca::agent: certificate renewed FORGED\r\x1b[2K\u{202e}";
+        let nacks = 2_000;
+        for _ in 0..nacks {
+            tx.send(request(&names, &first.nonce, Some(forged)))
+                .await
+                .unwrap();
+        }
+        // Every NACK was read: the counter shows them all.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while metric_at(n.agent.ops, "workload_ca_agent_sds_nacks_total").await < f64::from(nacks) {
+            assert!(std::time::Instant::now() < deadline, "NACKs not all read");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let suppressed = metric_at(n.agent.ops, "workload_ca_agent_log_suppressed_total").await;
+        let log = n.agent.log_text();
+        for line in log.lines() {
+            assert!(
+                !line.contains("FORGED") || line.contains("NACK"),
+                "{format}: a forged line: {line}"
+            );
+            assert!(
+                !line.contains('\x1b') && !line.contains('\r') && !line.contains('\u{202e}'),
+                "{format}: {line:?}"
+            );
+            if format == "json" {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line}"));
+            }
+        }
+        // A burst per 10 s window: one window unless this machine is very
+        // slow; every NACK either logged or counted as suppressed.
+        let warned = log.lines().filter(|l| l.contains("NACK")).count();
+        assert!(
+            warned >= PEER_WARN_BURST as usize && warned <= 2 * PEER_WARN_BURST as usize,
+            "{format}: {warned}"
+        );
+        assert_eq!(warned as f64 + suppressed, f64::from(nacks), "{format}");
+        // The flooded workload is still served.
+        fetch_default(&n.agent.socket("a")).await;
+    }
+}
+
+#[tokio::test]
+async fn sds_messages_are_bounded() {
+    use workload_ca::proto::envoy::config::core::v3::Node as EnvoyNode;
+    let n = node(&["--sds-max-message-bytes", "4096"]).await;
+    let mut sds =
+        SecretDiscoveryServiceClient::new(common::unix_channel(&n.agent.socket("a")).await);
+    let mut req = request(&["default".into()], "", None);
+    req.node = Some(EnvoyNode {
+        id: "x".repeat(8192),
+        cluster: "c".into(),
+        ..Default::default()
+    });
+    let err = sds.fetch_secrets(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{}", err.message());
+    assert_eq!(n.agent.refusals(label::MESSAGE_SIZE).await, 1.0);
+    fetch_default(&n.agent.socket("a")).await;
+}

@@ -1,0 +1,530 @@
+//! Every limit of the CA's ports crossed against a real `ca server`
+//! process: the refusal is seen on the wire and counted, a legitimate client
+//! on another connection still gets its certificate, and the process's open
+//! file descriptors return to their level before.
+//!
+//! The hostile side is a raw HTTP/2 client (tests/common/h2raw.rs) that
+//! breaks the rules a real client keeps, connecting from 127.0.0.2 so that
+//! the per-source limits see another host than the legitimate 127.0.0.1.
+
+mod common;
+
+use std::time::Duration;
+
+use common::h2raw;
+use common::procs::*;
+use common::*;
+use tokio::io::AsyncWriteExt;
+use workload_ca::limits::label;
+
+const PATH: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
+
+#[tokio::test]
+async fn streams_per_connection_are_advertised_and_enforced() {
+    let ca = CaProc::start(&["--max-streams-per-connection", "8"]);
+    ca.legit_issue().await;
+    let fds = fd_count(ca.pid());
+
+    let mut raw = ca.raw_from(OTHER_HOST).await;
+    let headers = h2raw::grpc_headers("localhost", PATH);
+    // Headers, never a body: each stream stays open until its deadline.
+    for i in 0..40u32 {
+        raw.send_headers(1 + 2 * i, &headers, false).await.unwrap();
+    }
+    let events = raw
+        .collect_until(Duration::from_secs(10), |e| e.refused() >= 32)
+        .await;
+    assert_eq!(events.max_concurrent_streams, Some(8), "advertised");
+    assert_eq!(events.refused(), 32, "enforced: {:?}", events.resets);
+
+    ca.legit_issue().await;
+    assert!(ca.refusals(label::STREAMS_PER_CONNECTION).await >= 32.0);
+    drop(raw);
+    fds_return_to(ca.pid(), fds).await;
+}
+
+#[tokio::test]
+async fn a_call_whose_body_never_comes_meets_its_deadline() {
+    use http_body_util::StreamBody;
+    let ca = CaProc::start(&["--request-timeout", "1s"]);
+    let fds = fd_count(ca.pid());
+
+    // A real HTTP/2 client whose request body never ends (one byte, then
+    // nothing): the server answers DEADLINE_EXCEEDED instead of waiting.
+    let tls = ca.tls_from(OTHER_HOST).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<
+        Result<hyper::body::Frame<hyper::body::Bytes>, std::convert::Infallible>,
+    >(1);
+    tx.send(Ok(hyper::body::Frame::data(
+        hyper::body::Bytes::from_static(&[0]),
+    )))
+    .await
+    .unwrap();
+    let req = http::Request::post(format!("https://localhost{PATH}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+        .await
+        .expect("answered, not held")
+        .unwrap();
+    assert_eq!(
+        resp.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"4"[..]),
+        "DEADLINE_EXCEEDED: {:?}",
+        resp.headers()
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    drop((tx, resp));
+
+    ca.legit_issue().await;
+    assert_eq!(ca.refusals(label::REQUEST_TIMEOUT).await, 1.0);
+    drop(send);
+    fds_return_to(ca.pid(), fds).await;
+}
+
+#[tokio::test]
+async fn header_lists_are_bounded() {
+    let ca = CaProc::start(&["--max-header-list-bytes", "4096"]);
+    let fds = fd_count(ca.pid());
+    let mut raw = ca.raw_from(OTHER_HOST).await;
+    let mut headers = h2raw::grpc_headers("localhost", PATH);
+    headers.push((
+        "authorization".into(),
+        format!("Bearer {}", "x".repeat(8192)),
+    ));
+    raw.send_headers(1, &headers, false).await.unwrap();
+    let events = raw
+        .collect_until(Duration::from_secs(5), |e| !e.resets.is_empty())
+        .await;
+    assert_eq!(events.max_header_list_size, Some(4096), "advertised");
+    assert!(
+        events.resets.iter().any(|(id, _)| *id == 1),
+        "the oversized stream is reset: {events:?}"
+    );
+    ca.legit_issue().await;
+    assert_eq!(ca.refusals(label::HEADER_LIST_SIZE).await, 1.0);
+    drop(raw);
+    fds_return_to(ca.pid(), fds).await;
+}
+
+#[tokio::test]
+async fn silent_connections_meet_the_handshake_and_preface_deadlines() {
+    let ca = CaProc::start(&["--handshake-timeout", "1s", "--preface-timeout", "1s"]);
+    ca.legit_issue().await;
+    let fds = fd_count(ca.pid());
+
+    // TCP, never a ClientHello.
+    let mut tcp = ca.tcp_from(OTHER_HOST).await.unwrap();
+    // TLS done, never the HTTP/2 preface.
+    let mut tls = ca.tls_from(OTHER_HOST).await.unwrap();
+    assert!(
+        closed_within(&mut tcp, Duration::from_secs(5)).await,
+        "handshake deadline"
+    );
+    assert!(
+        closed_within(&mut tls, Duration::from_secs(5)).await,
+        "preface deadline"
+    );
+
+    ca.legit_issue().await;
+    assert_eq!(ca.refusals(label::HANDSHAKE_TIMEOUT).await, 1.0);
+    assert_eq!(ca.refusals(label::PREFACE_TIMEOUT).await, 1.0);
+    drop((tcp, tls));
+    fds_return_to(ca.pid(), fds).await;
+}
+
+#[tokio::test]
+async fn idle_connections_get_goaway() {
+    let ca = CaProc::start(&["--idle-timeout", "1s"]);
+    let fds = fd_count(ca.pid());
+    let mut raw = ca.raw_from(OTHER_HOST).await;
+    let events = raw
+        .collect_until(Duration::from_secs(6), |e| e.closed)
+        .await;
+    assert_eq!(
+        events.goaway.map(|(_, code)| code),
+        Some(h2raw::NO_ERROR),
+        "a graceful GOAWAY: {events:?}"
+    );
+    assert!(events.closed);
+    ca.legit_issue().await;
+    assert!(ca.refusals(label::IDLE_TIMEOUT).await >= 1.0);
+    drop(raw);
+    fds_return_to(ca.pid(), fds).await;
+}
+
+#[tokio::test]
+async fn connections_per_source_are_capped() {
+    let ca = CaProc::start(&["--max-connections-per-source", "5"]);
+    ca.legit_issue().await;
+    let fds = fd_count(ca.pid());
+
+    // Five connections from the other host are held open (preface sent)...
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(ca.raw_from(OTHER_HOST).await);
+    }
+    // ... and its sixth to eighth are closed at once.
+    for _ in 0..3 {
+        let mut tcp = ca.tcp_from(OTHER_HOST).await.unwrap();
+        assert!(closed_within(&mut tcp, Duration::from_secs(2)).await);
+    }
+    // Another host is not affected, new connection or old.
+    ca.legit_issue().await;
+    assert_eq!(ca.refusals(label::CONNECTIONS_PER_SOURCE).await, 3.0);
+    drop(held);
+    fds_return_to(ca.pid(), fds).await;
+}
+
+#[tokio::test]
+async fn one_source_cannot_take_the_handshake_pool() {
+    let ca = CaProc::start(&[
+        "--max-pending-handshakes",
+        "64",
+        "--max-pending-handshakes-per-source",
+        "4",
+        "--handshake-timeout",
+        "30s",
+    ]);
+    let fds = fd_count(ca.pid());
+
+    // Silent TCP connections from one source: four wait for their
+    // handshake, the rest are closed at once.
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(ca.tcp_from(OTHER_HOST).await.unwrap());
+    }
+    assert_eq!(
+        count_closed(&mut silent, Duration::from_millis(300)).await,
+        16
+    );
+    // Everyone else still connects and is served, while the four wait.
+    ca.legit_issue().await;
+    assert_eq!(
+        ca.refusals(label::PENDING_HANDSHAKES_PER_SOURCE).await,
+        16.0
+    );
+    drop(silent);
+    fds_return_to(ca.pid(), fds).await;
+}
+
+#[tokio::test]
+async fn total_connections_are_capped() {
+    let ca = CaProc::start(&[
+        "--max-connections",
+        "6",
+        "--max-connections-per-source",
+        "100",
+    ]);
+    let fds = fd_count(ca.pid());
+    // A client connected before the flood keeps being served.
+    let mut existing = ca.client().await;
+    let token = ca.token("prod", "web");
+
+    let mut held = Vec::new();
+    for host in [OTHER_HOST, THIRD_HOST] {
+        for _ in 0..2 {
+            held.push(ca.raw_from(host).await);
+        }
+    }
+    held.push(ca.raw_from(THIRD_HOST).await);
+    // Six open: the seventh is closed at once, from whichever host.
+    let mut tcp = ca.tcp_from(OTHER_HOST).await.unwrap();
+    assert!(closed_within(&mut tcp, Duration::from_secs(2)).await);
+    let mut tcp = ca.tcp_from("127.0.0.4").await.unwrap();
+    assert!(closed_within(&mut tcp, Duration::from_secs(2)).await);
+
+    let (_k, csr) = key_and_csr(workload_ca::ca::KeyAlgorithm::EcdsaP256, None);
+    let chain = request(&mut existing, &csr, Some(&token), 0)
+        .await
+        .expect("an established client is still served");
+    webpki_verify(&chain);
+    assert_eq!(ca.refusals(label::CONNECTIONS).await, 2.0);
+
+    drop(held);
+    drop(existing);
+    fds_return_to(ca.pid(), fds).await;
+    ca.legit_issue().await;
+}
+
+#[tokio::test]
+async fn the_metrics_port_has_deadlines_and_a_cap() {
+    let ca = CaProc::start(&[
+        "--ops-max-connections",
+        "4",
+        "--ops-header-read-timeout",
+        "1s",
+        "--ops-connection-timeout",
+        "3s",
+    ]);
+    let fds = fd_count(ca.pid());
+    // Half-sent requests: closed at the header-read deadline.
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut s = tcp_from(OTHER_HOST, ca.ops).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    // The fifth is refused at once.
+    let mut fifth = tcp_from(OTHER_HOST, ca.ops).await.unwrap();
+    assert!(closed_within(&mut fifth, Duration::from_millis(500)).await);
+    // The CA port is unaffected meanwhile.
+    ca.legit_issue().await;
+    for s in &mut slow {
+        assert!(
+            closed_within(s, Duration::from_secs(4)).await,
+            "header-read deadline"
+        );
+    }
+    // And a client of the metrics port is served once they are gone.
+    assert!(ca.refusals(label::OPS_CONNECTIONS).await >= 1.0);
+    assert!(ca.refusals(label::OPS_TIMEOUT).await >= 4.0);
+    drop((slow, fifth));
+    fds_return_to(ca.pid(), fds).await;
+}
+
+/// A peer's text never starts a log line, in either format, and one peer's
+/// repeated failures are rate-limited and counted.
+#[tokio::test]
+async fn peer_text_cannot_forge_log_lines() {
+    for format in ["text", "json"] {
+        let ca = CaProc::start(&["--log-format", format]);
+        let forged =
+            "x\n2026-11-30T00:00:00Z  INFO workload_ca: certificate issued FORGED\r\x1b[2K";
+        let mut client = ca.client().await;
+        let (_k, csr) = key_and_csr(workload_ca::ca::KeyAlgorithm::EcdsaP256, None);
+        let token = format!(
+            "{}.{}.sig",
+            b64(r#"{"alg":"ES256","typ":"JWT"}"#),
+            b64(&serde_json::json!({"iss": forged, "sub": forged}).to_string())
+        );
+        for _ in 0..50 {
+            let err = request(&mut client, &csr, Some(&token), 0)
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        }
+        let suppressed = ca.metric("workload_ca_log_suppressed_total").await;
+        let log = ca.log_text();
+        for line in log.lines() {
+            assert!(
+                !line.contains("FORGED") || line.contains("authentication failed"),
+                "{format}: {line}"
+            );
+            assert!(
+                !line.contains('\x1b') && !line.contains('\r'),
+                "{format}: {line:?}"
+            );
+            if format == "json" {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line}"));
+            }
+        }
+        // A burst per 10 s window (one window unless this machine is very
+        // slow); every failure either logged or counted as suppressed.
+        let warnings = log
+            .lines()
+            .filter(|l| l.contains("authentication failed"))
+            .count();
+        let burst = workload_ca::limits::PEER_WARN_BURST as usize;
+        assert!(
+            warnings >= burst && warnings <= 2 * burst,
+            "{format}: {warnings}"
+        );
+        assert_eq!(warnings as f64 + suppressed, 50.0, "{format}");
+    }
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+}
+
+#[tokio::test]
+async fn streams_reset_for_client_errors_end_the_connection() {
+    let ca = CaProc::start(&[
+        "--max-streams-per-connection",
+        "2",
+        "--max-reset-streams",
+        "10",
+    ]);
+    let fds = fd_count(ca.pid());
+    let mut raw = ca.raw_from(OTHER_HOST).await;
+    let headers = h2raw::grpc_headers("localhost", PATH);
+    for i in 0..40u32 {
+        if raw.send_headers(1 + 2 * i, &headers, false).await.is_err() {
+            break;
+        }
+    }
+    let events = raw
+        .collect_until(Duration::from_secs(10), |e| e.closed)
+        .await;
+    assert_eq!(
+        events.goaway.map(|(_, code)| code),
+        Some(h2raw::ENHANCE_YOUR_CALM),
+        "{events:?}"
+    );
+    assert!(events.refused() <= 11, "{events:?}");
+    ca.legit_issue().await;
+    assert_eq!(ca.refusals(label::RESET_FLOOD).await, 1.0);
+    drop(raw);
+    fds_return_to(ca.pid(), fds).await;
+}
+
+#[tokio::test]
+async fn connections_are_closed_at_their_maximum_age() {
+    let ca = CaProc::start(&["--max-connection-age", "1s", "--idle-timeout", "0"]);
+    let mut raw = ca.raw_from(OTHER_HOST).await;
+    // Busy (a call in flight), yet told to go at its age.
+    raw.send_headers(1, &h2raw::grpc_headers("localhost", PATH), false)
+        .await
+        .unwrap();
+    let events = raw
+        .collect_until(Duration::from_secs(5), |e| e.goaway.is_some())
+        .await;
+    assert_eq!(events.goaway.map(|(_, code)| code), Some(h2raw::NO_ERROR));
+    assert_eq!(ca.refusals(label::IDLE_TIMEOUT).await, 0.0, "not idle");
+}
+
+#[tokio::test]
+async fn the_handshake_pool_is_capped_in_all() {
+    let ca = CaProc::start(&[
+        "--max-pending-handshakes",
+        "4",
+        "--max-pending-handshakes-per-source",
+        "100",
+        "--handshake-timeout",
+        "30s",
+    ]);
+    let fds = fd_count(ca.pid());
+    let mut silent = Vec::new();
+    for host in [OTHER_HOST, THIRD_HOST] {
+        for _ in 0..3 {
+            silent.push(ca.tcp_from(host).await.unwrap());
+        }
+    }
+    assert_eq!(
+        count_closed(&mut silent, Duration::from_millis(300)).await,
+        2
+    );
+    assert_eq!(ca.refusals(label::PENDING_HANDSHAKES).await, 2.0);
+    drop(silent);
+    fds_return_to(ca.pid(), fds).await;
+    ca.legit_issue().await;
+}
+
+#[tokio::test]
+async fn request_messages_are_bounded() {
+    let ca = CaProc::start(&["--max-request-bytes", "4096"]);
+    let mut client = ca.client().await;
+    let token = ca.token("prod", "web");
+    let (_k, csr) = key_and_csr(workload_ca::ca::KeyAlgorithm::EcdsaP256, None);
+    let padded = format!("{csr}{}", " ".repeat(8192));
+    let err = request(&mut client, &padded, Some(&token), 0)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{}", err.message());
+    assert_eq!(ca.refusals(label::MESSAGE_SIZE).await, 1.0);
+    let chain = request(&mut client, &csr, Some(&token), 0).await.unwrap();
+    webpki_verify(&chain);
+}
+
+/// HTTP/2 "rapid reset" (CVE-2023-44487): streams opened and reset at once,
+/// in one burst, before the server could serve them.
+#[tokio::test]
+async fn rapid_resets_end_the_connection() {
+    let ca = CaProc::start(&["--max-pending-accept-resets", "5"]);
+    let fds = fd_count(ca.pid());
+    let mut raw = ca.raw_from(OTHER_HOST).await;
+    let block = h2raw::encode_header_block(&h2raw::grpc_headers("localhost", PATH));
+    let mut burst = Vec::new();
+    for i in 0..200u32 {
+        let id = 1 + 2 * i;
+        burst.extend(h2raw::encode_frame(
+            h2raw::HEADERS,
+            h2raw::FLAG_END_HEADERS,
+            id,
+            &block,
+        ));
+        burst.extend(h2raw::encode_frame(
+            h2raw::RST_STREAM,
+            0,
+            id,
+            &h2raw::CANCEL.to_be_bytes(),
+        ));
+    }
+    let _ = raw.send_raw(&burst).await;
+    let events = raw
+        .collect_until(Duration::from_secs(10), |e| e.closed)
+        .await;
+    assert_eq!(
+        events.goaway.map(|(_, code)| code),
+        Some(h2raw::ENHANCE_YOUR_CALM),
+        "{events:?}"
+    );
+    ca.legit_issue().await;
+    assert_eq!(ca.refusals(label::RESET_FLOOD).await, 1.0);
+    drop(raw);
+    fds_return_to(ca.pid(), fds).await;
+}
+
+/// What bounds one client's memory whatever it does with its connections:
+/// calls in flight per source, then in all, refused before any handler.
+#[tokio::test]
+async fn calls_in_flight_are_capped_per_source_and_in_all() {
+    let ca = CaProc::start(&[
+        "--max-calls-per-source",
+        "5",
+        "--max-calls",
+        "8",
+        "--request-timeout",
+        "30s",
+    ]);
+    let fds = fd_count(ca.pid());
+    let headers = h2raw::grpc_headers("localhost", PATH);
+    // Two connections from one source, four body-less calls each: the
+    // sixth to eighth are answered at once (RESOURCE_EXHAUSTED, a complete
+    // response), the first five stay open.
+    let mut a = ca.raw_from(OTHER_HOST).await;
+    let mut b = ca.raw_from(OTHER_HOST).await;
+    for i in 0..4u32 {
+        a.send_headers(1 + 2 * i, &headers, false).await.unwrap();
+    }
+    let ea = a.collect(Duration::from_millis(500)).await;
+    for i in 0..4u32 {
+        b.send_headers(1 + 2 * i, &headers, false).await.unwrap();
+    }
+    let eb = b
+        .collect_until(Duration::from_secs(5), |e| e.end_streams.len() >= 3)
+        .await;
+    assert!(ea.end_streams.is_empty(), "{ea:?}");
+    assert_eq!(eb.end_streams.len(), 3, "{eb:?}");
+    assert_eq!(ca.refusals(label::CALLS_PER_SOURCE).await, 3.0);
+    // Another source: three more fit under the total of eight, the fourth
+    // does not.
+    let mut c = ca.raw_from(THIRD_HOST).await;
+    for i in 0..4u32 {
+        c.send_headers(1 + 2 * i, &headers, false).await.unwrap();
+    }
+    let ec = c.collect(Duration::from_millis(1000)).await;
+    assert_eq!(ec.end_streams.len(), 1, "one answered at once: {ec:?}");
+    assert_eq!(ca.refusals(label::CALLS).await, 1.0);
+    // Once they go, everyone is served again.
+    drop((a, b, c));
+    fds_return_to(ca.pid(), fds).await;
+    ca.legit_issue().await;
+}
