@@ -21,6 +21,8 @@
 //! | header list size | advertised in `SETTINGS_MAX_HEADER_LIST_SIZE`; beyond it, HTTP 431 then `RST_STREAM(PROTOCOL_ERROR)` |
 //! | streams reset for the client's errors, rapid resets | `GOAWAY(ENHANCE_YOUR_CALM)`, the connection closes |
 //! | request deadline | gRPC `DEADLINE_EXCEEDED` (covers a missing or slow body) |
+//! | answer not taken a second after the deadline (zero window) | the connection is closed |
+//! | calls still open after `GOAWAY` plus the grace period | the connection is closed |
 //! | calls in flight, per source and in all | gRPC `RESOURCE_EXHAUSTED` at once, before any handler runs |
 //! | request message size | gRPC `OUT_OF_RANGE` before the message is buffered |
 //! | SDS resource names per stream | gRPC `RESOURCE_EXHAUSTED`, that stream ends |
@@ -78,15 +80,21 @@ pub struct Http2Limits {
     /// Time after the connection is accepted (and its TLS handshake done) by
     /// which the client must have sent the 24-byte HTTP/2 preface.
     pub preface_timeout: Duration,
-    /// A connection with no request in flight for this long gets `GOAWAY`.
-    /// `None` on the agent: a proxy's SDS connection is idle between
-    /// rotations by design.
+    /// A connection with no call in flight for this long gets `GOAWAY`. (A
+    /// proxy's SDS connection always has its streams open, so this only
+    /// reclaims connections that hold none.)
     pub idle_timeout: Option<Duration>,
     /// Every connection gets `GOAWAY` at this age, so clients spread over
     /// replicas as they come and go.
     pub max_connection_age: Option<Duration>,
-    /// Deadline of every request, from its headers to its response; covers
-    /// a body that never comes. `None` for streaming services (SDS).
+    /// After `GOAWAY` (idle, age, shutdown), how long calls in flight may
+    /// take before the connection is closed regardless.
+    pub goaway_grace: Duration,
+    /// Deadline of every call, from its headers to its answer, covering a
+    /// body that never comes (`DEADLINE_EXCEEDED`); shortened by the
+    /// client's own `grpc-timeout`. A call still in flight a second after
+    /// it (its answer not taken: a zero flow-control window) closes its
+    /// connection. `None` for streaming services (SDS).
     pub request_timeout: Option<Duration>,
     /// Calls in flight from one source address, over all its connections
     /// (`None` where there is no address: Unix sockets). A call held open
@@ -105,8 +113,9 @@ pub struct Http2Limits {
     /// accepted them (HTTP/2 "rapid reset", CVE-2023-44487) before the
     /// connection gets `GOAWAY(ENHANCE_YOUR_CALM)`.
     pub max_pending_accept_resets: usize,
-    /// Flow-control windows: what one stream, and one connection, may make
-    /// us buffer before the handler reads it.
+    /// Flow-control windows: how much a client may send ahead of what the
+    /// handler has read. (tonic moves what arrives into the call's own
+    /// buffer, which `max_message_bytes` bounds.)
     pub stream_window_bytes: u32,
     pub connection_window_bytes: u32,
 }
@@ -115,6 +124,9 @@ pub struct Http2Limits {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpsLimits {
     pub max_connections: usize,
+    /// From one source address: one client cannot take every slot from the
+    /// kubelet's probes and Prometheus.
+    pub max_connections_per_source: usize,
     /// Time for a client to send a request's headers.
     pub header_read_timeout: Duration,
     /// Time a connection may stay open in all.
@@ -125,6 +137,7 @@ impl Default for OpsLimits {
     fn default() -> Self {
         Self {
             max_connections: 64,
+            max_connections_per_source: 16,
             header_read_timeout: Duration::from_secs(5),
             connection_timeout: Duration::from_secs(30),
         }
@@ -158,11 +171,15 @@ impl Default for ServerLimits {
                 preface_timeout: Duration::from_secs(5),
                 idle_timeout: Some(Duration::from_secs(10 * 60)),
                 max_connection_age: Some(Duration::from_secs(30 * 60)),
+                goaway_grace: Duration::from_secs(20),
                 request_timeout: Some(Duration::from_secs(15)),
-                max_calls_per_source: Some(1_000),
-                max_calls: Some(10_000),
+                // A call waiting for its body holds a buffer of the size it
+                // declared (up to `max_message_bytes`): 256 x 66 KiB = 17 MiB
+                // per source, 4,096 x 66 KiB = 270 MiB in all, at most.
+                max_calls_per_source: Some(256),
+                max_calls: Some(4_096),
                 // A CSR is at most 64 KiB (`MAX_CSR_BYTES`), plus metadata.
-                max_message_bytes: 128 * 1024,
+                max_message_bytes: 66 * 1024,
                 max_reset_streams: 1024,
                 max_pending_accept_resets: 20,
                 stream_window_bytes: 128 * 1024,
@@ -202,14 +219,20 @@ impl Default for AgentLimits {
                 max_streams_per_connection: 32,
                 max_header_list_bytes: 16 * 1024,
                 preface_timeout: Duration::from_secs(5),
-                idle_timeout: None,
+                // A connection without a single stream: never Envoy's.
+                idle_timeout: Some(Duration::from_secs(5 * 60)),
                 max_connection_age: None,
+                goaway_grace: Duration::from_secs(2),
                 request_timeout: None,
                 max_calls_per_source: None,
-                max_calls: None,
+                // Streams per socket (each socket has its own count): a
+                // proxy opens one per secret name. A stream waiting for a
+                // message holds a buffer of the size it declared, so this
+                // times `max_message_bytes` bounds a socket: 16 MiB.
+                max_calls: Some(64),
                 // Envoy's first request carries its whole node (~61 KB with
                 // extensions).
-                max_message_bytes: 1024 * 1024,
+                max_message_bytes: 256 * 1024,
                 max_reset_streams: 1024,
                 max_pending_accept_resets: 20,
                 stream_window_bytes: 1024 * 1024,
@@ -234,6 +257,7 @@ pub mod label {
     pub const HEADER_LIST_SIZE: &str = "header_list_size";
     pub const RESET_FLOOD: &str = "http2_reset_flood";
     pub const REQUEST_TIMEOUT: &str = "request_timeout";
+    pub const RESPONSE_STALLED: &str = "response_stalled";
     pub const CALLS_PER_SOURCE: &str = "calls_per_source";
     pub const CALLS: &str = "calls";
     pub const MESSAGE_SIZE: &str = "message_size";
@@ -253,6 +277,7 @@ pub mod label {
         HEADER_LIST_SIZE,
         RESET_FLOOD,
         REQUEST_TIMEOUT,
+        RESPONSE_STALLED,
         CALLS_PER_SOURCE,
         CALLS,
         MESSAGE_SIZE,

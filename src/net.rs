@@ -14,16 +14,18 @@
 //!   with a header-read deadline and a deadline on the whole connection.
 //!
 //! On shutdown the accept loop stops and drops its listener, every
-//! connection gets `GOAWAY` (in-flight calls finish), and whatever is still
-//! running at the drain deadline is aborted; the acceptor's task ends only
-//! once every connection task has.
+//! connection gets `GOAWAY` (in-flight calls finish), and every connection
+//! task still running at the drain deadline is aborted; the acceptor's task
+//! ends only once every connection task has. (Each call runs in a task of
+//! its own that hyper spawns; it ends with its call: within the request
+//! deadline on the CA, at shutdown for SDS streams.)
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -51,7 +53,22 @@ impl Listener for tokio::net::TcpListener {
     async fn accept(&self) -> io::Result<(Self::Io, Option<IpAddr>)> {
         let (s, addr) = tokio::net::TcpListener::accept(self).await?;
         let _ = s.set_nodelay(true);
-        Ok((s, Some(addr.ip())))
+        Ok((s, Some(source_of(addr.ip()))))
+    }
+}
+
+/// The "source" per-source limits count: the IPv4 address, or the /64 of
+/// an IPv6 address (one host usually holds a whole /64, so counting single
+/// IPv6 addresses would give it unlimited sources).
+pub fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                v6.to_bits() & !((1u128 << 64) - 1),
+            )),
+        },
+        v4 => v4,
     }
 }
 
@@ -61,6 +78,39 @@ impl Listener for tokio::net::UnixListener {
         let (s, _) = tokio::net::UnixListener::accept(self).await?;
         Ok((s, None))
     }
+}
+
+/// Descriptors kept back from connections: listeners, files, the runtime,
+/// outgoing connections.
+const FD_RESERVE: u64 = 256;
+
+/// The process's soft limit on open files (Linux, from /proc).
+pub fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// `limits` with `max_connections` lowered to what the open-files limit
+/// allows (less [`FD_RESERVE`]), with a warning: past it, `accept` itself
+/// would fail (EMFILE) for every client alike, rather than our limits
+/// refusing the excess.
+pub fn within_fd_limit(mut limits: AcceptLimits) -> AcceptLimits {
+    if let Some(files) = open_files_limit() {
+        let room = usize::try_from(files.saturating_sub(FD_RESERVE))
+            .unwrap_or(usize::MAX)
+            .max(1);
+        if limits.max_connections > room {
+            tracing::warn!(
+                configured = limits.max_connections,
+                open_files_limit = files,
+                using = room,
+                "--max-connections is above what the open-files limit allows; using less (raise `ulimit -n` to allow more)"
+            );
+            limits.max_connections = room;
+        }
+    }
+    limits
 }
 
 /// Open and handshaking connections, in all and per source.
@@ -284,24 +334,40 @@ impl<L: Listener> Acceptor<L> {
 struct ConnStats {
     opened: Instant,
     bytes_in: AtomicU64,
-    in_flight: AtomicU32,
-    /// Milliseconds after `opened` at which `in_flight` last became zero.
+    /// Calls in flight on this connection, by a sequence number (so the
+    /// first entry is the oldest), with when each began.
+    calls: Mutex<std::collections::BTreeMap<u64, Instant>>,
+    next_call: AtomicU64,
+    /// Milliseconds after `opened` at which the last call ended.
     idle_since_ms: AtomicU64,
     refusals: Refusals,
 }
 
 impl ConnStats {
     fn stream_opened(self: &Arc<Self>) -> StreamGuard {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        StreamGuard(self.clone())
+        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut calls) = self.calls.lock() {
+            calls.insert(id, Instant::now());
+        }
+        StreamGuard(self.clone(), id)
     }
 
+    /// How long the connection has had no call in flight; `None` while it
+    /// has one.
     fn idle_for(&self, now: Instant) -> Option<Duration> {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
+        if self.calls.lock().map_or(true, |c| !c.is_empty()) {
             return None;
         }
         let since = self.opened + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
         Some(now.saturating_duration_since(since))
+    }
+
+    /// When the oldest call in flight began.
+    fn oldest_call(&self) -> Option<Instant> {
+        self.calls
+            .lock()
+            .ok()
+            .and_then(|c| c.first_key_value().map(|(_, at)| *at))
     }
 
     /// A stream reset the server's HTTP/2 layer sent on its own.
@@ -317,12 +383,16 @@ impl ConnStats {
     }
 }
 
-/// One request (stream) in flight, until its response body is done.
-struct StreamGuard(Arc<ConnStats>);
+/// One call (stream) in flight, until its response body is done.
+struct StreamGuard(Arc<ConnStats>, u64);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        let Ok(mut calls) = self.0.calls.lock() else {
+            return;
+        };
+        calls.remove(&self.1);
+        if calls.is_empty() {
             let ms = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
             self.0.idle_since_ms.store(ms, Ordering::Release);
         }
@@ -590,8 +660,12 @@ where
             }
         };
         req.extensions_mut().insert(self.info.clone());
+        // The client's own deadline shortens ours, never lengthens it.
+        let deadline = match (self.request_timeout, grpc_timeout(req.headers())) {
+            (Some(ours), Some(theirs)) => Some(ours.min(theirs)),
+            (ours, _) => ours,
+        };
         let fut = self.inner.call(req);
-        let deadline = self.request_timeout;
         Box::pin(async move {
             let resp = match deadline {
                 None => fut.await?,
@@ -630,6 +704,26 @@ where
     }
 }
 
+/// The `grpc-timeout` request header: up to 8 digits and a unit (`H`, `M`,
+/// `S`, `m`, `u`, `n`), per the gRPC over HTTP/2 spec.
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// Serves one HTTP/2 connection with `service` (usually tonic's `Routes`)
 /// until it closes, its preface deadline passes without a preface, or
 /// shutdown (then gracefully). `info` is inserted into every request's
@@ -650,7 +744,8 @@ pub async fn serve_h2<IO, S, I>(
     let stats = Arc::new(ConnStats {
         opened: Instant::now(),
         bytes_in: AtomicU64::new(0),
-        in_flight: AtomicU32::new(0),
+        calls: Mutex::new(std::collections::BTreeMap::new()),
+        next_call: AtomicU64::new(0),
         idle_since_ms: AtomicU64::new(0),
         refusals: refusals.clone(),
     });
@@ -685,7 +780,11 @@ pub async fn serve_h2<IO, S, I>(
     let opened = stats.opened;
     let mut preface_due = Some(opened + limits.preface_timeout);
     let age_due = limits.max_connection_age.map(|a| opened + a);
-    let mut draining = false;
+    // A call still in flight this long after it began has had its answer
+    // (DEADLINE_EXCEEDED at the latest) for a second: a client that does
+    // not take it (a zero flow-control window) loses the connection.
+    let stall = limits.request_timeout.map(|t| t + STALL_GRACE);
+    let mut draining_since: Option<Instant> = None;
     loop {
         let now = Instant::now();
         // The next moment something may have to happen.
@@ -693,12 +792,19 @@ pub async fn serve_h2<IO, S, I>(
             Some(for_) => now + idle.saturating_sub(for_),
             None => now + idle,
         });
-        let wake = [preface_due, idle_due, age_due]
-            .into_iter()
-            .flatten()
-            .filter(|_| !draining)
-            .min()
-            .unwrap_or(now + Duration::from_secs(3600));
+        let stall_due = stall.map(|s| stats.oldest_call().map_or(now + s, |at| at + s));
+        let wake = match draining_since {
+            // After GOAWAY, only the grace period (and stalled calls) count.
+            Some(since) => [Some(since + limits.goaway_grace), stall_due],
+            None => [
+                [preface_due, idle_due, age_due].into_iter().flatten().min(),
+                stall_due,
+            ],
+        }
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(now + Duration::from_secs(3600));
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
@@ -706,12 +812,27 @@ pub async fn serve_h2<IO, S, I>(
                 }
                 return;
             }
-            _ = shutdown.changed(), if !draining => {
+            _ = shutdown.changed(), if draining_since.is_none() => {
                 conn.as_mut().graceful_shutdown();
-                draining = true;
+                draining_since = Some(Instant::now());
             }
             _ = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
+                if stall
+                    .zip(stats.oldest_call())
+                    .is_some_and(|(s, at)| now >= at + s)
+                {
+                    refusals.refused(label::RESPONSE_STALLED);
+                    tracing::debug!("a call outlived its deadline (its answer not taken); closing the connection");
+                    return;
+                }
+                if draining_since.is_some_and(|since| now >= since + limits.goaway_grace) {
+                    tracing::debug!("calls still open after the GOAWAY grace period; closing the connection");
+                    return;
+                }
+                if draining_since.is_some() {
+                    continue;
+                }
                 if preface_due.is_some_and(|due| now >= due) {
                     preface_due = None;
                     if stats.bytes_in.load(Ordering::Relaxed) < HTTP2_PREFACE_LEN {
@@ -730,12 +851,16 @@ pub async fn serve_h2<IO, S, I>(
                 }
                 if idle || age_due.is_some_and(|due| now >= due) {
                     conn.as_mut().graceful_shutdown();
-                    draining = true;
+                    draining_since = Some(now);
                 }
             }
         }
     }
 }
+
+/// How long after its deadline a call's answer may wait for the client to
+/// take it.
+const STALL_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves one HTTP/1 connection of the operations endpoint: headers within
 /// `header_read_timeout`, the whole connection within `connection_timeout`.
@@ -791,9 +916,9 @@ pub fn spawn_ops(
 ) -> JoinHandle<()> {
     let accept = AcceptLimits {
         max_connections: limits.max_connections,
-        max_connections_per_source: None,
+        max_connections_per_source: Some(limits.max_connections_per_source),
         max_pending_handshakes: limits.max_connections,
-        max_pending_handshakes_per_source: limits.max_connections,
+        max_pending_handshakes_per_source: limits.max_connections_per_source,
         handshake_timeout: limits.header_read_timeout,
     };
     let serve_refusals = refusals.clone();
@@ -827,6 +952,49 @@ mod tests {
         f.extend(stream.to_be_bytes());
         f.extend(payload);
         f
+    }
+
+    #[test]
+    fn connections_stay_within_the_open_files_limit() {
+        let files = open_files_limit().expect("Linux /proc/self/limits");
+        let mut limits = crate::limits::ServerLimits::default().accept;
+        limits.max_connections = usize::MAX;
+        let within = within_fd_limit(limits.clone());
+        assert_eq!(
+            within.max_connections as u64,
+            files.saturating_sub(FD_RESERVE).max(1)
+        );
+        limits.max_connections = 10;
+        assert_eq!(within_fd_limit(limits).max_connections, 10);
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_per_the_spec() {
+        let t = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&h)
+        };
+        assert_eq!(t("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(t("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(t("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(t("100u"), Some(Duration::from_micros(100)));
+        for bad in ["", "S", "5", "5x", "123456789S", "-1S"] {
+            assert_eq!(t(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ipv6_sources_count_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(source_of(a), source_of(b));
+        assert_ne!(source_of(a), source_of(c));
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(source_of(mapped), "10.1.2.3".parse::<IpAddr>().unwrap());
+        let v4: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(source_of(v4), v4);
     }
 
     #[test]

@@ -229,3 +229,116 @@ async fn sds_messages_are_bounded() {
     assert_eq!(n.agent.refusals(label::MESSAGE_SIZE).await, 1.0);
     fetch_default(&n.agent.socket("a")).await;
 }
+
+/// The name cap holds on every SDS entry point: Delta subscriptions, the
+/// versions a Delta client says it holds, and Fetch.
+#[tokio::test]
+async fn resource_names_are_capped_on_delta_and_fetch_too() {
+    use workload_ca::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    let n = node(&["--sds-max-resource-names", "3"]).await;
+    let socket = n.agent.socket("a");
+    let mut client = SecretDiscoveryServiceClient::new(common::unix_channel(&socket).await);
+    let many: Vec<String> = (0..4)
+        .map(|i| format!("spiffe://cluster.local/x{i}"))
+        .collect();
+
+    let delta = |req: DeltaDiscoveryRequest| {
+        let mut client = client.clone();
+        async move {
+            let (tx, rx) = mpsc::channel(4);
+            tx.send(req).await.unwrap();
+            let mut stream = client
+                .delta_secrets(ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            let err = tokio::time::timeout(Duration::from_secs(5), stream.message())
+                .await
+                .unwrap()
+                .unwrap_err();
+            drop(tx);
+            err
+        }
+    };
+    let err = delta(DeltaDiscoveryRequest {
+        type_url: SECRET_TYPE_URL.into(),
+        resource_names_subscribe: many.clone(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        err.code(),
+        tonic::Code::ResourceExhausted,
+        "{}",
+        err.message()
+    );
+    let err = delta(DeltaDiscoveryRequest {
+        type_url: SECRET_TYPE_URL.into(),
+        resource_names_subscribe: vec!["default".into()],
+        initial_resource_versions: many.iter().map(|n| (n.clone(), "1".to_string())).collect(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        err.code(),
+        tonic::Code::ResourceExhausted,
+        "{}",
+        err.message()
+    );
+
+    let err = client
+        .fetch_secrets(request(&many, "", None))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::ResourceExhausted,
+        "{}",
+        err.message()
+    );
+    assert_eq!(n.agent.refusals(label::RESOURCE_NAMES).await, 3.0);
+    fetch_default(&socket).await;
+}
+
+/// Streams are capped per socket over all its connections: one process
+/// cannot hold more than its share of the agent, whatever it connects.
+#[tokio::test]
+async fn streams_per_socket_are_capped() {
+    let n = node(&["--sds-max-streams", "6"]).await;
+    let fds = fd_count(n.agent.pid());
+    let headers = h2raw::grpc_headers_scheme("http", "localhost", STREAM);
+    let mut conns = Vec::new();
+    for _ in 0..2 {
+        let mut c = raw(&n.agent.socket("a")).await;
+        for i in 0..4u32 {
+            c.send_headers(1 + 2 * i, &headers, false).await.unwrap();
+        }
+        conns.push(c);
+    }
+    // Eight streams, six held: two answered at once with RESOURCE_EXHAUSTED.
+    let mut answered = 0;
+    for c in &mut conns {
+        answered += c
+            .collect(Duration::from_millis(500))
+            .await
+            .end_streams
+            .len();
+    }
+    assert_eq!(answered, 2);
+    assert_eq!(n.agent.refusals(label::CALLS).await, 2.0);
+    // The other socket has its own count.
+    fetch_default(&n.agent.socket("b")).await;
+    drop(conns);
+    fds_return_to(n.agent.pid(), fds).await;
+    fetch_default(&n.agent.socket("a")).await;
+}
+
+#[tokio::test]
+async fn connections_holding_no_stream_are_reclaimed() {
+    let n = node(&["--sds-idle-timeout", "1s"]).await;
+    let mut c = raw(&n.agent.socket("a")).await;
+    let events = c.collect_until(Duration::from_secs(6), |e| e.closed).await;
+    assert_eq!(events.goaway.map(|(_, code)| code), Some(h2raw::NO_ERROR));
+    assert!(events.closed);
+    assert_eq!(n.agent.refusals(label::IDLE_TIMEOUT).await, 1.0);
+}

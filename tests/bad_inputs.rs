@@ -163,10 +163,10 @@ async fn each_bad_input_gets_its_status_and_nothing_is_issued() {
             message_has: "limit",
         },
         Case {
-            name: "100 KiB CSR (under the message limit, over the CSR limit)",
+            name: "65 KiB CSR (under the message limit, over the CSR limit)",
             csr: format!(
                 "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
-                "A".repeat(100 * 1024)
+                "A".repeat(65 * 1024)
             ),
             token: t(&good_token),
             ttl: 0,
@@ -317,6 +317,18 @@ async fn each_bad_input_gets_its_status_and_nothing_is_issued() {
             message_has: "",
         },
         Case {
+            name: "token without iat (its lifetime cannot be bounded)",
+            csr: good_csr.clone(),
+            token: Some(sign(&dev_key, &{
+                let mut c = claims("workload-ca-dev", "istio-ca", now, now + 600);
+                c.as_object_mut().unwrap().remove("iat");
+                c
+            })),
+            ttl: 0,
+            code: Code::Unauthenticated,
+            message_has: "",
+        },
+        Case {
             name: "token living longer than the one-year ceiling",
             csr: good_csr.clone(),
             token: Some(sign(
@@ -370,7 +382,7 @@ async fn each_bad_input_gets_its_status_and_nothing_is_issued() {
         server
             .metric("citadel_server_authentication_failure_count")
             .await,
-        12.0
+        13.0
     );
     assert_eq!(
         server.metric("citadel_server_csr_parsing_err_count").await,

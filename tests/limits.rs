@@ -11,7 +11,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::h2raw;
+use common::h2raw::{self, RawH2};
 use common::procs::*;
 use common::*;
 use tokio::io::AsyncWriteExt;
@@ -260,9 +260,11 @@ async fn total_connections_are_capped() {
 }
 
 #[tokio::test]
-async fn the_metrics_port_has_deadlines_and_a_cap() {
+async fn the_metrics_port_has_deadlines_and_caps() {
     let ca = CaProc::start(&[
         "--ops-max-connections",
+        "6",
+        "--ops-max-connections-per-source",
         "4",
         "--ops-header-read-timeout",
         "1s",
@@ -270,7 +272,8 @@ async fn the_metrics_port_has_deadlines_and_a_cap() {
         "3s",
     ]);
     let fds = fd_count(ca.pid());
-    // Half-sent requests: closed at the header-read deadline.
+    // Half-sent requests from one source: closed at the header-read
+    // deadline; its fifth is refused at once.
     let mut slow = Vec::new();
     for _ in 0..4 {
         let mut s = tcp_from(OTHER_HOST, ca.ops).await.unwrap();
@@ -279,22 +282,28 @@ async fn the_metrics_port_has_deadlines_and_a_cap() {
             .unwrap();
         slow.push(s);
     }
-    // The fifth is refused at once.
     let mut fifth = tcp_from(OTHER_HOST, ca.ops).await.unwrap();
     assert!(closed_within(&mut fifth, Duration::from_millis(500)).await);
-    // The CA port is unaffected meanwhile.
+    // The probes of another source still get through, and the CA port is
+    // unaffected.
+    assert_eq!(http_get(ca.ops, "/healthz").await.0, 200);
     ca.legit_issue().await;
-    for s in &mut slow {
+    // Two more sources fill the total: the next is refused.
+    let mut third = tcp_from(THIRD_HOST, ca.ops).await.unwrap();
+    let mut fourth = tcp_from("127.0.0.4", ca.ops).await.unwrap();
+    let mut over = tcp_from("127.0.0.5", ca.ops).await.unwrap();
+    assert!(closed_within(&mut over, Duration::from_millis(500)).await);
+    for s in slow.iter_mut().chain([&mut third, &mut fourth]) {
         assert!(
             closed_within(s, Duration::from_secs(4)).await,
             "header-read deadline"
         );
     }
-    // And a client of the metrics port is served once they are gone.
-    assert!(ca.refusals(label::OPS_CONNECTIONS).await >= 1.0);
-    assert!(ca.refusals(label::OPS_TIMEOUT).await >= 4.0);
-    drop((slow, fifth));
+    assert_eq!(ca.refusals(label::OPS_CONNECTIONS).await, 2.0);
+    assert!(ca.refusals(label::OPS_TIMEOUT).await >= 6.0);
+    drop((slow, fifth, third, fourth, over));
     fds_return_to(ca.pid(), fds).await;
+    assert_eq!(http_get(ca.ops, "/readyz").await.0, 200);
 }
 
 /// A peer's text never starts a log line, in either format, and one peer's
@@ -304,9 +313,29 @@ async fn peer_text_cannot_forge_log_lines() {
     for format in ["text", "json"] {
         let ca = CaProc::start(&["--log-format", format]);
         let forged =
-            "x\n2026-11-30T00:00:00Z  INFO workload_ca: certificate issued FORGED\r\x1b[2K";
+            "x\nFORGED 2026-11-30T00:00:00Z  INFO workload_ca: certificate issued\r\x1b[2K\u{202e}";
         let mut client = ca.client().await;
         let (_k, csr) = key_and_csr(workload_ca::ca::KeyAlgorithm::EcdsaP256, None);
+        // A good token whose pod name is hostile: issued, and logged.
+        let now = now_secs();
+        workload_ca::server::jwt_crypto::install();
+        let good = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+            &serde_json::json!({
+                "iss": "workload-ca-dev", "aud": ["istio-ca"], "sub": "system:serviceaccount:prod:web",
+                "iat": now, "nbf": now, "exp": now + 600,
+                "kubernetes.io": {"namespace": "prod", "serviceaccount": {"name": "web"}, "pod": {"name": forged}}
+            }),
+            &jsonwebtoken::EncodingKey::from_ec_pem(
+                std::fs::read(ca.state.join("dev-issuer-key.pem")).unwrap().as_slice(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        request(&mut client, &csr, Some(&good), 0)
+            .await
+            .expect("a signed token is a signed token");
+        // Bad tokens whose claims are hostile: refused, and logged.
         let token = format!(
             "{}.{}.sig",
             b64(r#"{"alg":"ES256","typ":"JWT"}"#),
@@ -322,11 +351,11 @@ async fn peer_text_cannot_forge_log_lines() {
         let log = ca.log_text();
         for line in log.lines() {
             assert!(
-                !line.contains("FORGED") || line.contains("authentication failed"),
-                "{format}: {line}"
+                !line.starts_with("FORGED"),
+                "{format}: a forged line: {line}"
             );
             assert!(
-                !line.contains('\x1b') && !line.contains('\r'),
+                !line.contains('\x1b') && !line.contains('\r') && !line.contains('\u{202e}'),
                 "{format}: {line:?}"
             );
             if format == "json" {
@@ -346,6 +375,7 @@ async fn peer_text_cannot_forge_log_lines() {
             "{format}: {warnings}"
         );
         assert_eq!(warnings as f64 + suppressed, 50.0, "{format}");
+        assert!(log.contains("certificate issued"), "{format}");
     }
 }
 
@@ -387,17 +417,78 @@ async fn streams_reset_for_client_errors_end_the_connection() {
 
 #[tokio::test]
 async fn connections_are_closed_at_their_maximum_age() {
-    let ca = CaProc::start(&["--max-connection-age", "1s", "--idle-timeout", "0"]);
+    let ca = CaProc::start(&[
+        "--max-connection-age",
+        "1s",
+        "--goaway-grace",
+        "1s",
+        "--idle-timeout",
+        "0",
+    ]);
+    let fds = fd_count(ca.pid());
     let mut raw = ca.raw_from(OTHER_HOST).await;
-    // Busy (a call in flight), yet told to go at its age.
+    // Busy (a call in flight, its body never sent), yet told to go at its
+    // age, and closed when the grace period after that is over.
     raw.send_headers(1, &h2raw::grpc_headers("localhost", PATH), false)
         .await
         .unwrap();
+    let started = std::time::Instant::now();
     let events = raw
-        .collect_until(Duration::from_secs(5), |e| e.goaway.is_some())
+        .collect_until(Duration::from_secs(8), |e| e.closed)
         .await;
     assert_eq!(events.goaway.map(|(_, code)| code), Some(h2raw::NO_ERROR));
+    assert!(events.closed, "closed after the grace period: {events:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "before the 15 s call deadline"
+    );
     assert_eq!(ca.refusals(label::IDLE_TIMEOUT).await, 0.0, "not idle");
+    drop(raw);
+    fds_return_to(ca.pid(), fds).await;
+}
+
+/// A client that opens no receive window cannot hold a call, and with it a
+/// connection and a place in the call limits, beyond the call deadline.
+#[tokio::test]
+async fn a_client_that_never_takes_its_answer_loses_the_connection() {
+    use prost::Message;
+    let ca = CaProc::start(&["--request-timeout", "1s", "--max-connection-age", "0"]);
+    let fds = fd_count(ca.pid());
+    let mut raw = RawH2::new(ca.tls_from(OTHER_HOST).await.unwrap());
+    raw.send_raw(h2raw::PREFACE).await.unwrap();
+    // SETTINGS_INITIAL_WINDOW_SIZE = 0: the server may send no DATA.
+    let mut settings = 0x4u16.to_be_bytes().to_vec();
+    settings.extend(0u32.to_be_bytes());
+    raw.send_frame(h2raw::SETTINGS, 0, 0, &settings)
+        .await
+        .unwrap();
+    let (_k, csr) = key_and_csr(workload_ca::ca::KeyAlgorithm::EcdsaP256, None);
+    let body = workload_ca::proto::istio::IstioCertificateRequest {
+        csr,
+        validity_duration: 0,
+        metadata: None,
+    }
+    .encode_to_vec();
+    let mut headers = h2raw::grpc_headers("localhost", PATH);
+    headers.push((
+        "authorization".into(),
+        format!("Bearer {}", ca.token("prod", "web")),
+    ));
+    raw.send_headers(1, &headers, false).await.unwrap();
+    raw.send_data(1, &h2raw::grpc_message(&body), true)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let events = raw
+        .collect_until(Duration::from_secs(10), |e| e.closed)
+        .await;
+    assert!(events.headers_on.contains(&1), "answered: {events:?}");
+    assert!(events.closed, "{events:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(ca.refusals(label::RESPONSE_STALLED).await, 1.0);
+    ca.legit_issue().await;
+    drop(raw);
+    fds_return_to(ca.pid(), fds).await;
 }
 
 #[tokio::test]
@@ -451,8 +542,10 @@ async fn rapid_resets_end_the_connection() {
     let fds = fd_count(ca.pid());
     let mut raw = ca.raw_from(OTHER_HOST).await;
     let block = h2raw::encode_header_block(&h2raw::grpc_headers("localhost", PATH));
+    // Between our limit (5) and h2's own default (20): only the flag can
+    // end this connection.
     let mut burst = Vec::new();
-    for i in 0..200u32 {
+    for i in 0..12u32 {
         let id = 1 + 2 * i;
         burst.extend(h2raw::encode_frame(
             h2raw::HEADERS,

@@ -272,7 +272,7 @@ impl Sds {
                         Err(e) => { tracing::debug!(error = %e, "SDS stream ended"); return }
                     };
                     if !req.type_url.is_empty() && req.type_url != SECRET_TYPE_URL {
-                        let _ = tx.send(Err(Status::invalid_argument(format!("type {:?} is not served here; only {SECRET_TYPE_URL}", req.type_url)))).await;
+                        let _ = tx.send(Err(Status::invalid_argument(format!("type {} is not served here; only {SECRET_TYPE_URL}", peer(&req.type_url))))).await;
                         return;
                     }
                     let requested: BTreeSet<String> = req.resource_names.iter().cloned().collect();
@@ -287,7 +287,7 @@ impl Sds {
                             self.metrics.sds_nacks.with_label_values(&[metric_label(n)]).inc();
                         }
                         crate::peer_warn!(self.warn, "nack", self.metrics.refusals,
-                            resources = ?names, nonce = %peer(&req.response_nonce), accepted = %peer(&req.version_info),
+                            resources = %shown(&names), nonce = %peer(&req.response_nonce), accepted = %peer(&req.version_info),
                             code = err.code, detail = %peer(&err.message),
                             "proxy rejected the secret (NACK); it keeps its previous one"
                         );
@@ -327,7 +327,7 @@ impl Sds {
             match self.sotw_response(&names, &snap) {
                 Err(status) => {
                     crate::peer_warn!(self.warn, "refused", self.metrics.refusals,
-                        resources = ?names.iter().map(|n| peer(n).to_string()).collect::<Vec<_>>(),
+                        resources = %shown(&names),
                         error = %peer(status.message()), "refusing SDS request");
                     let _ = tx.send(Err(status)).await;
                     return;
@@ -351,7 +351,7 @@ impl Sds {
                         awaiting = Some((resp.nonce.clone(), at));
                     }
                     self.count_push(&names);
-                    tracing::debug!(resources = ?names, nonce = %resp.nonce, version = %resp.version_info, "SDS push");
+                    tracing::debug!(resources = %shown(&names), nonce = %resp.nonce, version = %resp.version_info, "SDS push");
                     if tx.send(Ok(resp)).await.is_err() {
                         return;
                     }
@@ -383,10 +383,16 @@ impl Sds {
                         Err(e) => { tracing::debug!(error = %e, "delta SDS stream ended"); return }
                     };
                     if !req.type_url.is_empty() && req.type_url != SECRET_TYPE_URL {
-                        let _ = tx.send(Err(Status::invalid_argument(format!("type {:?} is not served here", req.type_url)))).await;
+                        let _ = tx.send(Err(Status::invalid_argument(format!("type {:?} is not served here", peer(&req.type_url))))).await;
                         return;
                     }
                     if first {
+                        // What the client says it holds is bounded like what
+                        // it subscribes to.
+                        if let Err(status) = self.check_names(req.initial_resource_versions.len()) {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
                         held.extend(req.initial_resource_versions.clone());
                         first = false;
                     }
@@ -470,6 +476,15 @@ fn names_changed(last_version: &Option<String>, resp: &DiscoveryResponse) -> boo
             .collect::<Vec<_>>()
     };
     last_version.as_deref().map(names) != Some(names(&resp.version_info))
+}
+
+/// Requested names for a log line: each escaped and cut, at most four.
+fn shown(names: &BTreeSet<String>) -> String {
+    let mut out: Vec<String> = names.iter().take(4).map(|n| peer(n).to_string()).collect();
+    if names.len() > 4 {
+        out.push(format!("... {} in all", names.len()));
+    }
+    out.join(", ")
 }
 
 /// Metric label for a resource name: SPIFFE IDs are folded into one value so
@@ -563,12 +578,14 @@ impl SecretDiscoveryService for Sds {
         let mut cert_rx = self.watch.cert.clone();
         let mut roots_rx = self.watch.roots.clone();
         let deadline = tokio::time::Instant::now() + FETCH_WAIT;
+        let mut shutdown = self.shutdown.clone();
         loop {
             if let Some(resp) = self.sotw_response(&names, &self.snapshot())? {
                 self.count_push(&names);
                 return Ok(Response::new(resp));
             }
             tokio::select! {
+                () = Self::stopping(&mut shutdown) => return Err(Status::unavailable("the agent is shutting down")),
                 r = cert_rx.changed() => if r.is_err() { return Err(Status::unavailable("the agent is shutting down")) },
                 r = roots_rx.changed() => if r.is_err() { return Err(Status::unavailable("the agent is shutting down")) },
                 _ = tokio::time::sleep_until(deadline) => {

@@ -99,6 +99,9 @@ pub struct ServerLimitArgs {
     /// Every connection gets GOAWAY at this age (0: never).
     #[arg(long, env = "CA_MAX_CONNECTION_AGE", default_value_t = Dur(server_default().http2.max_connection_age.unwrap_or_default()))]
     pub max_connection_age: Dur,
+    /// After GOAWAY, how long calls may take before the connection is closed regardless.
+    #[arg(long, env = "CA_GOAWAY_GRACE", default_value_t = Dur(server_default().http2.goaway_grace))]
+    pub goaway_grace: Dur,
     /// Concurrent HTTP/2 streams per connection (advertised and enforced).
     #[arg(long, env = "CA_MAX_STREAMS_PER_CONNECTION", default_value_t = server_default().http2.max_streams_per_connection)]
     pub max_streams_per_connection: u32,
@@ -147,6 +150,7 @@ impl ServerLimitArgs {
         l.http2.preface_timeout = nonzero("preface-timeout", self.preface_timeout)?;
         l.http2.idle_timeout = optional(self.idle_timeout);
         l.http2.max_connection_age = optional(self.max_connection_age);
+        l.http2.goaway_grace = nonzero("goaway-grace", self.goaway_grace)?;
         l.http2.max_streams_per_connection = positive_u32(
             "max-streams-per-connection",
             self.max_streams_per_connection,
@@ -173,6 +177,12 @@ pub struct AgentLimitArgs {
     /// Open connections per SDS socket.
     #[arg(long, env = "CA_SDS_MAX_CONNECTIONS", default_value_t = agent_default().accept.max_connections)]
     pub sds_max_connections: usize,
+    /// SDS streams open at once per socket, over all its connections.
+    #[arg(long, env = "CA_SDS_MAX_STREAMS", default_value_t = agent_default().http2.max_calls.unwrap_or(usize::MAX))]
+    pub sds_max_streams: usize,
+    /// An SDS connection holding no stream this long gets GOAWAY (0: never).
+    #[arg(long, env = "CA_SDS_IDLE_TIMEOUT", default_value_t = Dur(agent_default().http2.idle_timeout.unwrap_or_default()))]
+    pub sds_idle_timeout: Dur,
     /// Concurrent HTTP/2 streams per SDS connection.
     #[arg(long, env = "CA_SDS_MAX_STREAMS_PER_CONNECTION", default_value_t = agent_default().http2.max_streams_per_connection)]
     pub sds_max_streams_per_connection: u32,
@@ -207,6 +217,8 @@ impl AgentLimitArgs {
             "sds-max-streams-per-connection",
             self.sds_max_streams_per_connection,
         )?;
+        l.http2.max_calls = Some(positive("sds-max-streams", self.sds_max_streams)?);
+        l.http2.idle_timeout = optional(self.sds_idle_timeout);
         l.max_resource_names_per_stream =
             positive("sds-max-resource-names", self.sds_max_resource_names)?;
         l.http2.max_message_bytes = positive("sds-max-message-bytes", self.sds_max_message_bytes)?;
@@ -226,6 +238,9 @@ pub struct OpsLimitArgs {
     /// Open connections to the metrics and health port.
     #[arg(long, env = "CA_OPS_MAX_CONNECTIONS", default_value_t = OpsLimits::default().max_connections)]
     pub ops_max_connections: usize,
+    /// Open connections to the metrics and health port from one source address.
+    #[arg(long, env = "CA_OPS_MAX_CONNECTIONS_PER_SOURCE", default_value_t = OpsLimits::default().max_connections_per_source)]
+    pub ops_max_connections_per_source: usize,
     /// Time for a client of the metrics port to send its request headers.
     #[arg(long, env = "CA_OPS_HEADER_READ_TIMEOUT", default_value_t = Dur(OpsLimits::default().header_read_timeout))]
     pub ops_header_read_timeout: Dur,
@@ -238,6 +253,10 @@ impl OpsLimitArgs {
     fn to_limits(&self) -> anyhow::Result<OpsLimits> {
         Ok(OpsLimits {
             max_connections: positive("ops-max-connections", self.ops_max_connections)?,
+            max_connections_per_source: positive(
+                "ops-max-connections-per-source",
+                self.ops_max_connections_per_source,
+            )?,
             header_read_timeout: nonzero("ops-header-read-timeout", self.ops_header_read_timeout)?,
             connection_timeout: nonzero("ops-connection-timeout", self.ops_connection_timeout)?,
         })

@@ -8,9 +8,9 @@
 //! (`iss`) that is configured; a signature by one of that issuer's keys
 //! (matched by `kid` when the token names one, and by the key's `alg` when
 //! the JWK names one); `exp` in the future and `nbf` in the past, with
-//! [`LEEWAY_SECS`] of leeway; `iat`, when present, not in the future beyond
-//! the same leeway; a lifetime (`exp` less `iat`, or `nbf`, or now) no
-//! longer than the configured ceiling ([`DEFAULT_MAX_TOKEN_LIFETIME`]: one
+//! [`LEEWAY_SECS`] of leeway; `iat` not in the future beyond
+//! the same leeway; `iat` present (Kubernetes always sets it) and a
+//! lifetime (`exp` less `iat`) no longer than the configured ceiling ([`DEFAULT_MAX_TOKEN_LIFETIME`]: one
 //! year, what Kubernetes' extended projected tokens get); an `aud` among the
 //! configured audiences; `sub` of the form `system:serviceaccount:<ns>:<sa>`,
 //! and, when present, a `kubernetes.io` claim that agrees with it.
@@ -283,15 +283,17 @@ impl JwtAuthenticator {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        if let Some(iat) = claims.iat
-            && iat > now.saturating_add(LEEWAY_SECS)
-        {
+        // Kubernetes always sets `iat`; without it a token's lifetime could
+        // not be bounded (a ten-year token would pass in its last year).
+        let Some(iat) = claims.iat else {
+            return Err(AuthError::Token("no iat claim".into()));
+        };
+        if iat > now.saturating_add(LEEWAY_SECS) {
             return Err(AuthError::Token(format!(
                 "issued in the future (iat {iat}, now {now})"
             )));
         }
-        let start = claims.iat.or(claims.nbf).unwrap_or(now);
-        let lifetime = claims.exp.saturating_sub(start);
+        let lifetime = claims.exp.saturating_sub(iat);
         if lifetime > self.max_lifetime.as_secs() {
             return Err(AuthError::Token(format!(
                 "lifetime of {lifetime} s is above the ceiling of {} s",
@@ -337,7 +339,6 @@ impl JwtAuthenticator {
 struct Claims {
     sub: String,
     exp: u64,
-    nbf: Option<u64>,
     iat: Option<u64>,
     #[serde(rename = "kubernetes.io")]
     kubernetes: Option<KubernetesClaim>,

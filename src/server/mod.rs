@@ -266,7 +266,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
     let grpc = net::Acceptor {
         name: "CA gRPC".into(),
         listener,
-        limits: config.limits.accept.clone(),
+        limits: net::within_fd_limit(config.limits.accept.clone()),
         refusals: refusals.clone(),
         shutdown: shutdown_rx.clone(),
         drain: config.drain_timeout,
