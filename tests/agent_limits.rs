@@ -170,7 +170,7 @@ async fn nack_floods_are_rate_limited_and_cannot_forge_lines() {
         let names = vec!["default".to_string()];
         tx.send(request(&names, "", None)).await.unwrap();
         let first = stream.message().await.unwrap().unwrap();
-        let forged = "bad\n2026-11-30T00:00:00Z  INFO workload_ca::agent: certificate renewed FORGED\r\x1b[2K\u{202e}";
+        let forged = "bad\nFORGED 2026-11-30T00:00:00Z  INFO workload_ca::agent: certificate renewed\r\x1b[2K\u{202e}";
         let nacks = 2_000;
         for _ in 0..nacks {
             tx.send(request(&names, &first.nonce, Some(forged)))
@@ -185,20 +185,7 @@ async fn nack_floods_are_rate_limited_and_cannot_forge_lines() {
         }
         let suppressed = metric_at(n.agent.ops, "workload_ca_agent_log_suppressed_total").await;
         let log = n.agent.log_text();
-        for line in log.lines() {
-            assert!(
-                !line.contains("FORGED") || line.contains("NACK"),
-                "{format}: a forged line: {line}"
-            );
-            assert!(
-                !line.contains('\x1b') && !line.contains('\r') && !line.contains('\u{202e}'),
-                "{format}: {line:?}"
-            );
-            if format == "json" {
-                serde_json::from_str::<serde_json::Value>(line)
-                    .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line}"));
-            }
-        }
+        assert_log_safe(&log, format);
         // A burst per 10 s window: one window unless this machine is very
         // slow; every NACK either logged or counted as suppressed.
         let warned = log.lines().filter(|l| l.contains("NACK")).count();

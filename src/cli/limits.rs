@@ -201,6 +201,12 @@ pub struct AgentLimitArgs {
     /// Streams reset for the proxy's errors before its connection gets GOAWAY.
     #[arg(long, env = "CA_SDS_MAX_RESET_STREAMS", default_value_t = agent_default().http2.max_reset_streams)]
     pub sds_max_reset_streams: usize,
+    /// Streams opened and reset before being served ("rapid reset") before GOAWAY.
+    #[arg(long, env = "CA_SDS_MAX_PENDING_ACCEPT_RESETS", default_value_t = agent_default().http2.max_pending_accept_resets)]
+    pub sds_max_pending_accept_resets: usize,
+    /// After GOAWAY, how long streams may stay before the connection is closed regardless.
+    #[arg(long, env = "CA_SDS_GOAWAY_GRACE", default_value_t = Dur(agent_default().http2.goaway_grace))]
+    pub sds_goaway_grace: Dur,
     #[command(flatten)]
     pub ops: OpsLimitArgs,
 }
@@ -226,6 +232,11 @@ impl AgentLimitArgs {
             positive_u32("sds-max-header-list-bytes", self.sds_max_header_list_bytes)?;
         l.http2.preface_timeout = nonzero("sds-preface-timeout", self.sds_preface_timeout)?;
         l.http2.max_reset_streams = positive("sds-max-reset-streams", self.sds_max_reset_streams)?;
+        l.http2.max_pending_accept_resets = positive(
+            "sds-max-pending-accept-resets",
+            self.sds_max_pending_accept_resets,
+        )?;
+        l.http2.goaway_grace = nonzero("sds-goaway-grace", self.sds_goaway_grace)?;
         l.ops = self.ops.to_limits()?;
         Ok(l)
     }

@@ -286,6 +286,27 @@ pub async fn closed_within(
     }
 }
 
+/// Asserts that no line of `log` (in `format`, "text" or "json") was
+/// started by peer text (which the tests make begin with `FORGED`), that
+/// none carries raw terminal escapes, carriage returns or bidi overrides,
+/// and that a JSON log is one object per line.
+pub fn assert_log_safe(log: &str, format: &str) {
+    for line in log.lines() {
+        assert!(
+            !line.starts_with("FORGED"),
+            "{format}: a forged line: {line}"
+        );
+        assert!(
+            !line.contains('\x1b') && !line.contains('\r') && !line.contains('\u{202e}'),
+            "{format}: {line:?}"
+        );
+        if format == "json" {
+            serde_json::from_str::<serde_json::Value>(line)
+                .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line}"));
+        }
+    }
+}
+
 /// How many of `streams` the peer closes within `each`, waiting on each in
 /// turn.
 pub async fn count_closed(streams: &mut [TcpStream], each: Duration) -> usize {
