@@ -206,10 +206,7 @@ async fn one_source_cannot_take_the_handshake_pool() {
     for _ in 0..20 {
         silent.push(ca.tcp_from(OTHER_HOST).await.unwrap());
     }
-    assert_eq!(
-        count_closed(&mut silent, Duration::from_millis(300)).await,
-        16
-    );
+    assert_eq!(count_closed(&mut silent, Duration::from_secs(1)).await, 16);
     // Everyone else still connects and is served, while the four wait.
     ca.legit_issue().await;
     assert_eq!(
@@ -283,7 +280,7 @@ async fn the_metrics_port_has_deadlines_and_caps() {
         slow.push(s);
     }
     let mut fifth = tcp_from(OTHER_HOST, ca.ops).await.unwrap();
-    assert!(closed_within(&mut fifth, Duration::from_millis(500)).await);
+    assert!(closed_within(&mut fifth, Duration::from_secs(2)).await);
     // The probes of another source still get through, and the CA port is
     // unaffected.
     assert_eq!(http_get(ca.ops, "/healthz").await.0, 200);
@@ -292,7 +289,7 @@ async fn the_metrics_port_has_deadlines_and_caps() {
     let mut third = tcp_from(THIRD_HOST, ca.ops).await.unwrap();
     let mut fourth = tcp_from("127.0.0.4", ca.ops).await.unwrap();
     let mut over = tcp_from("127.0.0.5", ca.ops).await.unwrap();
-    assert!(closed_within(&mut over, Duration::from_millis(500)).await);
+    assert!(closed_within(&mut over, Duration::from_secs(2)).await);
     for s in slow.iter_mut().chain([&mut third, &mut fourth]) {
         assert!(
             closed_within(s, Duration::from_secs(4)).await,
@@ -496,10 +493,7 @@ async fn the_handshake_pool_is_capped_in_all() {
             silent.push(ca.tcp_from(host).await.unwrap());
         }
     }
-    assert_eq!(
-        count_closed(&mut silent, Duration::from_millis(300)).await,
-        2
-    );
+    assert_eq!(count_closed(&mut silent, Duration::from_secs(1)).await, 2);
     assert_eq!(ca.refusals(label::PENDING_HANDSHAKES).await, 2.0);
     drop(silent);
     fds_return_to(ca.pid(), fds).await;
@@ -601,8 +595,15 @@ async fn calls_in_flight_are_capped_per_source_and_in_all() {
     for i in 0..4u32 {
         c.send_headers(1 + 2 * i, &headers, false).await.unwrap();
     }
-    let ec = c.collect(Duration::from_millis(1000)).await;
-    assert_eq!(ec.end_streams.len(), 1, "one answered at once: {ec:?}");
+    let ec = c
+        .collect_until(Duration::from_secs(5), |e| !e.end_streams.is_empty())
+        .await;
+    let more = c.collect(Duration::from_millis(300)).await;
+    assert_eq!(
+        ec.end_streams.len() + more.end_streams.len(),
+        1,
+        "one answered at once: {ec:?} {more:?}"
+    );
     assert_eq!(ca.refusals(label::CALLS).await, 1.0);
     // Once they go, everyone is served again.
     drop((a, b, c));
