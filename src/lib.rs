@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod ca;
 pub mod cli;
+pub mod drain;
 pub mod identity;
 pub mod limits;
 pub mod logsafe;

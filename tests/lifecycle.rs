@@ -324,3 +324,51 @@ async fn the_run_command_brings_up_a_ca_and_an_agent() {
     stop_ca(child);
     assert!(!socket.exists(), "the socket is removed on shutdown");
 }
+
+/// Shutdown has one deadline: a call still in flight (its body never
+/// comes, its own deadline far away) is cut off when the drain timeout is
+/// over, and every task the server started has stopped when `shutdown`
+/// returns.
+#[tokio::test]
+async fn shutdown_forces_what_is_still_in_flight_at_its_deadline() {
+    use common::h2raw::{self, RawH2};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir.path().join("state"));
+    cfg.drain_timeout = Duration::from_secs(1);
+    let server = TestServer::start_with(cfg, Some(dir)).await;
+    let tcp = tokio::net::TcpStream::connect(server.running.grpc_addr)
+        .await
+        .unwrap();
+    let tls = common::procs::tls_connector(&server.root_pem())
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut raw = RawH2::handshake(tls).await.unwrap();
+    raw.send_headers(
+        1,
+        &h2raw::grpc_headers(
+            "localhost",
+            "/istio.v1.auth.IstioCertificateService/CreateCertificate",
+        ),
+        false,
+    )
+    .await
+    .unwrap();
+    raw.collect(Duration::from_millis(200)).await;
+
+    let started = Instant::now();
+    server.running.shutdown().await.expect("clean shutdown");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "the call in flight was given the drain time: {took:?}"
+    );
+    assert!(took < Duration::from_secs(4), "and no more: {took:?}");
+    let events = raw.collect(Duration::from_secs(2)).await;
+    assert!(events.closed, "its connection is closed: {events:?}");
+    assert_eq!(
+        events.goaway.map(|(_, c)| c),
+        Some(h2raw::NO_ERROR),
+        "after a GOAWAY"
+    );
+}

@@ -31,7 +31,11 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::drain::Tasks;
 use crate::limits::AgentLimits;
+
+/// How long the agent's tasks may take to stop before they are forced.
+const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 use client::{CaEndpoint, GrpcCaClient, TokenFile};
 use metrics::AgentMetrics;
 use workload::{CertManager, CertWatch, RotationPolicy};
@@ -66,8 +70,7 @@ pub struct Agent {
     pub ops_addr: Option<SocketAddr>,
     pub watches: Vec<(String, CertWatch)>,
     pub metrics: Arc<AgentMetrics>,
-    shutdown: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Tasks,
 }
 
 impl Agent {
@@ -76,14 +79,12 @@ impl Agent {
         all_ready(&self.watches)
     }
 
-    /// Stops rotation and the SDS servers and removes the sockets.
+    /// Stops rotation and the SDS servers and removes the sockets: one
+    /// deadline for every task, however many workloads there are, after
+    /// which the rest are stopped by force.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
-        // One deadline for all tasks, however many workloads there are.
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        for t in self.tasks {
-            let _ = tokio::time::timeout_at(deadline, t).await;
-        }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
+        self.tasks.shutdown(deadline).await;
     }
 }
 
@@ -114,8 +115,8 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
     }
     let channel = client::connect(&config.ca)?;
     let metrics = Arc::new(AgentMetrics::new()?);
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut tasks = Vec::new();
+    let mut tasks = Tasks::new();
+    let shutdown_rx = tasks.signal();
     let mut sockets = Vec::new();
     let mut watches = Vec::new();
     for w in &config.workloads {
@@ -136,19 +137,18 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
         ) {
             Ok(s) => s,
             Err(e) => {
-                let _ = shutdown_tx.send(true);
+                tasks.signal_stop();
                 return Err(e);
             }
         };
-        tasks.push(tokio::spawn(manager.run(shutdown_rx.clone())));
-        tasks.push(socket.task);
+        tasks.spawn("cert-manager", manager.run(shutdown_rx.clone()));
+        tasks.adopt("sds", socket.task);
         sockets.push(socket.path);
         if let Some(dir) = &config.output_dir {
-            tasks.push(tokio::spawn(write_files(
-                dir.join(&w.name),
-                cert_watch.clone(),
-                shutdown_rx.clone(),
-            )));
+            tasks.spawn(
+                "output-files",
+                write_files(dir.join(&w.name), cert_watch.clone(), shutdown_rx.clone()),
+            );
         }
         watches.push((w.name.clone(), cert_watch));
     }
@@ -160,13 +160,16 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
             let bound = listener
                 .local_addr()
                 .map_err(|e| Error::Config(e.to_string()))?;
-            tasks.push(spawn_ops(
-                listener,
-                metrics.clone(),
-                watches.clone(),
-                config.limits.ops.clone(),
-                shutdown_rx.clone(),
-            ));
+            tasks.adopt(
+                "ops",
+                spawn_ops(
+                    listener,
+                    metrics.clone(),
+                    watches.clone(),
+                    config.limits.ops.clone(),
+                    shutdown_rx.clone(),
+                ),
+            );
             Some(bound)
         }
         None => None,
@@ -176,7 +179,6 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
         ops_addr,
         watches,
         metrics,
-        shutdown: shutdown_tx,
         tasks,
     })
 }

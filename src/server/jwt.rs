@@ -190,7 +190,7 @@ impl JwtAuthenticator {
         self: &Arc<Self>,
         period: Duration,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
-    ) {
+    ) -> tokio::task::JoinHandle<()> {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             loop {
@@ -207,7 +207,7 @@ impl JwtAuthenticator {
                     }
                 }
             }
-        });
+        })
     }
 
     /// `exp` and `nbf` are checked by jsonwebtoken against the system clock.

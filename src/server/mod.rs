@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::ca::store::{RootSpec, atomic_write, load_or_create};
 use crate::ca::{self, Authority, DirStore, KeyAlgorithm, KeyStore, TtlPolicy};
+use crate::drain::Tasks;
 use crate::identity::TrustDomain;
 use crate::limits::ServerLimits;
 use crate::net;
@@ -108,10 +109,9 @@ pub struct Running {
     pub ca_created: bool,
     /// Publishes a new authority to every part of the server (root rotation).
     authority: watch::Sender<Arc<Authority>>,
-    shutdown: watch::Sender<bool>,
-    grpc: JoinHandle<()>,
-    ops: Option<JoinHandle<()>>,
+    tasks: Tasks,
     health: Arc<Health>,
+    drain_timeout: Duration,
 }
 
 impl Running {
@@ -121,21 +121,32 @@ impl Running {
     }
 
     /// Stops accepting, lets in-flight calls finish (up to the drain
-    /// timeout, after which the remaining connections are closed), then
-    /// stops.
+    /// timeout, after which the remaining connections are closed), and
+    /// joins every task the server started; one deadline for all of them,
+    /// after which they are stopped by force.
     ///
     /// # Errors
-    /// [`Error::Transport`] if the gRPC accept loop panicked.
+    /// [`Error::Transport`] if one of the server's tasks had panicked.
     pub async fn shutdown(self) -> Result<(), Error> {
         self.health.serving.store(false, Ordering::Release);
-        let _ = self.shutdown.send(true);
-        let result = self.grpc.await.map_err(|e| Error::Transport(e.to_string()));
-        if let Some(ops) = self.ops {
-            let _ = ops.await;
+        // The accept loop closes what is left of its connections at the
+        // drain timeout; a moment later, anything still running is forced.
+        let deadline = tokio::time::Instant::now() + self.drain_timeout + SHUTDOWN_MARGIN;
+        let stopped = self.tasks.shutdown(deadline).await;
+        if stopped.panicked.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Transport(format!(
+                "tasks panicked: {}",
+                stopped.panicked.join(", ")
+            )))
         }
-        result
     }
 }
+
+/// After the drain timeout, how long the server's own tasks may take to
+/// finish before they are aborted.
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(1);
 
 /// Loads (or creates) the CA, binds the listeners and starts serving.
 ///
@@ -168,7 +179,9 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         .serving_cert_expiry
         .set(unix_secs(serving_cert.not_after()));
     let (authority_tx, authority_rx) = watch::channel(Arc::new(authority));
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Every task the server starts, stopped together (src/drain.rs).
+    let mut tasks = Tasks::new();
+    let shutdown_rx = tasks.signal();
 
     // Authentication: tokens first, then a current certificate.
     let mut issuers = config.jwt_issuers.clone();
@@ -201,7 +214,10 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
             .await?
             .with_max_lifetime(config.max_token_lifetime),
         );
-        jwt.spawn_refresh(config.jwks_refresh, shutdown_rx.clone());
+        tasks.adopt(
+            "jwks-refresh",
+            jwt.spawn_refresh(config.jwks_refresh, shutdown_rx.clone()),
+        );
         jwt_issuers = jwt.issuer_names();
         chain.push(jwt);
     }
@@ -221,32 +237,36 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         serving_cert: serving_cert.clone(),
         chain_not_after,
     });
-    let (ops, ops_addr) = match config.ops_listen {
+    let ops_addr = match config.ops_listen {
         Some(addr) => {
             let l = TcpListener::bind(addr)
                 .await
                 .map_err(|e| Error::Config(format!("binding {addr}: {e}")))?;
             let bound = l.local_addr().map_err(|e| Error::Config(e.to_string()))?;
-            (
-                Some(ops::spawn(
+            tasks.adopt(
+                "ops",
+                ops::spawn(
                     l,
                     metrics.clone(),
                     health.clone(),
                     config.limits.ops.clone(),
                     shutdown_rx.clone(),
-                )),
-                Some(bound),
-            )
+                ),
+            );
+            Some(bound)
         }
-        None => (None, None),
+        None => None,
     };
 
-    spawn_serving_renewal(
-        serving_cert,
-        authority_rx.clone(),
-        config.serving.clone(),
-        metrics.clone(),
-        shutdown_rx.clone(),
+    tasks.adopt(
+        "serving-cert-renewal",
+        spawn_serving_renewal(
+            serving_cert,
+            authority_rx.clone(),
+            config.serving.clone(),
+            metrics.clone(),
+            shutdown_rx.clone(),
+        ),
     );
 
     let refusals = metrics.refusals.clone();
@@ -281,6 +301,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
             async move { net::serve_h2(tls, info, routes, &limits, &refusals, calls, stop).await }
         },
     );
+    tasks.adopt("grpc", grpc);
     health.serving.store(true, Ordering::Release);
     Ok(Running {
         grpc_addr,
@@ -291,10 +312,9 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         jwt_issuers,
         ca_created,
         authority: authority_tx,
-        shutdown: shutdown_tx,
-        grpc,
-        ops,
+        tasks,
         health,
+        drain_timeout: config.drain_timeout,
     })
 }
 
@@ -339,7 +359,7 @@ fn spawn_serving_renewal(
     spec: ServingSpec,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut retry: Option<Duration> = None;
         loop {
@@ -368,5 +388,5 @@ fn spawn_serving_renewal(
                 }
             }
         }
-    });
+    })
 }
