@@ -4,37 +4,18 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use serde_json::json;
 use workload_ca::ca::{KeyAlgorithm, PrivateKey};
 use workload_ca::server::jwt::{IssuerConfig, KeySource};
 
 /// The serving certificate the server presents to a fresh TLS handshake.
 async fn served_cert(server: &TestServer) -> Vec<u8> {
-    let mut roots = rustls::RootCertStore::empty();
-    for der in ders(&server.root_pem()) {
-        roots.add(CertificateDer::from(der)).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(server.running.grpc_addr)
-        .await
-        .unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .expect("handshake verifies against the root file");
-    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+    common::procs::served_cert(server.running.grpc_addr, &server.root_pem()).await
 }
 
 #[tokio::test]

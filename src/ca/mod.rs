@@ -2,6 +2,7 @@
 //! and CA storage. Synchronous and free of networking: the clock is always
 //! passed in, so every rule here is testable at any instant.
 
+pub mod authorities;
 pub mod authority;
 pub mod bundle;
 pub mod csr;
@@ -11,6 +12,7 @@ pub mod store;
 
 use std::time::Duration;
 
+pub use authorities::{AuthoritySet, Member, State as AuthorityState};
 pub use authority::{Authority, CLOCK_SKEW_BACKDATE, Issued, TtlPolicy};
 pub use bundle::{Cert, TrustBundle};
 pub use csr::{CheckedCsr, check_csr, check_pem_csr};

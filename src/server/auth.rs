@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 use x509_parser::prelude::FromDer;
 
-use crate::ca::Authority;
+use crate::ca::AuthoritySet;
 use crate::ca::bundle::{single_spiffe_id, verify_path};
 use crate::identity::{SpiffeId, TrustDomain};
 
@@ -95,15 +95,15 @@ impl AuthChain {
 /// service-account SPIFFE ID in our trust domain.
 ///
 /// The TLS layer accepts any client certificate whose private key the peer
-/// holds; this is where it is judged, against the signer as it is at the moment
-/// of the request (root rotation will add the previous signers here).
+/// holds; this is where it is judged, against the signers as they are at the
+/// moment of the request.
 pub struct ClientCertAuthenticator {
-    authority: watch::Receiver<Arc<Authority>>,
+    authorities: watch::Receiver<Arc<AuthoritySet>>,
 }
 
 impl ClientCertAuthenticator {
-    pub fn new(authority: watch::Receiver<Arc<Authority>>) -> Self {
-        Self { authority }
+    pub fn new(authorities: watch::Receiver<Arc<AuthoritySet>>) -> Self {
+        Self { authorities }
     }
 
     fn check(
@@ -111,18 +111,25 @@ impl ClientCertAuthenticator {
         certs: &[CertificateDer<'static>],
         now: SystemTime,
     ) -> Result<Caller, AuthError> {
-        let authority = self.authority.borrow().clone();
+        let authorities = self.authorities.borrow().clone();
         let leaf = certs
             .first()
             .ok_or_else(|| AuthError::Cert("empty chain".into()))?;
-        // Anchored on this CA's own signing certificate, not on the whole
-        // root bundle: a sibling intermediate under a shared root must not be
-        // able to mint renewals here.
+        // Anchored on this CA's own signing certificates (every authority
+        // still in the set: a leaf of a retiring one renews, and is
+        // re-issued by the active one), not on the whole root bundle: a
+        // sibling intermediate under a shared root must not be able to mint
+        // renewals here.
         let intermediates: Vec<Vec<u8>> = certs[1..].iter().map(|c| c.to_vec()).collect();
+        let signers: Vec<&[u8]> = authorities
+            .renewal_signers()
+            .into_iter()
+            .map(|c| c.der())
+            .collect();
         verify_path(
             leaf,
             &intermediates,
-            &[authority.signer().der()],
+            &signers,
             now,
             webpki::KeyUsage::client_auth(),
         )
@@ -130,7 +137,7 @@ impl ClientCertAuthenticator {
         let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf)
             .map_err(|e| AuthError::Cert(format!("unparsable: {e}")))?;
         let id = single_spiffe_id(&cert).map_err(AuthError::Cert)?;
-        check_workload_id(&id, authority.trust_domain()).map_err(AuthError::Cert)?;
+        check_workload_id(&id, authorities.trust_domain()).map_err(AuthError::Cert)?;
         // The presented lifetime, less the backdate every leaf of ours
         // carries: a renewal is never longer-lived than what it renews.
         let validity = cert.validity();

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::ca::store::{RootSpec, atomic_write, load_or_create};
-use crate::ca::{self, Authority, DirStore, KeyAlgorithm, KeyStore, TtlPolicy};
+use crate::ca::{self, Authority, AuthoritySet, DirStore, KeyAlgorithm, KeyStore, TtlPolicy};
 use crate::drain::Tasks;
 use crate::identity::TrustDomain;
 use crate::limits::ServerLimits;
@@ -107,17 +107,49 @@ pub struct Running {
     pub authenticators: Vec<&'static str>,
     pub jwt_issuers: Vec<String>,
     pub ca_created: bool,
-    /// Publishes a new authority to every part of the server (root rotation).
-    authority: watch::Sender<Arc<Authority>>,
+    /// The CA's authorities, published once and read by every part of the
+    /// server: signing, client-certificate renewal, the serving certificate,
+    /// readiness, the expiry gauges and `root-cert.pem`.
+    authorities: watch::Sender<Arc<AuthoritySet>>,
     tasks: Tasks,
     health: Arc<Health>,
     drain_timeout: Duration,
 }
 
 impl Running {
-    /// The authority currently signing.
-    pub fn authority(&self) -> Arc<Authority> {
-        self.authority.borrow().clone()
+    /// The CA's authorities as they are now.
+    pub fn authorities(&self) -> Arc<AuthoritySet> {
+        self.authorities.borrow().clone()
+    }
+
+    /// Makes `next` the CA's authorities everywhere at once (the step a root
+    /// rotation takes).
+    ///
+    /// # Errors
+    /// [`Error::Config`] if `next` is not newer than the current set or
+    /// serves another trust domain; nothing changes then.
+    pub fn publish(&self, next: AuthoritySet) -> Result<(), Error> {
+        let mut refused = None;
+        self.authorities.send_if_modified(|current| {
+            if next.generation() <= current.generation() {
+                refused = Some(format!(
+                    "generation {} is not newer than the current {}",
+                    next.generation(),
+                    current.generation()
+                ));
+                return false;
+            }
+            if next.trust_domain() != current.trust_domain() {
+                refused = Some("another trust domain".to_string());
+                return false;
+            }
+            *current = Arc::new(next);
+            true
+        });
+        match refused {
+            Some(why) => Err(Error::Config(format!("authority set refused: {why}"))),
+            None => Ok(()),
+        }
     }
 
     /// Stops accepting, lets in-flight calls finish (up to the drain
@@ -162,23 +194,22 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         .map_err(|e| Error::io(&config.state_dir, e))?;
     let now = SystemTime::now();
     let (authority, ca_created) = load_authority(&config, now).await?;
+    let authorities = AuthoritySet::single(authority);
     let root_cert_path = config.state_dir.join("root-cert.pem");
-    atomic_write(&root_cert_path, authority.roots().pem().as_bytes(), 0o644)
+    atomic_write(&root_cert_path, authorities.bundle_pem().as_bytes(), 0o644)
         .map_err(|e| Error::io(&root_cert_path, e))?;
 
     let metrics = Arc::new(Metrics::new()?);
-    if let Some(t) = authority.roots().earliest_expiry() {
-        metrics.root_cert_expiry.set(unix_secs(t));
-    }
-    metrics
-        .cert_chain_expiry
-        .set(unix_secs(authority.chain_not_after()));
-    let chain_not_after = authority.chain_not_after();
-    let serving_cert = Arc::new(ServingCert::issue(&authority, &config.serving, now)?);
+    let serving_cert = Arc::new(ServingCert::issue(
+        authorities.active(),
+        &config.serving,
+        now,
+    )?);
     metrics
         .serving_cert_expiry
         .set(unix_secs(serving_cert.not_after()));
-    let (authority_tx, authority_rx) = watch::channel(Arc::new(authority));
+    expiry_gauges(&metrics, &authorities);
+    let (authority_tx, authority_rx) = watch::channel(Arc::new(authorities));
     // Every task the server starts, stopped together (src/drain.rs).
     let mut tasks = Tasks::new();
     let shutdown_rx = tasks.signal();
@@ -235,7 +266,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
     let health = Arc::new(Health {
         serving: false.into(),
         serving_cert: serving_cert.clone(),
-        chain_not_after,
+        authorities: authority_rx.clone(),
     });
     let ops_addr = match config.ops_listen {
         Some(addr) => {
@@ -258,6 +289,15 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         None => None,
     };
 
+    tasks.adopt(
+        "publish-authorities",
+        spawn_publisher(
+            authority_rx.clone(),
+            metrics.clone(),
+            root_cert_path.clone(),
+            shutdown_rx.clone(),
+        ),
+    );
     tasks.adopt(
         "serving-cert-renewal",
         spawn_serving_renewal(
@@ -311,7 +351,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         authenticators: auth.names(),
         jwt_issuers,
         ca_created,
-        authority: authority_tx,
+        authorities: authority_tx,
         tasks,
         health,
         drain_timeout: config.drain_timeout,
@@ -351,17 +391,73 @@ async fn load_authority(
     }
 }
 
+/// The expiry gauges, from the set as it is.
+fn expiry_gauges(metrics: &Metrics, set: &AuthoritySet) {
+    if let Some(t) = set.bundle().earliest_expiry() {
+        metrics.root_cert_expiry.set(unix_secs(t));
+    }
+    metrics
+        .cert_chain_expiry
+        .set(unix_secs(set.active().chain_not_after()));
+}
+
+/// On every change of the authorities: the expiry gauges, and the bundle
+/// written to `root-cert.pem` (atomically, off the runtime's workers).
+fn spawn_publisher(
+    mut authorities: watch::Receiver<Arc<AuthoritySet>>,
+    metrics: Arc<Metrics>,
+    root_cert_path: PathBuf,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        authorities.borrow_and_update();
+        loop {
+            tokio::select! {
+                changed = authorities.changed() => if changed.is_err() { return },
+                _ = shutdown.changed() => return,
+            }
+            let set = authorities.borrow_and_update().clone();
+            expiry_gauges(&metrics, &set);
+            let path = root_cert_path.clone();
+            let pem = set.bundle_pem().to_owned();
+            let written =
+                tokio::task::spawn_blocking(move || atomic_write(&path, pem.as_bytes(), 0o644))
+                    .await;
+            match written {
+                Ok(Ok(())) => tracing::info!(
+                    generation = set.generation(),
+                    roots = set.bundle().roots().len(),
+                    path = %root_cert_path.display(),
+                    "trust bundle published"
+                ),
+                Ok(Err(e)) => {
+                    tracing::error!(path = %root_cert_path.display(), error = %e, "writing the trust bundle failed")
+                }
+                Err(e) => tracing::error!(error = %e, "writing the trust bundle failed"),
+            }
+        }
+    })
+}
+
 /// Renews the serving certificate halfway through its life, retrying every
 /// few seconds on failure while the current one is still valid.
 fn spawn_serving_renewal(
     cert: Arc<ServingCert>,
-    authority: watch::Receiver<Arc<Authority>>,
+    mut authority: watch::Receiver<Arc<AuthoritySet>>,
     spec: ServingSpec,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut retry: Option<Duration> = None;
+        // The signer of the certificate being served: when another
+        // authority becomes active, the certificate moves to it at once.
+        let mut issued_by = authority
+            .borrow_and_update()
+            .active()
+            .signer()
+            .der()
+            .to_vec();
         loop {
             let wait = retry.unwrap_or_else(|| {
                 cert.renew_at()
@@ -370,12 +466,20 @@ fn spawn_serving_renewal(
             });
             tokio::select! {
                 _ = tokio::time::sleep(wait.max(Duration::from_millis(100))) => {}
+                changed = authority.changed() => {
+                    if changed.is_err() { return }
+                    let active = authority.borrow_and_update().active().signer().der().to_vec();
+                    if active == issued_by {
+                        continue;
+                    }
+                }
                 _ = shutdown.changed() => return,
             }
-            let current = authority.borrow().clone();
+            let current = authority.borrow().active().clone();
             match cert.renew(&current, &spec, SystemTime::now()) {
                 Ok(not_after) => {
                     retry = None;
+                    issued_by = current.signer().der().to_vec();
                     metrics.serving_cert_expiry.set(unix_secs(not_after));
                     tracing::info!(
                         not_after = unix_secs(not_after),

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use super::metrics::Metrics;
 use super::tls::ServingCert;
+use crate::ca::AuthoritySet;
 use crate::limits::OpsLimits;
 
 /// What readiness depends on.
@@ -16,7 +17,8 @@ pub struct Health {
     /// False before start-up completes and once shutdown begins.
     pub serving: AtomicBool,
     pub serving_cert: Arc<ServingCert>,
-    pub chain_not_after: SystemTime,
+    /// The signing chain that matters is the active authority's, now.
+    pub authorities: watch::Receiver<Arc<AuthoritySet>>,
 }
 
 impl Health {
@@ -26,7 +28,7 @@ impl Health {
         if !self.serving.load(Ordering::Acquire) {
             return Err("not serving (starting or draining)");
         }
-        if now >= self.chain_not_after {
+        if now >= self.authorities.borrow().active().chain_not_after() {
             return Err("the CA signing chain has expired");
         }
         if now >= self.serving_cert.not_after() {

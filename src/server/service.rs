@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use super::auth::{AuthChain, AuthContext};
 use super::metrics::Metrics;
 use super::status;
-use crate::ca::{Authority, TtlPolicy, check_pem_csr};
+use crate::ca::{AuthoritySet, TtlPolicy, check_pem_csr};
 use crate::logsafe::{WarnLimiter, peer as peer_text};
 use crate::proto::istio::istio_certificate_service_server::IstioCertificateService;
 use crate::proto::istio::{IstioCertificateRequest, IstioCertificateResponse};
@@ -17,7 +17,7 @@ use std::net::IpAddr;
 
 /// The CSR-signing service.
 pub struct CaService {
-    pub(crate) authority: watch::Receiver<Arc<Authority>>,
+    pub(crate) authority: watch::Receiver<Arc<AuthoritySet>>,
     pub(crate) auth: AuthChain,
     pub(crate) ttl: TtlPolicy,
     pub(crate) metrics: Arc<Metrics>,

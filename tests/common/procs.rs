@@ -430,3 +430,14 @@ pub async fn fetch_default(socket: &Path) {
     .into_inner();
     assert_eq!(resp.resources.len(), 2);
 }
+
+/// The serving certificate a server at `addr` presents to a fresh TLS
+/// handshake verified against `root_pem` (DER).
+pub async fn served_cert(addr: SocketAddr, root_pem: &str) -> Vec<u8> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = tls_connector(root_pem)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("handshake verifies against the roots");
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}

@@ -1,0 +1,351 @@
+//! The CA's authorities as one set, each in a state, and the trust bundle
+//! they make (root rotation moves authorities through the states).
+//!
+//! - *prepared*: its root is trusted everywhere; it signs nothing.
+//! - *active*: signs every new leaf and the server's own certificate.
+//!   Exactly one authority is active at all times.
+//! - *retiring*: still trusted, signs nothing; its leaves are being
+//!   replaced.
+//! - *gone*: no longer in the set: not trusted, nothing renews with it.
+//!
+//! The trust bundle is the union of the roots of every authority in the
+//! set, and the set carries a generation that increases on every change.
+//! A set is immutable: each step makes a new one, which the server
+//! publishes whole (one `watch`), so every reader sees one consistent set.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::{Authority, Cert, CheckedCsr, Error, Issued, TrustBundle};
+use crate::identity::{SpiffeId, TrustDomain};
+
+/// Where an authority is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum State {
+    Prepared,
+    Active,
+    Retiring,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Prepared => "prepared",
+            Self::Active => "active",
+            Self::Retiring => "retiring",
+        }
+    }
+}
+
+/// One authority and its state.
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub authority: Arc<Authority>,
+    pub state: State,
+}
+
+/// Every authority of the CA, and their trust bundle.
+#[derive(Debug)]
+pub struct AuthoritySet {
+    members: Vec<Member>,
+    generation: u64,
+    bundle: TrustBundle,
+    bundle_pem: String,
+}
+
+impl AuthoritySet {
+    /// A set of one, active, at generation 1.
+    pub fn single(active: Authority) -> Self {
+        let roots = active.roots().clone();
+        let bundle_pem = roots.pem();
+        Self {
+            members: vec![Member {
+                authority: Arc::new(active),
+                state: State::Active,
+            }],
+            generation: 1,
+            bundle: roots,
+            bundle_pem,
+        }
+    }
+
+    /// A set from its members, checked: exactly one active, at most one
+    /// prepared, one trust domain.
+    ///
+    /// # Errors
+    /// [`Error::Material`] naming what is wrong.
+    pub fn new(members: Vec<Member>, generation: u64) -> Result<Self, Error> {
+        let count = |s: State| members.iter().filter(|m| m.state == s).count();
+        if count(State::Active) != 1 {
+            return Err(Error::Material(format!(
+                "a CA needs exactly one active authority; this set has {}",
+                count(State::Active)
+            )));
+        }
+        if count(State::Prepared) > 1 {
+            return Err(Error::Material(
+                "at most one authority may be prepared at a time".into(),
+            ));
+        }
+        let td = members[0].authority.trust_domain();
+        if members.iter().any(|m| m.authority.trust_domain() != td) {
+            return Err(Error::Material(
+                "every authority of a CA serves the same trust domain".into(),
+            ));
+        }
+        // The bundle: active roots first, then prepared, then retiring;
+        // each root once.
+        let mut ordered: Vec<&Member> = members.iter().collect();
+        ordered.sort_by_key(|m| match m.state {
+            State::Active => 0,
+            State::Prepared => 1,
+            State::Retiring => 2,
+        });
+        let mut roots: Vec<Cert> = Vec::new();
+        for m in ordered {
+            for r in m.authority.roots().roots() {
+                if !roots.iter().any(|have| have.der() == r.der()) {
+                    roots.push(r.clone());
+                }
+            }
+        }
+        let bundle = TrustBundle::new(roots)?;
+        let bundle_pem = bundle.pem();
+        Ok(Self {
+            members,
+            generation,
+            bundle,
+            bundle_pem,
+        })
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    /// Increases on every change of the set.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The union of every member's roots.
+    pub fn bundle(&self) -> &TrustBundle {
+        &self.bundle
+    }
+
+    pub fn bundle_pem(&self) -> &str {
+        &self.bundle_pem
+    }
+
+    /// The authority that signs.
+    pub fn active(&self) -> &Arc<Authority> {
+        // `new` and `single` guarantee exactly one.
+        let active = self.members.iter().find(|m| m.state == State::Active);
+        match active {
+            Some(m) => &m.authority,
+            None => &self.members[0].authority,
+        }
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        self.active().trust_domain()
+    }
+
+    /// The signing certificates a renewal's client certificate may chain
+    /// to: every authority still in the set.
+    pub fn renewal_signers(&self) -> Vec<&Cert> {
+        self.members.iter().map(|m| m.authority.signer()).collect()
+    }
+
+    /// A workload leaf from the active authority; the last element of the
+    /// chain is the whole trust bundle, so clients that learn their roots
+    /// from answers (Istio's agents) learn every trusted root.
+    ///
+    /// # Errors
+    /// As [`Authority::sign_leaf`].
+    pub fn sign_leaf(
+        &self,
+        csr: &CheckedCsr,
+        caller: &SpiffeId,
+        ttl: std::time::Duration,
+        now: SystemTime,
+    ) -> Result<Issued, Error> {
+        let mut issued = self.active().sign_leaf(csr, caller, ttl, now)?;
+        if let Some(last) = issued.chain.last_mut() {
+            last.clone_from(&self.bundle_pem);
+        }
+        Ok(issued)
+    }
+
+    /// A new set with `next` prepared: trusted everywhere, signing nothing.
+    ///
+    /// # Errors
+    /// [`Error::Material`] if one is already prepared, or `next` serves
+    /// another trust domain.
+    pub fn prepare(&self, next: Authority) -> Result<Self, Error> {
+        let mut members = self.members.clone();
+        members.push(Member {
+            authority: Arc::new(next),
+            state: State::Prepared,
+        });
+        Self::new(members, self.generation + 1)
+    }
+
+    /// A new set in which the prepared authority signs and the active one
+    /// is retiring.
+    ///
+    /// # Errors
+    /// [`Error::Material`] if nothing is prepared.
+    pub fn activate(&self) -> Result<Self, Error> {
+        if !self.members.iter().any(|m| m.state == State::Prepared) {
+            return Err(Error::Material(
+                "no authority is prepared; prepare one first".into(),
+            ));
+        }
+        let members = self
+            .members
+            .iter()
+            .map(|m| Member {
+                authority: m.authority.clone(),
+                state: match m.state {
+                    State::Prepared => State::Active,
+                    State::Active | State::Retiring => State::Retiring,
+                },
+            })
+            .collect();
+        Self::new(members, self.generation + 1)
+    }
+
+    /// A new set without the retiring authorities: their roots leave the
+    /// bundle, and nothing renews with their leaves.
+    ///
+    /// # Errors
+    /// [`Error::Material`] if nothing is retiring.
+    pub fn retire(&self) -> Result<Self, Error> {
+        if !self.members.iter().any(|m| m.state == State::Retiring) {
+            return Err(Error::Material("no authority is retiring".into()));
+        }
+        let members = self
+            .members
+            .iter()
+            .filter(|m| m.state != State::Retiring)
+            .cloned()
+            .collect();
+        Self::new(members, self.generation + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::KeyAlgorithm;
+    use std::time::Duration;
+
+    fn authority(td: &str) -> Authority {
+        let td = TrustDomain::new(td).unwrap();
+        let now = SystemTime::now();
+        let files = Authority::generate_root(
+            &td,
+            KeyAlgorithm::EcdsaP256,
+            Duration::from_secs(86_400),
+            now,
+        )
+        .unwrap();
+        Authority::from_files(&files, &td, now).unwrap()
+    }
+
+    fn states(set: &AuthoritySet) -> Vec<State> {
+        set.members().iter().map(|m| m.state).collect()
+    }
+
+    #[test]
+    fn a_rotation_moves_through_the_states_with_a_new_generation_each_time() {
+        let old = authority("td");
+        let old_root = old.roots().roots()[0].der().to_vec();
+        let set = AuthoritySet::single(old);
+        assert_eq!((set.generation(), set.bundle().roots().len()), (1, 1));
+
+        let next = authority("td");
+        let new_root = next.roots().roots()[0].der().to_vec();
+        let prepared = set.prepare(next).unwrap();
+        assert_eq!(states(&prepared), [State::Active, State::Prepared]);
+        assert_eq!(prepared.generation(), 2);
+        assert!(prepared.bundle().contains(&old_root) && prepared.bundle().contains(&new_root));
+        assert_eq!(
+            prepared.active().roots().roots()[0].der(),
+            old_root,
+            "the old one still signs"
+        );
+        assert!(
+            prepared.prepare(authority("td")).is_err(),
+            "one prepared at a time"
+        );
+
+        let active = prepared.activate().unwrap();
+        assert_eq!(states(&active), [State::Retiring, State::Active]);
+        assert_eq!(active.generation(), 3);
+        assert_eq!(active.active().roots().roots()[0].der(), new_root);
+        assert_eq!(
+            active.bundle().roots()[0].der(),
+            new_root,
+            "the active root first"
+        );
+        assert_eq!(
+            active.renewal_signers().len(),
+            2,
+            "the retiring one still renews"
+        );
+
+        let retired = active.retire().unwrap();
+        assert_eq!(states(&retired), [State::Active]);
+        assert_eq!(retired.generation(), 4);
+        assert!(!retired.bundle().contains(&old_root));
+        assert_eq!(retired.renewal_signers().len(), 1);
+        assert!(retired.retire().is_err() && retired.activate().is_err());
+    }
+
+    #[test]
+    fn leaves_carry_the_whole_bundle_and_come_from_the_active_authority() {
+        let set = AuthoritySet::single(authority("td"))
+            .prepare(authority("td"))
+            .unwrap();
+        let key = crate::ca::PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let csr_pem = {
+            let params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params
+                .serialize_request(key.key_pair())
+                .unwrap()
+                .pem()
+                .unwrap()
+        };
+        let csr = crate::ca::check_csr(csr_pem.as_bytes()).unwrap();
+        let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
+        let issued = set
+            .sign_leaf(&csr, &id, Duration::from_secs(60), SystemTime::now())
+            .unwrap();
+        assert_eq!(issued.chain.last().unwrap(), set.bundle_pem());
+        assert_eq!(
+            crate::ca::bundle::parse_pem_certs(set.bundle_pem())
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn a_set_never_lacks_its_one_active_authority() {
+        let a = Arc::new(authority("td"));
+        let member = |state| Member {
+            authority: a.clone(),
+            state,
+        };
+        assert!(AuthoritySet::new(vec![member(State::Prepared)], 1).is_err());
+        assert!(AuthoritySet::new(vec![member(State::Active), member(State::Active)], 1).is_err());
+        assert!(AuthoritySet::new(vec![], 1).is_err());
+        let other = Member {
+            authority: Arc::new(authority("elsewhere")),
+            state: State::Prepared,
+        };
+        assert!(AuthoritySet::new(vec![member(State::Active), other], 1).is_err());
+    }
+}

@@ -1,0 +1,144 @@
+//! One live CA state: the server's authorities are published once and every
+//! part of it reads them from there. Each step of a rotation (prepare,
+//! activate, retire) published to a running server changes, at once and
+//! without a restart: the bundle in every answer, `root-cert.pem`, the
+//! expiry gauges, who may renew, who signs new leaves, and the server's own
+//! TLS certificate.
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use common::procs::served_cert;
+use common::*;
+use workload_ca::ca::bundle::{parse_pem_certs, verify_path};
+use workload_ca::ca::{Authority, KeyAlgorithm};
+use workload_ca::identity::TrustDomain;
+
+fn new_authority() -> Authority {
+    let td = TrustDomain::new(TD).unwrap();
+    let now = SystemTime::now();
+    let files = Authority::generate_root(
+        &td,
+        KeyAlgorithm::EcdsaP256,
+        Duration::from_secs(20 * 365 * 86_400),
+        now,
+    )
+    .unwrap();
+    Authority::from_files(&files, &td, now).unwrap()
+}
+
+/// Whether `chain` (leaf first) path-validates to `root` alone.
+fn chains_to(chain: &[String], root: &[u8]) -> bool {
+    let leaf = ders(&chain[0]).remove(0);
+    let intermediates: Vec<Vec<u8>> = chain[1..chain.len() - 1]
+        .iter()
+        .flat_map(|p| ders(p))
+        .collect();
+    verify_path(
+        &leaf,
+        &intermediates,
+        &[root],
+        SystemTime::now(),
+        webpki::KeyUsage::client_auth(),
+    )
+    .is_ok()
+}
+
+async fn until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_part_of_the_server_follows_the_published_authorities() {
+    let server = TestServer::start().await;
+    let old_root = ders(&server.root_pem()).remove(0);
+    let first = server.running.authorities();
+    assert_eq!(first.generation(), 1);
+    let (old_key, old_chain) = server.issue("prod", "web", 3600).await;
+
+    // Prepare: the new root is trusted everywhere, the old one still signs.
+    let next = new_authority();
+    let new_root = next.roots().roots()[0].der().to_vec();
+    server
+        .running
+        .publish(first.prepare(next).unwrap())
+        .unwrap();
+    assert_eq!(server.running.authorities().generation(), 2);
+    // Only a newer generation is taken; nothing changes otherwise.
+    let stale = first.prepare(new_authority()).unwrap();
+    assert!(server.running.publish(stale).is_err());
+    assert_eq!(server.running.authorities().generation(), 2);
+
+    let (_k, chain) = server.issue("prod", "web", 600).await;
+    webpki_verify(&chain);
+    let bundle = parse_pem_certs(chain.last().unwrap()).unwrap();
+    assert_eq!(bundle.len(), 2, "every answer carries both roots");
+    assert!(chains_to(&chain, &old_root) && !chains_to(&chain, &new_root));
+    until("root-cert.pem holds both roots", async || {
+        ders(&server.root_pem()).len() == 2
+    })
+    .await;
+    let earliest = server
+        .metric("citadel_server_root_cert_expiry_timestamp")
+        .await;
+    assert!(earliest > 0.0);
+
+    // Activate: new leaves and the serving certificate come from the new
+    // authority; a leaf of the retiring one still renews, under the new.
+    let activated = server.running.authorities().activate().unwrap();
+    server.running.publish(activated).unwrap();
+    let (_k, chain) = server.issue("prod", "web", 600).await;
+    webpki_verify(&chain);
+    assert!(chains_to(&chain, &new_root) && !chains_to(&chain, &old_root));
+    until(
+        "the serving certificate moved to the new root",
+        async || {
+            let served = served_cert(server.running.grpc_addr, &server.root_pem()).await;
+            verify_path(
+                &served,
+                &[],
+                &[&new_root],
+                SystemTime::now(),
+                webpki::KeyUsage::server_auth(),
+            )
+            .is_ok()
+        },
+    )
+    .await;
+    let identity = old_chain[..old_chain.len() - 1].concat();
+    let mut renewing = server.client(Some((&identity, &old_key))).await;
+    let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
+    let renewed = request(&mut renewing, &csr, None, 0)
+        .await
+        .expect("a leaf of the retiring authority renews");
+    webpki_verify(&renewed);
+    assert!(
+        chains_to(&renewed, &new_root),
+        "re-issued by the active one"
+    );
+    assert_eq!(
+        leaf_facts(&renewed[0]).uris,
+        ["spiffe://cluster.local/ns/prod/sa/web"]
+    );
+
+    // Retire: the old root leaves the bundle; its leaves renew no more.
+    let retired = server.running.authorities().retire().unwrap();
+    server.running.publish(retired).unwrap();
+    let (_k, chain) = server.issue("prod", "web", 600).await;
+    assert_eq!(parse_pem_certs(chain.last().unwrap()).unwrap().len(), 1);
+    until("root-cert.pem holds the new root alone", async || {
+        ders(&server.root_pem()) == [new_root.clone()]
+    })
+    .await;
+    let mut renewing = server.client(Some((&identity, &old_key))).await;
+    let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
+    let err = request(&mut renewing, &csr, None, 0).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let (status, _) = http_get(server.running.ops_addr.unwrap(), "/readyz").await;
+    assert_eq!(status, 200, "ready throughout");
+}
