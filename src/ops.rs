@@ -1,6 +1,7 @@
 //! The operations HTTP endpoint shared by the server and the agent:
-//! `/metrics` (Prometheus text), `/healthz` (the process answers) and
-//! `/readyz` (200 when ready, 503 with the reason otherwise).
+//! `/metrics` (Prometheus text), `/healthz` (the process answers),
+//! `/readyz` (200 when ready, 503 with the reason otherwise), and on the CA
+//! `/trust-bundle` (the SPIFFE trust bundle, a JWK Set).
 
 use std::sync::Arc;
 
@@ -11,19 +12,23 @@ use tokio::sync::watch;
 
 use crate::limits::{OpsLimits, Refusals};
 
+/// Renders the current trust bundle as a SPIFFE JWK Set.
+pub type TrustBundleDoc = Box<dyn Fn() -> Result<String, String> + Send + Sync>;
+
 /// Serves the endpoint on `listener` until `shutdown` changes, under
 /// `limits` (connections, header read time, connection time).
 pub fn spawn(
     listener: TcpListener,
     metrics: impl Fn() -> String + Send + Sync + 'static,
     ready: impl Fn() -> Result<(), String> + Send + Sync + 'static,
+    bundle: Option<TrustBundleDoc>,
     limits: OpsLimits,
     refusals: Refusals,
     shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let metrics = Arc::new(metrics);
     let ready = Arc::new(ready);
-    let app = axum::Router::new()
+    let mut app = axum::Router::new()
         .route("/metrics", get(move || std::future::ready(metrics())))
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -35,5 +40,25 @@ pub fn spawn(
                 })
             }),
         );
+    if let Some(bundle) = bundle {
+        let bundle = Arc::new(bundle);
+        app = app.route(
+            "/trust-bundle",
+            get(move || {
+                std::future::ready(match bundle() {
+                    Ok(json) => (
+                        StatusCode::OK,
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        json,
+                    ),
+                    Err(why) => (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                        format!("{why}\n"),
+                    ),
+                })
+            }),
+        );
+    }
     crate::net::spawn_ops(listener, app, limits, refusals, shutdown)
 }

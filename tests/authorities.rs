@@ -45,6 +45,62 @@ fn chains_to(chain: &[String], root: &[u8]) -> bool {
     .is_ok()
 }
 
+/// `/trust-bundle`, checked against the SPIFFE rules: one `x509-svid` key
+/// per root, its single `x5c` the root, no `kid`, and its EC point the one
+/// openssl reads from the certificate. Returns (sequence, root DERs).
+async fn trust_bundle(server: &TestServer) -> (u64, Vec<Vec<u8>>) {
+    use base64::Engine;
+    let (status, body) = http_get(server.running.ops_addr.unwrap(), "/trust-bundle").await;
+    assert_eq!(status, 200, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["spiffe_refresh_hint"], 300);
+    let mut roots = Vec::new();
+    for key in doc["keys"].as_array().unwrap() {
+        assert_eq!(key["use"], "x509-svid");
+        assert!(key.get("kid").is_none());
+        assert_eq!(
+            (key["kty"].as_str(), key["crv"].as_str()),
+            (Some("EC"), Some("P-256"))
+        );
+        let x5c = key["x5c"].as_array().unwrap();
+        assert_eq!(x5c.len(), 1);
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(x5c[0].as_str().unwrap())
+            .unwrap();
+        // openssl's reading of the certificate's public key.
+        let pem = pem::encode(&pem::Pem::new("CERTIFICATE", der.clone()));
+        let out = openssl_stdin(&["x509", "-noout", "-pubkey"], pem.as_bytes());
+        let spki = ders(&out).remove(0);
+        let point = &spki[spki.len() - 65..];
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        assert_eq!(point[0], 4);
+        assert_eq!(
+            b64.decode(key["x"].as_str().unwrap()).unwrap(),
+            &point[1..33]
+        );
+        assert_eq!(
+            b64.decode(key["y"].as_str().unwrap()).unwrap(),
+            &point[33..]
+        );
+        roots.push(der);
+    }
+    (doc["spiffe_sequence"].as_u64().unwrap(), roots)
+}
+
+fn openssl_stdin(args: &[&str], input: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("openssl")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
 async fn until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !cond().await {
@@ -59,6 +115,7 @@ async fn every_part_of_the_server_follows_the_published_authorities() {
     let old_root = ders(&server.root_pem()).remove(0);
     let first = server.running.authorities();
     assert_eq!(first.generation(), 1);
+    assert_eq!(trust_bundle(&server).await, (1, vec![old_root.clone()]));
     let (old_key, old_chain) = server.issue("prod", "web", 3600).await;
 
     // Prepare: the new root is trusted everywhere, the old one still signs.
@@ -139,6 +196,7 @@ async fn every_part_of_the_server_follows_the_published_authorities() {
     let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
     let err = request(&mut renewing, &csr, None, 0).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert_eq!(trust_bundle(&server).await, (4, vec![new_root.clone()]));
     let (status, _) = http_get(server.running.ops_addr.unwrap(), "/readyz").await;
     assert_eq!(status, 200, "ready throughout");
 }

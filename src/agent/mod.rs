@@ -201,6 +201,7 @@ fn spawn_ops(
                 Err("waiting for a valid certificate".into())
             }
         },
+        None,
         limits,
         refusals,
         shutdown,

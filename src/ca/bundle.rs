@@ -195,4 +195,144 @@ impl TrustBundle {
             .map(|c| not_after(&c))
             .min()
     }
+
+    /// The bundle as a SPIFFE trust bundle: a JWK Set (RFC 7517) with one
+    /// `x509-svid` key per root (its public key parameters, and the root
+    /// itself as the single `x5c` entry, no `kid`), `spiffe_sequence` and
+    /// `spiffe_refresh_hint` (seconds).
+    ///
+    /// # Errors
+    /// [`Error::Cert`] for a root whose key type a JWK cannot carry
+    /// (EC P-256/P-384/P-521, RSA and Ed25519 can).
+    pub fn to_spiffe_jwks(&self, sequence: u64, refresh_hint_secs: u64) -> Result<String, Error> {
+        let mut keys = Vec::new();
+        for root in &self.roots {
+            let mut jwk = jwk_public_key(&root.parsed()?)?;
+            jwk.insert("use".into(), "x509-svid".into());
+            jwk.insert("x5c".into(), serde_json::json!([base64_std(root.der())]));
+            keys.push(serde_json::Value::Object(jwk));
+        }
+        let doc = serde_json::json!({
+            "keys": keys,
+            "spiffe_sequence": sequence,
+            "spiffe_refresh_hint": refresh_hint_secs,
+        });
+        Ok(doc.to_string())
+    }
+}
+
+fn base64_std(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn base64_url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The public key parameters of a certificate as a JWK (RFC 7518 §6).
+fn jwk_public_key(
+    cert: &X509Certificate<'_>,
+) -> Result<serde_json::Map<String, serde_json::Value>, Error> {
+    use x509_parser::oid_registry::{
+        OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_NIST_EC_P521,
+        OID_PKCS1_RSAENCRYPTION, OID_SIG_ED25519,
+    };
+    let spki = cert.public_key();
+    let alg = &spki.algorithm.algorithm;
+    let key = spki.subject_public_key.data.as_ref();
+    let mut jwk = serde_json::Map::new();
+    if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok());
+        let (crv, len) = match curve {
+            Some(c) if c == OID_EC_P256 => ("P-256", 32),
+            Some(c) if c == OID_NIST_EC_P384 => ("P-384", 48),
+            Some(c) if c == OID_NIST_EC_P521 => ("P-521", 66),
+            _ => return Err(Error::Cert("EC root on a curve a JWK cannot name".into())),
+        };
+        if key.len() != 1 + 2 * len || key[0] != 4 {
+            return Err(Error::Cert(
+                "EC root key is not an uncompressed point".into(),
+            ));
+        }
+        jwk.insert("kty".into(), "EC".into());
+        jwk.insert("crv".into(), crv.into());
+        jwk.insert("x".into(), base64_url(&key[1..=len]).into());
+        jwk.insert("y".into(), base64_url(&key[1 + len..]).into());
+    } else if *alg == OID_PKCS1_RSAENCRYPTION {
+        let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = spki.parsed() else {
+            return Err(Error::Cert("malformed RSA root key".into()));
+        };
+        let unsigned = |b: &[u8]| -> Vec<u8> {
+            let start = b.iter().position(|x| *x != 0).unwrap_or(b.len());
+            b[start..].to_vec()
+        };
+        jwk.insert("kty".into(), "RSA".into());
+        jwk.insert("n".into(), base64_url(&unsigned(rsa.modulus)).into());
+        jwk.insert("e".into(), base64_url(&unsigned(rsa.exponent)).into());
+    } else if *alg == OID_SIG_ED25519 {
+        jwk.insert("kty".into(), "OKP".into());
+        jwk.insert("crv".into(), "Ed25519".into());
+        jwk.insert("x".into(), base64_url(key).into());
+    } else {
+        return Err(Error::Cert(format!(
+            "root key algorithm {alg} cannot be written as a JWK"
+        )));
+    }
+    Ok(jwk)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::{Authority, KeyAlgorithm};
+    use crate::identity::TrustDomain;
+
+    fn root(alg: KeyAlgorithm) -> Cert {
+        let td = TrustDomain::new("td").unwrap();
+        let files =
+            Authority::generate_root(&td, alg, Duration::from_secs(3600), SystemTime::now())
+                .unwrap();
+        parse_pem_certs(&files.root_cert).unwrap().remove(0)
+    }
+
+    #[test]
+    fn spiffe_bundles_carry_each_roots_public_key() {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let rsa = root(KeyAlgorithm::Rsa2048);
+        let p384 = root(KeyAlgorithm::EcdsaP384);
+        let bundle = TrustBundle::new(vec![rsa.clone(), p384.clone()]).unwrap();
+        let doc: serde_json::Value =
+            serde_json::from_str(&bundle.to_spiffe_jwks(7, 60).unwrap()).unwrap();
+        assert_eq!(doc["spiffe_sequence"], 7);
+        assert_eq!(doc["spiffe_refresh_hint"], 60);
+        let keys = doc["keys"].as_array().unwrap();
+        assert_eq!(keys[0]["kty"], "RSA");
+        assert_eq!(
+            b64.decode(keys[0]["n"].as_str().unwrap()).unwrap().len(),
+            256
+        );
+        assert_eq!(keys[0]["e"], "AQAB");
+        assert_eq!(
+            (keys[1]["kty"].as_str(), keys[1]["crv"].as_str()),
+            (Some("EC"), Some("P-384"))
+        );
+        assert_eq!(
+            b64.decode(keys[1]["x"].as_str().unwrap()).unwrap().len(),
+            48
+        );
+        for (key, cert) in keys.iter().zip([&rsa, &p384]) {
+            assert_eq!(key["use"], "x509-svid");
+            let x5c = base64::engine::general_purpose::STANDARD
+                .decode(key["x5c"][0].as_str().unwrap())
+                .unwrap();
+            assert_eq!(x5c, cert.der());
+        }
+    }
 }

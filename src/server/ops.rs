@@ -38,7 +38,12 @@ impl Health {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` fires.
+/// How often a SPIFFE bundle consumer should fetch `/trust-bundle` again
+/// (`spiffe_refresh_hint`).
+pub const BUNDLE_REFRESH_HINT_SECS: u64 = 300;
+
+/// Serves `/metrics`, `/healthz`, `/readyz` and `/trust-bundle` until
+/// `shutdown` fires.
 pub fn spawn(
     listener: TcpListener,
     metrics: Arc<Metrics>,
@@ -47,10 +52,18 @@ pub fn spawn(
     shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let refusals = metrics.refusals.clone();
+    let authorities = health.authorities.clone();
+    let bundle: crate::ops::TrustBundleDoc = Box::new(move || {
+        let set = authorities.borrow().clone();
+        set.bundle()
+            .to_spiffe_jwks(set.generation(), BUNDLE_REFRESH_HINT_SECS)
+            .map_err(|e| e.to_string())
+    });
     crate::ops::spawn(
         listener,
         move || metrics.render(),
         move || health.ready().map_err(str::to_owned),
+        Some(bundle),
         limits,
         refusals,
         shutdown,
