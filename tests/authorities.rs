@@ -200,3 +200,116 @@ async fn every_part_of_the_server_follows_the_published_authorities() {
     let (status, _) = http_get(server.running.ops_addr.unwrap(), "/readyz").await;
     assert_eq!(status, 200, "ready throughout");
 }
+
+/// An agent started with only the old root file keeps talking to its CA
+/// when the CA's serving certificate moves to the new root: it trusts the
+/// roots the CA sent it (prepared before they are used) as well as its file.
+#[tokio::test]
+async fn an_agent_with_only_the_old_root_file_follows_the_rotation() {
+    use workload_ca::agent::client::CaEndpoint;
+    use workload_ca::agent::workload::RotationPolicy;
+    use workload_ca::agent::{self, AgentConfig, WorkloadConfig};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir.path().join("state"));
+    // Connections are re-made every second, so every renewal below is a new
+    // TLS handshake with whatever certificate the CA then serves.
+    cfg.limits.http2.max_connection_age = Some(Duration::from_secs(1));
+    cfg.limits.http2.goaway_grace = Duration::from_secs(1);
+    let server = TestServer::start_with(cfg, None).await;
+    let old_root_file = dir.path().join("old-root.pem");
+    std::fs::copy(&server.running.root_cert_path, &old_root_file).unwrap();
+    let old_root = ders(&server.root_pem()).remove(0);
+    std::fs::write(dir.path().join("token"), server.token("prod", "web")).unwrap();
+    let agent = agent::start(AgentConfig {
+        ca: CaEndpoint {
+            address: server.running.grpc_addr.to_string(),
+            root_cert: old_root_file.clone(),
+            server_name: "localhost".into(),
+        },
+        workloads: vec![WorkloadConfig {
+            name: "web".into(),
+            token_file: dir.path().join("token"),
+            socket: dir.path().join("web.sock"),
+        }],
+        policy: RotationPolicy {
+            ttl: Duration::from_secs(4),
+            ..RotationPolicy::default()
+        },
+        ops_listen: None,
+        output_dir: None,
+        limits: workload_ca::limits::AgentLimits::default(),
+    })
+    .await
+    .unwrap();
+    let watch = agent.watches[0].1.clone();
+    let chain_of = |w: &workload_ca::agent::workload::CertWatch| {
+        let cert = w.cert.borrow().clone()?;
+        let roots = w.roots.borrow().clone()?;
+        Some(vec![cert.chain_pem.clone(), roots.pem.clone()])
+    };
+    until("the agent's first certificate", async || {
+        chain_of(&watch).is_some()
+    })
+    .await;
+
+    let next = new_authority();
+    let new_root = next.roots().roots()[0].der().to_vec();
+    server
+        .running
+        .publish(server.running.authorities().prepare(next).unwrap())
+        .unwrap();
+    until("the agent holds both roots", async || {
+        watch
+            .roots
+            .borrow()
+            .as_ref()
+            .is_some_and(|r| ders(&r.pem).len() == 2)
+    })
+    .await;
+
+    server
+        .running
+        .publish(server.running.authorities().activate().unwrap())
+        .unwrap();
+    until("the serving certificate moved", async || {
+        let served = served_cert(server.running.grpc_addr, &server.root_pem()).await;
+        verify_path(
+            &served,
+            &[],
+            &[&new_root],
+            SystemTime::now(),
+            webpki::KeyUsage::server_auth(),
+        )
+        .is_ok()
+    })
+    .await;
+    // The old root file alone no longer verifies the CA...
+    let tcp = tokio::net::TcpStream::connect(server.running.grpc_addr)
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    assert!(
+        common::procs::tls_connector(&std::fs::read_to_string(&old_root_file).unwrap())
+            .connect(name, tcp)
+            .await
+            .is_err(),
+        "the old root alone does not verify the moved serving certificate"
+    );
+    // ... yet the agent, started with only that file, renews under the new
+    // root, over new handshakes.
+    until(
+        "the agent's certificate chains to the new root",
+        async || {
+            chain_of(&watch).is_some_and(|c| chains_to(&c, &new_root) && !chains_to(&c, &old_root))
+        },
+    )
+    .await;
+    let renewed_at = watch.cert.borrow().as_ref().map(|c| c.serial_hex.clone());
+    until("and keeps renewing", async || {
+        watch.cert.borrow().as_ref().map(|c| c.serial_hex.clone()) != renewed_at
+    })
+    .await;
+    agent.shutdown().await;
+    drop(dir);
+}

@@ -8,9 +8,12 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use std::sync::Arc;
+
+use tonic::transport::{Channel, Endpoint};
 
 use super::Error;
+use super::trust::{CaTrust, Verifier};
 use crate::proto::istio::IstioCertificateRequest;
 use crate::proto::istio::istio_certificate_service_client::IstioCertificateServiceClient;
 
@@ -89,29 +92,47 @@ pub struct CaEndpoint {
     pub server_name: String,
 }
 
-/// Opens a TLS channel to the CA. The connection itself is made lazily and
-/// re-made after failures by tonic.
+/// A lazily connected TLS channel to the CA, and the trust it verifies the
+/// CA's serving certificate with (see [`super::trust`]): the root file plus
+/// every bundle the CA sends back. tonic re-makes the connection after
+/// failures; each handshake reads the trust as it is then.
 ///
 /// # Errors
-/// [`Error::Config`] for an unreadable root file or a bad address.
-pub fn connect(endpoint: &CaEndpoint) -> Result<Channel, Error> {
-    let root = std::fs::read_to_string(&endpoint.root_cert).map_err(|e| {
-        Error::Config(format!(
-            "reading CA root {}: {e}",
-            endpoint.root_cert.display()
-        ))
-    })?;
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(root))
-        .domain_name(endpoint.server_name.clone());
-    let channel = Channel::from_shared(format!("https://{}", endpoint.address))
-        .map_err(|e| Error::Config(format!("CA address {:?}: {e}", endpoint.address)))?
-        .tls_config(tls)
+/// [`Error::Config`] for an unreadable root file, a bad address or name.
+pub fn connect(endpoint: &CaEndpoint) -> Result<(Channel, Arc<CaTrust>), Error> {
+    let trust = Arc::new(CaTrust::from_file(&endpoint.root_cert)?);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
         .map_err(|e| Error::Config(format!("CA TLS: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Verifier::new(trust.clone(), provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    // Every connection verifies the CA's certificate afresh against the
+    // trust as it is then; a resumed session would skip that (and keep a
+    // retired root in use). The agent connects rarely: full handshakes
+    // cost nothing that matters.
+    config.resumption = rustls::client::Resumption::disabled();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from(endpoint.server_name.clone())
+        .map_err(|e| Error::Config(format!("CA server name {:?}: {e}", endpoint.server_name)))?;
+    let address = endpoint.address.clone();
+    // TLS is ours (above), so the URI's scheme is plain http.
+    let channel = Endpoint::from_shared(format!("http://{}", endpoint.address))
+        .map_err(|e| Error::Config(format!("CA address {:?}: {e}", endpoint.address)))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
-        .connect_lazy();
-    Ok(channel)
+        .connect_with_connector_lazy(tower::service_fn(move |_| {
+            let (connector, name, address) = (connector.clone(), name.clone(), address.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&address).await?;
+                let _ = tcp.set_nodelay(true);
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }));
+    Ok((channel, trust))
 }
 
 /// The CA over gRPC, as one workload (one token file).
@@ -119,11 +140,16 @@ pub fn connect(endpoint: &CaEndpoint) -> Result<Channel, Error> {
 pub struct GrpcCaClient {
     channel: Channel,
     token: TokenFile,
+    trust: Arc<CaTrust>,
 }
 
 impl GrpcCaClient {
-    pub fn new(channel: Channel, token: TokenFile) -> Self {
-        Self { channel, token }
+    pub fn new(channel: Channel, token: TokenFile, trust: Arc<CaTrust>) -> Self {
+        Self {
+            channel,
+            token,
+            trust,
+        }
     }
 }
 
@@ -150,7 +176,12 @@ impl CaClient for GrpcCaClient {
                     code: s.code(),
                     message: s.message().to_owned(),
                 })?;
-            Ok(resp.into_inner().cert_chain)
+            let chain = resp.into_inner().cert_chain;
+            // The CA's roots, for the next handshake with it.
+            if let Some(bundle) = chain.last() {
+                self.trust.learn(bundle);
+            }
+            Ok(chain)
         })
     }
 }

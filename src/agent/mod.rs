@@ -3,6 +3,7 @@
 pub mod client;
 pub mod metrics;
 pub mod sds;
+pub mod trust;
 pub mod workload;
 
 use std::path::PathBuf;
@@ -113,7 +114,7 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
             )));
         }
     }
-    let channel = client::connect(&config.ca)?;
+    let (channel, trust) = client::connect(&config.ca)?;
     let metrics = Arc::new(AgentMetrics::new()?);
     let mut tasks = Tasks::new();
     let shutdown_rx = tasks.signal();
@@ -123,6 +124,7 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
         let client = Arc::new(GrpcCaClient::new(
             channel.clone(),
             TokenFile::new(&w.token_file),
+            trust.clone(),
         ));
         let (manager, cert_watch) = CertManager::new(
             w.name.clone(),
