@@ -101,6 +101,19 @@ fn openssl_stdin(args: &[&str], input: &[u8]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Whether the server's TLS certificate now verifies to `root` alone.
+async fn serves_under(server: &TestServer, root: &[u8]) -> bool {
+    let served = served_cert(server.running.grpc_addr, &server.root_pem()).await;
+    verify_path(
+        &served,
+        &[],
+        &[root],
+        SystemTime::now(),
+        webpki::KeyUsage::server_auth(),
+    )
+    .is_ok()
+}
+
 async fn until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !cond().await {
@@ -154,17 +167,7 @@ async fn every_part_of_the_server_follows_the_published_authorities() {
     assert!(chains_to(&chain, &new_root) && !chains_to(&chain, &old_root));
     until(
         "the serving certificate moved to the new root",
-        async || {
-            let served = served_cert(server.running.grpc_addr, &server.root_pem()).await;
-            verify_path(
-                &served,
-                &[],
-                &[&new_root],
-                SystemTime::now(),
-                webpki::KeyUsage::server_auth(),
-            )
-            .is_ok()
-        },
+        async || serves_under(&server, &new_root).await,
     )
     .await;
     let identity = old_chain[..old_chain.len() - 1].concat();
@@ -273,15 +276,7 @@ async fn an_agent_with_only_the_old_root_file_follows_the_rotation() {
         .publish(server.running.authorities().activate().unwrap())
         .unwrap();
     until("the serving certificate moved", async || {
-        let served = served_cert(server.running.grpc_addr, &server.root_pem()).await;
-        verify_path(
-            &served,
-            &[],
-            &[&new_root],
-            SystemTime::now(),
-            webpki::KeyUsage::server_auth(),
-        )
-        .is_ok()
+        serves_under(&server, &new_root).await
     })
     .await;
     // The old root file alone no longer verifies the CA...
@@ -312,4 +307,28 @@ async fn an_agent_with_only_the_old_root_file_follows_the_rotation() {
     .await;
     agent.shutdown().await;
     drop(dir);
+}
+
+/// A set published the moment `start` returns, before the server's own tasks
+/// first ran, is still followed: `root-cert.pem` and the serving certificate.
+#[tokio::test(flavor = "current_thread")]
+async fn a_set_published_right_after_start_is_not_missed() {
+    let server = TestServer::start().await;
+    let next = new_authority();
+    let new_root = next.roots().roots()[0].der().to_vec();
+    let set = server.running.authorities().prepare(next).unwrap();
+    let set2 = set.activate().unwrap();
+    server.running.publish(set).unwrap();
+    server.running.publish(set2).unwrap();
+    until("root-cert.pem holds both roots", async || {
+        ders(&server.root_pem()).len() == 2
+    })
+    .await;
+    until(
+        "the serving certificate moved to the new root",
+        async || serves_under(&server, &new_root).await,
+    )
+    .await;
+    let (status, _) = http_get(server.running.ops_addr.unwrap(), "/readyz").await;
+    assert_eq!(status, 200);
 }

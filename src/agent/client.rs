@@ -140,16 +140,11 @@ pub fn connect(endpoint: &CaEndpoint) -> Result<(Channel, Arc<CaTrust>), Error> 
 pub struct GrpcCaClient {
     channel: Channel,
     token: TokenFile,
-    trust: Arc<CaTrust>,
 }
 
 impl GrpcCaClient {
-    pub fn new(channel: Channel, token: TokenFile, trust: Arc<CaTrust>) -> Self {
-        Self {
-            channel,
-            token,
-            trust,
-        }
+    pub fn new(channel: Channel, token: TokenFile) -> Self {
+        Self { channel, token }
     }
 }
 
@@ -176,12 +171,7 @@ impl CaClient for GrpcCaClient {
                     code: s.code(),
                     message: s.message().to_owned(),
                 })?;
-            let chain = resp.into_inner().cert_chain;
-            // The CA's roots, for the next handshake with it.
-            if let Some(bundle) = chain.last() {
-                self.trust.learn(bundle);
-            }
-            Ok(chain)
+            Ok(resp.into_inner().cert_chain)
         })
     }
 }

@@ -124,7 +124,6 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
         let client = Arc::new(GrpcCaClient::new(
             channel.clone(),
             TokenFile::new(&w.token_file),
-            trust.clone(),
         ));
         let (manager, cert_watch) = CertManager::new(
             w.name.clone(),
@@ -152,6 +151,12 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
                 write_files(dir.join(&w.name), cert_watch.clone(), shutdown_rx.clone()),
             );
         }
+        // The CA's roots, for the next handshake with it: taken only from
+        // answers that passed every check (the bundle is published after).
+        tasks.spawn(
+            "ca-trust",
+            learn_roots(cert_watch.clone(), trust.clone(), shutdown_rx.clone()),
+        );
         watches.push((w.name.clone(), cert_watch));
     }
     let ops_addr = match config.ops_listen {
@@ -208,6 +213,23 @@ fn spawn_ops(
         refusals,
         shutdown,
     )
+}
+
+/// Teaches `trust` every bundle `w` publishes.
+async fn learn_roots(
+    mut w: CertWatch,
+    trust: Arc<trust::CaTrust>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        if let Some(roots) = w.roots.borrow_and_update().clone() {
+            trust.learn(&roots.pem);
+        }
+        tokio::select! {
+            r = w.roots.changed() => if r.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 /// Writes the workload's files on every new certificate or bundle.

@@ -110,6 +110,9 @@ impl AuthoritySet {
             }
         }
         let bundle = TrustBundle::new(roots)?;
+        // Every root must be expressible as a SPIFFE bundle key, or the
+        // published bundle would break for all consumers at once.
+        bundle.to_spiffe_jwks(generation, 0)?;
         let bundle_pem = bundle.pem();
         Ok(Self {
             members,
@@ -152,9 +155,15 @@ impl AuthoritySet {
     }
 
     /// The signing certificates a renewal's client certificate may chain
-    /// to: every authority still in the set.
+    /// to: the active and retiring authorities (a prepared one has signed
+    /// nothing here; a plugged-in intermediate already used elsewhere must
+    /// not renew its leaves here early).
     pub fn renewal_signers(&self) -> Vec<&Cert> {
-        self.members.iter().map(|m| m.authority.signer()).collect()
+        self.members
+            .iter()
+            .filter(|m| m.state != State::Prepared)
+            .map(|m| m.authority.signer())
+            .collect()
     }
 
     /// A workload leaf from the active authority; the last element of the

@@ -126,14 +126,17 @@ impl Running {
     /// rotation takes).
     ///
     /// # Errors
-    /// [`Error::Config`] if `next` is not newer than the current set or
-    /// serves another trust domain; nothing changes then.
+    /// [`Error::Config`] if `next` does not follow the current set (its
+    /// generation is not the current one plus one: it was derived from an
+    /// older set) or serves another trust domain; nothing changes then.
     pub fn publish(&self, next: AuthoritySet) -> Result<(), Error> {
         let mut refused = None;
         self.authorities.send_if_modified(|current| {
-            if next.generation() <= current.generation() {
+            // Compare-and-swap on the generation: a set derived from an
+            // older one never overwrites a change made since.
+            if next.generation() != current.generation() + 1 {
                 refused = Some(format!(
-                    "generation {} is not newer than the current {}",
+                    "generation {} does not follow the current {}",
                     next.generation(),
                     current.generation()
                 ));
@@ -157,16 +160,20 @@ impl Running {
     /// joins every task the server started; one deadline for all of them,
     /// after which they are stopped by force.
     ///
+    /// Returns which tasks had to be stopped by force (none when every
+    /// task stopped within the deadline; the accept loop closes connections
+    /// still open at the drain timeout itself).
+    ///
     /// # Errors
     /// [`Error::Transport`] if one of the server's tasks had panicked.
-    pub async fn shutdown(self) -> Result<(), Error> {
+    pub async fn shutdown(self) -> Result<crate::drain::Stopped, Error> {
         self.health.serving.store(false, Ordering::Release);
         // The accept loop closes what is left of its connections at the
         // drain timeout; a moment later, anything still running is forced.
         let deadline = tokio::time::Instant::now() + self.drain_timeout + SHUTDOWN_MARGIN;
         let stopped = self.tasks.shutdown(deadline).await;
         if stopped.panicked.is_empty() {
-            Ok(())
+            Ok(stopped)
         } else {
             Err(Error::Transport(format!(
                 "tasks panicked: {}",
@@ -410,7 +417,6 @@ fn spawn_publisher(
     mut shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        authorities.borrow_and_update();
         loop {
             tokio::select! {
                 changed = authorities.changed() => if changed.is_err() { return },
@@ -450,14 +456,10 @@ fn spawn_serving_renewal(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut retry: Option<Duration> = None;
-        // The signer of the certificate being served: when another
-        // authority becomes active, the certificate moves to it at once.
-        let mut issued_by = authority
-            .borrow_and_update()
-            .active()
-            .signer()
-            .der()
-            .to_vec();
+        // When another authority becomes active than the one that issued
+        // the certificate being served, the certificate moves to it at once.
+        // (No initial `borrow_and_update`: a set published before this task
+        // first runs must still be seen as a change.)
         loop {
             let wait = retry.unwrap_or_else(|| {
                 cert.renew_at()
@@ -469,7 +471,7 @@ fn spawn_serving_renewal(
                 changed = authority.changed() => {
                     if changed.is_err() { return }
                     let active = authority.borrow_and_update().active().signer().der().to_vec();
-                    if active == issued_by {
+                    if active == cert.issued_by() {
                         continue;
                     }
                 }
@@ -479,7 +481,6 @@ fn spawn_serving_renewal(
             match cert.renew(&current, &spec, SystemTime::now()) {
                 Ok(not_after) => {
                     retry = None;
-                    issued_by = current.signer().der().to_vec();
                     metrics.serving_cert_expiry.set(unix_secs(not_after));
                     tracing::info!(
                         not_after = unix_secs(not_after),

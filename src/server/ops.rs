@@ -28,7 +28,15 @@ impl Health {
         if !self.serving.load(Ordering::Acquire) {
             return Err("not serving (starting or draining)");
         }
-        if now >= self.authorities.borrow().active().chain_not_after() {
+        let set = self.authorities.borrow().clone();
+        if !set
+            .members()
+            .iter()
+            .any(|m| m.authority.signer().der() == self.serving_cert.issued_by())
+        {
+            return Err("the serving certificate's issuer is no longer in the trust bundle");
+        }
+        if now >= set.active().chain_not_after() {
             return Err("the CA signing chain has expired");
         }
         if now >= self.serving_cert.not_after() {

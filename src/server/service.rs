@@ -72,9 +72,9 @@ impl IstioCertificateService for CaService {
             .resolve_capped(body.validity_duration, caller.max_ttl)
             .and_then(|ttl| check_pem_csr(&body.csr).map(|csr| (ttl, csr)))
             .and_then(|(ttl, csr)| {
-                self.authority
-                    .borrow()
-                    .sign_leaf(&csr, &caller.identity, ttl, now)
+                // A snapshot: signing never holds the watch's lock.
+                let authorities = self.authority.borrow().clone();
+                authorities.sign_leaf(&csr, &caller.identity, ttl, now)
             });
         match result {
             Ok(issued) => {

@@ -39,6 +39,8 @@ pub struct ServingCert {
     current: RwLock<Arc<CertifiedKey>>,
     /// (issued at, NotAfter) of the current certificate.
     validity: RwLock<(SystemTime, SystemTime)>,
+    /// The signing certificate (DER) of the authority that issued it.
+    issued_by: RwLock<Vec<u8>>,
 }
 
 impl ServingCert {
@@ -55,6 +57,7 @@ impl ServingCert {
         Ok(Self {
             current: RwLock::new(key),
             validity: RwLock::new((now, not_after)),
+            issued_by: RwLock::new(authority.signer().der().to_vec()),
         })
     }
 
@@ -69,11 +72,22 @@ impl ServingCert {
         now: SystemTime,
     ) -> Result<SystemTime, Error> {
         let (key, not_after) = issue(authority, spec, now)?;
-        if let (Ok(mut cur), Ok(mut validity)) = (self.current.write(), self.validity.write()) {
+        if let (Ok(mut cur), Ok(mut validity), Ok(mut by)) = (
+            self.current.write(),
+            self.validity.write(),
+            self.issued_by.write(),
+        ) {
             *cur = key;
             *validity = (now, not_after);
+            *by = authority.signer().der().to_vec();
         }
         Ok(not_after)
+    }
+
+    /// The signing certificate (DER) of the authority that issued the
+    /// certificate being served.
+    pub fn issued_by(&self) -> Vec<u8> {
+        self.issued_by.read().map(|b| b.clone()).unwrap_or_default()
     }
 
     pub fn not_after(&self) -> SystemTime {
