@@ -90,16 +90,7 @@ impl TestServer {
     }
 
     pub fn token(&self, ns: &str, sa: &str) -> String {
-        workload_ca::server::jwt_crypto::install();
-        let dev = workload_ca::server::devissuer::DevIssuer::load(&self.state).unwrap();
-        dev.mint(
-            ns,
-            sa,
-            "istio-ca",
-            Duration::from_secs(600),
-            SystemTime::now(),
-        )
-        .unwrap()
+        dev_token(&self.state, ns, sa)
     }
 
     /// A fresh P-256 key and a certificate for `ns`/`sa`, obtained with a
@@ -129,6 +120,22 @@ impl TestServer {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
+}
+
+/// A 10-minute token for `ns`/`sa` from the development issuer of the CA
+/// whose state directory is `state`.
+pub fn dev_token(state: &Path, ns: &str, sa: &str) -> String {
+    workload_ca::server::jwt_crypto::install();
+    workload_ca::server::devissuer::DevIssuer::load(state)
+        .unwrap()
+        .mint(
+            ns,
+            sa,
+            "istio-ca",
+            Duration::from_secs(600),
+            SystemTime::now(),
+        )
+        .unwrap()
 }
 
 /// A TLS gRPC channel to the CA at `addr`, verified against `root_pem` for

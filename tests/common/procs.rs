@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use rustls_pki_types::{CertificateDer, ServerName};
 use tempfile::TempDir;
@@ -177,17 +177,7 @@ impl CaProc {
     }
 
     pub fn token(&self, ns: &str, sa: &str) -> String {
-        workload_ca::server::jwt_crypto::install();
-        workload_ca::server::devissuer::DevIssuer::load(&self.state)
-            .unwrap()
-            .mint(
-                ns,
-                sa,
-                "istio-ca",
-                Duration::from_secs(600),
-                SystemTime::now(),
-            )
-            .unwrap()
+        super::dev_token(&self.state, ns, sa)
     }
 
     /// A fresh gRPC client on its own connection (from 127.0.0.1).
