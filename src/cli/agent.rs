@@ -1,0 +1,186 @@
+//! `ca agent`: the node agent's flags and its run.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::{Signals, limits, parse_duration, parse_key_algorithm, parse_ops};
+use crate::agent::client::CaEndpoint;
+use crate::agent::workload::RotationPolicy;
+use crate::agent::{self, AgentConfig, WorkloadConfig};
+use crate::ca::KeyAlgorithm;
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// CA address, host:port.
+    #[arg(long, env = "CA_ADDR", default_value = "127.0.0.1:15012")]
+    pub ca_addr: String,
+    /// PEM roots the CA's TLS certificate must chain to.
+    #[arg(long, env = "CA_ROOT_CERT", default_value = "ca-state/root-cert.pem")]
+    pub ca_root_cert: PathBuf,
+    /// Name checked in the CA's TLS certificate.
+    #[arg(long, env = "CA_SERVER_NAME", default_value = "localhost")]
+    pub ca_server_name: String,
+    /// Sidecar mode: the workload's service-account token (re-read before every request).
+    #[arg(
+        long,
+        env = "CA_TOKEN_FILE",
+        default_value = "/var/run/secrets/tokens/istio-token"
+    )]
+    pub token_file: PathBuf,
+    /// Sidecar mode: the SDS socket the proxy connects to.
+    #[arg(long, env = "CA_SDS_SOCKET", default_value = "sds.sock")]
+    pub sds_socket: PathBuf,
+    /// Node mode: a workload as NAME=TOKEN_FILE (repeatable); its socket is
+    /// `<socket-dir>/<NAME>/socket`, a directory per workload that can be
+    /// mounted into that workload's pod alone.
+    #[arg(long = "workload", value_parser = parse_workload)]
+    pub workloads: Vec<(String, PathBuf)>,
+    /// Node mode: directory of the per-workload sockets.
+    #[arg(long, env = "CA_SOCKET_DIR", default_value = "sds")]
+    pub socket_dir: PathBuf,
+    #[command(flatten)]
+    pub rotation: RotationArgs,
+    /// Metrics and health listen address; `off` disables it.
+    #[arg(long, env = "CA_AGENT_OPS_LISTEN", default_value = "127.0.0.1:15020")]
+    pub ops_listen: String,
+    /// Also write key.pem (0600), cert-chain.pem and root-cert.pem to DIR/<workload>/.
+    #[arg(long, env = "CA_OUTPUT_DIR")]
+    pub output_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub limits: limits::AgentLimitArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RotationArgs {
+    /// Key type of workload keys (a fresh key for every certificate).
+    #[arg(long, env = "CA_KEY_ALGORITHM", default_value = "ecdsa-p256", value_parser = parse_key_algorithm)]
+    pub key_algorithm: KeyAlgorithm,
+    /// Requested certificate lifetime; 0 asks for the CA's default.
+    #[arg(long, env = "CA_CERT_TTL", default_value = "0", value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+    /// Renew after this fraction of the lifetime (0.1 to 0.95).
+    #[arg(long, default_value_t = 0.5, value_parser = parse_rotation_fraction)]
+    pub rotation_fraction: f64,
+    /// Relative jitter on the renewal point (0.1 = +-10%; at most 0.5).
+    #[arg(long, default_value_t = 0.1, value_parser = parse_jitter)]
+    pub rotation_jitter: f64,
+}
+
+impl RotationArgs {
+    pub(super) fn policy(&self) -> RotationPolicy {
+        RotationPolicy {
+            key: self.key_algorithm,
+            ttl: self.cert_ttl,
+            fraction: self.rotation_fraction,
+            jitter: self.rotation_jitter,
+            ..RotationPolicy::default()
+        }
+    }
+}
+
+pub(super) fn parse_workload(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, token) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=TOKEN_FILE"))?;
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !name.starts_with('.');
+    if !ok || token.is_empty() {
+        return Err(format!(
+            "{s:?} is not NAME=TOKEN_FILE (NAME: letters, digits, '-', '_', '.')"
+        ));
+    }
+    Ok((name.to_owned(), PathBuf::from(token)))
+}
+
+pub(super) fn parse_bounded(s: &str, min: f64, max: f64) -> Result<f64, String> {
+    let f: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(min..=max).contains(&f) {
+        return Err(format!("{s} must be between {min} and {max}"));
+    }
+    Ok(f)
+}
+
+pub(super) fn parse_rotation_fraction(s: &str) -> Result<f64, String> {
+    parse_bounded(s, 0.1, 0.95)
+}
+
+pub(super) fn parse_jitter(s: &str) -> Result<f64, String> {
+    parse_bounded(s, 0.0, 0.5)
+}
+
+impl AgentArgs {
+    /// The agent configuration these flags describe.
+    ///
+    /// # Errors
+    /// A bad ops address.
+    pub fn to_config(&self) -> anyhow::Result<AgentConfig> {
+        let workloads = if self.workloads.is_empty() {
+            vec![WorkloadConfig {
+                name: "default".into(),
+                token_file: self.token_file.clone(),
+                socket: self.sds_socket.clone(),
+            }]
+        } else {
+            let mut configs = Vec::new();
+            for (name, token) in &self.workloads {
+                let dir = self.socket_dir.join(name);
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                configs.push(WorkloadConfig {
+                    name: name.clone(),
+                    token_file: token.clone(),
+                    socket: dir.join("socket"),
+                });
+            }
+            configs
+        };
+        Ok(AgentConfig {
+            ca: CaEndpoint {
+                address: self.ca_addr.clone(),
+                root_cert: self.ca_root_cert.clone(),
+                server_name: self.ca_server_name.clone(),
+            },
+            workloads,
+            policy: self.rotation.policy(),
+            ops_listen: parse_ops(&self.ops_listen)?,
+            output_dir: self.output_dir.clone(),
+            limits: self.limits.to_limits()?,
+        })
+    }
+}
+
+pub(super) async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    let config = args.to_config()?;
+    let mut signals = Signals::install()?;
+    let agent = agent::start(config.clone())
+        .await
+        .context("starting the agent")?;
+    say!("workload-ca agent is up");
+    say!(
+        "  CA           : {} (verified with {})",
+        config.ca.address,
+        config.ca.root_cert.display()
+    );
+    for w in &config.workloads {
+        say!(
+            "  workload     : {}  token {}  SDS socket {}",
+            w.name,
+            w.token_file.display(),
+            w.socket.display()
+        );
+    }
+    if let Some(ops) = agent.ops_addr {
+        say!("  metrics      : http://{ops}/metrics   health: /healthz /readyz");
+    }
+    signals.recv().await;
+    tracing::info!("shutting down the agent");
+    agent.shutdown().await;
+    Ok(())
+}

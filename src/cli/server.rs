@@ -1,0 +1,202 @@
+//! `ca server`: the CA's flags and its run.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use super::{Signals, limits, parse_duration, parse_key_algorithm, parse_ops};
+use crate::ca::{KeyAlgorithm, TtlPolicy};
+use crate::identity::TrustDomain;
+use crate::server::jwt::{IssuerConfig, KeySource};
+use crate::server::tls::ServingSpec;
+use crate::server::{self, CaSource, ServerConfig};
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// State directory: the embedded CA, root-cert.pem, the dev issuer key.
+    #[arg(long, env = "CA_STATE_DIR", default_value = "ca-state")]
+    pub state_dir: PathBuf,
+    /// SPIFFE trust domain of issued identities.
+    #[arg(long, env = "CA_TRUST_DOMAIN", default_value = "cluster.local", value_parser = parse_trust_domain)]
+    pub trust_domain: TrustDomain,
+    /// gRPC (TLS) listen address.
+    #[arg(long, env = "CA_LISTEN", default_value = "127.0.0.1:15012")]
+    pub listen: SocketAddr,
+    /// Metrics and health listen address; `off` disables it.
+    #[arg(long, env = "CA_OPS_LISTEN", default_value = "127.0.0.1:15014")]
+    pub ops_listen: String,
+    /// DNS names in the server's TLS certificate (repeat or comma-separate).
+    #[arg(long = "dns-name", env = "CA_DNS_NAMES", value_delimiter = ',',
+          default_values_t = ["localhost".to_string(), "istiod.istio-system.svc".to_string()])]
+    pub dns_names: Vec<String>,
+    /// IP addresses in the server's TLS certificate.
+    #[arg(long = "ip-san", env = "CA_IP_SANS", value_delimiter = ',', default_values_t = [IpAddr::from([127, 0, 0, 1])])]
+    pub ip_sans: Vec<IpAddr>,
+    /// Lifetime of the server's TLS certificate (renewed at half-life).
+    #[arg(long, env = "CA_SERVING_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub serving_cert_ttl: Duration,
+    /// Workload certificate lifetime when the request asks for none.
+    #[arg(long, env = "CA_DEFAULT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub default_ttl: Duration,
+    /// Longest workload certificate lifetime; longer requests are refused.
+    #[arg(long, env = "CA_MAX_TTL", default_value = "90d", value_parser = parse_duration)]
+    pub max_ttl: Duration,
+    /// Key type of a newly generated root.
+    #[arg(long, env = "CA_ROOT_KEY", default_value = "ecdsa-p256", value_parser = parse_key_algorithm)]
+    pub root_key: KeyAlgorithm,
+    /// Lifetime of a newly generated root.
+    #[arg(long, env = "CA_ROOT_LIFETIME", default_value = "10y", value_parser = parse_duration)]
+    pub root_lifetime: Duration,
+    /// Use a plugged-in CA from an Istio `cacerts` directory instead of the
+    /// embedded root.
+    #[arg(long, env = "CA_CACERTS_DIR")]
+    pub cacerts: Option<PathBuf>,
+    /// Trusted token issuer as `ISSUER=KEYS`, KEYS being a JWKS or PEM file,
+    /// or an http:// JWKS URL on loopback. Repeatable.
+    #[arg(long = "jwt-issuer", env = "CA_JWT_ISSUERS", value_delimiter = ';', value_parser = parse_issuer)]
+    pub jwt_issuers: Vec<IssuerConfig>,
+    /// Accepted token audiences.
+    #[arg(long = "jwt-audience", env = "CA_JWT_AUDIENCES", value_delimiter = ',', default_values_t = ["istio-ca".to_string()])]
+    pub jwt_audiences: Vec<String>,
+    /// Tokens that live longer than this, from `iat` to `exp`, are refused.
+    #[arg(long, env = "CA_MAX_TOKEN_LIFETIME", default_value_t = limits::Dur(crate::server::jwt::DEFAULT_MAX_TOKEN_LIFETIME))]
+    pub max_token_lifetime: limits::Dur,
+    /// How often JWKS files and URLs are re-read.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub jwks_refresh: Duration,
+    /// Trust the development issuer used by `ca token`. Never in production.
+    #[arg(long, env = "CA_DEV")]
+    pub dev: bool,
+    /// How long in-flight calls may run after SIGTERM.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    #[command(flatten)]
+    pub limits: limits::ServerLimitArgs,
+}
+
+pub(super) fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
+    TrustDomain::new(s).map_err(|e| e.to_string())
+}
+
+pub(super) fn parse_issuer(s: &str) -> Result<IssuerConfig, String> {
+    let (issuer, keys) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not ISSUER=KEYS"))?;
+    if issuer.is_empty() || keys.is_empty() {
+        return Err(format!("{s:?} is not ISSUER=KEYS"));
+    }
+    Ok(IssuerConfig {
+        issuer: issuer.to_owned(),
+        keys: KeySource::parse(keys).map_err(|e| e.to_string())?,
+    })
+}
+
+impl ServerArgs {
+    /// The server configuration these flags describe.
+    ///
+    /// # Errors
+    /// Inconsistent flags (default TTL above the maximum, a bad ops address).
+    pub fn to_config(&self) -> anyhow::Result<ServerConfig> {
+        if self.default_ttl > self.max_ttl {
+            bail!(
+                "--default-ttl ({:?}) is above --max-ttl ({:?})",
+                self.default_ttl,
+                self.max_ttl
+            );
+        }
+        if self.default_ttl.is_zero() || self.serving_cert_ttl.is_zero() {
+            bail!("certificate lifetimes must be positive");
+        }
+        let ops_listen = parse_ops(&self.ops_listen)?;
+        let ca = match &self.cacerts {
+            Some(dir) => CaSource::PluggedIn(dir.clone()),
+            None => CaSource::Embedded {
+                algorithm: self.root_key,
+                root_lifetime: self.root_lifetime,
+            },
+        };
+        Ok(ServerConfig {
+            state_dir: self.state_dir.clone(),
+            trust_domain: self.trust_domain.clone(),
+            ca,
+            listen: self.listen,
+            ops_listen,
+            serving: ServingSpec {
+                dns_names: self.dns_names.clone(),
+                ips: self.ip_sans.clone(),
+                ttl: self.serving_cert_ttl,
+            },
+            ttl: TtlPolicy {
+                default_ttl: self.default_ttl,
+                max_ttl: self.max_ttl,
+            },
+            jwt_issuers: self.jwt_issuers.clone(),
+            jwt_audiences: self.jwt_audiences.clone(),
+            max_token_lifetime: self.max_token_lifetime.0,
+            dev_issuer: self.dev,
+            jwks_refresh: self.jwks_refresh,
+            drain_timeout: self.drain_timeout,
+            limits: self.limits.to_limits()?,
+        })
+    }
+}
+
+pub(super) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
+    let config = args.to_config()?;
+    // Installed before anything else, so SIGTERM at any moment is an
+    // orderly stop rather than the default kill.
+    let mut signals = Signals::install()?;
+    let running = tokio::select! {
+        r = server::start(config.clone()) => r.context("starting the CA server")?,
+        _ = signals.recv() => {
+            tracing::info!("stop signal during start-up; exiting");
+            return Ok(());
+        }
+    };
+    let ca_line = match &config.ca {
+        CaSource::PluggedIn(dir) => format!("plugged-in CA from {}", dir.display()),
+        CaSource::Embedded { .. } if running.ca_created => {
+            format!(
+                "created a new self-signed root in {}",
+                config.state_dir.join("ca").display()
+            )
+        }
+        CaSource::Embedded { .. } => format!(
+            "reusing the root in {}",
+            config.state_dir.join("ca").display()
+        ),
+    };
+    say!("workload-ca server is up");
+    say!("  trust domain : {}", config.trust_domain);
+    say!("  CA           : {ca_line}");
+    say!(
+        "  gRPC (TLS)   : {}  istio.v1.auth.IstioCertificateService/CreateCertificate",
+        running.grpc_addr
+    );
+    say!("  TLS names    : {}", config.serving.dns_names.join(", "));
+    say!(
+        "  root cert    : {}  (clients verify the server and their certificates with it)",
+        running.root_cert_path.display()
+    );
+    if let Some(ops) = running.ops_addr {
+        say!("  metrics      : http://{ops}/metrics   health: /healthz /readyz");
+    }
+    say!("  auth         : {}", running.authenticators.join(", "));
+    if running.dev_issuer_key.is_some() {
+        say!(
+            "  get a token  : ca token --state-dir {} --namespace default --service-account default   (DEVELOPMENT issuer)",
+            config.state_dir.display()
+        );
+    } else if running.jwt_issuers.is_empty() {
+        say!(
+            "  get a token  : no token issuer configured; add --jwt-issuer ISSUER=JWKS, or --dev for local use"
+        );
+    }
+    signals.recv().await;
+    tracing::info!("shutting down: draining in-flight calls");
+    running.shutdown().await.context("shutting down")?;
+    Ok(())
+}

@@ -1,0 +1,339 @@
+//! Accepting connections under [`AcceptLimits`]: connections in all and per
+//! source, TLS handshakes in progress in all and per source (so one source
+//! cannot take the pool), each under a deadline; calls in flight counted per
+//! source for [`super::serve_h2`]; the drain at shutdown.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::limits::{AcceptLimits, Refusals, label};
+use crate::logsafe::WarnLimiter;
+
+/// A listening socket: TCP (with the peer's address) or Unix.
+pub trait Listener: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The next connection and, for TCP, its source address.
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Io, Option<IpAddr>)>> + Send;
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept(&self) -> io::Result<(Self::Io, Option<IpAddr>)> {
+        let (s, addr) = tokio::net::TcpListener::accept(self).await?;
+        let _ = s.set_nodelay(true);
+        Ok((s, Some(source_of(addr.ip()))))
+    }
+}
+
+/// The "source" per-source limits count: the IPv4 address, or the /64 of
+/// an IPv6 address (one host usually holds a whole /64, so counting single
+/// IPv6 addresses would give it unlimited sources).
+pub fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                v6.to_bits() & !((1u128 << 64) - 1),
+            )),
+        },
+        v4 => v4,
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept(&self) -> io::Result<(Self::Io, Option<IpAddr>)> {
+        let (s, _) = tokio::net::UnixListener::accept(self).await?;
+        Ok((s, None))
+    }
+}
+
+/// Descriptors kept back from connections: listeners, files, the runtime,
+/// outgoing connections.
+const FD_RESERVE: u64 = 256;
+
+/// The process's soft limit on open files (Linux, from /proc).
+pub fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// `limits` with `max_connections` lowered to what the open-files limit
+/// allows (less [`FD_RESERVE`]), with a warning: past it, `accept` itself
+/// would fail (EMFILE) for every client alike, rather than our limits
+/// refusing the excess.
+pub fn within_fd_limit(mut limits: AcceptLimits) -> AcceptLimits {
+    if let Some(files) = open_files_limit() {
+        let room = usize::try_from(files.saturating_sub(FD_RESERVE))
+            .unwrap_or(usize::MAX)
+            .max(1);
+        if limits.max_connections > room {
+            tracing::warn!(
+                configured = limits.max_connections,
+                open_files_limit = files,
+                using = room,
+                "--max-connections is above what the open-files limit allows; using less (raise `ulimit -n` to allow more)"
+            );
+            limits.max_connections = room;
+        }
+    }
+    limits
+}
+
+/// Open and handshaking connections, in all and per source.
+#[derive(Default)]
+struct Occupancy {
+    total: usize,
+    pending: usize,
+    /// Per source; entries are removed when its last connection closes.
+    by_source: HashMap<IpAddr, Source>,
+}
+
+#[derive(Default)]
+struct Source {
+    open: usize,
+    pending: usize,
+    /// Calls in flight over all of this source's connections.
+    calls: Arc<AtomicUsize>,
+}
+
+/// Calls in flight: from the connection's source (TCP) and in all. Given to
+/// each connection's `serve`.
+#[derive(Clone, Default)]
+pub struct Calls {
+    pub source: Option<Arc<AtomicUsize>>,
+    pub all: Arc<AtomicUsize>,
+}
+
+/// A connection's place in [`Occupancy`]; released on drop.
+struct Ticket {
+    occupancy: Arc<Mutex<Occupancy>>,
+    source: Option<IpAddr>,
+    pending: bool,
+    source_calls: Option<Arc<AtomicUsize>>,
+}
+
+impl Ticket {
+    /// Takes a place, or names the limit that refuses it.
+    fn take(
+        occupancy: &Arc<Mutex<Occupancy>>,
+        limits: &AcceptLimits,
+        source: Option<IpAddr>,
+    ) -> Result<Self, &'static str> {
+        let mut o = occupancy.lock().map_err(|_| label::CONNECTIONS)?;
+        if o.total >= limits.max_connections {
+            return Err(label::CONNECTIONS);
+        }
+        if o.pending >= limits.max_pending_handshakes {
+            return Err(label::PENDING_HANDSHAKES);
+        }
+        let mut source_calls = None;
+        if let Some(ip) = source {
+            let (open, pending) = o.by_source.get(&ip).map_or((0, 0), |s| (s.open, s.pending));
+            if limits
+                .max_connections_per_source
+                .is_some_and(|max| open >= max)
+            {
+                return Err(label::CONNECTIONS_PER_SOURCE);
+            }
+            if pending >= limits.max_pending_handshakes_per_source {
+                return Err(label::PENDING_HANDSHAKES_PER_SOURCE);
+            }
+            let e = o.by_source.entry(ip).or_default();
+            e.open += 1;
+            e.pending += 1;
+            source_calls = Some(e.calls.clone());
+        }
+        o.total += 1;
+        o.pending += 1;
+        Ok(Self {
+            occupancy: occupancy.clone(),
+            source,
+            pending: true,
+            source_calls,
+        })
+    }
+
+    /// The handshake is over (done or failed): the place in the handshake
+    /// pool is freed, the connection's stays.
+    fn handshake_done(&mut self) {
+        if !std::mem::take(&mut self.pending) {
+            return;
+        }
+        if let Ok(mut o) = self.occupancy.lock() {
+            o.pending = o.pending.saturating_sub(1);
+            if let Some(e) = self.source.and_then(|ip| o.by_source.get_mut(&ip)) {
+                e.pending = e.pending.saturating_sub(1);
+            }
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.handshake_done();
+        if let Ok(mut o) = self.occupancy.lock() {
+            o.total = o.total.saturating_sub(1);
+            if let Some(ip) = self.source {
+                let gone = o.by_source.get_mut(&ip).is_some_and(|e| {
+                    e.open = e.open.saturating_sub(1);
+                    e.open == 0 && e.pending == 0
+                });
+                if gone {
+                    o.by_source.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+/// An accept loop under [`AcceptLimits`].
+pub struct Acceptor<L> {
+    /// What is being served, for logs ("CA gRPC", "SDS <path>", "ops").
+    pub name: String,
+    pub listener: L,
+    pub limits: AcceptLimits,
+    pub refusals: Refusals,
+    pub shutdown: watch::Receiver<bool>,
+    /// How long connections may take to finish after shutdown begins.
+    pub drain: Duration,
+    /// Count every refused connection under this label rather than the
+    /// limit's own (the operations endpoint's limits are its own).
+    pub refusal_label: Option<&'static str>,
+}
+
+impl<L: Listener> Acceptor<L> {
+    /// Runs the accept loop in a task. Each accepted connection gets its own
+    /// task: `handshake` (under the handshake deadline; `None` when it
+    /// failed, which it logs itself), then `serve`, which must return when
+    /// the shutdown receiver it is given fires (after a graceful close).
+    pub fn spawn<H, HF, C, S, SF>(self, handshake: H, serve: S) -> JoinHandle<()>
+    where
+        H: Fn(L::Io, Option<IpAddr>) -> HF + Send + Sync + 'static,
+        HF: Future<Output = Option<C>> + Send + 'static,
+        C: Send + 'static,
+        S: Fn(C, Calls, watch::Receiver<bool>) -> SF + Send + Sync + 'static,
+        SF: Future<Output = ()> + Send + 'static,
+    {
+        tokio::spawn(self.run(Arc::new(handshake), Arc::new(serve)))
+    }
+
+    async fn run<H, HF, C, S, SF>(self, handshake: Arc<H>, serve: Arc<S>)
+    where
+        H: Fn(L::Io, Option<IpAddr>) -> HF + Send + Sync + 'static,
+        HF: Future<Output = Option<C>> + Send + 'static,
+        C: Send + 'static,
+        S: Fn(C, Calls, watch::Receiver<bool>) -> SF + Send + Sync + 'static,
+        SF: Future<Output = ()> + Send + 'static,
+    {
+        let Self {
+            name,
+            listener,
+            limits,
+            refusals,
+            mut shutdown,
+            drain,
+            refusal_label,
+        } = self;
+        let occupancy = Arc::new(Mutex::new(Occupancy::default()));
+        let all_calls = Arc::new(AtomicUsize::new(0));
+        let warn = WarnLimiter::<Option<IpAddr>>::new();
+        let mut conns = JoinSet::new();
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+                _ = shutdown.changed() => break,
+            };
+            let (io, source) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and the like: back off rather than spin.
+                    crate::peer_warn!(warn, None, refusals, server = %name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let mut ticket = match Ticket::take(&occupancy, &limits, source) {
+                Ok(t) => t,
+                Err(limit) => {
+                    refusals.refused(refusal_label.unwrap_or(limit));
+                    crate::peer_warn!(warn, source, refusals, server = %name, peer = ?source, limit, "connection refused: limit reached");
+                    drop(io);
+                    continue;
+                }
+            };
+            let handshake = handshake.clone();
+            let serve = serve.clone();
+            let refusals = refusals.clone();
+            let stop = shutdown.clone();
+            let deadline = limits.handshake_timeout;
+            let calls = Calls {
+                source: ticket.source_calls.clone(),
+                all: all_calls.clone(),
+            };
+            conns.spawn(async move {
+                let done = tokio::time::timeout(deadline, handshake(io, source)).await;
+                ticket.handshake_done();
+                match done {
+                    Ok(Some(conn)) => serve(conn, calls, stop).await,
+                    Ok(None) => {}
+                    Err(_) => {
+                        refusals.refused(label::HANDSHAKE_TIMEOUT);
+                        tracing::debug!(peer = ?source, "handshake timed out");
+                    }
+                }
+                drop(ticket);
+            });
+        }
+        // New connections are refused from here on.
+        drop(listener);
+        let all_done = async { while conns.join_next().await.is_some() {} };
+        if tokio::time::timeout(drain, all_done).await.is_err() {
+            tracing::warn!(server = %name, open = conns.len(), "drain deadline reached; closing the remaining connections");
+            conns.shutdown().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_stay_within_the_open_files_limit() {
+        let files = open_files_limit().expect("Linux /proc/self/limits");
+        let mut limits = crate::limits::ServerLimits::default().accept;
+        limits.max_connections = usize::MAX;
+        let within = within_fd_limit(limits.clone());
+        assert_eq!(
+            within.max_connections as u64,
+            files.saturating_sub(FD_RESERVE).max(1)
+        );
+        limits.max_connections = 10;
+        assert_eq!(within_fd_limit(limits).max_connections, 10);
+    }
+
+    #[test]
+    fn ipv6_sources_count_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(source_of(a), source_of(b));
+        assert_ne!(source_of(a), source_of(c));
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(source_of(mapped), "10.1.2.3".parse::<IpAddr>().unwrap());
+        let v4: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(source_of(v4), v4);
+    }
+}
