@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::limits::{OpsLimits, Refusals};
 
 /// Renders the current trust bundle as a SPIFFE JWK Set.
-pub type TrustBundleDoc = Box<dyn Fn() -> Result<String, String> + Send + Sync>;
+pub type TrustBundleDoc = Box<dyn Fn() -> String + Send + Sync>;
 
 /// Serves the endpoint on `listener` until `shutdown` changes, under
 /// `limits` (connections, header read time, connection time).
@@ -45,18 +45,10 @@ pub fn spawn(
         app = app.route(
             "/trust-bundle",
             get(move || {
-                std::future::ready(match bundle() {
-                    Ok(json) => (
-                        StatusCode::OK,
-                        [(axum::http::header::CONTENT_TYPE, "application/json")],
-                        json,
-                    ),
-                    Err(why) => (
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        [(axum::http::header::CONTENT_TYPE, "text/plain")],
-                        format!("{why}\n"),
-                    ),
-                })
+                std::future::ready((
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    bundle(),
+                ))
             }),
         );
     }

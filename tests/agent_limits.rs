@@ -117,6 +117,16 @@ async fn open_stream(
     (tx, stream)
 }
 
+/// The name cap's answer.
+fn assert_exhausted(err: &tonic::Status) {
+    assert_eq!(
+        err.code(),
+        tonic::Code::ResourceExhausted,
+        "{}",
+        err.message()
+    );
+}
+
 fn request(names: &[String], nonce: &str, nack: Option<&str>) -> DiscoveryRequest {
     DiscoveryRequest {
         version_info: String::new(),
@@ -144,12 +154,7 @@ async fn resource_names_per_stream_are_capped() {
         .await
         .unwrap()
         .unwrap_err();
-    assert_eq!(
-        err.code(),
-        tonic::Code::ResourceExhausted,
-        "{}",
-        err.message()
-    );
+    assert_exhausted(&err);
     assert_eq!(n.agent.refusals(label::RESOURCE_NAMES).await, 1.0);
     // Within the cap, on a new stream, it is served.
     let (tx, mut stream) = open_stream(&n.agent.socket("a")).await;
@@ -253,12 +258,7 @@ async fn resource_names_are_capped_on_delta_and_fetch_too() {
         ..Default::default()
     })
     .await;
-    assert_eq!(
-        err.code(),
-        tonic::Code::ResourceExhausted,
-        "{}",
-        err.message()
-    );
+    assert_exhausted(&err);
     let err = delta(DeltaDiscoveryRequest {
         type_url: SECRET_TYPE_URL.into(),
         resource_names_subscribe: vec!["default".into()],
@@ -266,23 +266,13 @@ async fn resource_names_are_capped_on_delta_and_fetch_too() {
         ..Default::default()
     })
     .await;
-    assert_eq!(
-        err.code(),
-        tonic::Code::ResourceExhausted,
-        "{}",
-        err.message()
-    );
+    assert_exhausted(&err);
 
     let err = client
         .fetch_secrets(request(&many, "", None))
         .await
         .unwrap_err();
-    assert_eq!(
-        err.code(),
-        tonic::Code::ResourceExhausted,
-        "{}",
-        err.message()
-    );
+    assert_exhausted(&err);
     assert_eq!(n.agent.refusals(label::RESOURCE_NAMES).await, 3.0);
     fetch_default(&socket).await;
 }

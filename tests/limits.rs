@@ -188,25 +188,41 @@ async fn connections_per_source_are_capped() {
     fds_return_to(ca.pid(), fds).await;
 }
 
-#[tokio::test]
-async fn one_source_cannot_take_the_handshake_pool() {
+/// A CA with a handshake pool of `pool`, `per_source` of it per source and
+/// a 30 s handshake deadline, then `each` silent TCP connections (never a
+/// ClientHello) from every one of `hosts`. Returns the CA, its descriptors
+/// before, the connections, and how many of them it closed at once.
+async fn silent_connections(
+    pool: &str,
+    per_source: &str,
+    hosts: &[&str],
+    each: usize,
+) -> (CaProc, usize, Vec<tokio::net::TcpStream>, usize) {
     let ca = CaProc::start(&[
         "--max-pending-handshakes",
-        "64",
+        pool,
         "--max-pending-handshakes-per-source",
-        "4",
+        per_source,
         "--handshake-timeout",
         "30s",
     ]);
     let fds = fd_count(ca.pid());
-
-    // Silent TCP connections from one source: four wait for their
-    // handshake, the rest are closed at once.
     let mut silent = Vec::new();
-    for _ in 0..20 {
-        silent.push(ca.tcp_from(OTHER_HOST).await.unwrap());
+    for host in hosts {
+        for _ in 0..each {
+            silent.push(ca.tcp_from(host).await.unwrap());
+        }
     }
-    assert_eq!(count_closed(&mut silent, Duration::from_secs(1)).await, 16);
+    let closed = count_closed(&mut silent, Duration::from_secs(1)).await;
+    (ca, fds, silent, closed)
+}
+
+#[tokio::test]
+async fn one_source_cannot_take_the_handshake_pool() {
+    // Twenty from one source: four wait for their handshake, the rest are
+    // closed at once.
+    let (ca, fds, silent, closed) = silent_connections("64", "4", &[OTHER_HOST], 20).await;
+    assert_eq!(closed, 16);
     // Everyone else still connects and is served, while the four wait.
     ca.legit_issue().await;
     assert_eq!(
@@ -478,22 +494,9 @@ async fn a_client_that_never_takes_its_answer_loses_the_connection() {
 
 #[tokio::test]
 async fn the_handshake_pool_is_capped_in_all() {
-    let ca = CaProc::start(&[
-        "--max-pending-handshakes",
-        "4",
-        "--max-pending-handshakes-per-source",
-        "100",
-        "--handshake-timeout",
-        "30s",
-    ]);
-    let fds = fd_count(ca.pid());
-    let mut silent = Vec::new();
-    for host in [OTHER_HOST, THIRD_HOST] {
-        for _ in 0..3 {
-            silent.push(ca.tcp_from(host).await.unwrap());
-        }
-    }
-    assert_eq!(count_closed(&mut silent, Duration::from_secs(1)).await, 2);
+    let (ca, fds, silent, closed) =
+        silent_connections("4", "100", &[OTHER_HOST, THIRD_HOST], 3).await;
+    assert_eq!(closed, 2);
     assert_eq!(ca.refusals(label::PENDING_HANDSHAKES).await, 2.0);
     drop(silent);
     fds_return_to(ca.pid(), fds).await;

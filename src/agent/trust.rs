@@ -37,7 +37,7 @@ impl CaTrust {
         let file_roots = pem_certs(&text);
         if file_roots.is_empty() {
             return Err(Error::Config(format!(
-                "CA root {} holds no certificate",
+                "CA root {} holds no usable certificate (PEM CERTIFICATE blocks only)",
                 path.display()
             )));
         }
@@ -76,13 +76,13 @@ impl CaTrust {
     }
 }
 
+/// The certificates of a PEM text (anything unparsable yields none).
 fn pem_certs(text: &str) -> Vec<CertificateDer<'static>> {
-    pem::parse_many(text)
-        .map(|blocks| {
-            blocks
-                .into_iter()
-                .filter(|b| b.tag() == "CERTIFICATE")
-                .map(|b| CertificateDer::from(b.into_contents()))
+    crate::ca::bundle::parse_pem_certs(text)
+        .map(|certs| {
+            certs
+                .iter()
+                .map(|c| CertificateDer::from(c.der().to_vec()))
                 .collect()
         })
         .unwrap_or_default()

@@ -51,22 +51,27 @@ pub struct AuthoritySet {
     generation: u64,
     bundle: TrustBundle,
     bundle_pem: String,
+    /// The bundle as a SPIFFE trust bundle, `spiffe_sequence` = generation.
+    spiffe_jwks: String,
 }
+
+/// How often a SPIFFE bundle consumer should fetch the bundle again
+/// (`spiffe_refresh_hint`).
+pub const BUNDLE_REFRESH_HINT_SECS: u64 = 300;
 
 impl AuthoritySet {
     /// A set of one, active, at generation 1.
-    pub fn single(active: Authority) -> Self {
-        let roots = active.roots().clone();
-        let bundle_pem = roots.pem();
-        Self {
-            members: vec![Member {
+    ///
+    /// # Errors
+    /// As [`AuthoritySet::new`].
+    pub fn single(active: Authority) -> Result<Self, Error> {
+        Self::new(
+            vec![Member {
                 authority: Arc::new(active),
                 state: State::Active,
             }],
-            generation: 1,
-            bundle: roots,
-            bundle_pem,
-        }
+            1,
+        )
     }
 
     /// A set from its members, checked: exactly one active, at most one
@@ -110,15 +115,16 @@ impl AuthoritySet {
             }
         }
         let bundle = TrustBundle::new(roots)?;
-        // Every root must be expressible as a SPIFFE bundle key, or the
-        // published bundle would break for all consumers at once.
-        bundle.to_spiffe_jwks(generation, 0)?;
+        // Rendered once per set, which also refuses a root a SPIFFE bundle
+        // cannot express (it would break the bundle for every consumer).
+        let spiffe_jwks = bundle.to_spiffe_jwks(generation, BUNDLE_REFRESH_HINT_SECS)?;
         let bundle_pem = bundle.pem();
         Ok(Self {
             members,
             generation,
             bundle,
             bundle_pem,
+            spiffe_jwks,
         })
     }
 
@@ -138,6 +144,11 @@ impl AuthoritySet {
 
     pub fn bundle_pem(&self) -> &str {
         &self.bundle_pem
+    }
+
+    /// The bundle as a SPIFFE trust bundle (JWK Set).
+    pub fn spiffe_jwks(&self) -> &str {
+        &self.spiffe_jwks
     }
 
     /// The authority that signs.
@@ -271,7 +282,7 @@ mod tests {
     fn a_rotation_moves_through_the_states_with_a_new_generation_each_time() {
         let old = authority("td");
         let old_root = old.roots().roots()[0].der().to_vec();
-        let set = AuthoritySet::single(old);
+        let set = AuthoritySet::single(old).unwrap();
         assert_eq!((set.generation(), set.bundle().roots().len()), (1, 1));
 
         let next = authority("td");
@@ -316,6 +327,7 @@ mod tests {
     #[test]
     fn leaves_carry_the_whole_bundle_and_come_from_the_active_authority() {
         let set = AuthoritySet::single(authority("td"))
+            .unwrap()
             .prepare(authority("td"))
             .unwrap();
         let key = crate::ca::PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();

@@ -201,7 +201,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         .map_err(|e| Error::io(&config.state_dir, e))?;
     let now = SystemTime::now();
     let (authority, ca_created) = load_authority(&config, now).await?;
-    let authorities = AuthoritySet::single(authority);
+    let authorities = AuthoritySet::single(authority)?;
     let root_cert_path = config.state_dir.join("root-cert.pem");
     atomic_write(&root_cert_path, authorities.bundle_pem().as_bytes(), 0o644)
         .map_err(|e| Error::io(&root_cert_path, e))?;

@@ -46,10 +46,6 @@ impl Health {
     }
 }
 
-/// How often a SPIFFE bundle consumer should fetch `/trust-bundle` again
-/// (`spiffe_refresh_hint`).
-pub const BUNDLE_REFRESH_HINT_SECS: u64 = 300;
-
 /// Serves `/metrics`, `/healthz`, `/readyz` and `/trust-bundle` until
 /// `shutdown` fires.
 pub fn spawn(
@@ -61,12 +57,8 @@ pub fn spawn(
 ) -> tokio::task::JoinHandle<()> {
     let refusals = metrics.refusals.clone();
     let authorities = health.authorities.clone();
-    let bundle: crate::ops::TrustBundleDoc = Box::new(move || {
-        let set = authorities.borrow().clone();
-        set.bundle()
-            .to_spiffe_jwks(set.generation(), BUNDLE_REFRESH_HINT_SECS)
-            .map_err(|e| e.to_string())
-    });
+    let bundle: crate::ops::TrustBundleDoc =
+        Box::new(move || authorities.borrow().spiffe_jwks().to_owned());
     crate::ops::spawn(
         listener,
         move || metrics.render(),
