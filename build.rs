@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(
         [
             "istio/v1/auth/ca.proto",
+            "workloadca/v1/bundle.proto",
             "envoy/service/secret/v3/sds.proto",
             "envoy/extensions/transport_sockets/tls/v3/secret.proto",
         ],

@@ -7,6 +7,16 @@ pub mod istio {
     tonic::include_proto!("istio.v1.auth");
 }
 
+/// CreateCertificate response metadata: the generation of the trust bundle
+/// in the answer's last `cert_chain` element. Our agents order bundles by
+/// it; Istio's agents ignore it.
+pub const BUNDLE_GENERATION_HEADER: &str = "x-workload-ca-bundle-generation";
+
+/// `workloadca.v1`: our own service beside Istio's (the bundle watch).
+pub mod workloadca {
+    tonic::include_proto!("workloadca.v1");
+}
+
 pub mod envoy {
     pub mod config {
         pub mod core {

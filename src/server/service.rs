@@ -13,6 +13,7 @@ use crate::ca::{AuthoritySet, TtlPolicy, check_pem_csr};
 use crate::logsafe::{WarnLimiter, peer as peer_text};
 use crate::proto::istio::istio_certificate_service_server::IstioCertificateService;
 use crate::proto::istio::{IstioCertificateRequest, IstioCertificateResponse};
+use crate::proto::BUNDLE_GENERATION_HEADER;
 use std::net::IpAddr;
 
 /// The CSR-signing service.
@@ -74,19 +75,26 @@ impl IstioCertificateService for CaService {
             .and_then(|(ttl, csr)| {
                 // A snapshot: signing never holds the watch's lock.
                 let authorities = self.authority.borrow().clone();
-                authorities.sign_leaf(&csr, &caller.identity, ttl, now)
+                authorities
+                    .sign_leaf(&csr, &caller.identity, ttl, now)
+                    .map(|issued| (issued, authorities.generation()))
             });
         match result {
-            Ok(issued) => {
+            Ok((issued, generation)) => {
                 self.metrics.success_cert_issuance.inc();
                 tracing::info!(
                     identity = %caller.identity, via = caller.method, detail = %caller.detail, ?peer,
                     serial = %issued.serial_hex, not_after = %humantime(issued.not_after),
                     "certificate issued"
                 );
-                Ok(Response::new(IstioCertificateResponse {
+                let mut response = Response::new(IstioCertificateResponse {
                     cert_chain: issued.chain,
-                }))
+                });
+                // Our agents order bundles by generation; Istio's ignore it.
+                response
+                    .metadata_mut()
+                    .insert(BUNDLE_GENERATION_HEADER, generation.into());
+                Ok(response)
             }
             Err(e) => {
                 status::count(&self.metrics, &e);
