@@ -12,6 +12,12 @@ pub mod istio {
 /// it; Istio's agents ignore it.
 pub const BUNDLE_GENERATION_HEADER: &str = "x-workload-ca-bundle-generation";
 
+/// CreateCertificate request metadata sent by our agents, which report the
+/// leaves they hold over the bundle watch; leaves issued without it are
+/// counted in the CA's ledger for the rotation gates. (A client that sends
+/// it falsely only hides its own leaf from the gates.)
+pub const AGENT_HEADER: &str = "x-workload-ca-agent";
+
 /// `workloadca.v1`: our own service beside Istio's (the bundle watch).
 pub mod workloadca {
     tonic::include_proto!("workloadca.v1");

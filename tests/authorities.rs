@@ -136,12 +136,13 @@ async fn every_part_of_the_server_follows_the_published_authorities() {
     let new_root = next.roots().roots()[0].der().to_vec();
     server
         .running
-        .publish(first.prepare(next).unwrap())
+        .publish(first.prepare(next, SystemTime::now()).unwrap())
+        .await
         .unwrap();
     assert_eq!(server.running.authorities().generation(), 2);
     // Only a newer generation is taken; nothing changes otherwise.
-    let stale = first.prepare(new_authority()).unwrap();
-    assert!(server.running.publish(stale).is_err());
+    let stale = first.prepare(new_authority(), SystemTime::now()).unwrap();
+    assert!(server.running.publish(stale).await.is_err());
     assert_eq!(server.running.authorities().generation(), 2);
 
     let (_k, chain) = server.issue("prod", "web", 600).await;
@@ -160,8 +161,12 @@ async fn every_part_of_the_server_follows_the_published_authorities() {
 
     // Activate: new leaves and the serving certificate come from the new
     // authority; a leaf of the retiring one still renews, under the new.
-    let activated = server.running.authorities().activate().unwrap();
-    server.running.publish(activated).unwrap();
+    let activated = server
+        .running
+        .authorities()
+        .activate(SystemTime::now())
+        .unwrap();
+    server.running.publish(activated).await.unwrap();
     let (_k, chain) = server.issue("prod", "web", 600).await;
     webpki_verify(&chain);
     assert!(chains_to(&chain, &new_root) && !chains_to(&chain, &old_root));
@@ -188,7 +193,7 @@ async fn every_part_of_the_server_follows_the_published_authorities() {
 
     // Retire: the old root leaves the bundle; its leaves renew no more.
     let retired = server.running.authorities().retire().unwrap();
-    server.running.publish(retired).unwrap();
+    server.running.publish(retired).await.unwrap();
     let (_k, chain) = server.issue("prod", "web", 600).await;
     assert_eq!(parse_pem_certs(chain.last().unwrap()).unwrap().len(), 1);
     until("root-cert.pem holds the new root alone", async || {
@@ -260,7 +265,14 @@ async fn an_agent_with_only_the_old_root_file_follows_the_rotation() {
     let new_root = next.roots().roots()[0].der().to_vec();
     server
         .running
-        .publish(server.running.authorities().prepare(next).unwrap())
+        .publish(
+            server
+                .running
+                .authorities()
+                .prepare(next, SystemTime::now())
+                .unwrap(),
+        )
+        .await
         .unwrap();
     until("the agent holds both roots", async || {
         watch
@@ -273,7 +285,14 @@ async fn an_agent_with_only_the_old_root_file_follows_the_rotation() {
 
     server
         .running
-        .publish(server.running.authorities().activate().unwrap())
+        .publish(
+            server
+                .running
+                .authorities()
+                .activate(SystemTime::now())
+                .unwrap(),
+        )
+        .await
         .unwrap();
     until("the serving certificate moved", async || {
         serves_under(&server, &new_root).await
@@ -316,10 +335,14 @@ async fn a_set_published_right_after_start_is_not_missed() {
     let server = TestServer::start().await;
     let next = new_authority();
     let new_root = next.roots().roots()[0].der().to_vec();
-    let set = server.running.authorities().prepare(next).unwrap();
-    let set2 = set.activate().unwrap();
-    server.running.publish(set).unwrap();
-    server.running.publish(set2).unwrap();
+    let set = server
+        .running
+        .authorities()
+        .prepare(next, SystemTime::now())
+        .unwrap();
+    let set2 = set.activate(SystemTime::now()).unwrap();
+    server.running.publish(set).await.unwrap();
+    server.running.publish(set2).await.unwrap();
     until("root-cert.pem holds both roots", async || {
         ders(&server.root_pem()).len() == 2
     })

@@ -42,6 +42,8 @@ impl State {
 pub struct Member {
     pub authority: Arc<Authority>,
     pub state: State,
+    /// When it entered this state.
+    pub since: SystemTime,
 }
 
 /// Every authority of the CA, and their trust bundle.
@@ -60,15 +62,16 @@ pub struct AuthoritySet {
 pub const BUNDLE_REFRESH_HINT_SECS: u64 = 300;
 
 impl AuthoritySet {
-    /// A set of one, active, at generation 1.
+    /// A set of one, active since `now`, at generation 1.
     ///
     /// # Errors
     /// As [`AuthoritySet::new`].
-    pub fn single(active: Authority) -> Result<Self, Error> {
+    pub fn single_since(active: Authority, now: SystemTime) -> Result<Self, Error> {
         Self::new(
             vec![Member {
                 authority: Arc::new(active),
                 state: State::Active,
+                since: now,
             }],
             1,
         )
@@ -202,11 +205,18 @@ impl AuthoritySet {
     /// # Errors
     /// [`Error::Material`] if one is already prepared, or `next` serves
     /// another trust domain.
-    pub fn prepare(&self, next: Authority) -> Result<Self, Error> {
+    pub fn prepare(&self, next: Authority, now: SystemTime) -> Result<Self, Error> {
+        if self.members.iter().any(|m| m.authority.id() == next.id()) {
+            return Err(Error::Material(format!(
+                "authority {} is already part of this CA",
+                next.id()
+            )));
+        }
         let mut members = self.members.clone();
         members.push(Member {
             authority: Arc::new(next),
             state: State::Prepared,
+            since: now,
         });
         Self::new(members, self.generation + 1)
     }
@@ -216,7 +226,7 @@ impl AuthoritySet {
     ///
     /// # Errors
     /// [`Error::Material`] if nothing is prepared.
-    pub fn activate(&self) -> Result<Self, Error> {
+    pub fn activate(&self, now: SystemTime) -> Result<Self, Error> {
         if !self.members.iter().any(|m| m.state == State::Prepared) {
             return Err(Error::Material(
                 "no authority is prepared; prepare one first".into(),
@@ -225,12 +235,16 @@ impl AuthoritySet {
         let members = self
             .members
             .iter()
-            .map(|m| Member {
-                authority: m.authority.clone(),
-                state: match m.state {
+            .map(|m| {
+                let state = match m.state {
                     State::Prepared => State::Active,
                     State::Active | State::Retiring => State::Retiring,
-                },
+                };
+                Member {
+                    authority: m.authority.clone(),
+                    since: if state == m.state { m.since } else { now },
+                    state,
+                }
             })
             .collect();
         Self::new(members, self.generation + 1)
@@ -282,12 +296,12 @@ mod tests {
     fn a_rotation_moves_through_the_states_with_a_new_generation_each_time() {
         let old = authority("td");
         let old_root = old.roots().roots()[0].der().to_vec();
-        let set = AuthoritySet::single(old).unwrap();
+        let set = AuthoritySet::single_since(old, SystemTime::now()).unwrap();
         assert_eq!((set.generation(), set.bundle().roots().len()), (1, 1));
 
         let next = authority("td");
         let new_root = next.roots().roots()[0].der().to_vec();
-        let prepared = set.prepare(next).unwrap();
+        let prepared = set.prepare(next, SystemTime::now()).unwrap();
         assert_eq!(states(&prepared), [State::Active, State::Prepared]);
         assert_eq!(prepared.generation(), 2);
         assert!(prepared.bundle().contains(&old_root) && prepared.bundle().contains(&new_root));
@@ -297,11 +311,13 @@ mod tests {
             "the old one still signs"
         );
         assert!(
-            prepared.prepare(authority("td")).is_err(),
+            prepared
+                .prepare(authority("td"), SystemTime::now())
+                .is_err(),
             "one prepared at a time"
         );
 
-        let active = prepared.activate().unwrap();
+        let active = prepared.activate(SystemTime::now()).unwrap();
         assert_eq!(states(&active), [State::Retiring, State::Active]);
         assert_eq!(active.generation(), 3);
         assert_eq!(active.active().roots().roots()[0].der(), new_root);
@@ -321,14 +337,14 @@ mod tests {
         assert_eq!(retired.generation(), 4);
         assert!(!retired.bundle().contains(&old_root));
         assert_eq!(retired.renewal_signers().len(), 1);
-        assert!(retired.retire().is_err() && retired.activate().is_err());
+        assert!(retired.retire().is_err() && retired.activate(SystemTime::now()).is_err());
     }
 
     #[test]
     fn leaves_carry_the_whole_bundle_and_come_from_the_active_authority() {
-        let set = AuthoritySet::single(authority("td"))
+        let set = AuthoritySet::single_since(authority("td"), SystemTime::now())
             .unwrap()
-            .prepare(authority("td"))
+            .prepare(authority("td"), SystemTime::now())
             .unwrap();
         let key = crate::ca::PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
         let csr_pem = {
@@ -359,6 +375,7 @@ mod tests {
         let member = |state| Member {
             authority: a.clone(),
             state,
+            since: SystemTime::now(),
         };
         assert!(AuthoritySet::new(vec![member(State::Prepared)], 1).is_err());
         assert!(AuthoritySet::new(vec![member(State::Active), member(State::Active)], 1).is_err());
@@ -366,6 +383,7 @@ mod tests {
         let other = Member {
             authority: Arc::new(authority("elsewhere")),
             state: State::Prepared,
+            since: SystemTime::now(),
         };
         assert!(AuthoritySet::new(vec![member(State::Active), other], 1).is_err());
     }

@@ -96,11 +96,17 @@ pub struct Authority {
     /// What follows the leaf in every response.
     chain_tail: Vec<String>,
     roots: TrustBundle,
+    /// A short fingerprint of the signing certificate: how the store, the
+    /// operator and the logs name this authority.
+    id: String,
+    /// The material it was built from, for the store.
+    files: CaFiles,
 }
 
 impl std::fmt::Debug for Authority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authority")
+            .field("id", &self.id)
             .field("trust_domain", &self.trust_domain)
             .field("path_not_after", &self.path_not_after)
             .field("roots", &self.roots.roots().len())
@@ -222,6 +228,7 @@ impl Authority {
             .map_err(|e| {
             Error::Material(format!("ca-cert.pem cannot be used as an issuer: {e}"))
         })?;
+        let id = authority_id(signer.der());
         let authority = Self {
             trust_domain: td.clone(),
             issuer,
@@ -229,6 +236,8 @@ impl Authority {
             path_not_after,
             chain_tail,
             roots,
+            id,
+            files: files.clone(),
         };
         authority.self_test(now)?;
         Ok(authority)
@@ -367,6 +376,29 @@ impl Authority {
         &self.roots
     }
 
+    /// The first 16 hex digits of the SHA-256 of the signing certificate.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The material this authority was built from (for the store).
+    pub fn files(&self) -> &CaFiles {
+        &self.files
+    }
+
+    /// The SHA-256 fingerprint of the signing certificate, in hex.
+    pub fn fingerprint(&self) -> String {
+        hex(ring::digest::digest(&ring::digest::SHA256, self.signer.der()).as_ref())
+    }
+
+    /// NotBefore of the signing certificate.
+    pub fn not_before(&self) -> Option<SystemTime> {
+        let parsed = self.signer.parsed().ok()?;
+        Some(bundle::time_from_unix(
+            parsed.validity().not_before.timestamp(),
+        ))
+    }
+
     /// The signing certificate (the root itself for a self-signed CA).
     pub fn signer(&self) -> &Cert {
         &self.signer
@@ -377,6 +409,13 @@ impl Authority {
     pub fn chain_not_after(&self) -> SystemTime {
         self.path_not_after
     }
+}
+
+/// How an authority is named: the first 16 hex digits of the SHA-256 of
+/// its signing certificate.
+pub fn authority_id(signer_der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, signer_der);
+    hex(&digest.as_ref()[..8])
 }
 
 fn hex(bytes: &[u8]) -> String {

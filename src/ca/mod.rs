@@ -7,7 +7,9 @@ pub mod authority;
 pub mod bundle;
 pub mod csr;
 pub mod keys;
+pub mod keystore;
 pub mod profile;
+pub mod rotation;
 pub mod store;
 
 use std::time::Duration;
@@ -17,7 +19,8 @@ pub use authority::{Authority, CLOCK_SKEW_BACKDATE, Issued, TtlPolicy};
 pub use bundle::{Cert, TrustBundle};
 pub use csr::{CheckedCsr, check_csr, check_pem_csr};
 pub use keys::{KeyAlgorithm, PrivateKey};
-pub use store::{CaFiles, DirStore, KeyStore};
+pub use keystore::{DirStore, KeyStore, Stored, StoredMember};
+pub use store::{CaFiles, CacertsDir};
 
 /// Everything that can go wrong in this module.
 #[derive(Debug, thiserror::Error)]

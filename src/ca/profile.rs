@@ -128,7 +128,15 @@ pub fn root(
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, td.as_str());
-    dn.push(DnType::CommonName, "workload-ca root");
+    let serial = random_serial()?;
+    // Each root's name is its own (the serial's first bytes): two roots
+    // trusted side by side during a rotation must not share a subject, or
+    // verifiers that look issuers up by name may try the wrong one.
+    let tag: String = serial.as_ref()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    dn.push(DnType::CommonName, format!("workload-ca root {tag}"));
     p.distinguished_name = dn;
     p.subject_alt_names = vec![uri_san(&td.id())?];
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -137,7 +145,7 @@ pub fn root(
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    p.serial_number = Some(random_serial()?);
+    p.serial_number = Some(serial);
     p.not_before = to_offset(now.checked_sub(backdate).unwrap_or(now));
     p.not_after = to_offset(now + lifetime);
     Ok(p)

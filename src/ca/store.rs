@@ -7,23 +7,20 @@
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::future::Future;
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
 
 use zeroize::Zeroizing;
 
-use super::keys::KeyAlgorithm;
-use super::{Authority, Error};
-use crate::identity::TrustDomain;
+use super::Error;
 
+/// The four files of an Istio `cacerts` directory.
 pub const CA_CERT: &str = "ca-cert.pem";
 pub const CA_KEY: &str = "ca-key.pem";
 pub const CERT_CHAIN: &str = "cert-chain.pem";
 pub const ROOT_CERT: &str = "root-cert.pem";
-const FILES: [&str; 4] = [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT];
+pub const FILES: [&str; 4] = [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT];
 
 /// The four pieces of CA material, in Istio's naming.
 #[derive(Clone)]
@@ -45,76 +42,15 @@ impl fmt::Debug for CaFiles {
     }
 }
 
-/// Storage for CA material.
-///
-/// `create` must be create-if-absent: when several replicas start at once,
-/// exactly one wins and the others load what it stored.
-pub trait KeyStore: Send + Sync {
-    /// Where the material lives, for messages.
-    fn describe(&self) -> String;
-
-    /// The stored material, or `None` if nothing is stored yet.
-    ///
-    /// # Errors
-    /// [`Error::Store`] when the store is unreadable or only partly there:
-    /// a partial or corrupt store is never treated as empty.
-    fn load(&self) -> impl Future<Output = Result<Option<CaFiles>, Error>> + Send;
-
-    /// Stores `files` unless material already exists. `Ok(false)`: someone
-    /// else stored first, and nothing was written.
-    ///
-    /// # Errors
-    /// [`Error::Store`] when writing fails.
-    fn create(&self, files: &CaFiles) -> impl Future<Output = Result<bool, Error>> + Send;
-}
-
-/// What to generate when a store is empty.
+/// CA material as four files in one directory: an Istio `cacerts`
+/// directory (a plugged-in CA, or one imported with `ca rotate-root
+/// prepare --from`), and each authority's directory in the state store.
 #[derive(Clone, Debug)]
-pub struct RootSpec {
-    pub trust_domain: TrustDomain,
-    pub algorithm: KeyAlgorithm,
-    pub lifetime: Duration,
-}
-
-/// Loads the CA from `store`, generating and storing a self-signed root on
-/// first use. Returns the authority and whether it was created now.
-///
-/// # Errors
-/// Whatever the store or [`Authority::from_files`] reports: stored material
-/// that fails validation is refused, never replaced.
-pub async fn load_or_create<S: KeyStore>(
-    store: &S,
-    spec: &RootSpec,
-    now: SystemTime,
-) -> Result<(Authority, bool), Error> {
-    if let Some(files) = store.load().await? {
-        return Ok((
-            Authority::from_files(&files, &spec.trust_domain, now)?,
-            false,
-        ));
-    }
-    let files = Authority::generate_root(&spec.trust_domain, spec.algorithm, spec.lifetime, now)?;
-    let authority = Authority::from_files(&files, &spec.trust_domain, now)?;
-    if store.create(&files).await? {
-        return Ok((authority, true));
-    }
-    let files = store.load().await?.ok_or_else(|| Error::Store {
-        location: store.describe(),
-        reason: "another process created the CA but it cannot be read back".into(),
-    })?;
-    Ok((
-        Authority::from_files(&files, &spec.trust_domain, now)?,
-        false,
-    ))
-}
-
-/// CA material as four files in one directory.
-#[derive(Clone, Debug)]
-pub struct DirStore {
+pub struct CacertsDir {
     dir: PathBuf,
 }
 
-impl DirStore {
+impl CacertsDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self { dir: dir.into() }
     }
@@ -130,7 +66,12 @@ impl DirStore {
         }
     }
 
-    fn load_sync(&self) -> Result<Option<CaFiles>, Error> {
+    /// The four files, or `None` when none of them is there.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when some but not all are there, or one is
+    /// unreadable: a partial directory is never treated as empty.
+    pub fn load(&self) -> Result<Option<CaFiles>, Error> {
         let present: Vec<&str> = FILES
             .iter()
             .copied()
@@ -165,8 +106,12 @@ impl DirStore {
     }
 
     /// Writes all four files into a fresh sibling directory, then renames it
-    /// into place, so a crash never leaves a partial CA behind.
-    fn create_sync(&self, files: &CaFiles) -> Result<bool, Error> {
+    /// into place, so a crash never leaves a partial CA behind. `Ok(false)`:
+    /// the directory already exists, and nothing was written.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when writing fails.
+    pub fn create(&self, files: &CaFiles) -> Result<bool, Error> {
         let parent = self
             .dir
             .parent()
@@ -189,6 +134,7 @@ impl DirStore {
             .map_err(|e| self.err(format!("creating {}: {e}", tmp.display())))?;
         let write_all = || -> io::Result<()> {
             write_new_file(&tmp.join(CA_KEY), files.ca_key.as_bytes(), 0o600)?;
+            super::keystore::crash_point("cacerts-partial");
             write_new_file(&tmp.join(CA_CERT), files.ca_cert.as_bytes(), 0o644)?;
             write_new_file(&tmp.join(CERT_CHAIN), files.cert_chain.as_bytes(), 0o644)?;
             write_new_file(&tmp.join(ROOT_CERT), files.root_cert.as_bytes(), 0o644)?;
@@ -222,23 +168,9 @@ impl DirStore {
     }
 }
 
-impl KeyStore for DirStore {
-    fn describe(&self) -> String {
-        self.dir.display().to_string()
-    }
-
-    fn load(&self) -> impl Future<Output = Result<Option<CaFiles>, Error>> + Send {
-        std::future::ready(self.load_sync())
-    }
-
-    fn create(&self, files: &CaFiles) -> impl Future<Output = Result<bool, Error>> + Send {
-        std::future::ready(self.create_sync(files))
-    }
-}
-
 /// `.<name>.tmp-<128 random bits>`: unique across processes and replicas
 /// sharing a volume (PIDs are not: every container's main process is 1).
-fn temp_name(name: &std::ffi::OsStr) -> io::Result<String> {
+pub(crate) fn temp_name(name: &std::ffi::OsStr) -> io::Result<String> {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; 16];
     ring::rand::SystemRandom::new()
@@ -248,7 +180,7 @@ fn temp_name(name: &std::ffi::OsStr) -> io::Result<String> {
     Ok(format!(".{}.tmp-{suffix}", name.to_string_lossy()))
 }
 
-fn write_new_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+pub(crate) fn write_new_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -274,7 +206,12 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
     let tmp = dir.join(temp_name(name)?);
     // `write_new_file` refuses an existing name: we only remove what we made.
-    let result = write_new_file(&tmp, bytes, mode).and_then(|()| fs::rename(&tmp, path));
+    let result = write_new_file(&tmp, bytes, mode).and_then(|()| {
+        if name == super::keystore::MANIFEST {
+            super::keystore::crash_point("manifest-temp");
+        }
+        fs::rename(&tmp, path)
+    });
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
@@ -285,62 +222,42 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ca::{Authority, KeyAlgorithm};
+    use crate::identity::TrustDomain;
     use std::os::unix::fs::PermissionsExt;
+    use std::time::{Duration, SystemTime};
 
-    fn spec() -> RootSpec {
-        RootSpec {
-            trust_domain: TrustDomain::new("td").unwrap(),
-            algorithm: KeyAlgorithm::EcdsaP256,
-            lifetime: Duration::from_secs(3600),
-        }
-    }
-
-    #[tokio::test]
-    async fn creates_once_then_reuses() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = DirStore::new(tmp.path().join("state/ca"));
-        let now = SystemTime::now();
-        let (first, created) = load_or_create(&store, &spec(), now).await.unwrap();
-        assert!(created);
-        let (second, created) = load_or_create(&store, &spec(), now).await.unwrap();
-        assert!(!created);
-        assert_eq!(first.signer(), second.signer());
-        let mode = fs::metadata(store.dir().join(CA_KEY))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
-        assert_eq!(mode, 0o600);
-        let dir_mode = fs::metadata(store.dir()).unwrap().permissions().mode() & 0o777;
-        assert_eq!(dir_mode, 0o700);
-    }
-
-    #[tokio::test]
-    async fn a_second_create_loses_and_writes_nothing() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = DirStore::new(tmp.path().join("ca"));
-        let a = Authority::generate_root(
-            &spec().trust_domain,
+    fn root() -> CaFiles {
+        Authority::generate_root(
+            &TrustDomain::new("td").unwrap(),
             KeyAlgorithm::EcdsaP256,
             Duration::from_secs(60),
             SystemTime::now(),
         )
-        .unwrap();
-        let b = Authority::generate_root(
-            &spec().trust_domain,
-            KeyAlgorithm::EcdsaP256,
-            Duration::from_secs(60),
-            SystemTime::now(),
-        )
-        .unwrap();
-        assert!(store.create(&a).await.unwrap());
-        assert!(!store.create(&b).await.unwrap());
-        assert_eq!(store.load().await.unwrap().unwrap().ca_cert, a.ca_cert);
+        .unwrap()
+    }
+
+    #[test]
+    fn a_second_create_loses_and_writes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CacertsDir::new(tmp.path().join("ca"));
+        let (a, b) = (root(), root());
+        assert!(dir.create(&a).unwrap());
+        assert!(!dir.create(&b).unwrap());
+        assert_eq!(dir.load().unwrap().unwrap().ca_cert, a.ca_cert);
         assert_eq!(
             fs::read_dir(tmp.path()).unwrap().count(),
             1,
             "no temporary directory left behind"
         );
+        let mode = fs::metadata(dir.dir().join(CA_KEY))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        let dir_mode = fs::metadata(dir.dir()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(dir_mode, 0o700);
     }
 
     #[test]
@@ -359,14 +276,7 @@ mod tests {
 
     #[test]
     fn debug_redacts_the_key() {
-        let files = Authority::generate_root(
-            &spec().trust_domain,
-            KeyAlgorithm::EcdsaP256,
-            Duration::from_secs(60),
-            SystemTime::now(),
-        )
-        .unwrap();
-        let dbg = format!("{files:?}");
+        let dbg = format!("{:?}", root());
         assert!(dbg.contains("<redacted>"));
         assert!(!dbg.contains("PRIVATE KEY"));
     }

@@ -14,6 +14,7 @@ macro_rules! say {
 pub mod agent;
 pub mod dev;
 pub mod limits;
+pub mod rotate;
 pub mod server;
 
 use std::net::SocketAddr;
@@ -70,6 +71,10 @@ pub enum Command {
     Dev(Box<DevArgs>),
     /// Mint a development service-account token (trusted only by `server --dev`).
     Token(TokenArgs),
+    /// Replace the root CA with no failed handshake: prepare, wait until
+    /// every proxy holds the new bundle, activate, wait until no old leaf
+    /// is in use, retire. Or one step of it.
+    RotateRoot(Box<rotate::RotateArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -173,6 +178,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Server(args) => runtime.block_on(server::run_server(*args)),
         Command::Agent(args) => runtime.block_on(agent::run_agent(*args)),
         Command::Dev(args) => runtime.block_on(dev::run_dev(*args)),
+        Command::RotateRoot(args) => runtime.block_on(rotate::run(*args)),
         Command::Token(args) => {
             crate::server::jwt_crypto::install();
             let issuer = DevIssuer::load(&args.state_dir)?;

@@ -73,6 +73,20 @@ pub struct ServerArgs {
     /// How long in-flight calls may run after SIGTERM.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Unix socket of the admin API (`ca rotate-root`), mode 0600; `off`
+    /// disables it. Default: `<state-dir>/admin.sock`.
+    #[arg(long, env = "CA_ADMIN_SOCKET")]
+    pub admin_socket: Option<String>,
+    /// Rotate the root by itself when the active one has less than this
+    /// fraction of its life left (0 < f < 1; Istio uses 0.2); `off`
+    /// disables it. Only for the embedded root: a plugged-in CA is replaced
+    /// with `ca rotate-root --from`.
+    #[arg(long, env = "CA_AUTO_ROTATE", default_value = "0.2")]
+    pub auto_rotate: String,
+    /// When an authority retires, how many leaves per second agents are
+    /// asked to re-issue across the fleet (they spread their renewals).
+    #[arg(long, env = "CA_REISSUE_RATE", default_value_t = 50)]
+    pub reissue_rate: u32,
     #[command(flatten)]
     pub limits: limits::ServerLimitArgs,
 }
@@ -118,7 +132,33 @@ impl ServerArgs {
                 root_lifetime: self.root_lifetime,
             },
         };
+        let admin_socket = match self.admin_socket.as_deref() {
+            Some("off") => None,
+            Some(p) => Some(PathBuf::from(p)),
+            None => Some(self.state_dir.join(crate::server::admin::DEFAULT_SOCKET)),
+        };
+        let auto_rotate = match self.auto_rotate.as_str() {
+            "off" => None,
+            f => {
+                let f: f64 = f.parse().map_err(|_| {
+                    anyhow::anyhow!("--auto-rotate {f:?}: expected a fraction or off")
+                })?;
+                if !(f > 0.0 && f < 1.0) {
+                    bail!("--auto-rotate {f}: the fraction must be between 0 and 1");
+                }
+                match self.cacerts {
+                    Some(_) => None,
+                    None => Some(f),
+                }
+            }
+        };
+        if self.reissue_rate == 0 {
+            bail!("--reissue-rate must be positive");
+        }
         Ok(ServerConfig {
+            admin_socket,
+            auto_rotate,
+            reissue_rate: self.reissue_rate,
             state_dir: self.state_dir.clone(),
             trust_domain: self.trust_domain.clone(),
             ca,

@@ -32,7 +32,9 @@ struct ConnStats {
     bytes_in: AtomicU64,
     /// Calls in flight on this connection, by a sequence number (so the
     /// first entry is the oldest), with when each began.
-    calls: Mutex<std::collections::BTreeMap<u64, Instant>>,
+    /// The flag: whether the call has a deadline (a long-lived stream,
+    /// such as the bundle watch, has none and never counts as stalled).
+    calls: Mutex<std::collections::BTreeMap<u64, (Instant, bool)>>,
     next_call: AtomicU64,
     /// Milliseconds after `opened` at which the last call ended.
     idle_since_ms: AtomicU64,
@@ -40,10 +42,10 @@ struct ConnStats {
 }
 
 impl ConnStats {
-    fn stream_opened(self: &Arc<Self>) -> StreamGuard {
+    fn stream_opened(self: &Arc<Self>, timed: bool) -> StreamGuard {
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut calls) = self.calls.lock() {
-            calls.insert(id, Instant::now());
+            calls.insert(id, (Instant::now(), timed));
         }
         StreamGuard(self.clone(), id)
     }
@@ -58,12 +60,12 @@ impl ConnStats {
         Some(now.saturating_duration_since(since))
     }
 
-    /// When the oldest call in flight began.
+    /// When the oldest call in flight with a deadline began.
     fn oldest_call(&self) -> Option<Instant> {
         self.calls
             .lock()
             .ok()
-            .and_then(|c| c.first_key_value().map(|(_, at)| *at))
+            .and_then(|c| c.values().find(|(_, timed)| *timed).map(|(at, _)| *at))
     }
 
     /// A stream reset the server's HTTP/2 layer sent on its own.
@@ -275,7 +277,8 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let guard = self.stats.stream_opened();
+        let long_lived = LONG_LIVED.contains(&req.uri().path());
+        let guard = self.stats.stream_opened(!long_lived);
         let refusals = self.stats.refusals.clone();
         // Refused before the handler (and its buffers) exist: a client
         // holding many calls open costs little more than their streams.
@@ -293,6 +296,7 @@ where
         req.extensions_mut().insert(self.info.clone());
         // The client's own deadline shortens ours, never lengthens it.
         let deadline = match (self.request_timeout, grpc_timeout(req.headers())) {
+            _ if long_lived => None,
             (Some(ours), Some(theirs)) => Some(ours.min(theirs)),
             (ours, _) => ours,
         };
@@ -334,6 +338,12 @@ where
         })
     }
 }
+
+/// Calls that stay open for the life of the connection (they answer with
+/// a stream of updates): no call deadline, never counted as stalled. They
+/// still count against the call limits, and end with the connection (at
+/// its maximum age, its client reconnects).
+const LONG_LIVED: &[&str] = &["/workloadca.v1.TrustBundleService/WatchBundle"];
 
 /// The `grpc-timeout` request header: up to 8 digits and a unit (`H`, `M`,
 /// `S`, `m`, `u`, `n`), per the gRPC over HTTP/2 spec.

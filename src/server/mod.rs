@@ -1,11 +1,14 @@
 //! The CA server: gRPC over TLS, authentication, metrics and health.
 
+pub mod admin;
 pub mod auth;
 pub mod devissuer;
+pub mod fleet;
 pub mod jwt;
 pub mod jwt_crypto;
 pub mod metrics;
 mod ops;
+pub mod rotate;
 mod service;
 mod status;
 pub mod tls;
@@ -21,8 +24,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::ca::store::{RootSpec, atomic_write, load_or_create};
-use crate::ca::{self, Authority, AuthoritySet, DirStore, KeyAlgorithm, KeyStore, TtlPolicy};
+use crate::ca::keystore::{RootSpec, load_or_create};
+use crate::ca::store::atomic_write;
+use crate::ca::{self, Authority, AuthoritySet, CacertsDir, DirStore, KeyAlgorithm, TtlPolicy};
 use crate::drain::Tasks;
 use crate::identity::TrustDomain;
 use crate::limits::ServerLimits;
@@ -94,6 +98,14 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Connection, stream and request limits of the gRPC and ops ports.
     pub limits: ServerLimits,
+    /// The admin API's Unix socket (root rotation); none when `None`.
+    pub admin_socket: Option<PathBuf>,
+    /// Start a root rotation by itself when the active authority has less
+    /// than this fraction of its life left; none when `None`.
+    pub auto_rotate: Option<f64>,
+    /// Leaves per second agents are asked to re-issue at when an
+    /// authority retires.
+    pub reissue_rate: u32,
 }
 
 /// A started server.
@@ -110,7 +122,11 @@ pub struct Running {
     /// The CA's authorities, published once and read by every part of the
     /// server: signing, client-certificate renewal, the serving certificate,
     /// readiness, the expiry gauges and `root-cert.pem`.
-    authorities: watch::Sender<Arc<AuthoritySet>>,
+    live: Arc<rotate::LiveCa>,
+    rotator: Arc<rotate::Rotator>,
+    /// Where the admin API listens, when it does.
+    pub admin_socket: Option<PathBuf>,
+    ledger_path: PathBuf,
     tasks: Tasks,
     health: Arc<Health>,
     drain_timeout: Duration,
@@ -119,40 +135,22 @@ pub struct Running {
 impl Running {
     /// The CA's authorities as they are now.
     pub fn authorities(&self) -> Arc<AuthoritySet> {
-        self.authorities.borrow().clone()
+        self.live.current()
     }
 
-    /// Makes `next` the CA's authorities everywhere at once (the step a root
-    /// rotation takes).
+    /// Makes `next` the CA's authorities everywhere at once: stored, then
+    /// published (the step a root rotation takes).
     ///
     /// # Errors
-    /// [`Error::Config`] if `next` does not follow the current set (its
-    /// generation is not the current one plus one: it was derived from an
-    /// older set) or serves another trust domain; nothing changes then.
-    pub fn publish(&self, next: AuthoritySet) -> Result<(), Error> {
-        let mut refused = None;
-        self.authorities.send_if_modified(|current| {
-            // Compare-and-swap on the generation: a set derived from an
-            // older one never overwrites a change made since.
-            if next.generation() != current.generation() + 1 {
-                refused = Some(format!(
-                    "generation {} does not follow the current {}",
-                    next.generation(),
-                    current.generation()
-                ));
-                return false;
-            }
-            if next.trust_domain() != current.trust_domain() {
-                refused = Some("another trust domain".to_string());
-                return false;
-            }
-            *current = Arc::new(next);
-            true
-        });
-        match refused {
-            Some(why) => Err(Error::Config(format!("authority set refused: {why}"))),
-            None => Ok(()),
-        }
+    /// As [`rotate::LiveCa::commit`]: `next` must follow the current set;
+    /// nothing changes otherwise.
+    pub async fn publish(&self, next: AuthoritySet) -> Result<(), Error> {
+        self.live.commit(next).await
+    }
+
+    /// The rotation steps, as the admin API takes them.
+    pub fn rotator(&self) -> Arc<rotate::Rotator> {
+        self.rotator.clone()
     }
 
     /// Stops accepting, lets in-flight calls finish (up to the drain
@@ -172,6 +170,7 @@ impl Running {
         // drain timeout; a moment later, anything still running is forced.
         let deadline = tokio::time::Instant::now() + self.drain_timeout + SHUTDOWN_MARGIN;
         let stopped = self.tasks.shutdown(deadline).await;
+        save_ledger(&self.ledger_path, &self.rotator.fleet.ledger(), true).await;
         if stopped.panicked.is_empty() {
             Ok(stopped)
         } else {
@@ -200,8 +199,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         .create(&config.state_dir)
         .map_err(|e| Error::io(&config.state_dir, e))?;
     let now = SystemTime::now();
-    let (authority, ca_created) = load_authority(&config, now).await?;
-    let authorities = AuthoritySet::single(authority)?;
+    let (authorities, ca_created, spec) = load_authorities(&config, now).await?;
     let root_cert_path = config.state_dir.join("root-cert.pem");
     atomic_write(&root_cert_path, authorities.bundle_pem().as_bytes(), 0o644)
         .map_err(|e| Error::io(&root_cert_path, e))?;
@@ -216,10 +214,58 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         .serving_cert_expiry
         .set(unix_secs(serving_cert.not_after()));
     expiry_gauges(&metrics, &authorities);
-    let (authority_tx, authority_rx) = watch::channel(Arc::new(authorities));
+    let generation = authorities.generation();
+    let active_id = authorities.active().id().to_owned();
+    let live = Arc::new(rotate::LiveCa::new(
+        authorities,
+        DirStore::new(config.state_dir.join("ca")),
+    ));
+    let authority_rx = live.subscribe();
     // Every task the server starts, stopped together (src/drain.rs).
     let mut tasks = Tasks::new();
     let shutdown_rx = tasks.signal();
+
+    // What was issued to clients that do not report back, kept across
+    // restarts; a crash may have lost the last seconds of it.
+    let ledger_path = fleet::ledger_path(&config.state_dir);
+    let ledger = load_ledger(
+        &ledger_path,
+        ca_created,
+        generation,
+        &active_id,
+        config.ttl.max_ttl,
+        now,
+    );
+    save_ledger(&ledger_path, &ledger, false).await;
+    let fleet = Arc::new(fleet::Fleet::new(ledger, config.reissue_rate));
+    let rotator = Arc::new(rotate::Rotator::new(live.clone(), fleet.clone(), spec));
+    tasks.adopt(
+        "ledger",
+        spawn_ledger_saver(fleet.clone(), ledger_path.clone(), shutdown_rx.clone()),
+    );
+    tasks.adopt(
+        "follow-store",
+        spawn_follower(live.clone(), shutdown_rx.clone()),
+    );
+    if let Some(fraction) = config.auto_rotate {
+        tasks.adopt(
+            "auto-rotation",
+            rotate::spawn_auto_rotation(
+                rotator.clone(),
+                fraction,
+                AUTO_ROTATION_INTERVAL,
+                shutdown_rx.clone(),
+            ),
+        );
+    }
+    let admin_socket = match &config.admin_socket {
+        Some(path) => {
+            let (path, task) = admin::spawn(path, rotator.clone(), shutdown_rx.clone()).await?;
+            tasks.adopt("admin", task);
+            Some(path)
+        }
+        None => None,
+    };
 
     // Authentication: tokens first, then a current certificate.
     let mut issuers = config.jwt_issuers.clone();
@@ -317,16 +363,29 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
     );
 
     let refusals = metrics.refusals.clone();
+    let watch_service = fleet::BundleWatch {
+        authorities: authority_rx.clone(),
+        auth: auth.clone(),
+        fleet: fleet.clone(),
+        shutdown: shutdown_rx.clone(),
+    };
     let service = service::CaService {
         authority: authority_rx,
         auth: auth.clone(),
         ttl: config.ttl,
         metrics,
         warn: crate::logsafe::WarnLimiter::new(),
+        fleet,
     };
     let routes = tonic::service::Routes::new(
         crate::proto::istio::istio_certificate_service_server::IstioCertificateServiceServer::new(
             service,
+        )
+        .max_decoding_message_size(config.limits.http2.max_message_bytes),
+    )
+    .add_service(
+        crate::proto::workloadca::trust_bundle_service_server::TrustBundleServiceServer::new(
+            watch_service,
         )
         .max_decoding_message_size(config.limits.http2.max_message_bytes),
     );
@@ -358,44 +417,159 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         authenticators: auth.names(),
         jwt_issuers,
         ca_created,
-        authorities: authority_tx,
+        live,
+        rotator,
+        admin_socket,
+        ledger_path,
         tasks,
         health,
         drain_timeout: config.drain_timeout,
     })
 }
 
-async fn load_authority(
+/// How often the automatic rotation looks at the active authority.
+const AUTO_ROTATION_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The CA's authorities from the store in `<state-dir>/ca`: created on
+/// first start from a new root, or from the plugged-in `cacerts`
+/// directory. Later starts with `--cacerts` check that it is one of the
+/// stored authorities (a new one is brought in with `ca rotate-root
+/// prepare --from`, never by swapping files under a running mesh).
+async fn load_authorities(
     config: &ServerConfig,
     now: SystemTime,
-) -> Result<(Authority, bool), Error> {
-    match &config.ca {
+) -> Result<(AuthoritySet, bool, RootSpec), Error> {
+    let (algorithm, lifetime) = match &config.ca {
         CaSource::Embedded {
             algorithm,
             root_lifetime,
-        } => {
-            let store = DirStore::new(config.state_dir.join("ca"));
-            let spec = RootSpec {
-                trust_domain: config.trust_domain.clone(),
-                algorithm: *algorithm,
-                lifetime: *root_lifetime,
-            };
-            Ok(load_or_create(&store, &spec, now).await?)
-        }
+        } => (*algorithm, *root_lifetime),
+        CaSource::PluggedIn(_) => (
+            KeyAlgorithm::EcdsaP256,
+            Duration::from_secs(10 * 365 * 86_400),
+        ),
+    };
+    let spec = RootSpec {
+        trust_domain: config.trust_domain.clone(),
+        algorithm,
+        lifetime,
+    };
+    let seed = match &config.ca {
+        CaSource::Embedded { .. } => None,
         CaSource::PluggedIn(dir) => {
-            let store = DirStore::new(dir);
-            let files = store.load().await?.ok_or_else(|| {
+            let files = CacertsDir::new(dir).load()?.ok_or_else(|| {
                 Error::Config(format!(
                     "plugged-in CA directory {} holds none of ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem",
                     dir.display()
                 ))
             })?;
-            Ok((
-                Authority::from_files(&files, &config.trust_domain, now)?,
-                false,
-            ))
+            // Validated here, so bad material is refused with its own
+            // message before anything is stored.
+            let authority = Authority::from_files(&files, &config.trust_domain, now)?;
+            Some((files, authority.id().to_owned(), dir))
+        }
+    };
+    let store = DirStore::new(config.state_dir.join("ca"));
+    store.tidy()?;
+    let (set, created) =
+        load_or_create(&store, &spec, seed.as_ref().map(|(f, _, _)| f), now).await?;
+    if let Some((_, id, dir)) = &seed
+        && !set.members().iter().any(|m| m.authority.id() == id)
+    {
+        return Err(Error::Config(format!(
+            "the plugged-in CA in {} (authority {id}) is not one of this CA's authorities (stored in {}). \
+             To move to it without breaking traffic, run `ca rotate-root --from {}`; \
+             to start over with it, remove {}",
+            dir.display(),
+            store.dir().display(),
+            dir.display(),
+            store.dir().display()
+        )));
+    }
+    Ok((set, created, spec))
+}
+
+/// The saved ledger; when the last run did not end cleanly (or left none
+/// behind although the CA existed), the leaves it may have issued
+/// unrecorded are assumed valid for the longest lifetime issued.
+fn load_ledger(
+    path: &Path,
+    ca_created: bool,
+    generation: u64,
+    active: &str,
+    max_ttl: Duration,
+    now: SystemTime,
+) -> ca::rotation::Ledger {
+    let saved = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<fleet::SavedLedger>(&t).ok());
+    match saved {
+        Some(s) if s.clean => s.ledger,
+        Some(mut s) => {
+            tracing::warn!(
+                "the last run did not stop cleanly: assuming its last certificates are still valid for rotation gates"
+            );
+            s.ledger.assume_lost(generation, active, now, max_ttl);
+            s.ledger
+        }
+        None if ca_created => ca::rotation::Ledger::default(),
+        None => {
+            let mut l = ca::rotation::Ledger::default();
+            l.assume_lost(generation, active, now, max_ttl);
+            l
         }
     }
+}
+
+async fn save_ledger(path: &Path, ledger: &ca::rotation::Ledger, clean: bool) {
+    let saved = fleet::SavedLedger {
+        ledger: ledger.clone(),
+        clean,
+    };
+    let Ok(text) = serde_json::to_string(&saved) else {
+        return;
+    };
+    let path = path.to_owned();
+    let written =
+        tokio::task::spawn_blocking(move || atomic_write(&path, text.as_bytes(), 0o600)).await;
+    if !matches!(written, Ok(Ok(()))) {
+        tracing::error!("saving the issuance ledger failed");
+    }
+}
+
+fn spawn_ledger_saver(
+    fleet: Arc<fleet::Fleet>,
+    path: PathBuf,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(fleet::LEDGER_SAVE_INTERVAL) => {}
+                _ = shutdown.changed() => return,
+            }
+            if let Some(ledger) = fleet.ledger_to_save(SystemTime::now()) {
+                save_ledger(&path, &ledger, false).await;
+            }
+        }
+    })
+}
+
+fn spawn_follower(
+    live: Arc<rotate::LiveCa>,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(rotate::FOLLOW_INTERVAL) => {}
+                _ = shutdown.changed() => return,
+            }
+            if let Err(e) = live.follow(SystemTime::now()).await {
+                tracing::error!(error = %e, "reading the stored authorities failed; keeping the current ones");
+            }
+        }
+    })
 }
 
 /// The expiry gauges, from the set as it is.

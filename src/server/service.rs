@@ -13,7 +13,7 @@ use crate::ca::{AuthoritySet, TtlPolicy, check_pem_csr};
 use crate::logsafe::{WarnLimiter, peer as peer_text};
 use crate::proto::istio::istio_certificate_service_server::IstioCertificateService;
 use crate::proto::istio::{IstioCertificateRequest, IstioCertificateResponse};
-use crate::proto::BUNDLE_GENERATION_HEADER;
+use crate::proto::{AGENT_HEADER, BUNDLE_GENERATION_HEADER};
 use std::net::IpAddr;
 
 /// The CSR-signing service.
@@ -24,6 +24,9 @@ pub struct CaService {
     pub(crate) metrics: Arc<Metrics>,
     /// Warnings a caller causes, rate-limited per source address.
     pub(crate) warn: WarnLimiter<Option<IpAddr>>,
+    /// Leaves issued to clients that are not our agents are recorded for
+    /// the rotation gates.
+    pub(crate) fleet: Arc<super::fleet::Fleet>,
 }
 
 #[tonic::async_trait]
@@ -59,6 +62,7 @@ impl IstioCertificateService for CaService {
                 return Err(status::unauthenticated());
             }
         };
+        let from_agent = request.metadata().contains_key(AGENT_HEADER);
         let body = request.into_inner();
         if let Some(requested) = impersonation(&body).filter(|r| *r != caller.identity.as_str()) {
             self.metrics.id_extraction_err.inc();
@@ -77,7 +81,17 @@ impl IstioCertificateService for CaService {
                 let authorities = self.authority.borrow().clone();
                 authorities
                     .sign_leaf(&csr, &caller.identity, ttl, now)
-                    .map(|issued| (issued, authorities.generation()))
+                    .map(|issued| {
+                        if !from_agent {
+                            self.fleet.record_issued(
+                                authorities.generation(),
+                                authorities.active().id(),
+                                now,
+                                issued.not_after,
+                            );
+                        }
+                        (issued, authorities.generation())
+                    })
             });
         match result {
             Ok((issued, generation)) => {

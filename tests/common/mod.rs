@@ -3,6 +3,7 @@
 //! certificate checks (rustls-webpki path validation and the openssl CLI).
 #![allow(dead_code)]
 
+pub mod cacerts;
 pub mod envoy;
 pub mod h2raw;
 pub mod procs;
@@ -46,6 +47,9 @@ pub fn config(state_dir: &Path) -> ServerConfig {
         drain_timeout: Duration::from_secs(5),
         max_token_lifetime: workload_ca::server::jwt::DEFAULT_MAX_TOKEN_LIFETIME,
         limits: workload_ca::limits::ServerLimits::default(),
+        admin_socket: Some(state_dir.join("admin.sock")),
+        auto_rotate: None,
+        reissue_rate: 50,
     }
 }
 

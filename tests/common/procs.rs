@@ -120,15 +120,23 @@ pub struct CaProc {
     pub ops: SocketAddr,
     pub state: PathBuf,
     pub log: PathBuf,
-    _dir: TempDir,
+    _dir: Option<TempDir>,
 }
 
 impl CaProc {
     /// Starts `ca server --dev` with `args` added.
     pub fn start(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state");
-        let log = dir.path().join("ca.log");
+        let mut ca = Self::start_at(&dir.path().join("state"), args, &[]);
+        ca._dir = Some(dir);
+        ca
+    }
+
+    /// Starts `ca server --dev` on the state directory `state` (its log
+    /// beside it, appended to), with `args` and environment `env` added.
+    pub fn start_at(state: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let state = state.to_owned();
+        let log = state.with_extension("log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_ca"))
             .args([
                 "server",
@@ -141,19 +149,37 @@ impl CaProc {
             ])
             .arg(&state)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
             .spawn()
             .unwrap();
         let banner = read_banner(&mut child, "auth ");
+        assert!(
+            banner.iter().any(|l| l.contains("gRPC (TLS)")),
+            "the CA did not start: {banner:?}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         Self {
             grpc: addr_after(&banner, "gRPC (TLS)"),
             ops: addr_after(&banner, "metrics"),
             child,
             state,
             log,
-            _dir: dir,
+            _dir: None,
         }
+    }
+
+    /// `kill -9`, and wait for it.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn pid(&self) -> u32 {

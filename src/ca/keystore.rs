@@ -1,0 +1,629 @@
+//! Where the CA's authorities live: a versioned store with a
+//! compare-and-swap update, and its local-directory backend.
+//!
+//! The whole set is one value with a generation. Every change is a swap
+//! from the generation the writer read to the next one: two writers never
+//! both succeed, and a writer that lost reads again (the Kubernetes Secret
+//! backend does the same with the Secret's `resourceVersion`).
+//!
+//! The directory backend keeps each authority in its own directory (Istio's
+//! four `cacerts` files, named by the authority's id) and the set in one
+//! manifest, `authorities.json`. A swap writes the directories it needs
+//! first, then replaces the manifest atomically, then deletes the
+//! directories no member names any more. A `kill -9` at any instant leaves
+//! the manifest before or after the swap, never between, and every
+//! directory it names complete: a key is only deleted once its authority
+//! has left the set (and so its root the bundle).
+
+use std::fs::{self, File, OpenOptions};
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::authorities::State;
+use super::authority::authority_id;
+use super::bundle::parse_pem_certs;
+use super::keys::KeyAlgorithm;
+use super::store::{CaFiles, CacertsDir, FILES, atomic_write};
+use super::{Authority, AuthoritySet, Error};
+use crate::identity::TrustDomain;
+
+/// One authority as stored.
+#[derive(Clone, Debug)]
+pub struct StoredMember {
+    pub id: String,
+    pub state: State,
+    /// When it entered its state (seconds since the Unix epoch).
+    pub since: u64,
+    pub files: CaFiles,
+}
+
+/// The CA's authorities as stored.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    pub generation: u64,
+    pub members: Vec<StoredMember>,
+}
+
+/// Versioned storage for the CA's authorities.
+pub trait KeyStore: Send + Sync {
+    /// Where the material lives, for messages.
+    fn describe(&self) -> String;
+
+    /// The stored set, or `None` if nothing is stored yet.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the store is unreadable or only partly there:
+    /// a partial or corrupt store is never treated as empty.
+    fn load(&self) -> impl Future<Output = Result<Option<Stored>, Error>> + Send;
+
+    /// Stores `next` if the stored generation is still `expected` (`None`:
+    /// nothing stored yet). `Ok(false)`: someone else changed the store
+    /// first, and nothing was written.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when writing fails; the stored set is then the one
+    /// before the swap.
+    fn swap(
+        &self,
+        expected: Option<u64>,
+        next: &Stored,
+    ) -> impl Future<Output = Result<bool, Error>> + Send;
+}
+
+impl AuthoritySet {
+    /// The set as the store keeps it.
+    pub fn to_stored(&self) -> Stored {
+        Stored {
+            generation: self.generation(),
+            members: self
+                .members()
+                .iter()
+                .map(|m| StoredMember {
+                    id: m.authority.id().to_owned(),
+                    state: m.state,
+                    since: unix(m.since),
+                    files: m.authority.files().clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The set from what the store keeps, every authority validated again.
+    ///
+    /// # Errors
+    /// [`Error::Material`] naming the authority that fails validation, or a
+    /// member whose material does not match its id.
+    pub fn from_stored(stored: &Stored, td: &TrustDomain, now: SystemTime) -> Result<Self, Error> {
+        let mut members = Vec::new();
+        for m in &stored.members {
+            let authority = Authority::from_files(&m.files, td, now)
+                .map_err(|e| Error::Material(format!("authority {}: {e}", m.id)))?;
+            if authority.id() != m.id {
+                return Err(Error::Material(format!(
+                    "authority {}: its ca-cert.pem is authority {}",
+                    m.id,
+                    authority.id()
+                )));
+            }
+            members.push(super::Member {
+                authority: std::sync::Arc::new(authority),
+                state: m.state,
+                since: UNIX_EPOCH + Duration::from_secs(m.since),
+            });
+        }
+        Self::new(members, stored.generation)
+    }
+}
+
+/// What to generate when a store is empty.
+#[derive(Clone, Debug)]
+pub struct RootSpec {
+    pub trust_domain: TrustDomain,
+    pub algorithm: KeyAlgorithm,
+    pub lifetime: Duration,
+}
+
+/// Loads the CA's authorities from `store`; when it is empty, stores the
+/// set of one made from `seed` (a plugged-in CA's files), or a freshly
+/// generated root. Returns the set and whether it was created now.
+///
+/// # Errors
+/// Whatever the store or validation reports: stored material that fails
+/// validation is refused, never replaced.
+pub async fn load_or_create<S: KeyStore>(
+    store: &S,
+    spec: &RootSpec,
+    seed: Option<&CaFiles>,
+    now: SystemTime,
+) -> Result<(AuthoritySet, bool), Error> {
+    if let Some(stored) = store.load().await? {
+        return Ok((
+            AuthoritySet::from_stored(&stored, &spec.trust_domain, now)?,
+            false,
+        ));
+    }
+    let files = match seed {
+        Some(f) => f.clone(),
+        None => Authority::generate_root(&spec.trust_domain, spec.algorithm, spec.lifetime, now)?,
+    };
+    let set =
+        AuthoritySet::single_since(Authority::from_files(&files, &spec.trust_domain, now)?, now)?;
+    if store.swap(None, &set.to_stored()).await? {
+        return Ok((set, true));
+    }
+    let stored = store.load().await?.ok_or_else(|| Error::Store {
+        location: store.describe(),
+        reason: "another process created the CA but it cannot be read back".into(),
+    })?;
+    Ok((
+        AuthoritySet::from_stored(&stored, &spec.trust_domain, now)?,
+        false,
+    ))
+}
+
+/// The manifest's name in a [`DirStore`].
+pub const MANIFEST: &str = "authorities.json";
+const LOCK: &str = ".lock";
+
+#[derive(Serialize, Deserialize)]
+struct Manifest {
+    generation: u64,
+    members: Vec<ManifestMember>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ManifestMember {
+    id: String,
+    state: String,
+    since: u64,
+}
+
+/// The CA's authorities in a local directory (`<state-dir>/ca`).
+///
+/// A directory written before rotation existed (the four files directly in
+/// it, no manifest) reads as a set of one at generation 1; the first swap
+/// moves it into the new layout.
+#[derive(Clone, Debug)]
+pub struct DirStore {
+    dir: PathBuf,
+}
+
+impl DirStore {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The directory holding authority `id`'s files.
+    pub fn member_dir(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    fn err(&self, reason: impl Into<String>) -> Error {
+        Error::Store {
+            location: self.dir.display().to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An exclusive lock on the store, held until the file is dropped:
+    /// swaps in this and every other process take it.
+    fn lock(&self) -> Result<File, Error> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|e| self.err(format!("creating the directory: {e}")))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join(LOCK))
+            .map_err(|e| self.err(format!("opening the lock: {e}")))?;
+        file.lock()
+            .map_err(|e| self.err(format!("taking the lock: {e}")))?;
+        Ok(file)
+    }
+
+    fn read_manifest(&self) -> Result<Option<Manifest>, Error> {
+        let path = self.dir.join(MANIFEST);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.err(format!("reading {MANIFEST}: {e}"))),
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| self.err(format!("{MANIFEST} is not valid: {e}")))
+    }
+
+    fn load_sync(&self) -> Result<Option<Stored>, Error> {
+        let Some(manifest) = self.read_manifest()? else {
+            return self.load_legacy();
+        };
+        let mut members = Vec::new();
+        for m in manifest.members {
+            let state = parse_state(&m.state)
+                .ok_or_else(|| self.err(format!("{MANIFEST}: unknown state {:?}", m.state)))?;
+            if !valid_id(&m.id) {
+                return Err(self.err(format!("{MANIFEST}: bad authority id {:?}", m.id)));
+            }
+            let files = CacertsDir::new(self.member_dir(&m.id))
+                .load()?
+                .ok_or_else(|| {
+                    self.err(format!(
+                        "{MANIFEST} names authority {} but its directory is missing; refusing to start",
+                        m.id
+                    ))
+                })?;
+            members.push(StoredMember {
+                id: m.id,
+                state,
+                since: m.since,
+                files,
+            });
+        }
+        Ok(Some(Stored {
+            generation: manifest.generation,
+            members,
+        }))
+    }
+
+    /// The four files directly in the directory: one active authority.
+    fn load_legacy(&self) -> Result<Option<Stored>, Error> {
+        let Some(files) = CacertsDir::new(&self.dir).load()? else {
+            return Ok(None);
+        };
+        let id = parse_pem_certs(&files.ca_cert)
+            .ok()
+            .and_then(|c| c.first().map(|c| authority_id(c.der())))
+            .ok_or_else(|| Error::Material("ca-cert.pem holds no usable certificate".into()))?;
+        let since = fs::metadata(self.dir.join(FILES[0]))
+            .and_then(|m| m.modified())
+            .map(unix)
+            .unwrap_or(0);
+        Ok(Some(Stored {
+            generation: 1,
+            members: vec![StoredMember {
+                id,
+                state: State::Active,
+                since,
+                files,
+            }],
+        }))
+    }
+
+    fn swap_sync(&self, expected: Option<u64>, next: &Stored) -> Result<bool, Error> {
+        let _lock = self.lock()?;
+        let manifest = self.read_manifest()?;
+        let legacy = manifest.is_none() && self.load_legacy()?.is_some();
+        let current = match &manifest {
+            Some(m) => Some(m.generation),
+            None if legacy => Some(1),
+            None => None,
+        };
+        if current != expected {
+            return Ok(false);
+        }
+        let kept: Vec<String> = manifest
+            .iter()
+            .flat_map(|m| m.members.iter().map(|m| m.id.clone()))
+            .collect();
+        // 1. Every member's directory, complete, before the manifest names it.
+        for m in &next.members {
+            if !valid_id(&m.id) {
+                return Err(self.err(format!("bad authority id {:?}", m.id)));
+            }
+            let dir = CacertsDir::new(self.member_dir(&m.id));
+            if kept.contains(&m.id) {
+                continue;
+            }
+            // Left over from a swap that crashed before its manifest: not
+            // part of the set, so it may be replaced.
+            if dir.dir().exists() {
+                fs::remove_dir_all(dir.dir())
+                    .map_err(|e| self.err(format!("removing a stale {}: {e}", m.id)))?;
+            }
+            dir.create(&m.files)?;
+        }
+        // 2. The manifest: the swap happens at this rename.
+        let manifest = Manifest {
+            generation: next.generation,
+            members: next
+                .members
+                .iter()
+                .map(|m| ManifestMember {
+                    id: m.id.clone(),
+                    state: m.state.as_str().to_owned(),
+                    since: m.since,
+                })
+                .collect(),
+        };
+        let text = serde_json::to_string_pretty(&manifest)
+            .map_err(|e| self.err(format!("encoding {MANIFEST}: {e}")))?;
+        crash_point("members-written");
+        atomic_write(&self.dir.join(MANIFEST), text.as_bytes(), 0o600)
+            .map_err(|e| self.err(format!("writing {MANIFEST}: {e}")))?;
+        crash_point("manifest-written");
+        // 3. What no member names any more: gone authorities' keys, the
+        // files of the layout before the manifest, leftovers of crashes.
+        let ids: Vec<&str> = next.members.iter().map(|m| m.id.as_str()).collect();
+        self.sweep(&ids);
+        Ok(true)
+    }
+
+    /// Deletes what a swap interrupted by a crash left behind (the keys of
+    /// authorities no longer in the set, half-written directories). Run at
+    /// start: without it, a retired key could stay on disk until the next
+    /// change.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the lock or the manifest cannot be read.
+    pub fn tidy(&self) -> Result<(), Error> {
+        if !self.dir.join(MANIFEST).exists() {
+            return Ok(());
+        }
+        let _lock = self.lock()?;
+        if let Some(m) = self.read_manifest()? {
+            let ids: Vec<&str> = m.members.iter().map(|m| m.id.as_str()).collect();
+            self.sweep(&ids);
+        }
+        Ok(())
+    }
+
+    /// Removes every authority directory and legacy file that `ids` does
+    /// not name. Failures are logged: the swap has happened already.
+    fn sweep(&self, ids: &[&str]) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            let stale = if FILES.contains(&name.as_str()) {
+                true
+            } else if valid_id(&name) {
+                !ids.contains(&name.as_str())
+            } else {
+                // Temporary directories of interrupted writes.
+                name.starts_with('.') && name.contains(".tmp-")
+            };
+            if !stale {
+                continue;
+            }
+            let removed = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            crash_point("sweeping");
+            match removed {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "removed CA material no longer in the set")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove CA material no longer in the set")
+                }
+            }
+        }
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+impl KeyStore for DirStore {
+    fn describe(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    fn load(&self) -> impl Future<Output = Result<Option<Stored>, Error>> + Send {
+        let this = self.clone();
+        async move {
+            tokio::task::spawn_blocking(move || this.load_sync())
+                .await
+                .map_err(|e| Error::Store {
+                    location: String::new(),
+                    reason: format!("store task: {e}"),
+                })?
+        }
+    }
+
+    fn swap(
+        &self,
+        expected: Option<u64>,
+        next: &Stored,
+    ) -> impl Future<Output = Result<bool, Error>> + Send {
+        let (this, next) = (self.clone(), next.clone());
+        async move {
+            tokio::task::spawn_blocking(move || this.swap_sync(expected, &next))
+                .await
+                .map_err(|e| Error::Store {
+                    location: String::new(),
+                    reason: format!("store task: {e}"),
+                })?
+        }
+    }
+}
+
+/// Fault injection for the crash tests: when the environment variable
+/// [`CRASH_ENV`] names `point`, the process aborts there, as `kill -9`
+/// would stop it (no destructor, no flush). Points: `cacerts-partial`
+/// (an authority's directory half written), `members-written` (every
+/// directory written, the manifest not yet), `manifest-temp` (the new
+/// manifest written beside the old, not yet renamed), `manifest-written`
+/// (renamed, nothing deleted yet), `sweeping` (one old directory deleted).
+pub fn crash_point(point: &str) {
+    if std::env::var_os(CRASH_ENV).is_some_and(|v| v == point) {
+        std::process::abort();
+    }
+}
+
+/// See [`crash_point`].
+pub const CRASH_ENV: &str = "WORKLOAD_CA_CRASH_AT";
+
+fn parse_state(s: &str) -> Option<State> {
+    [State::Prepared, State::Active, State::Retiring]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+}
+
+/// An authority id: 16 lower-case hex digits (so it is never a path).
+fn valid_id(id: &str) -> bool {
+    id.len() == 16 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn spec() -> RootSpec {
+        RootSpec {
+            trust_domain: TrustDomain::new("td").unwrap(),
+            algorithm: KeyAlgorithm::EcdsaP256,
+            lifetime: Duration::from_secs(3600),
+        }
+    }
+
+    fn authority() -> Authority {
+        let now = SystemTime::now();
+        let files = Authority::generate_root(
+            &spec().trust_domain,
+            KeyAlgorithm::EcdsaP256,
+            Duration::from_secs(3600),
+            now,
+        )
+        .unwrap();
+        Authority::from_files(&files, &spec().trust_domain, now).unwrap()
+    }
+
+    #[tokio::test]
+    async fn creates_once_then_reuses_with_private_modes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::new(tmp.path().join("state/ca"));
+        let now = SystemTime::now();
+        let (first, created) = load_or_create(&store, &spec(), None, now).await.unwrap();
+        assert!(created);
+        let (second, created) = load_or_create(&store, &spec(), None, now).await.unwrap();
+        assert!(!created);
+        assert_eq!(first.active().signer(), second.active().signer());
+        let key = store.member_dir(first.active().id()).join("ca-key.pem");
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&key), 0o600);
+        assert_eq!(mode(store.dir()), 0o700);
+        assert_eq!(mode(&store.dir().join(MANIFEST)), 0o600);
+    }
+
+    #[tokio::test]
+    async fn a_swap_from_a_stale_generation_changes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::new(tmp.path().join("ca"));
+        let now = SystemTime::now();
+        let (set, _) = load_or_create(&store, &spec(), None, now).await.unwrap();
+        let prepared = set.prepare(authority(), now).unwrap();
+        assert!(store.swap(Some(1), &prepared.to_stored()).await.unwrap());
+        // A second writer that read generation 1 loses.
+        let other = set.prepare(authority(), now).unwrap();
+        assert!(!store.swap(Some(1), &other.to_stored()).await.unwrap());
+        assert!(!store.swap(None, &other.to_stored()).await.unwrap());
+        let stored = store.load().await.unwrap().unwrap();
+        assert_eq!(stored.generation, 2);
+        let ids: Vec<&str> = stored.members.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [set.active().id(), prepared.members()[1].authority.id()]
+        );
+        assert!(
+            !store.member_dir(other.members()[1].authority.id()).exists(),
+            "the loser wrote no key"
+        );
+    }
+
+    #[tokio::test]
+    async fn keys_leave_the_disk_only_with_their_authority() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::new(tmp.path().join("ca"));
+        let now = SystemTime::now();
+        let (set, _) = load_or_create(&store, &spec(), None, now).await.unwrap();
+        let old = set.active().id().to_owned();
+        let mut current = set;
+        for step in 0..3 {
+            let next = match step {
+                0 => current.prepare(authority(), now).unwrap(),
+                1 => current.activate(now).unwrap(),
+                _ => current.retire().unwrap(),
+            };
+            assert!(
+                store
+                    .swap(Some(current.generation()), &next.to_stored())
+                    .await
+                    .unwrap()
+            );
+            current = next;
+            assert_eq!(
+                store.member_dir(&old).exists(),
+                step < 2,
+                "after step {step}"
+            );
+        }
+        let reloaded = AuthoritySet::from_stored(
+            &store.load().await.unwrap().unwrap(),
+            &spec().trust_domain,
+            now,
+        )
+        .unwrap();
+        assert_eq!(reloaded.generation(), 4);
+        assert_eq!(reloaded.active().id(), current.active().id());
+    }
+
+    #[tokio::test]
+    async fn the_layout_before_rotation_reads_as_one_authority_and_moves_on_the_first_swap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        let a = authority();
+        CacertsDir::new(&dir).create(a.files()).unwrap();
+        let store = DirStore::new(&dir);
+        let stored = store.load().await.unwrap().unwrap();
+        assert_eq!(
+            (stored.generation, stored.members[0].id.as_str()),
+            (1, a.id())
+        );
+        let set =
+            AuthoritySet::from_stored(&stored, &spec().trust_domain, SystemTime::now()).unwrap();
+        let next = set.prepare(authority(), SystemTime::now()).unwrap();
+        assert!(store.swap(Some(1), &next.to_stored()).await.unwrap());
+        assert!(
+            !dir.join("ca-key.pem").exists(),
+            "the old layout's files are gone"
+        );
+        assert!(store.member_dir(a.id()).join("ca-key.pem").exists());
+        assert_eq!(store.load().await.unwrap().unwrap().generation, 2);
+    }
+
+    #[tokio::test]
+    async fn a_manifest_naming_a_missing_directory_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::new(tmp.path().join("ca"));
+        let (set, _) = load_or_create(&store, &spec(), None, SystemTime::now())
+            .await
+            .unwrap();
+        fs::remove_dir_all(store.member_dir(set.active().id())).unwrap();
+        let err = store.load().await.unwrap_err().to_string();
+        assert!(err.contains("directory is missing"), "{err}");
+    }
+}

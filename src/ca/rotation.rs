@@ -1,0 +1,285 @@
+//! The rules of a root rotation: when each step is safe, what is still
+//! missing when it is not, and when an automatic rotation is due.
+//!
+//! Synchronous and clock-free like the rest of `ca`: the server gathers the
+//! evidence (what agents confirmed, what it issued to other clients) and
+//! asks here.
+//!
+//! - *activate* is safe once everything that will see a leaf of the new
+//!   authority trusts its root: every connected agent's proxies have ACKed
+//!   a bundle of the prepared generation or later, and no leaf issued to a
+//!   client that is not one of our agents (an Istio agent learns the
+//!   bundle only from its next answer) before the prepare is still valid.
+//! - *retire* is safe once nothing still presents a leaf of the retiring
+//!   authority: no agent reports one, and no leaf it issued to another
+//!   client is still valid.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use super::AuthoritySet;
+use super::authorities::State;
+
+/// Leaves issued to clients that do not report back (not our agents): per
+/// bundle generation at issuance and per issuing authority, the latest
+/// NotAfter. Small: one entry per generation and per authority.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Ledger {
+    /// Generation at issuance -> latest NotAfter (Unix seconds).
+    by_generation: BTreeMap<u64, u64>,
+    /// Authority id -> latest NotAfter (Unix seconds).
+    by_authority: BTreeMap<String, u64>,
+    /// The longest lifetime issued (seconds), for bounding what a crash
+    /// may have lost.
+    longest: u64,
+}
+
+impl Ledger {
+    /// Records a leaf issued under `generation` by `authority`.
+    pub fn record(
+        &mut self,
+        generation: u64,
+        authority: &str,
+        issued: SystemTime,
+        not_after: SystemTime,
+    ) {
+        let until = unix(not_after);
+        let g = self.by_generation.entry(generation).or_default();
+        *g = (*g).max(until);
+        match self.by_authority.get_mut(authority) {
+            Some(a) => *a = (*a).max(until),
+            None => {
+                self.by_authority.insert(authority.to_owned(), until);
+            }
+        }
+        self.longest = self.longest.max(until.saturating_sub(unix(issued)));
+    }
+
+    /// Until when a leaf issued before generation `generation` may be valid.
+    pub fn issued_before(&self, generation: u64, now: SystemTime) -> Option<SystemTime> {
+        let now = unix(now);
+        self.by_generation
+            .range(..generation)
+            .map(|(_, until)| *until)
+            .filter(|until| *until > now)
+            .max()
+            .map(from_unix)
+    }
+
+    /// Until when a leaf of `authority` may be valid.
+    pub fn issued_by(&self, authority: &str, now: SystemTime) -> Option<SystemTime> {
+        self.by_authority
+            .get(authority)
+            .filter(|until| **until > unix(now))
+            .map(|u| from_unix(*u))
+    }
+
+    /// What may have been issued, unrecorded, between `saved` and a crash
+    /// noticed at `now`: anything under `generation` by `authority` up to
+    /// `now` plus the longest lifetime issued so far (or `fallback` when
+    /// nothing was ever recorded).
+    pub fn assume_lost(
+        &mut self,
+        generation: u64,
+        authority: &str,
+        now: SystemTime,
+        fallback: Duration,
+    ) {
+        let longest = if self.longest == 0 {
+            fallback
+        } else {
+            Duration::from_secs(self.longest)
+        };
+        self.record(generation, authority, now, now + longest);
+    }
+
+    /// Drops what has expired.
+    pub fn prune(&mut self, now: SystemTime) {
+        let now = unix(now);
+        self.by_generation.retain(|_, until| *until > now);
+        self.by_authority.retain(|_, until| *until > now);
+    }
+}
+
+/// One agent as the rotation sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentView {
+    pub name: String,
+    pub connected: bool,
+    /// The lowest bundle generation its proxies ACKed.
+    pub acked_generation: u64,
+    /// NotAfter of the latest-expiring leaf it holds per authority id.
+    pub leaves: BTreeMap<String, SystemTime>,
+}
+
+/// What the server knows when a step is asked for.
+#[derive(Clone, Debug, Default)]
+pub struct Evidence {
+    pub agents: Vec<AgentView>,
+    pub ledger: Ledger,
+}
+
+impl Evidence {
+    /// Connected agents whose proxies have ACKed `generation`, and the
+    /// names of those that have not.
+    pub fn confirmed(&self, generation: u64) -> (usize, usize, Vec<String>) {
+        let connected: Vec<&AgentView> = self.agents.iter().filter(|a| a.connected).collect();
+        let behind: Vec<String> = connected
+            .iter()
+            .filter(|a| a.acked_generation < generation)
+            .map(|a| a.name.clone())
+            .collect();
+        (connected.len() - behind.len(), connected.len(), behind)
+    }
+}
+
+/// Why a step may not be taken yet.
+pub type Missing = Vec<String>;
+
+/// Whether the prepared authority may start signing.
+///
+/// # Errors
+/// What is missing, one line each.
+pub fn check_activate(
+    set: &AuthoritySet,
+    evidence: &Evidence,
+    now: SystemTime,
+) -> Result<(), Missing> {
+    if !set.members().iter().any(|m| m.state == State::Prepared) {
+        return Err(vec![
+            "no authority is prepared; run `ca rotate-root prepare` first".into(),
+        ]);
+    }
+    let since = prepared_generation(set);
+    let mut missing = Vec::new();
+    let (ok, of, behind) = evidence.confirmed(since);
+    if !behind.is_empty() {
+        missing.push(format!(
+            "{ok} of {of} connected agents have confirmed bundle generation {since}; behind: {}",
+            shorten(&behind)
+        ));
+    }
+    if let Some(until) = evidence.ledger.issued_before(since, now) {
+        missing.push(format!(
+            "certificates issued before the new root was prepared to clients that are not workload-ca agents \
+             (they learn the bundle at their next request) are valid until {}",
+            rfc3339(until)
+        ));
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(missing)
+    }
+}
+
+/// Whether the retiring authorities may leave the bundle.
+///
+/// # Errors
+/// What is missing, one line each.
+pub fn check_retire(
+    set: &AuthoritySet,
+    evidence: &Evidence,
+    now: SystemTime,
+) -> Result<(), Missing> {
+    let retiring: Vec<&str> = set
+        .members()
+        .iter()
+        .filter(|m| m.state == State::Retiring)
+        .map(|m| m.authority.id())
+        .collect();
+    if retiring.is_empty() {
+        return Err(vec![
+            "no authority is retiring; run `ca rotate-root activate` first".into(),
+        ]);
+    }
+    let mut missing = Vec::new();
+    for id in &retiring {
+        let holders: Vec<String> = evidence
+            .agents
+            .iter()
+            .filter(|a| a.leaves.get(*id).is_some_and(|until| *until > now))
+            .map(|a| {
+                if a.connected {
+                    a.name.clone()
+                } else {
+                    format!("{} (disconnected)", a.name)
+                }
+            })
+            .collect();
+        if !holders.is_empty() {
+            missing.push(format!(
+                "{} agents still serve a certificate of authority {id}: {}",
+                holders.len(),
+                shorten(&holders)
+            ));
+        }
+        if let Some(until) = evidence.ledger.issued_by(id, now) {
+            missing.push(format!(
+                "certificates of authority {id} issued to clients that are not workload-ca agents are valid until {}",
+                rfc3339(until)
+            ));
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(missing)
+    }
+}
+
+/// The generation agents must confirm before activation: the set's own
+/// (the one prepare made, or a later one; waiting for the latest bundle is
+/// never less safe).
+fn prepared_generation(set: &AuthoritySet) -> u64 {
+    set.generation()
+}
+
+/// Automatic rotation: due when the active authority has less than
+/// `fraction` of its life left (Istio uses 0.2) and nothing is prepared or
+/// retiring yet.
+pub fn rotation_due(set: &AuthoritySet, fraction: f64, now: SystemTime) -> bool {
+    if set.members().len() != 1 {
+        return false;
+    }
+    let active = set.active();
+    let Some(not_before) = active.not_before() else {
+        return false;
+    };
+    let end = active.chain_not_after();
+    let (Ok(life), Ok(left)) = (end.duration_since(not_before), end.duration_since(now)) else {
+        return true;
+    };
+    left.as_secs_f64() < life.as_secs_f64() * fraction
+}
+
+fn shorten(names: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    s
+}
+
+/// RFC 3339, for messages.
+pub fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn from_unix(s: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(s)
+}
