@@ -35,6 +35,7 @@ async fn start_agent(
         });
     }
     agent::start(AgentConfig {
+        agent_name: "test".into(),
         ca: CaEndpoint {
             address: ca.running.grpc_addr.to_string(),
             root_cert: ca.running.root_cert_path.clone(),
