@@ -192,6 +192,79 @@ struct FakeCa {
     reports: mpsc::UnboundedSender<AgentReport>,
     updates: Arc<Mutex<Option<mpsc::Receiver<BundleUpdate>>>>,
     auth: Arc<Mutex<Vec<String>>>,
+    /// Answers for the first calls, before serving.
+    refuse: Arc<Mutex<std::collections::VecDeque<tonic::Code>>>,
+}
+
+impl FakeCa {
+    fn new(
+        refuse: &[tonic::Code],
+    ) -> (
+        Self,
+        mpsc::UnboundedReceiver<AgentReport>,
+        mpsc::Sender<BundleUpdate>,
+    ) {
+        let (reports_tx, reports) = mpsc::unbounded_channel();
+        let (updates, updates_rx) = mpsc::channel(4);
+        let fake = Self {
+            reports: reports_tx,
+            updates: Arc::new(Mutex::new(Some(updates_rx))),
+            auth: Arc::new(Mutex::new(Vec::new())),
+            refuse: Arc::new(Mutex::new(refuse.iter().copied().collect())),
+        };
+        (fake, reports, updates)
+    }
+
+    fn calls(&self) -> usize {
+        self.auth.lock().unwrap().len()
+    }
+
+    /// Serves on 127.0.0.1 port 0 until `stop` changes.
+    async fn serve(
+        &self,
+        mut stop: watch::Receiver<bool>,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tonic::transport::Server::builder()
+            .add_service(TrustBundleServiceServer::new(self.clone()))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move {
+                    let _ = stop.changed().await;
+                },
+            );
+        (
+            addr,
+            tokio::spawn(async move {
+                server.await.unwrap();
+            }),
+        )
+    }
+}
+
+/// A watcher for `addr` with a token file in `dir`.
+fn watcher(
+    addr: std::net::SocketAddr,
+    dir: &std::path::Path,
+    bundle: &AgentBundle,
+    acks: &BundleAcks,
+    leaves: Vec<watch::Receiver<Option<Arc<WorkloadCert>>>>,
+) -> BundleWatcher {
+    let token = dir.join("token");
+    std::fs::write(&token, "test-token\n").unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    BundleWatcher::new(
+        channel,
+        TokenFile::new(&token),
+        "node-1".into(),
+        bundle.clone(),
+        acks.clone(),
+        leaves,
+        RotationPolicy::default(),
+    )
 }
 
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<BundleUpdate, tonic::Status>> + Send>>;
@@ -211,6 +284,9 @@ impl TrustBundleService for FakeCa {
             .unwrap_or_default()
             .to_owned();
         self.auth.lock().unwrap().push(auth);
+        if let Some(code) = self.refuse.lock().unwrap().pop_front() {
+            return Err(tonic::Status::new(code, "scripted refusal"));
+        }
         let mut inbound = request.into_inner();
         let reports = self.reports.clone();
         tokio::spawn(async move {
@@ -248,46 +324,14 @@ async fn until(what: &str, mut ok: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn the_watch_client_applies_pushes_and_reports_changes() {
-    let (reports_tx, mut reports) = mpsc::unbounded_channel();
-    let (updates, updates_rx) = mpsc::channel(4);
-    let fake = FakeCa {
-        reports: reports_tx,
-        updates: Arc::new(Mutex::new(Some(updates_rx))),
-        auth: Arc::new(Mutex::new(Vec::new())),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (fake, mut reports, updates) = FakeCa::new(&[]);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut server_stop = stop_rx.clone();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TrustBundleServiceServer::new(fake.clone()))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move {
-                    let _ = server_stop.changed().await;
-                },
-            ),
-    );
-
+    let (addr, server) = fake.serve(stop_rx.clone()).await;
     let dir = tempfile::tempdir().unwrap();
-    let token = dir.path().join("token");
-    std::fs::write(&token, "test-token\n").unwrap();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
     let bundle = AgentBundle::new();
     let acks = BundleAcks::new();
     let (leaf_tx, leaf_rx) = watch::channel(None);
-    let watcher = BundleWatcher::new(
-        channel,
-        TokenFile::new(&token),
-        "node-1".into(),
-        bundle.clone(),
-        acks.clone(),
-        vec![leaf_rx],
-        RotationPolicy::default(),
-    );
+    let watcher = watcher(addr, dir.path(), &bundle, &acks, vec![leaf_rx]);
     let task = tokio::spawn(watcher.run(stop_rx));
 
     // A report at once, authenticated like CreateCertificate.
@@ -401,3 +445,48 @@ fn issue(authority: &Authority) -> WorkloadCert {
         .unwrap()
         .0
 }
+
+#[tokio::test]
+async fn the_watch_client_reconnects_with_back_off() {
+    use tonic::Code;
+    let (fake, mut reports, _updates) = FakeCa::new(&[Code::Unavailable, Code::Internal]);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (addr, _server) = fake.serve(stop_rx.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (bundle, acks) = (AgentBundle::new(), BundleAcks::new());
+    let started = Instant::now();
+    let task = tokio::spawn(watcher(addr, dir.path(), &bundle, &acks, vec![]).run(stop_rx));
+    let r = report(&mut reports).await;
+    assert_eq!(r.agent, "node-1");
+    assert_eq!(fake.calls(), 3, "two refusals, then the stream");
+    // Back-off 100-200 ms, then 200-400 ms.
+    assert!(Instant::now() - started >= Duration::from_millis(300));
+    stop_tx.send_replace(true);
+    tokio::time::timeout(WAIT_STOP, task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_ca_without_the_service_is_asked_again_rarely() {
+    let (fake, _reports, _updates) = FakeCa::new(&[tonic::Code::Unimplemented; 64]);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (addr, _server) = fake.serve(stop_rx.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (bundle, acks) = (AgentBundle::new(), BundleAcks::new());
+    let watcher = watcher(addr, dir.path(), &bundle, &acks, vec![])
+        .with_unimplemented_retry(Duration::from_millis(800));
+    let task = tokio::spawn(watcher.run(stop_rx));
+    // At 0 and 0.8 s (the failure back-off would have asked 3 or 4 times).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let calls = fake.calls();
+    assert_eq!(calls, 2, "{calls} calls in 1.2 s");
+    stop_tx.send_replace(true);
+    tokio::time::timeout(WAIT_STOP, task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+const WAIT_STOP: Duration = Duration::from_secs(5);

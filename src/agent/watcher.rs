@@ -44,6 +44,7 @@ pub struct BundleWatcher {
     acks: BundleAcks,
     leaves: Vec<watch::Receiver<Option<Arc<WorkloadCert>>>>,
     policy: RotationPolicy,
+    unimplemented_retry: Duration,
 }
 
 /// How one stream ended.
@@ -75,7 +76,16 @@ impl BundleWatcher {
             acks,
             leaves,
             policy,
+            unimplemented_retry: UNIMPLEMENTED_RETRY,
         }
+    }
+
+    /// Asks a CA without the service again after `delay` instead of
+    /// [`UNIMPLEMENTED_RETRY`].
+    #[must_use]
+    pub fn with_unimplemented_retry(mut self, delay: Duration) -> Self {
+        self.unimplemented_retry = delay;
+        self
     }
 
     /// What the agent reports now.
@@ -112,14 +122,14 @@ impl BundleWatcher {
                 Ended::Unimplemented => {
                     if !told_unimplemented {
                         tracing::info!(
-                            retry_in_s = UNIMPLEMENTED_RETRY.as_secs(),
+                            retry_in_s = self.unimplemented_retry.as_secs(),
                             "the CA does not serve the bundle watch (workloadca.v1.TrustBundleService); \
                              learning the trust bundle from certificate answers only"
                         );
                         told_unimplemented = true;
                     }
                     attempt = 0;
-                    UNIMPLEMENTED_RETRY
+                    self.unimplemented_retry
                 }
                 Ended::Failed { reason, updated } => {
                     if updated {
