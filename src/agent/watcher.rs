@@ -91,13 +91,13 @@ impl BundleWatcher {
     /// What the agent reports now.
     pub fn report(&self) -> AgentReport {
         let held = self.bundle.generation().unwrap_or(0);
-        let AckSummary { proxies, .. } = self.acks.summary();
+        let acks: AckSummary = self.acks.summary();
         let now = tokio::time::Instant::now();
         AgentReport {
             agent: self.agent.clone(),
             bundle_generation: held,
-            acked_generation: self.acks.summary().acked_or(held),
-            proxies,
+            acked_generation: acks.acked_or(held),
+            proxies: acks.proxies,
             leaves: self
                 .leaves
                 .iter()
