@@ -319,7 +319,7 @@ impl<C: CaClient> CertManager<C> {
             Instant::now(),
             unit_random(),
         )?;
-        tracing::info!(
+        tracing::debug!(
             workload = %self.name, serial = %cert.serial_hex,
             renew_in_s = at.saturating_duration_since(Instant::now()).as_secs_f64(),
             "the authority that issued the certificate is being retired; renewing early"
