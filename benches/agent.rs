@@ -31,6 +31,7 @@ fn agent_config(ca: &TestServer, dir: &Path, ttl: Duration) -> AgentConfig {
     let token_file = dir.join("token");
     std::fs::write(&token_file, ca.token("prod", "web")).unwrap();
     AgentConfig {
+        agent_name: "test".into(),
         ca: CaEndpoint {
             address: ca.running.grpc_addr.to_string(),
             root_cert: ca.running.root_cert_path.clone(),

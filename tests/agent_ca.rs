@@ -14,6 +14,7 @@ use workload_ca::ca::KeyAlgorithm;
 
 fn config(ca: &TestServer, dir: &std::path::Path, key: KeyAlgorithm) -> AgentConfig {
     AgentConfig {
+        agent_name: "test".into(),
         ca: CaEndpoint {
             address: ca.running.grpc_addr.to_string(),
             root_cert: ca.running.root_cert_path.clone(),

@@ -49,10 +49,12 @@ impl CaClient for ScriptedCa {
                 });
             }
             let csr = check_csr(csr_pem.as_bytes())?;
-            Ok(self
-                .authority
-                .sign_leaf(&csr, &self.id, self.ttl, SystemTime::now())?
-                .chain)
+            Ok((
+                self.authority
+                    .sign_leaf(&csr, &self.id, self.ttl, SystemTime::now())?
+                    .chain,
+                None,
+            ))
         })
     }
 }

@@ -230,6 +230,7 @@ async fn an_agent_with_only_the_old_root_file_follows_the_rotation() {
     let old_root = ders(&server.root_pem()).remove(0);
     std::fs::write(dir.path().join("token"), server.token("prod", "web")).unwrap();
     let agent = agent::start(AgentConfig {
+        agent_name: "test".into(),
         ca: CaEndpoint {
             address: server.running.grpc_addr.to_string(),
             root_cert: old_root_file.clone(),

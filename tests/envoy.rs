@@ -35,6 +35,7 @@ async fn start_agent(
         });
     }
     agent::start(AgentConfig {
+        agent_name: "test".into(),
         ca: CaEndpoint {
             address: ca.running.grpc_addr.to_string(),
             root_cert: ca.running.root_cert_path.clone(),
@@ -123,6 +124,27 @@ async fn envoy_serves_mtls_with_the_agents_certificate_and_roots() {
         "{metrics}"
     );
     assert!(metrics.contains("workload_ca_agent_cert_expiry_timestamp{workload=\"web\"}"));
+
+    // Envoy ACKed ROOTCA, whose version is the CA's bundle generation.
+    let generation = agent
+        .bundle
+        .generation()
+        .expect("the CA sends the generation");
+    let mut acked = agent.acks.watch();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        acked.wait_for(|s| s.proxies == 1 && s.lowest_acked == Some(generation)),
+    )
+    .await
+    .expect("Envoy's ACK of the bundle is recorded")
+    .unwrap();
+    let metrics = http_get(ops, "/metrics").await.1;
+    assert!(
+        metrics.contains(&format!(
+            "workload_ca_agent_bundle_acked_generation {generation}"
+        )),
+        "{metrics}"
+    );
 
     // Without a client certificate from our CA, Envoy refuses.
     let other_ca = TestServer::start().await;

@@ -103,11 +103,9 @@ impl Fixture {
         let other = authority();
         let mut pem = self.watch.roots.borrow().as_ref().unwrap().pem.clone();
         pem.push_str(&other.roots().pem());
-        let version = format!("v{}", pem.len());
-        self.roots_tx.send_replace(Some(Arc::new(RootBundle {
-            pem,
-            version: version.clone(),
-        })));
+        let bundle = RootBundle::new(pem, None);
+        let version = bundle.version.clone();
+        self.roots_tx.send_replace(Some(Arc::new(bundle)));
         version
     }
 

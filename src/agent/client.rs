@@ -17,10 +17,14 @@ use super::trust::{CaTrust, Verifier};
 use crate::proto::istio::IstioCertificateRequest;
 use crate::proto::istio::istio_certificate_service_client::IstioCertificateServiceClient;
 
-pub type SignFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<String>, Error>> + Send + 'a>>;
+/// A `cert_chain` and the generation of the bundle in its last element.
+pub type Signed = (Vec<String>, Option<u64>);
+
+pub type SignFuture<'a> = Pin<Box<dyn Future<Output = Result<Signed, Error>> + Send + 'a>>;
 
 /// Something that turns a CSR into an Istio-style `cert_chain` (leaf first,
-/// root bundle last).
+/// root bundle last), with the generation of that bundle when the CA sends
+/// it (`x-workload-ca-bundle-generation`; a CA that is not ours does not).
 pub trait CaClient: Send + Sync + 'static {
     /// `ttl` of zero asks for the server's default lifetime.
     fn sign(&self, csr_pem: String, ttl: Duration) -> SignFuture<'_>;
@@ -44,6 +48,21 @@ impl TokenFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// `authorization: Bearer <token>` for the current token.
+    ///
+    /// # Errors
+    /// As [`TokenFile::read`], and [`Error::Token`] for a token that cannot
+    /// be a header value.
+    pub fn bearer(&self, now: SystemTime) -> Result<tonic::metadata::AsciiMetadataValue, Error> {
+        let token = self.read(now)?;
+        format!("Bearer {token}").parse().map_err(|_| {
+            Error::Token(format!(
+                "{} holds characters not allowed in a header",
+                self.path.display()
+            ))
+        })
     }
 
     /// The current token, refused when it has expired (by its own `exp`).
@@ -151,18 +170,12 @@ impl GrpcCaClient {
 impl CaClient for GrpcCaClient {
     fn sign(&self, csr_pem: String, ttl: Duration) -> SignFuture<'_> {
         Box::pin(async move {
-            let token = self.token.read(SystemTime::now())?;
+            let value = self.token.bearer(SystemTime::now())?;
             let mut req = tonic::Request::new(IstioCertificateRequest {
                 csr: csr_pem,
                 validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
                 metadata: None,
             });
-            let value = format!("Bearer {token}").parse().map_err(|_| {
-                Error::Token(format!(
-                    "{} holds characters not allowed in a header",
-                    self.token.path.display()
-                ))
-            })?;
             req.metadata_mut().insert("authorization", value);
             let resp = IstioCertificateServiceClient::new(self.channel.clone())
                 .create_certificate(req)
@@ -171,9 +184,24 @@ impl CaClient for GrpcCaClient {
                     code: s.code(),
                     message: s.message().to_owned(),
                 })?;
-            Ok(resp.into_inner().cert_chain)
+            let generation = bundle_generation(resp.metadata());
+            Ok((resp.into_inner().cert_chain, generation))
         })
     }
+}
+
+/// The bundle generation of a CreateCertificate answer; none when absent or
+/// unreadable (the answer is then ordered like a foreign CA's).
+pub fn bundle_generation(metadata: &tonic::metadata::MetadataMap) -> Option<u64> {
+    let value = metadata.get(crate::proto::BUNDLE_GENERATION_HEADER)?;
+    let parsed = value.to_str().ok().and_then(|v| v.trim().parse().ok());
+    if parsed.is_none() {
+        tracing::warn!(
+            header = crate::proto::BUNDLE_GENERATION_HEADER,
+            "unreadable bundle generation in the CA's answer; ignored"
+        );
+    }
+    parsed
 }
 
 #[cfg(test)]
@@ -187,6 +215,22 @@ mod tests {
             b64.encode(br#"{"alg":"ES256"}"#),
             b64.encode(format!(r#"{{"exp":{exp}}}"#))
         )
+    }
+
+    #[test]
+    fn the_generation_header_is_read_when_well_formed() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(bundle_generation(&m), None);
+        m.insert(
+            crate::proto::BUNDLE_GENERATION_HEADER,
+            "42".parse().unwrap(),
+        );
+        assert_eq!(bundle_generation(&m), Some(42));
+        m.insert(
+            crate::proto::BUNDLE_GENERATION_HEADER,
+            "x1".parse().unwrap(),
+        );
+        assert_eq!(bundle_generation(&m), None);
     }
 
     #[test]

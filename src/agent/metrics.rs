@@ -19,6 +19,13 @@ pub struct AgentMetrics {
     pub sds_pushes: IntCounterVec,
     pub sds_nacks: IntCounterVec,
     pub sds_ack_latency: prometheus::Histogram,
+    /// The generation of the trust bundle the agent holds (0: none known).
+    pub bundle_generation: IntGauge,
+    /// The lowest bundle generation ACKed by every proxy subscribed to the
+    /// bundle (the held generation when none is).
+    pub bundle_acked_generation: IntGauge,
+    /// Proxy streams subscribed to the trust bundle.
+    pub bundle_proxies: IntGauge,
     /// `workload_ca_agent_limit_refusals_total{limit}`,
     /// `workload_ca_agent_log_suppressed_total`.
     pub refusals: Refusals,
@@ -108,6 +115,28 @@ impl AgentMetrics {
         registry
             .register(Box::new(sds_ack_latency.clone()))
             .map_err(e)?;
+        let bundle_generation = IntGauge::new(
+            "workload_ca_agent_bundle_generation",
+            "Generation of the trust bundle the agent holds (0 when the CA sent none).",
+        )
+        .map_err(e)?;
+        let bundle_acked_generation = IntGauge::new(
+            "workload_ca_agent_bundle_acked_generation",
+            "Lowest trust bundle generation ACKed by the proxies subscribed to it.",
+        )
+        .map_err(e)?;
+        let bundle_proxies = IntGauge::new(
+            "workload_ca_agent_bundle_proxies",
+            "SDS streams subscribed to the trust bundle.",
+        )
+        .map_err(e)?;
+        for g in [
+            &bundle_generation,
+            &bundle_acked_generation,
+            &bundle_proxies,
+        ] {
+            registry.register(Box::new(g.clone())).map_err(e)?;
+        }
         Ok(Self {
             refusals: Refusals::register(&registry, "workload_ca_agent").map_err(e)?,
             registry,
@@ -119,6 +148,9 @@ impl AgentMetrics {
             sds_pushes,
             sds_nacks,
             sds_ack_latency,
+            bundle_generation,
+            bundle_acked_generation,
+            bundle_proxies,
         })
     }
 

@@ -1,9 +1,12 @@
 //! The node agent: keys, CSRs, rotation, and Envoy SDS on Unix sockets.
 
+pub mod acks;
+pub mod bundle;
 pub mod client;
 pub mod metrics;
 pub mod sds;
 pub mod trust;
+pub mod watcher;
 pub mod workload;
 
 use std::path::PathBuf;
@@ -37,6 +40,8 @@ use crate::limits::AgentLimits;
 
 /// How long the agent's tasks may take to stop before they are forced.
 const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+use acks::BundleAcks;
+use bundle::AgentBundle;
 use client::{CaEndpoint, GrpcCaClient, TokenFile};
 use metrics::AgentMetrics;
 use workload::{CertManager, CertWatch, RotationPolicy};
@@ -52,6 +57,8 @@ pub struct WorkloadConfig {
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
+    /// The agent's name in its bundle-watch reports (its node).
+    pub agent_name: String,
     pub ca: CaEndpoint,
     pub workloads: Vec<WorkloadConfig>,
     pub policy: RotationPolicy,
@@ -71,6 +78,10 @@ pub struct Agent {
     pub ops_addr: Option<SocketAddr>,
     pub watches: Vec<(String, CertWatch)>,
     pub metrics: Arc<AgentMetrics>,
+    /// The one trust bundle every workload serves.
+    pub bundle: AgentBundle,
+    /// What the proxies have ACKed of it.
+    pub acks: BundleAcks,
     tasks: Tasks,
 }
 
@@ -120,20 +131,25 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
     let shutdown_rx = tasks.signal();
     let mut sockets = Vec::new();
     let mut watches = Vec::new();
+    let bundle = AgentBundle::new();
+    let acks = BundleAcks::new();
     for w in &config.workloads {
         let client = Arc::new(GrpcCaClient::new(
             channel.clone(),
             TokenFile::new(&w.token_file),
         ));
-        let (manager, cert_watch) = CertManager::new(
+        let (manager, cert_watch) = CertManager::sharing(
             w.name.clone(),
             client,
             config.policy.clone(),
             metrics.clone(),
+            bundle.clone(),
         );
         let socket = match sds::serve(
             &w.socket,
-            sds::Sds::new(cert_watch.clone(), metrics.clone()).with_limits(config.limits.clone()),
+            sds::Sds::new(cert_watch.clone(), metrics.clone())
+                .with_limits(config.limits.clone())
+                .with_acks(acks.clone()),
             shutdown_rx.clone(),
         ) {
             Ok(s) => s,
@@ -151,13 +167,31 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
                 write_files(dir.join(&w.name), cert_watch.clone(), shutdown_rx.clone()),
             );
         }
-        // The CA's roots, for the next handshake with it: taken only from
-        // answers that passed every check (the bundle is published after).
-        tasks.spawn(
-            "ca-trust",
-            learn_roots(cert_watch.clone(), trust.clone(), shutdown_rx.clone()),
-        );
         watches.push((w.name.clone(), cert_watch));
+    }
+    // The CA's roots, for the next handshake with it: taken only from
+    // answers that passed every check, and from the CA's pushes.
+    tasks.spawn(
+        "ca-trust",
+        follow_bundle(
+            bundle.clone(),
+            acks.clone(),
+            trust,
+            metrics.clone(),
+            shutdown_rx.clone(),
+        ),
+    );
+    if let Some(first) = config.workloads.first() {
+        let watcher = watcher::BundleWatcher::new(
+            channel.clone(),
+            TokenFile::new(&first.token_file),
+            config.agent_name.clone(),
+            bundle.clone(),
+            acks.clone(),
+            watches.iter().map(|(_, w)| w.cert.clone()).collect(),
+            config.policy.clone(),
+        );
+        tasks.spawn("bundle-watch", watcher.run(shutdown_rx.clone()));
     }
     let ops_addr = match config.ops_listen {
         Some(addr) => {
@@ -186,6 +220,8 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
         ops_addr,
         watches,
         metrics,
+        bundle,
+        acks,
         tasks,
     })
 }
@@ -215,18 +251,37 @@ fn spawn_ops(
     )
 }
 
-/// Teaches `trust` every bundle `w` publishes.
-async fn learn_roots(
-    mut w: CertWatch,
+/// Teaches `trust` every bundle the agent publishes, and keeps the bundle
+/// gauges current.
+async fn follow_bundle(
+    bundle: AgentBundle,
+    acks: BundleAcks,
     trust: Arc<trust::CaTrust>,
+    metrics: Arc<AgentMetrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut roots = bundle.subscribe();
+    let mut acked = acks.watch();
+    let mut learnt: Option<Arc<bundle::RootBundle>> = None;
     loop {
-        if let Some(roots) = w.roots.borrow_and_update().clone() {
-            trust.learn(&roots.pem);
+        let held = roots.borrow_and_update().clone();
+        if let Some(b) = &held
+            && !learnt.as_ref().is_some_and(|l| Arc::ptr_eq(l, b))
+        {
+            trust.learn(&b.pem);
+            learnt = Some(b.clone());
         }
+        let generation = held.as_ref().and_then(|b| b.generation).unwrap_or(0);
+        let summary = *acked.borrow_and_update();
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        metrics.bundle_generation.set(gauge(generation));
+        metrics
+            .bundle_acked_generation
+            .set(gauge(summary.acked_or(generation)));
+        metrics.bundle_proxies.set(i64::from(summary.proxies));
         tokio::select! {
-            r = w.roots.changed() => if r.is_err() { return },
+            r = roots.changed() => if r.is_err() { return },
+            r = acked.changed() => if r.is_err() { return },
             _ = shutdown.changed() => return,
         }
     }

@@ -18,6 +18,10 @@
 //! `watch` fires (bursts coalesce in the channel). Nothing is sent for a
 //! resource that does not exist yet, or for a certificate that has expired:
 //! an empty answer would be ACKed and leave Envoy waiting 15 s.
+//!
+//! `ROOTCA`'s version is the bundle's generation when the CA sent one. Each
+//! stream subscribed to the bundle records the generation its proxy ACKs
+//! (a matching nonce, no `error_detail`) in the agent-wide [`BundleAcks`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -33,6 +37,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Error;
+use super::acks::{BundleAcks, is_bundle_name};
 use super::metrics::AgentMetrics;
 use super::workload::{CertWatch, RootBundle, WorkloadCert};
 use crate::limits::{AgentLimits, label};
@@ -52,6 +57,8 @@ pub const SECRET_TYPE_URL: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 pub const DEFAULT: &str = "default";
 pub const ROOTCA: &str = "ROOTCA";
+/// Delta responses holding the bundle remembered per stream until ACKed.
+const MAX_PENDING_ACKS: usize = 16;
 /// How long `FetchSecrets` waits for a first certificate.
 const FETCH_WAIT: Duration = Duration::from_secs(10);
 /// How long SDS connections may take to close after shutdown begins (every
@@ -70,6 +77,8 @@ enum Kind {
 pub struct Sds {
     watch: CertWatch,
     metrics: Arc<AgentMetrics>,
+    /// Where streams subscribed to the bundle record what they ACKed.
+    acks: BundleAcks,
     nonces: Arc<AtomicU64>,
     limits: Arc<AgentLimits>,
     /// Warnings this socket's peers cause, rate-limited per kind.
@@ -86,6 +95,7 @@ impl Sds {
         Self {
             watch,
             metrics,
+            acks: BundleAcks::new(),
             nonces: Arc::new(AtomicU64::new(0)),
             limits: Arc::new(AgentLimits::default()),
             warn: Arc::new(WarnLimiter::new()),
@@ -97,6 +107,14 @@ impl Sds {
     #[must_use]
     pub fn with_limits(mut self, limits: AgentLimits) -> Self {
         self.limits = Arc::new(limits);
+        self
+    }
+
+    /// Records ACKs of the trust bundle in `acks` (the agent-wide registry)
+    /// instead of a registry of its own.
+    #[must_use]
+    pub fn with_acks(mut self, acks: BundleAcks) -> Self {
+        self.acks = acks;
         self
     }
 
@@ -255,6 +273,10 @@ impl Sds {
         let mut names: BTreeSet<String> = BTreeSet::new();
         let mut last_nonce: Option<String> = None;
         let mut last_version: Option<String> = None;
+        // This stream's ACKs of the bundle, and the generation of the
+        // bundle in the last response (when it held one with a generation).
+        let bundle_acks = self.acks.stream();
+        let mut last_generation: Option<u64> = None;
         // Set when a response is due (new stream, new names) but a resource
         // does not exist yet.
         let mut due = false;
@@ -301,6 +323,9 @@ impl Sds {
                         if let Some((_, at)) = awaiting.take().filter(|(n, _)| *n == req.response_nonce && req.error_detail.is_none()) {
                             self.metrics.sds_ack_latency.observe(at.elapsed().as_secs_f64());
                         }
+                        if req.error_detail.is_none() && let Some(g) = last_generation {
+                            bundle_acks.acked(g);
+                        }
                         // A NACK is not answered with the same secret again;
                         // a plain ACK only matters if the names changed.
                         if req.error_detail.is_some() || requested == names {
@@ -308,6 +333,7 @@ impl Sds {
                         }
                     }
                     names = requested;
+                    bundle_acks.set_subscribed(names.iter().any(|n| is_bundle_name(n)));
                     due = true;
                 }
                 changed = cert_rx.changed() => {
@@ -347,6 +373,11 @@ impl Sds {
                     }
                     last_nonce = Some(resp.nonce.clone());
                     last_version = Some(resp.version_info.clone());
+                    last_generation = snap
+                        .1
+                        .as_ref()
+                        .and_then(|r| r.generation)
+                        .filter(|_| names.iter().any(|n| is_bundle_name(n)));
                     if let Some(at) = changed_at.take() {
                         awaiting = Some((resp.nonce.clone(), at));
                     }
@@ -372,6 +403,9 @@ impl Sds {
         // us it had, on reconnect).
         let mut held: BTreeMap<String, String> = BTreeMap::new();
         let mut first = true;
+        // Responses carrying the bundle that await an ACK: nonce, generation.
+        let bundle_acks = self.acks.stream();
+        let mut pending: std::collections::VecDeque<(String, u64)> = Default::default();
         let mut shutdown = self.shutdown.clone();
         loop {
             tokio::select! {
@@ -402,6 +436,12 @@ impl Sds {
                             nonce = %peer(&req.response_nonce), code = err.code, detail = %peer(&err.message),
                             "proxy rejected a delta update (NACK)");
                     }
+                    if req.error_detail.is_none()
+                        && let Some(i) = pending.iter().position(|(n, _)| *n == req.response_nonce)
+                    {
+                        bundle_acks.acked(pending[i].1);
+                        pending.drain(..=i);
+                    }
                     for name in &req.resource_names_unsubscribe {
                         subscribed.remove(name);
                         held.remove(name);
@@ -419,6 +459,7 @@ impl Sds {
                         let _ = tx.send(Err(status)).await;
                         return;
                     }
+                    bundle_acks.set_subscribed(subscribed.iter().any(|n| is_bundle_name(n)));
                 }
                 changed = cert_rx.changed() => if changed.is_err() { return },
                 changed = roots_rx.changed() => if changed.is_err() { return },
@@ -460,6 +501,15 @@ impl Sds {
                 nonce: self.nonce(),
                 removed_resources: vec![],
             };
+            let generation = snap.1.as_ref().and_then(|r| r.generation);
+            if let Some(g) =
+                generation.filter(|_| resp.resources.iter().any(|r| is_bundle_name(&r.name)))
+            {
+                if pending.len() >= MAX_PENDING_ACKS {
+                    pending.pop_front();
+                }
+                pending.push_back((resp.nonce.clone(), g));
+            }
             if tx.send(Ok(resp)).await.is_err() {
                 return;
             }

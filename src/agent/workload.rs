@@ -16,6 +16,8 @@ use x509_parser::prelude::FromDer;
 use zeroize::Zeroizing;
 
 use super::Error;
+pub use super::bundle::RootBundle;
+use super::bundle::{AgentBundle, Retirement};
 use super::client::CaClient;
 use super::metrics::AgentMetrics;
 use crate::ca::bundle::{single_spiffe_id, to_pem, verify_path};
@@ -29,6 +31,8 @@ pub struct WorkloadCert {
     pub chain_pem: String,
     pub key_pem: Zeroizing<String>,
     pub serial_hex: String,
+    /// The leaf alone, DER.
+    pub leaf_der: Vec<u8>,
     pub not_after: SystemTime,
     /// NotAfter on tokio's clock: past it the certificate is withdrawn.
     pub expires_at: Instant,
@@ -44,14 +48,6 @@ impl fmt::Debug for WorkloadCert {
             .field("key", &"<redacted>")
             .finish_non_exhaustive()
     }
-}
-
-/// The trust bundle learnt from the CA.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RootBundle {
-    pub pem: String,
-    /// Opaque version for xDS (a digest of the bundle).
-    pub version: String,
 }
 
 /// When and how to renew.
@@ -139,6 +135,7 @@ pub fn unit_random() -> f64 {
 #[derive(Clone)]
 pub struct CertWatch {
     pub cert: watch::Receiver<Option<Arc<WorkloadCert>>>,
+    /// The agent-wide trust bundle (the same for every workload).
     pub roots: watch::Receiver<Option<Arc<RootBundle>>>,
 }
 
@@ -148,27 +145,42 @@ pub struct CertManager<C> {
     client: Arc<C>,
     policy: RotationPolicy,
     cert_tx: watch::Sender<Option<Arc<WorkloadCert>>>,
-    roots_tx: watch::Sender<Option<Arc<RootBundle>>>,
+    bundle: AgentBundle,
     metrics: Arc<AgentMetrics>,
 }
 
 impl<C: CaClient> CertManager<C> {
-    /// `name` labels logs and metrics (the workload name in node mode).
+    /// `name` labels logs and metrics (the workload name in node mode). The
+    /// manager has a trust bundle of its own; see [`CertManager::sharing`].
     pub fn new(
         name: impl Into<String>,
         client: Arc<C>,
         policy: RotationPolicy,
         metrics: Arc<AgentMetrics>,
     ) -> (Self, CertWatch) {
+        Self::sharing(name, client, policy, metrics, AgentBundle::new())
+    }
+
+    /// As [`CertManager::new`], feeding and watching the agent-wide
+    /// `bundle`: the roots of every verified answer are offered to it, and
+    /// the manager renews early when it announces the retirement of the
+    /// authority that issued the current leaf.
+    pub fn sharing(
+        name: impl Into<String>,
+        client: Arc<C>,
+        policy: RotationPolicy,
+        metrics: Arc<AgentMetrics>,
+        bundle: AgentBundle,
+    ) -> (Self, CertWatch) {
         let (cert_tx, cert) = watch::channel(None);
-        let (roots_tx, roots) = watch::channel(None);
+        let roots = bundle.subscribe();
         (
             Self {
                 name: name.into(),
                 client,
                 policy,
                 cert_tx,
-                roots_tx,
+                bundle,
                 metrics,
             },
             CertWatch { cert, roots },
@@ -178,6 +190,7 @@ impl<C: CaClient> CertManager<C> {
     /// Runs until `shutdown` changes.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut attempt: u32 = 0;
+        let mut retiring = self.bundle.retiring();
         loop {
             let started = Instant::now();
             let fetched = tokio::select! {
@@ -203,15 +216,11 @@ impl<C: CaClient> CertManager<C> {
                         .with_label_values(&[&self.name])
                         .set(unix_secs(cert.not_after));
                     // Roots first: a proxy must trust a new root before it
-                    // sees a certificate that chains to it.
-                    let changed = self
-                        .roots_tx
-                        .borrow()
-                        .as_ref()
-                        .is_none_or(|r| r.version != roots.version);
-                    if changed {
-                        tracing::info!(workload = %self.name, version = %roots.version, "trust bundle changed");
-                        self.roots_tx.send_replace(Some(Arc::new(roots)));
+                    // sees a certificate that chains to it. An older
+                    // generation than the one held is not published.
+                    let version = roots.version.clone();
+                    if self.bundle.offer(roots) {
+                        tracing::info!(workload = %self.name, version = %version, "trust bundle changed");
                     }
                     self.cert_tx.send_replace(Some(Arc::new(cert)));
                     Instant::now() + after
@@ -249,20 +258,37 @@ impl<C: CaClient> CertManager<C> {
                     Instant::now() + delay
                 }
             };
-            if !self.wait_until(next, &mut shutdown).await {
+            if !self.wait_until(next, &mut retiring, &mut shutdown).await {
                 return;
             }
         }
     }
 
-    /// Sleeps until `next`, withdrawing the certificate if it expires first.
-    /// False when shutdown was requested.
-    async fn wait_until(&self, next: Instant, shutdown: &mut watch::Receiver<bool>) -> bool {
+    /// Sleeps until `next` (or sooner, when the authority that issued the
+    /// current leaf is announced as retiring), withdrawing the certificate
+    /// if it expires first. False when shutdown was requested.
+    async fn wait_until(
+        &self,
+        next: Instant,
+        retiring: &mut watch::Receiver<Option<Arc<Retirement>>>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let mut early = self.early_renewal(retiring);
+        // The sender lives in `self.bundle`; the flag only rules out a spin.
+        let mut announcements = true;
         loop {
+            let due = early.filter(|e| *e < next).unwrap_or(next);
             let expiry = self.cert_tx.borrow().as_ref().map(|c| c.expires_at);
-            let wake = expiry.filter(|e| *e < next).unwrap_or(next);
+            let wake = expiry.filter(|e| *e < due).unwrap_or(due);
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => {}
+                r = retiring.changed(), if announcements => {
+                    match r {
+                        Ok(()) => early = self.early_renewal(retiring),
+                        Err(_) => announcements = false,
+                    }
+                    continue;
+                }
                 _ = shutdown.changed() => return false,
             }
             let now = Instant::now();
@@ -270,10 +296,35 @@ impl<C: CaClient> CertManager<C> {
                 tracing::error!(workload = %self.name, "certificate expired before it could be renewed; no longer serving it");
                 self.cert_tx.send_replace(None);
             }
-            if now >= next {
+            if now >= due {
+                if due < next {
+                    tracing::info!(workload = %self.name, "renewing early: the authority that issued the certificate is being retired");
+                }
                 return true;
             }
         }
+    }
+
+    /// When to renew because the current leaf's issuer is retiring (a
+    /// random moment within the announced window), if it is.
+    fn early_renewal(
+        &self,
+        retiring: &mut watch::Receiver<Option<Arc<Retirement>>>,
+    ) -> Option<Instant> {
+        let retirement = retiring.borrow_and_update().clone()?;
+        let cert = self.cert_tx.borrow().clone()?;
+        let at = retirement.renew_by(
+            &cert.leaf_der,
+            SystemTime::now(),
+            Instant::now(),
+            unit_random(),
+        )?;
+        tracing::debug!(
+            workload = %self.name, serial = %cert.serial_hex,
+            renew_in_s = at.saturating_duration_since(Instant::now()).as_secs_f64(),
+            "the authority that issued the certificate is being retired; renewing early"
+        );
+        Some(at)
     }
 
     async fn fetch(&self) -> Result<(WorkloadCert, RootBundle), Error> {
@@ -289,8 +340,9 @@ impl<C: CaClient> CertManager<C> {
             PrivateKey::generate(alg)?
         };
         let csr = csr_for(&key)?;
-        let chain = self.client.sign(csr, self.policy.ttl).await?;
-        accept_chain(&key, &chain, SystemTime::now())
+        let (chain, generation) = self.client.sign(csr, self.policy.ttl).await?;
+        let (cert, roots) = accept_chain(&key, &chain, SystemTime::now())?;
+        Ok((cert, roots.with_generation(generation)))
     }
 }
 
@@ -364,11 +416,6 @@ pub fn accept_chain(
         chain_pem.push_str(&to_pem("CERTIFICATE", d));
     }
     let roots_pem: String = roots.iter().map(|d| to_pem("CERTIFICATE", d)).collect();
-    let digest = ring::digest::digest(&ring::digest::SHA256, roots_pem.as_bytes());
-    let roots_version: String = digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
     Ok((
         WorkloadCert {
             identity,
@@ -376,13 +423,11 @@ pub fn accept_chain(
             key_pem: key.to_pem(),
             version: serial_hex.clone(),
             serial_hex,
+            leaf_der,
             not_after,
             expires_at: Instant::now() + remaining,
         },
-        RootBundle {
-            pem: roots_pem,
-            version: roots_version,
-        },
+        RootBundle::new(roots_pem, None),
     ))
 }
 

@@ -41,6 +41,10 @@ pub struct AgentArgs {
     /// Node mode: directory of the per-workload sockets.
     #[arg(long, env = "CA_SOCKET_DIR", default_value = "sds")]
     pub socket_dir: PathBuf,
+    /// This agent's name in its reports to the CA's bundle watch (default:
+    /// the host name).
+    #[arg(long, env = "CA_AGENT_NAME")]
+    pub agent_name: Option<String>,
     #[command(flatten)]
     pub rotation: RotationArgs,
     /// Metrics and health listen address; `off` disables it.
@@ -142,6 +146,7 @@ impl AgentArgs {
             configs
         };
         Ok(AgentConfig {
+            agent_name: self.agent_name.clone().unwrap_or_else(host_name),
             ca: CaEndpoint {
                 address: self.ca_addr.clone(),
                 root_cert: self.ca_root_cert.clone(),
@@ -154,6 +159,15 @@ impl AgentArgs {
             limits: self.limits.to_limits()?,
         })
     }
+}
+
+/// The host name (`/proc/sys/kernel/hostname`), else `agent`.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "agent".to_owned())
 }
 
 pub(super) async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {

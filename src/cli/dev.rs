@@ -81,6 +81,7 @@ pub(super) async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
     });
 
     let agent = agent::start(AgentConfig {
+        agent_name: super::agent::host_name(),
         ca: CaEndpoint {
             address: running.grpc_addr.to_string(),
             root_cert: running.root_cert_path.clone(),
