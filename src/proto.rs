@@ -13,9 +13,10 @@ pub mod istio {
 pub const BUNDLE_GENERATION_HEADER: &str = "x-workload-ca-bundle-generation";
 
 /// CreateCertificate request metadata sent by our agents, which report the
-/// leaves they hold over the bundle watch; leaves issued without it are
-/// counted in the CA's ledger for the rotation gates. (A client that sends
-/// it falsely only hides its own leaf from the gates.)
+/// leaves they hold over the bundle watch. A leaf is left out of the CA's
+/// ledger (for the rotation gates) only when the request carries it and a
+/// bundle watch is open on the same connection; a client that does that
+/// falsely only hides its own leaf from the gates.
 pub const AGENT_HEADER: &str = "x-workload-ca-agent";
 
 /// `workloadca.v1`: our own service beside Istio's (the bundle watch).

@@ -419,3 +419,116 @@ async fn a_plugged_in_ca_moves_to_one_under_another_root() {
     let ca = CaProc::start_at(&state, &["--cacerts", b.to_str().unwrap()], &[]);
     leaf_verifies_under(&ca, &root_b).await;
 }
+
+#[tokio::test]
+async fn a_server_killed_inside_a_step_comes_back_before_or_after_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    CaProc::start_at(&state, &["--auto-rotate", "off"], &[]).kill9();
+    // The server itself dies between the new manifest and the sweep.
+    let ca = CaProc::start_at(
+        &state,
+        &["--auto-rotate", "off"],
+        &[("WORKLOAD_CA_CRASH_AT", "manifest-written")],
+    );
+    let old = active_id(&status(&state));
+    let out = rotate(&state, &["prepare"], &[]);
+    assert!(
+        !out.status.success(),
+        "the server died mid-step: {}",
+        text(&out)
+    );
+    let mut ca = ca;
+    let code = ca.child.wait().unwrap();
+    assert!(!code.success(), "aborted: {code:?}");
+    drop(ca);
+    // Restarted: the step happened (the manifest was written), same keys.
+    let old_key = key_bytes(&state, &old);
+    let ca = CaProc::start_at(&state, &["--auto-rotate", "off"], &[]);
+    let s = status(&state);
+    assert_eq!(s["generation"], 2);
+    assert_eq!(active_id(&s), old);
+    assert_eq!(key_bytes(&state, &old), old_key);
+    roots_on_disk(&state, 2).await;
+    ok(&state, &["activate", "--force"]);
+    leaf_verifies_under(
+        &ca,
+        &fs::read_to_string(
+            state
+                .join("ca")
+                .join(active_id(&status(&state)))
+                .join("root-cert.pem"),
+        )
+        .unwrap(),
+    )
+    .await;
+}
+
+/// `kill -9` at arbitrary instants of real steps (no injected crash point):
+/// every time, the store reads as a whole set, before or after the step.
+#[tokio::test]
+async fn kill_9_at_arbitrary_instants_never_leaves_a_half_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    CaProc::start_at(&state, &["--auto-rotate", "off"], &[]).kill9();
+    let mut changed = 0;
+    for i in 0..30u64 {
+        let before = status(&state);
+        let g = before["generation"].as_u64().unwrap();
+        let step = match Step::of(&before) {
+            "prepare" => vec!["prepare"],
+            s => vec![s, "--force"],
+        };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ca"))
+            .arg("rotate-root")
+            .args(&step)
+            .arg("--state-dir")
+            .arg(&state)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Spread over the few milliseconds a step takes.
+        std::thread::sleep(Duration::from_micros(500 + (i * 7919) % 15_000));
+        let _ = child.kill();
+        let _ = child.wait();
+        let after = status(&state);
+        let ga = after["generation"].as_u64().unwrap();
+        assert!(ga == g || ga == g + 1, "generation {ga} from {g}");
+        if ga == g {
+            assert_eq!(members(&after), members(&before));
+        } else {
+            changed += 1;
+        }
+    }
+    eprintln!("{changed} of 30 killed steps had completed");
+    let ca = CaProc::start_at(&state, &["--auto-rotate", "off"], &[]);
+    let n = members(&status(&state)).len();
+    let pem = roots_on_disk(&state, n).await;
+    let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
+    let chain = request(
+        &mut ca.client().await,
+        &csr,
+        Some(&ca.token("prod", "web")),
+        0,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ders(chain.last().unwrap()), ders(&pem));
+}
+
+/// The next step of a status.
+struct Step;
+
+impl Step {
+    fn of(s: &serde_json::Value) -> &'static str {
+        let states: Vec<String> = members(s).into_iter().map(|(_, st)| st).collect();
+        if states.iter().any(|s| s == "retiring") {
+            "retire"
+        } else if states.iter().any(|s| s == "prepared") {
+            "activate"
+        } else {
+            "prepare"
+        }
+    }
+}

@@ -177,6 +177,12 @@ impl CaClient for GrpcCaClient {
                 metadata: None,
             });
             req.metadata_mut().insert("authorization", value);
+            // This agent reports the leaves it holds over the bundle watch:
+            // the CA's rotation gates count them from there.
+            req.metadata_mut().insert(
+                crate::proto::AGENT_HEADER,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
             let resp = IstioCertificateServiceClient::new(self.channel.clone())
                 .create_certificate(req)
                 .await

@@ -48,8 +48,43 @@ struct Agent {
 #[derive(Debug, Default)]
 struct Inner {
     agents: BTreeMap<String, Agent>,
+    /// Connections (client address and port) with a bundle watch open:
+    /// leaves issued over them are reported by their agent.
+    watching: BTreeMap<std::net::SocketAddr, u32>,
     ledger: Ledger,
     ledger_dirty: bool,
+    /// Leaves issued to callers that say they are our agents but had no
+    /// bundle watch open on that connection yet (an agent's first request
+    /// races its watch): serial -> (generation, authority, issued,
+    /// NotAfter). Dropped when an agent reports the leaf; folded into the
+    /// ledger when none does within [`CLAIM_WINDOW`].
+    claimed: BTreeMap<String, (u64, String, SystemTime, SystemTime)>,
+}
+
+/// How long a leaf claimed by an agent may go unreported before it counts
+/// as held by a client that does not report.
+pub const CLAIM_WINDOW: Duration = Duration::from_secs(30);
+/// Most claimed leaves kept apart; beyond, they go to the ledger at once.
+const MAX_CLAIMED: usize = 100_000;
+
+impl Inner {
+    /// Claims older than the window go to the ledger.
+    fn fold_claims(&mut self, now: SystemTime) {
+        let stale: Vec<String> = self
+            .claimed
+            .iter()
+            .filter(|(_, (_, _, issued, _))| {
+                now.duration_since(*issued).unwrap_or_default() >= CLAIM_WINDOW
+            })
+            .map(|(serial, _)| serial.clone())
+            .collect();
+        for serial in stale {
+            if let Some((g, a, issued, until)) = self.claimed.remove(&serial) {
+                self.ledger.record(g, &a, issued, until);
+                self.ledger_dirty = true;
+            }
+        }
+    }
 }
 
 /// The CA's view of its clients.
@@ -116,9 +151,35 @@ impl Fleet {
         }
     }
 
+    /// A leaf issued to a caller that says it is one of our agents, whose
+    /// watch is not open (yet): kept apart until its agent reports it.
+    pub fn claim(
+        &self,
+        serial_hex: &str,
+        generation: u64,
+        authority: &str,
+        issued: SystemTime,
+        not_after: SystemTime,
+    ) {
+        if let Ok(mut inner) = self.inner.lock() {
+            if inner.claimed.len() >= MAX_CLAIMED {
+                inner
+                    .ledger
+                    .record(generation, authority, issued, not_after);
+                inner.ledger_dirty = true;
+                return;
+            }
+            inner.claimed.insert(
+                serial_hex.to_owned(),
+                (generation, authority.to_owned(), issued, not_after),
+            );
+        }
+    }
+
     /// The ledger, if it changed since the last call.
     pub fn ledger_to_save(&self, now: SystemTime) -> Option<Ledger> {
         let mut inner = self.inner.lock().ok()?;
+        inner.fold_claims(now);
         if !inner.ledger_dirty {
             return None;
         }
@@ -145,6 +206,12 @@ impl Fleet {
         inner
             .agents
             .retain(|_, a| a.streams > 0 || a.leaves.values().any(|t| *t > now));
+        inner.fold_claims(now);
+        // Claims not yet reported count as unreported leaves meanwhile.
+        let mut ledger = inner.ledger.clone();
+        for (g, a, issued, until) in inner.claimed.values() {
+            ledger.record(*g, a, *issued, *until);
+        }
         Evidence {
             agents: inner
                 .agents
@@ -156,7 +223,7 @@ impl Fleet {
                     leaves: a.leaves.clone(),
                 })
                 .collect(),
-            ledger: inner.ledger.clone(),
+            ledger,
         }
     }
 
@@ -179,6 +246,32 @@ impl Fleet {
             .collect()
     }
 
+    /// Whether a bundle watch is open on the connection from `peer`: an
+    /// agent that reports what it holds (its CSRs travel on the same
+    /// connection as its watch).
+    pub fn is_watching(&self, peer: std::net::SocketAddr) -> bool {
+        self.inner
+            .lock()
+            .is_ok_and(|i| i.watching.get(&peer).is_some_and(|n| *n > 0))
+    }
+
+    fn watch_opened(&self, peer: Option<std::net::SocketAddr>) {
+        if let (Some(p), Ok(mut i)) = (peer, self.inner.lock()) {
+            *i.watching.entry(p).or_default() += 1;
+        }
+    }
+
+    fn watch_closed(&self, peer: Option<std::net::SocketAddr>) {
+        if let (Some(p), Ok(mut i)) = (peer, self.inner.lock())
+            && let Some(n) = i.watching.get_mut(&p)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                i.watching.remove(&p);
+            }
+        }
+    }
+
     fn connect(&self, name: &str) {
         self.with(|i| i.agents.entry(name.to_owned()).or_default().streams += 1);
     }
@@ -193,13 +286,18 @@ impl Fleet {
 
     fn report(&self, name: &str, report: &AgentReport, set: &AuthoritySet, now: SystemTime) {
         let mut leaves: BTreeMap<String, SystemTime> = BTreeMap::new();
+        let mut serials = Vec::new();
         for der in report.leaves.iter().take(MAX_REPORTED_LEAVES) {
-            if let Some((id, not_after)) = issuer_of(der, set, now) {
+            if let Some((id, not_after, serial)) = issuer_of(der, set, now) {
                 let e = leaves.entry(id).or_insert(not_after);
                 *e = (*e).max(not_after);
+                serials.push(serial);
             }
         }
         self.with(|i| {
+            for serial in &serials {
+                i.claimed.remove(serial);
+            }
             let a = i.agents.entry(name.to_owned()).or_default();
             a.acked_generation = report.acked_generation;
             a.bundle_generation = report.bundle_generation;
@@ -222,11 +320,22 @@ impl Fleet {
     }
 }
 
-/// Which authority of `set` issued a leaf, and when the leaf expires.
-fn issuer_of(der: &[u8], set: &AuthoritySet, now: SystemTime) -> Option<(String, SystemTime)> {
+/// Which authority of `set` issued a leaf, when the leaf expires, and its
+/// serial (hex, as [`crate::ca::Issued`] names it).
+fn issuer_of(
+    der: &[u8],
+    set: &AuthoritySet,
+    now: SystemTime,
+) -> Option<(String, SystemTime, String)> {
     use x509_parser::prelude::FromDer;
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
     let not_after = crate::ca::bundle::not_after(&cert);
+    let raw = cert.raw_serial();
+    let raw = raw
+        .strip_prefix(&[0u8])
+        .filter(|r| !r.is_empty())
+        .unwrap_or(raw);
+    let serial: String = raw.iter().map(|b| format!("{b:02x}")).collect();
     set.members().iter().find_map(|m| {
         verify_path(
             der,
@@ -236,7 +345,7 @@ fn issuer_of(der: &[u8], set: &AuthoritySet, now: SystemTime) -> Option<(String,
             webpki::KeyUsage::client_auth(),
         )
         .ok()
-        .map(|()| (m.authority.id().to_owned(), not_after))
+        .map(|()| (m.authority.id().to_owned(), not_after, serial.clone()))
     })
 }
 
@@ -293,6 +402,7 @@ impl TrustBundleService for BundleWatch {
         let mut authorities = self.authorities.clone();
         let fleet = self.fleet.clone();
         let mut shutdown = self.shutdown.clone();
+        fleet.watch_opened(peer);
         tokio::spawn(async move {
             let mut name: Option<String> = None;
             let mut last_sent = 0;
@@ -333,6 +443,7 @@ impl TrustBundleService for BundleWatch {
             if let Some(old) = name {
                 fleet.disconnect(&old);
             }
+            fleet.watch_closed(peer);
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),

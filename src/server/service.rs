@@ -62,7 +62,10 @@ impl IstioCertificateService for CaService {
                 return Err(status::unauthenticated());
             }
         };
-        let from_agent = request.metadata().contains_key(AGENT_HEADER);
+        // One of our agents says it is; its bundle watch, open on this very
+        // connection, reports the leaf (or will: see `Fleet::claim`).
+        let claims_agent = request.metadata().contains_key(AGENT_HEADER);
+        let watching = claims_agent && peer.is_some_and(|p| self.fleet.is_watching(p));
         let body = request.into_inner();
         if let Some(requested) = impersonation(&body).filter(|r| *r != caller.identity.as_str()) {
             self.metrics.id_extraction_err.inc();
@@ -82,13 +85,14 @@ impl IstioCertificateService for CaService {
                 authorities
                     .sign_leaf(&csr, &caller.identity, ttl, now)
                     .map(|issued| {
-                        if !from_agent {
-                            self.fleet.record_issued(
-                                authorities.generation(),
-                                authorities.active().id(),
-                                now,
-                                issued.not_after,
-                            );
+                        let (g, a) = (authorities.generation(), authorities.active().id());
+                        if watching {
+                            // Reported by its agent.
+                        } else if claims_agent {
+                            self.fleet
+                                .claim(&issued.serial_hex, g, a, now, issued.not_after);
+                        } else {
+                            self.fleet.record_issued(g, a, now, issued.not_after);
                         }
                         (issued, authorities.generation())
                     })
