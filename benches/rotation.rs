@@ -87,7 +87,7 @@ fn confirmed(state: &Path) -> (u64, u64, u64) {
     (
         s["generation"].as_u64().unwrap(),
         s["confirmed"].as_u64().unwrap(),
-        s["connected"].as_u64().unwrap(),
+        s["known"].as_u64().unwrap(),
     )
 }
 

@@ -57,7 +57,7 @@ fn signing(c: &mut Criterion) {
         )
         .unwrap(),
     );
-    let fleet = workload_ca::server::fleet::Fleet::new(Default::default(), 50);
+    let fleet = workload_ca::server::fleet::Fleet::new(Default::default(), 50, now);
     let peer: std::net::SocketAddr = "127.0.0.1:40000".parse().unwrap();
     group.bench_function("workload_ca_set", |b| {
         b.iter(|| {

@@ -264,6 +264,7 @@ pub mod label {
     pub const RESOURCE_NAMES: &str = "resource_names_per_stream";
     pub const OPS_CONNECTIONS: &str = "ops_connections";
     pub const OPS_TIMEOUT: &str = "ops_timeout";
+    pub const WATCHES_PER_CONNECTION: &str = "watches_per_connection";
 
     pub const ALL: &[&str] = &[
         CONNECTIONS,
@@ -284,6 +285,7 @@ pub mod label {
         RESOURCE_NAMES,
         OPS_CONNECTIONS,
         OPS_TIMEOUT,
+        WATCHES_PER_CONNECTION,
     ];
 }
 

@@ -613,3 +613,50 @@ async fn calls_in_flight_are_capped_per_source_and_in_all() {
     fds_return_to(ca.pid(), fds).await;
     ca.legit_issue().await;
 }
+
+/// Bundle watches live as long as their connection: outside the call
+/// limits and deadlines, a few per connection. Past the cap the call is
+/// refused at once; the watches open stay served, and CSRs on the same
+/// connection and source are not crowded out.
+#[tokio::test]
+async fn bundle_watches_have_their_own_small_budget_per_connection() {
+    use workload_ca::proto::workloadca::AgentReport;
+    use workload_ca::proto::workloadca::trust_bundle_service_client::TrustBundleServiceClient;
+    let ca = CaProc::start(&["--max-calls-per-source", "2", "--request-timeout", "1s"]);
+    let channel = tls_channel(ca.grpc, &ca.root_pem(), None).await.unwrap();
+    let token = ca.token("prod", "web");
+    let mut open = Vec::new();
+    let mut refused = None;
+    for i in 0..5 {
+        let (tx, rx) = tokio::sync::mpsc::channel::<AgentReport>(1);
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        match TrustBundleServiceClient::new(channel.clone())
+            .watch_bundle(req)
+            .await
+        {
+            Ok(r) => open.push((tx, r.into_inner())),
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::ResourceExhausted, "watch {i}: {s:?}");
+                refused = Some(i);
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, Some(4), "four per connection");
+    assert_eq!(ca.refusals(label::WATCHES_PER_CONNECTION).await, 1.0);
+    // Past the call deadline, the watches are still there and answer.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for (_, updates) in &mut open {
+        let first = updates.message().await.unwrap().unwrap();
+        assert_eq!(first.generation, 1);
+    }
+    // Four watches open, two CSR calls per source allowed: CSRs still pass,
+    // on the same connection and on a new one.
+    let (_k, csr) = key_and_csr(workload_ca::ca::KeyAlgorithm::EcdsaP256, None);
+    let mut same = workload_ca::proto::istio::istio_certificate_service_client::IstioCertificateServiceClient::new(channel.clone());
+    request(&mut same, &csr, Some(&token), 0).await.unwrap();
+    ca.legit_issue().await;
+    assert_eq!(ca.refusals(label::RESPONSE_STALLED).await, 0.0);
+}

@@ -226,6 +226,13 @@ async fn with_no_server_the_state_directory_changes_under_its_lock_and_a_server_
         fs::read_to_string(state.join("ca").join(active_id(&s)).join("root-cert.pem")).unwrap();
     assert!(both.contains(new_root.trim()));
     leaf_verifies_under(&ca, &new_root).await;
+    // The command sees the server it cannot reach, and changes its state
+    // directory only when forced.
+    let why = refused(&state, &["retire"]);
+    assert!(
+        why.contains("does not answer") && why.contains("--force"),
+        "{why}"
+    );
     ok(&state, &["retire", "--force"]);
     roots_on_disk(&state, 1).await;
     let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
@@ -262,7 +269,7 @@ fn leftovers(state: &Path) -> Vec<String> {
     fs::read_dir(state.join("ca"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "authorities.json" && n != ".lock" && !ids.contains(n))
+        .filter(|n| n != "authorities.json" && n != ".lock" && n != ".server" && !ids.contains(n))
         .collect()
 }
 
@@ -359,6 +366,7 @@ async fn a_crash_at_any_write_of_any_step_leaves_the_state_before_or_after_it() 
     names.sort();
     let mut want = vec![
         ".lock".to_string(),
+        ".server".into(),
         "authorities.json".into(),
         active_id(&status(&state)),
     ];

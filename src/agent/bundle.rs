@@ -194,6 +194,12 @@ impl AgentBundle {
         })
     }
 
+    /// Publishes `bundle` whatever it replaces (the CA said so on a fresh
+    /// stream: see `watcher::apply`).
+    pub fn replace(&self, bundle: RootBundle) {
+        self.roots.send_replace(Some(Arc::new(bundle)));
+    }
+
     /// The current announcement of retiring authorities.
     pub fn retiring(&self) -> watch::Receiver<Option<Arc<Retirement>>> {
         self.retiring.subscribe()

@@ -185,8 +185,11 @@ impl BundleWatcher {
             tokio::select! {
                 msg = inbound.message() => match msg {
                     Ok(Some(update)) => {
+                        // The first update of a stream is the CA's bundle
+                        // as it is now, even if its generation went back.
+                        let first = !updated;
                         updated = true;
-                        apply(&self.bundle, update);
+                        apply(&self.bundle, update, first);
                     }
                     Ok(None) => return failed("the CA ended the stream".into(), updated),
                     Err(s) if s.code() == tonic::Code::Unimplemented => return Ended::Unimplemented,
@@ -216,7 +219,11 @@ impl BundleWatcher {
 /// certificate and is newer than the one held, and the retiring signers,
 /// unless the update is older than the bundle held. True when the bundle
 /// was published.
-pub fn apply(bundle: &AgentBundle, update: BundleUpdate) -> bool {
+///
+/// `authoritative` (the first update of a stream): a generation lower than
+/// the one held is taken too. The CA's state was restored or recreated;
+/// holding on to the higher number would ignore every bundle it sends.
+pub fn apply(bundle: &AgentBundle, update: BundleUpdate, authoritative: bool) -> bool {
     let pushed = match RootBundle::parse(&update.bundle_pem, Some(update.generation)) {
         Ok(b) => b,
         Err(e) => {
@@ -227,10 +234,21 @@ pub fn apply(bundle: &AgentBundle, update: BundleUpdate) -> bool {
             return false;
         }
     };
-    if bundle
-        .generation()
-        .is_some_and(|held| held > update.generation)
-    {
+    let held = bundle.generation();
+    if authoritative && held.is_some_and(|held| held > update.generation) {
+        tracing::warn!(
+            held = held.unwrap_or_default(),
+            generation = update.generation,
+            "the CA's bundle generation went back (its state was restored or recreated); following it"
+        );
+        bundle.replace(pushed);
+        bundle.announce_retiring(
+            update.retiring_signers,
+            Duration::from_secs(u64::from(update.reissue_within_seconds)),
+        );
+        return true;
+    }
+    if held.is_some_and(|held| held > update.generation) {
         tracing::debug!(
             generation = update.generation,
             "ignoring a pushed bundle older than the one held"

@@ -225,12 +225,19 @@ impl AuthoritySet {
     /// is retiring.
     ///
     /// # Errors
-    /// [`Error::Material`] if nothing is prepared.
+    /// [`Error::Material`] if nothing is prepared, or it is not valid now.
     pub fn activate(&self, now: SystemTime) -> Result<Self, Error> {
-        if !self.members.iter().any(|m| m.state == State::Prepared) {
+        let Some(prepared) = self.members.iter().find(|m| m.state == State::Prepared) else {
             return Err(Error::Material(
                 "no authority is prepared; prepare one first".into(),
             ));
+        };
+        let valid_from = prepared.authority.not_before().unwrap_or(now);
+        if now >= prepared.authority.chain_not_after() || now < valid_from {
+            return Err(Error::Material(format!(
+                "the prepared authority {} is not valid now; prepare another",
+                prepared.authority.id()
+            )));
         }
         let members = self
             .members

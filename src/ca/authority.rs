@@ -154,6 +154,38 @@ impl Authority {
     /// # Errors
     /// [`Error::Material`], [`Error::Cert`], [`Error::Key`].
     pub fn from_files(files: &CaFiles, td: &TrustDomain, now: SystemTime) -> Result<Self, Error> {
+        Self::build(files, td, now, true)
+    }
+
+    /// As [`Authority::from_files`], without the validity-period checks:
+    /// for an authority already in the set that no longer signs (retiring,
+    /// or prepared), which may expire there and must not stop the CA from
+    /// starting (it can still be retired). Nothing signs with it unless it
+    /// is valid ([`crate::ca::AuthoritySet::activate`] checks).
+    ///
+    /// # Errors
+    /// As [`Authority::from_files`], but for expiry.
+    pub fn from_files_any_time(
+        files: &CaFiles,
+        td: &TrustDomain,
+        now: SystemTime,
+    ) -> Result<Self, Error> {
+        Self::build(files, td, now, false)
+    }
+
+    fn build(
+        files: &CaFiles,
+        td: &TrustDomain,
+        now: SystemTime,
+        timely: bool,
+    ) -> Result<Self, Error> {
+        let check_validity = |cert: &X509Certificate<'_>, now| {
+            if timely {
+                check_validity(cert, now)
+            } else {
+                Ok(())
+            }
+        };
         let signer = single_cert(&files.ca_cert, "ca-cert.pem")?;
         let key = PrivateKey::from_pem(&files.ca_key)
             .map_err(|e| Error::Material(format!("ca-key.pem: {e}")))?;

@@ -101,8 +101,20 @@ impl AuthoritySet {
     pub fn from_stored(stored: &Stored, td: &TrustDomain, now: SystemTime) -> Result<Self, Error> {
         let mut members = Vec::new();
         for m in &stored.members {
-            let authority = Authority::from_files(&m.files, td, now)
-                .map_err(|e| Error::Material(format!("authority {}: {e}", m.id)))?;
+            // Only the active authority must be valid now; one that signs
+            // nothing may have expired in the set (and can be retired).
+            let authority = if m.state == State::Active {
+                Authority::from_files(&m.files, td, now)
+            } else {
+                Authority::from_files_any_time(&m.files, td, now)
+            }
+            .map_err(|e| Error::Material(format!("authority {}: {e}", m.id)))?;
+            if m.state != State::Active && authority.chain_not_after() <= now {
+                tracing::warn!(
+                    authority = %m.id, state = m.state.as_str(),
+                    "authority has expired; retire it (`ca rotate-root retire`)"
+                );
+            }
             if authority.id() != m.id {
                 return Err(Error::Material(format!(
                     "authority {}: its ca-cert.pem is authority {}",
@@ -169,6 +181,7 @@ pub async fn load_or_create<S: KeyStore>(
 /// The manifest's name in a [`DirStore`].
 pub const MANIFEST: &str = "authorities.json";
 const LOCK: &str = ".lock";
+const SERVER_LOCK: &str = ".server";
 
 #[derive(Serialize, Deserialize)]
 struct Manifest {
@@ -233,6 +246,53 @@ impl DirStore {
         Ok(file)
     }
 
+    fn lock_shared(&self) -> Result<File, Error> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join(LOCK))
+            .map_err(|e| self.err(format!("opening the lock: {e}")))?;
+        file.lock_shared()
+            .map_err(|e| self.err(format!("taking the lock: {e}")))?;
+        Ok(file)
+    }
+
+    /// Held by a running server for its whole life, so `ca rotate-root`
+    /// can tell that one is running. `None` when another process holds it.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the lock file cannot be opened.
+    pub fn server_lock(&self) -> Result<Option<File>, Error> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|e| self.err(format!("creating the directory: {e}")))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join(SERVER_LOCK))
+            .map_err(|e| self.err(format!("opening the server lock: {e}")))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(self.err(format!("server lock: {e}"))),
+        }
+    }
+
+    /// Whether a server holds [`DirStore::server_lock`] now.
+    pub fn server_running(&self) -> bool {
+        let Ok(file) = File::open(self.dir.join(SERVER_LOCK)) else {
+            return false;
+        };
+        matches!(
+            file.try_lock_shared(),
+            Err(std::fs::TryLockError::WouldBlock)
+        )
+    }
+
     fn read_manifest(&self) -> Result<Option<Manifest>, Error> {
         let path = self.dir.join(MANIFEST);
         let text = match fs::read_to_string(&path) {
@@ -246,6 +306,13 @@ impl DirStore {
     }
 
     fn load_sync(&self) -> Result<Option<Stored>, Error> {
+        // Shared with other readers, never in the middle of a swap (whose
+        // sweep may be deleting a directory the old manifest named).
+        let _lock = if self.dir.is_dir() {
+            Some(self.lock_shared()?)
+        } else {
+            None
+        };
         let Some(manifest) = self.read_manifest()? else {
             return self.load_legacy();
         };
@@ -350,8 +417,16 @@ impl DirStore {
         let text = serde_json::to_string_pretty(&manifest)
             .map_err(|e| self.err(format!("encoding {MANIFEST}: {e}")))?;
         crash_point("members-written");
-        atomic_write(&self.dir.join(MANIFEST), text.as_bytes(), 0o600)
-            .map_err(|e| self.err(format!("writing {MANIFEST}: {e}")))?;
+        if let Err(e) = atomic_write(&self.dir.join(MANIFEST), text.as_bytes(), 0o600) {
+            // Failed after the rename (syncing the directory): the swap
+            // happened; saying otherwise would have the caller report a
+            // step that was taken as refused.
+            if fs::read_to_string(self.dir.join(MANIFEST)).is_ok_and(|t| t == text) {
+                tracing::warn!(error = %e, "the new manifest is in place but syncing the directory failed");
+            } else {
+                return Err(self.err(format!("writing {MANIFEST}: {e}")));
+            }
+        }
         crash_point("manifest-written");
         // 3. What no member names any more: gone authorities' keys, the
         // files of the layout before the manifest, leftovers of crashes.
@@ -613,6 +688,51 @@ mod tests {
         );
         assert!(store.member_dir(a.id()).join("ca-key.pem").exists());
         assert_eq!(store.load().await.unwrap().unwrap().generation, 2);
+    }
+
+    /// An authority that signs nothing may expire in the set without
+    /// stopping the CA: it loads (and can be retired); it cannot activate.
+    #[tokio::test]
+    async fn an_expired_authority_that_signs_nothing_still_loads_but_never_activates() {
+        let td = spec().trust_domain;
+        let now = SystemTime::now();
+        let short = |secs| {
+            let f = Authority::generate_root(
+                &td,
+                KeyAlgorithm::EcdsaP256,
+                Duration::from_secs(secs),
+                now,
+            )
+            .unwrap();
+            Authority::from_files(&f, &td, now).unwrap()
+        };
+        let retiring = AuthoritySet::single_since(short(60), now)
+            .unwrap()
+            .prepare(short(86_400), now)
+            .unwrap()
+            .activate(now)
+            .unwrap();
+        let later = now + Duration::from_secs(3600);
+        let loaded = AuthoritySet::from_stored(&retiring.to_stored(), &td, later).unwrap();
+        assert_eq!(loaded.members().len(), 2);
+        assert!(loaded.retire().is_ok());
+
+        let prepared = AuthoritySet::single_since(short(86_400), now)
+            .unwrap()
+            .prepare(short(60), now)
+            .unwrap();
+        let loaded = AuthoritySet::from_stored(&prepared.to_stored(), &td, later).unwrap();
+        let err = loaded.activate(later).unwrap_err().to_string();
+        assert!(err.contains("not valid now"), "{err}");
+        // The active one must be valid.
+        assert!(
+            AuthoritySet::from_stored(
+                &prepared.to_stored(),
+                &td,
+                now + Duration::from_secs(2 * 86_400)
+            )
+            .is_err()
+        );
     }
 
     #[tokio::test]

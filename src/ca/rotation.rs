@@ -74,23 +74,19 @@ impl Ledger {
             .map(|u| from_unix(*u))
     }
 
-    /// What may have been issued, unrecorded, between `saved` and a crash
-    /// noticed at `now`: anything under `generation` by `authority` up to
-    /// `now` plus the longest lifetime issued so far (or `fallback` when
-    /// nothing was ever recorded).
-    pub fn assume_lost(
-        &mut self,
-        generation: u64,
-        authority: &str,
-        now: SystemTime,
-        fallback: Duration,
-    ) {
+    /// What may have been issued, unrecorded, before a crash noticed at
+    /// `now`: by any of `authorities`, before any generation (generation
+    /// 0), valid until `now` plus the longest lifetime issued so far (or
+    /// `fallback` when nothing was ever recorded).
+    pub fn assume_lost(&mut self, authorities: &[&str], now: SystemTime, fallback: Duration) {
         let longest = if self.longest == 0 {
             fallback
         } else {
             Duration::from_secs(self.longest)
         };
-        self.record(generation, authority, now, now + longest);
+        for a in authorities {
+            self.record(0, a, now, now + longest);
+        }
     }
 
     /// Drops what has expired.
@@ -117,19 +113,38 @@ pub struct AgentView {
 pub struct Evidence {
     pub agents: Vec<AgentView>,
     pub ledger: Ledger,
+    /// While set, the server has just started: agents it knew have until
+    /// then to reconnect, and no gate opens.
+    pub settle_until: Option<SystemTime>,
 }
 
 impl Evidence {
-    /// Connected agents whose proxies have ACKed `generation`, and the
-    /// names of those that have not.
+    /// Agents whose proxies have ACKed `generation`, of all the agents
+    /// known (a disconnected one counts until its leaves expire: it may
+    /// still be serving them), and the names of those that have not.
     pub fn confirmed(&self, generation: u64) -> (usize, usize, Vec<String>) {
-        let connected: Vec<&AgentView> = self.agents.iter().filter(|a| a.connected).collect();
-        let behind: Vec<String> = connected
+        let behind: Vec<String> = self
+            .agents
             .iter()
             .filter(|a| a.acked_generation < generation)
-            .map(|a| a.name.clone())
+            .map(|a| {
+                if a.connected {
+                    a.name.clone()
+                } else {
+                    format!("{} (disconnected)", a.name)
+                }
+            })
             .collect();
-        (connected.len() - behind.len(), connected.len(), behind)
+        (self.agents.len() - behind.len(), self.agents.len(), behind)
+    }
+
+    fn settling(&self) -> Option<String> {
+        self.settle_until.map(|t| {
+            format!(
+                "the server started recently: agents have until {} to reconnect and report",
+                rfc3339(t)
+            )
+        })
     }
 }
 
@@ -151,11 +166,11 @@ pub fn check_activate(
         ]);
     }
     let since = prepared_generation(set);
-    let mut missing = Vec::new();
+    let mut missing: Vec<String> = evidence.settling().into_iter().collect();
     let (ok, of, behind) = evidence.confirmed(since);
     if !behind.is_empty() {
         missing.push(format!(
-            "{ok} of {of} connected agents have confirmed bundle generation {since}; behind: {}",
+            "{ok} of {of} agents have confirmed bundle generation {since}; behind: {}",
             shorten(&behind)
         ));
     }
@@ -193,7 +208,7 @@ pub fn check_retire(
             "no authority is retiring; run `ca rotate-root activate` first".into(),
         ]);
     }
-    let mut missing = Vec::new();
+    let mut missing: Vec<String> = evidence.settling().into_iter().collect();
     for id in &retiring {
         let holders: Vec<String> = evidence
             .agents
@@ -282,4 +297,35 @@ fn unix(t: SystemTime) -> u64 {
 
 fn from_unix(s: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_crash_may_have_lost_counts_against_every_gate() {
+        let now = SystemTime::now();
+        let mut ledger = Ledger::default();
+        ledger.record(3, "a", now, now + Duration::from_secs(60));
+        ledger.assume_lost(&["a", "b"], now, Duration::from_secs(7200));
+        // The longest lifetime issued (60 s) is assumed, before every
+        // generation, from every authority.
+        let until = now + Duration::from_secs(60);
+        let secs = |t: Option<SystemTime>| t.map(unix);
+        assert_eq!(secs(ledger.issued_before(1, now)), Some(unix(until)));
+        assert_eq!(secs(ledger.issued_by("b", now)), Some(unix(until)));
+        let mut empty = Ledger::default();
+        empty.assume_lost(&["a"], now, Duration::from_secs(7200));
+        assert_eq!(
+            secs(empty.issued_by("a", now)),
+            Some(unix(now + Duration::from_secs(7200))),
+            "nothing recorded: the fallback"
+        );
+        assert!(
+            empty
+                .issued_by("a", now + Duration::from_secs(7201))
+                .is_none()
+        );
+    }
 }

@@ -21,7 +21,7 @@ use crate::ca::rotation::Evidence;
 use crate::ca::{Authority, AuthoritySet, CacertsDir, DirStore, KeyAlgorithm, KeyStore};
 use crate::identity::TrustDomain;
 use crate::server::admin::{CacertsBody, DEFAULT_SOCKET, ErrorBody, StepRequest};
-use crate::server::fleet::{SavedLedger, ledger_path};
+use crate::server::fleet::{Saved, saved_path};
 use crate::server::rotate::{RotationStatus, Step, status_of};
 
 #[derive(Args, Debug)]
@@ -54,6 +54,10 @@ pub enum StepCommand {
         /// A `cacerts` directory to prepare instead of a new root.
         #[arg(long)]
         from: Option<PathBuf>,
+        /// Even on the state directory of a server whose admin socket does
+        /// not answer (it follows the change within seconds).
+        #[arg(long)]
+        force: bool,
     },
     /// Sign with the prepared authority; the active one starts retiring.
     Activate {
@@ -98,7 +102,9 @@ pub struct Target {
 /// The CA a command talks to.
 enum Ca {
     Server(PathBuf),
-    Offline(Target),
+    /// The state directory; `Some(why)` when a server is running on it
+    /// that this command cannot reach.
+    Offline(Target, Option<String>),
 }
 
 /// What a step answered.
@@ -108,22 +114,45 @@ enum Outcome {
 }
 
 impl Ca {
-    async fn find(target: &Target) -> Self {
+    /// The server behind the admin socket; or, when there is none (no
+    /// socket, or a stale one), the state directory itself. Any other
+    /// failure to connect is an error, not a quiet switch to the directory.
+    async fn find(target: &Target) -> anyhow::Result<Self> {
         let socket = target
             .admin_socket
             .clone()
             .unwrap_or_else(|| target.state_dir.join(DEFAULT_SOCKET));
         match tokio::net::UnixStream::connect(&socket).await {
-            Ok(_) => Self::Server(socket),
-            Err(_) => Self::Offline(target.clone()),
+            Ok(_) => Ok(Self::Server(socket)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                let running = DirStore::new(target.state_dir.join("ca")).server_running();
+                let why = running.then(|| {
+                    format!(
+                        "a server is running on {} but its admin socket {} does not answer ({e})",
+                        target.state_dir.display(),
+                        socket.display()
+                    )
+                });
+                Ok(Self::Offline(target.clone(), why))
+            }
+            Err(e) => bail!("admin socket {}: {e}", socket.display()),
         }
     }
 
     fn describe(&self) -> String {
         match self {
             Self::Server(s) => format!("the server at {}", s.display()),
-            Self::Offline(t) => format!(
+            Self::Offline(t, None) => format!(
                 "{} (no server is running on it)",
+                t.state_dir.join("ca").display()
+            ),
+            Self::Offline(t, Some(_)) => format!(
+                "{} (its server's admin socket does not answer)",
                 t.state_dir.join("ca").display()
             ),
         }
@@ -141,15 +170,19 @@ impl Ca {
                 }
                 serde_json::from_slice(&body).context("reading the server's status")
             }
-            Self::Offline(t) => {
+            Self::Offline(t, why) => {
                 let now = SystemTime::now();
                 let set = offline_set(t, now).await?;
-                Ok(status_of(
-                    &set,
-                    &offline_evidence(&t.state_dir),
-                    Vec::new(),
-                    now,
-                ))
+                let mut status = status_of(&set, &offline_evidence(&t.state_dir), Vec::new(), now);
+                if !matches!(Step::next_for(&set), Step::Prepare) {
+                    status.blocked_by.insert(
+                        0,
+                        why.clone().unwrap_or_else(|| {
+                            "no server is running: nothing can confirm what the proxies hold".into()
+                        }),
+                    );
+                }
+                Ok(status)
             }
         }
     }
@@ -187,8 +220,13 @@ impl Ca {
                     }
                 }
             }
-            Self::Offline(t) => {
+            Self::Offline(t, why) => {
                 let now = SystemTime::now();
+                if let (Some(why), false) = (why, force) {
+                    return Ok(Outcome::Gated(vec![format!(
+                        "{why}: changing its state directory behind its back needs --force"
+                    )]));
+                }
                 if step != Step::Prepare && !force {
                     return Ok(Outcome::Gated(vec![format!(
                         "no server is running on {}: nothing can confirm what the proxies hold",
@@ -243,15 +281,30 @@ async fn offline_set(t: &Target, now: SystemTime) -> anyhow::Result<AuthoritySet
     Ok(AuthoritySet::from_stored(&stored, &t.trust_domain, now)?)
 }
 
+/// What the last server saved: its ledger, and the agents it knew (none
+/// is connected now).
 fn offline_evidence(state_dir: &Path) -> Evidence {
-    let ledger = std::fs::read_to_string(ledger_path(state_dir))
+    let saved = std::fs::read_to_string(saved_path(state_dir))
         .ok()
-        .and_then(|t| serde_json::from_str::<SavedLedger>(&t).ok())
-        .map(|s| s.ledger)
+        .and_then(|t| serde_json::from_str::<Saved>(&t).ok())
         .unwrap_or_default();
     Evidence {
-        agents: Vec::new(),
-        ledger,
+        agents: saved
+            .agents
+            .into_iter()
+            .map(|(key, held)| crate::ca::rotation::AgentView {
+                name: format!("{} ({})", key.name, key.identity),
+                connected: false,
+                acked_generation: held.acked_generation,
+                leaves: held
+                    .leaves
+                    .into_iter()
+                    .map(|(id, u)| (id, SystemTime::UNIX_EPOCH + Duration::from_secs(u)))
+                    .collect(),
+            })
+            .collect(),
+        ledger: saved.ledger,
+        settle_until: None,
     }
 }
 
@@ -286,7 +339,7 @@ async fn request(
 /// # Errors
 /// A step that failed, a gate that stayed closed past `--timeout`.
 pub async fn run(args: RotateArgs) -> anyhow::Result<()> {
-    let ca = Ca::find(&args.target).await;
+    let ca = Ca::find(&args.target).await?;
     match args.step {
         Some(StepCommand::Status { json }) => {
             let status = ca.status().await?;
@@ -297,8 +350,8 @@ pub async fn run(args: RotateArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Some(StepCommand::Prepare { from }) => {
-            one(&ca, Step::Prepare, from.as_deref(), false).await
+        Some(StepCommand::Prepare { from, force }) => {
+            one(&ca, Step::Prepare, from.as_deref(), force).await
         }
         Some(StepCommand::Activate { force }) => one(&ca, Step::Activate, None, force).await,
         Some(StepCommand::Retire { force }) => one(&ca, Step::Retire, None, force).await,
@@ -366,7 +419,7 @@ async fn whole(ca: &Ca, args: &RotateArgs) -> anyhow::Result<()> {
                             step.as_str()
                         );
                     }
-                    if matches!(ca, Ca::Offline(_)) {
+                    if matches!(ca, Ca::Offline(..)) {
                         bail!("{}", missing.join("; "));
                     }
                     tokio::time::sleep(POLL).await;
@@ -426,16 +479,16 @@ fn print_status(ca: &Ca, s: &RotationStatus) {
     match ca {
         Ca::Server(_) => {
             say!(
-                "agents         : {} of {} connected agents confirmed generation {}",
+                "agents         : {} of {} agents confirmed generation {}",
                 s.confirmed,
-                s.connected,
+                s.known,
                 s.generation
             );
             if !s.behind.is_empty() {
                 say!("  behind       : {}", s.behind.join(", "));
             }
         }
-        Ca::Offline(_) => say!("agents         : unknown (no server is running)"),
+        Ca::Offline(..) => say!("agents         : not connected (no server answers)"),
     }
     if let Some(until) = &s.other_clients_until {
         say!(

@@ -39,6 +39,8 @@ struct ConnStats {
     /// Milliseconds after `opened` at which the last call ended.
     idle_since_ms: AtomicU64,
     refusals: Refusals,
+    /// Long-lived calls open on this connection.
+    watches: Arc<AtomicUsize>,
 }
 
 impl ConnStats {
@@ -195,6 +197,35 @@ struct ConnService<S, I> {
     max_calls: Option<usize>,
 }
 
+/// Long-lived calls (bundle watches) one connection may hold open.
+pub const MAX_WATCHES_PER_CONNECTION: usize = 4;
+
+/// Where a call in flight is counted (released on drop).
+enum Slot {
+    Call(#[allow(dead_code)] CallSlot),
+    Watch(#[allow(dead_code)] WatchSlot),
+}
+
+/// A long-lived call's place in its connection's count.
+struct WatchSlot(Arc<AtomicUsize>);
+
+impl WatchSlot {
+    fn take(count: &Arc<AtomicUsize>) -> Result<Self, &'static str> {
+        let before = count.fetch_add(1, Ordering::AcqRel);
+        let slot = Self(count.clone());
+        if before >= MAX_WATCHES_PER_CONNECTION {
+            return Err(label::WATCHES_PER_CONNECTION);
+        }
+        Ok(slot)
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A call's place in the source's and the server's in-flight counts.
 struct CallSlot(Vec<Arc<AtomicUsize>>);
 
@@ -282,7 +313,14 @@ where
         let refusals = self.stats.refusals.clone();
         // Refused before the handler (and its buffers) exist: a client
         // holding many calls open costs little more than their streams.
-        let slot = match CallSlot::take(&self.calls, self.max_calls_per_source, self.max_calls) {
+        // Long-lived calls have their own budget (a few per connection, so
+        // bounded by the connection limits) and never use the CSR calls'.
+        let taken = if long_lived {
+            WatchSlot::take(&self.stats.watches).map(Slot::Watch)
+        } else {
+            CallSlot::take(&self.calls, self.max_calls_per_source, self.max_calls).map(Slot::Call)
+        };
+        let slot = match taken {
             Ok(slot) => slot,
             Err(limit) => {
                 refusals.refused(limit);
@@ -389,6 +427,7 @@ pub async fn serve_h2<IO, S, I>(
         next_call: AtomicU64::new(0),
         idle_since_ms: AtomicU64::new(0),
         refusals: refusals.clone(),
+        watches: Arc::new(AtomicUsize::new(0)),
     });
     let io = Observed {
         inner: io,

@@ -120,6 +120,37 @@ async fn step(r: Arc<Rotator>, step: Step, req: StepRequest) -> Answer {
     }
 }
 
+/// Binds a Unix socket at `path` that only this user can ever reach: bound
+/// in a fresh 0700 directory beside it, made 0600, then renamed into place
+/// (so no umask or directory mode leaves a moment where others can
+/// connect).
+fn bind_private(path: &Path) -> Result<UnixListener, Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Config(format!("admin socket {}: no file name", path.display())))?;
+    let tmp = parent.join(crate::ca::store::temp_name(name).map_err(|e| Error::io(path, e))?);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?;
+    let inner = tmp.join("s");
+    let bound = UnixListener::bind(&inner)
+        .map_err(|e| Error::io(&inner, e))
+        .and_then(|l| {
+            std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))
+                .and_then(|()| std::fs::rename(&inner, path))
+                .map_err(|e| Error::io(path, e))?;
+            Ok(l)
+        });
+    let _ = std::fs::remove_dir_all(&tmp);
+    bound
+}
+
 /// Binds the admin socket at `path` (replacing a stale one) and serves it
 /// until `shutdown` changes.
 ///
@@ -131,7 +162,14 @@ pub async fn spawn(
     rotator: Arc<Rotator>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(PathBuf, tokio::task::JoinHandle<()>), Error> {
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(Error::Config(format!(
+                "admin socket {}: something that is not a socket is there; not replacing it",
+                path.display()
+            )));
+        }
         if tokio::net::UnixStream::connect(path).await.is_ok() {
             return Err(Error::Config(format!(
                 "admin socket {}: another server is listening on it",
@@ -140,9 +178,7 @@ pub async fn spawn(
         }
         std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
     }
-    let listener = UnixListener::bind(path).map_err(|e| Error::io(path, e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| Error::io(path, e))?;
+    let listener = bind_private(path)?;
     let app = axum::Router::new()
         .route("/v1/rotation", get(status))
         .route(

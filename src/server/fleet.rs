@@ -1,58 +1,104 @@
-//! What the CA knows about who holds what: the agents connected to the
-//! bundle watch (which bundle their proxies ACKed, which leaves they
-//! serve), and a ledger of leaves issued to other clients. A rotation step
-//! is gated on it (`crate::ca::rotation`).
+//! What the CA knows about who holds what: the agents on the bundle watch
+//! (which bundle their proxies ACKed, which leaves they serve), and a
+//! ledger of leaves issued to other clients. Rotation steps are gated on it
+//! (`crate::ca::rotation`); the bundle watch itself is `super::watch`.
 //!
-//! The bundle watch (`workloadca.v1.TrustBundleService/WatchBundle`): one
-//! stream per agent, authenticated like `CreateCertificate`. The server
-//! sends the bundle at once and on every change of the authorities, with
-//! the retiring authorities' signers and how soon their leaves are to be
-//! replaced; the agent reports back.
+//! An agent is named by who it authenticated as and the name it gave in
+//! its first report, fixed for the stream: a workload can only speak for
+//! agents under its own identity. What a stream reports is its own (several
+//! streams under one name: the lowest ACK and every leaf count), and an
+//! ACK is never counted above the generation that stream was sent. An agent
+//! whose stream closed is remembered, and counted, while a leaf it reported
+//! may still be valid; the whole view is saved with the ledger, so a
+//! restarted CA counts the agents it knew until they reconnect.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, watch};
-use tokio_stream::Stream;
-use tonic::{Request, Response, Status, Streaming};
+use tokio::sync::watch;
 
-use super::auth::{AuthChain, AuthContext};
-use super::status;
+use crate::ca::AuthoritySet;
 use crate::ca::bundle::verify_path;
 use crate::ca::rotation::{AgentView, Evidence, Ledger};
-use crate::ca::{AuthoritySet, AuthorityState};
-use crate::logsafe::peer as peer_text;
-use crate::proto::workloadca::trust_bundle_service_server::TrustBundleService;
-use crate::proto::workloadca::{AgentReport, BundleUpdate};
+use crate::proto::workloadca::AgentReport;
 
 /// Longest agent name kept (longer ones are cut).
 const MAX_AGENT_NAME: usize = 253;
 /// Most leaves one report may carry.
 const MAX_REPORTED_LEAVES: usize = 1024;
+/// Most agents remembered in all, and per caller identity: streams beyond
+/// get no say in the gates (and are logged).
+const MAX_AGENTS: usize = 100_000;
+const MAX_AGENTS_PER_IDENTITY: usize = 10_000;
 
-/// One agent, as last reported.
-#[derive(Debug, Clone, Default)]
-struct Agent {
-    streams: u32,
-    acked_generation: u64,
-    bundle_generation: u64,
-    proxies: u32,
-    /// Authority id -> latest NotAfter among the leaves it serves.
-    leaves: BTreeMap<String, SystemTime>,
-    leaf_count: usize,
+/// An agent: the identity it authenticated as, and its name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct AgentKey {
+    pub identity: String,
+    pub name: String,
+}
+
+impl AgentKey {
+    fn shown(&self) -> String {
+        format!("{} ({})", self.name, self.identity)
+    }
+}
+
+/// What one agent (or one stream of it) last reported.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Held {
+    pub acked_generation: u64,
+    pub bundle_generation: u64,
+    pub proxies: u32,
+    /// Authority id -> latest NotAfter (Unix seconds) of the leaves it
+    /// serves, each checked against the authority's signer.
+    pub leaves: BTreeMap<String, u64>,
+    /// Leaves verified as ours.
+    pub leaf_count: usize,
+}
+
+impl Held {
+    fn merge(&mut self, other: &Held) {
+        self.acked_generation = self.acked_generation.min(other.acked_generation);
+        self.bundle_generation = self.bundle_generation.min(other.bundle_generation);
+        self.proxies += other.proxies;
+        self.leaf_count += other.leaf_count;
+        for (id, until) in &other.leaves {
+            let e = self.leaves.entry(id.clone()).or_insert(*until);
+            *e = (*e).max(*until);
+        }
+    }
+
+    fn live(&self, now: u64) -> bool {
+        self.leaves.values().any(|u| *u > now)
+    }
+}
+
+/// One open bundle watch.
+#[derive(Debug)]
+struct Stream {
+    key: Option<AgentKey>,
+    /// The highest generation sent on it: ACKs above it are not believed.
+    sent: u64,
+    held: Held,
+    /// Digest of the last reported leaves: unchanged leaves are not
+    /// verified again.
+    leaves_digest: Vec<u8>,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    agents: BTreeMap<String, Agent>,
+    streams: BTreeMap<u64, Stream>,
+    next_stream: u64,
+    /// Agents with no stream open, as last known.
+    gone: BTreeMap<AgentKey, Held>,
     /// Connections (client address and port) with a bundle watch open:
     /// leaves issued over them are reported by their agent.
     watching: BTreeMap<std::net::SocketAddr, u32>,
     ledger: Ledger,
-    ledger_dirty: bool,
+    dirty: bool,
     /// Leaves issued to callers that say they are our agents but had no
     /// bundle watch open on that connection yet (an agent's first request
     /// races its watch): serial -> (generation, authority, issued,
@@ -69,22 +115,58 @@ const MAX_CLAIMED: usize = 100_000;
 
 impl Inner {
     /// Claims older than the window go to the ledger.
-    fn fold_claims(&mut self, now: SystemTime) {
+    fn fold_claims(&mut self, now: SystemTime, all: bool) {
         let stale: Vec<String> = self
             .claimed
             .iter()
             .filter(|(_, (_, _, issued, _))| {
-                now.duration_since(*issued).unwrap_or_default() >= CLAIM_WINDOW
+                all || now.duration_since(*issued).unwrap_or_default() >= CLAIM_WINDOW
             })
             .map(|(serial, _)| serial.clone())
             .collect();
         for serial in stale {
             if let Some((g, a, issued, until)) = self.claimed.remove(&serial) {
                 self.ledger.record(g, &a, issued, until);
-                self.ledger_dirty = true;
+                self.dirty = true;
             }
         }
     }
+
+    /// Every agent: open streams merged per key, then the gone ones.
+    fn agents(&self) -> BTreeMap<AgentKey, (bool, Held)> {
+        let mut out: BTreeMap<AgentKey, (bool, Held)> = BTreeMap::new();
+        for s in self.streams.values() {
+            let Some(key) = &s.key else { continue };
+            match out.get_mut(key) {
+                Some((_, h)) => h.merge(&s.held),
+                None => {
+                    out.insert(key.clone(), (true, s.held.clone()));
+                }
+            }
+        }
+        for (key, held) in &self.gone {
+            out.entry(key.clone())
+                .or_insert_with(|| (false, held.clone()));
+        }
+        out
+    }
+
+    fn prune(&mut self, now: SystemTime) {
+        let now = unix(now);
+        let before = self.gone.len();
+        self.gone.retain(|_, h| h.live(now));
+        self.dirty |= self.gone.len() != before;
+    }
+}
+
+/// What is saved between runs: the ledger, the agents, and whether the run
+/// ended cleanly (a crash may have lost the last seconds of issuance).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Saved {
+    pub ledger: Ledger,
+    #[serde(default)]
+    pub agents: Vec<(AgentKey, Held)>,
+    pub clean: bool,
 }
 
 /// The CA's view of its clients.
@@ -97,12 +179,16 @@ pub struct Fleet {
     /// Leaves to re-issue per second across the fleet, when an authority
     /// retires (sets the window agents spread their renewals over).
     reissue_rate: u32,
+    /// Until then, gates stay closed: agents the CA did not know before a
+    /// restart have time to reconnect.
+    settle_until: SystemTime,
 }
 
-/// One agent's confirmation, for `status`.
+/// One agent, for `status`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AgentStatus {
     pub name: String,
+    pub identity: String,
     pub connected: bool,
     pub bundle_generation: u64,
     pub acked_generation: u64,
@@ -111,14 +197,17 @@ pub struct AgentStatus {
 }
 
 impl Fleet {
-    pub fn new(ledger: Ledger, reissue_rate: u32) -> Self {
+    /// A fleet from what was saved, its gates closed until `settle_until`.
+    pub fn new(saved: Saved, reissue_rate: u32, settle_until: SystemTime) -> Self {
         Self {
             inner: Mutex::new(Inner {
-                ledger,
+                ledger: saved.ledger,
+                gone: saved.agents.into_iter().collect(),
                 ..Inner::default()
             }),
             changed: watch::channel(0).0,
             reissue_rate: reissue_rate.max(1),
+            settle_until,
         }
     }
 
@@ -147,7 +236,7 @@ impl Fleet {
             inner
                 .ledger
                 .record(generation, authority, issued, not_after);
-            inner.ledger_dirty = true;
+            inner.dirty = true;
         }
     }
 
@@ -166,7 +255,7 @@ impl Fleet {
                 inner
                     .ledger
                     .record(generation, authority, issued, not_after);
-                inner.ledger_dirty = true;
+                inner.dirty = true;
                 return;
             }
             inner.claimed.insert(
@@ -176,16 +265,26 @@ impl Fleet {
         }
     }
 
-    /// The ledger, if it changed since the last call.
-    pub fn ledger_to_save(&self, now: SystemTime) -> Option<Ledger> {
+    /// What to save, if anything changed since the last call (`all`: the
+    /// final save, every claim counted as unreported).
+    pub fn to_save(&self, now: SystemTime, all: bool) -> Option<Saved> {
         let mut inner = self.inner.lock().ok()?;
-        inner.fold_claims(now);
-        if !inner.ledger_dirty {
+        inner.fold_claims(now, all);
+        inner.prune(now);
+        inner.ledger.prune(now);
+        if !inner.dirty && !all {
             return None;
         }
-        inner.ledger.prune(now);
-        inner.ledger_dirty = false;
-        Some(inner.ledger.clone())
+        inner.dirty = false;
+        Some(Saved {
+            ledger: inner.ledger.clone(),
+            agents: inner
+                .agents()
+                .into_iter()
+                .map(|(k, (_, h))| (k, h))
+                .collect(),
+            clean: false,
+        })
     }
 
     /// The ledger as it is.
@@ -201,12 +300,8 @@ impl Fleet {
         let Ok(mut inner) = self.inner.lock() else {
             return Evidence::default();
         };
-        // A disconnected agent is remembered while a leaf it served may
-        // still be valid (it may still be presenting it).
-        inner
-            .agents
-            .retain(|_, a| a.streams > 0 || a.leaves.values().any(|t| *t > now));
-        inner.fold_claims(now);
+        inner.prune(now);
+        inner.fold_claims(now, false);
         // Claims not yet reported count as unreported leaves meanwhile.
         let mut ledger = inner.ledger.clone();
         for (g, a, issued, until) in inner.claimed.values() {
@@ -214,16 +309,21 @@ impl Fleet {
         }
         Evidence {
             agents: inner
-                .agents
-                .iter()
-                .map(|(name, a)| AgentView {
-                    name: name.clone(),
-                    connected: a.streams > 0,
-                    acked_generation: a.acked_generation,
-                    leaves: a.leaves.clone(),
+                .agents()
+                .into_iter()
+                .map(|(key, (connected, held))| AgentView {
+                    name: key.shown(),
+                    connected,
+                    acked_generation: held.acked_generation,
+                    leaves: held
+                        .leaves
+                        .iter()
+                        .map(|(id, u)| (id.clone(), from_unix(*u)))
+                        .collect(),
                 })
                 .collect(),
             ledger,
+            settle_until: Some(self.settle_until).filter(|t| now < *t),
         }
     }
 
@@ -233,15 +333,16 @@ impl Fleet {
             return Vec::new();
         };
         inner
-            .agents
-            .iter()
-            .map(|(name, a)| AgentStatus {
-                name: name.clone(),
-                connected: a.streams > 0,
-                bundle_generation: a.bundle_generation,
-                acked_generation: a.acked_generation,
-                proxies: a.proxies,
-                leaves: a.leaf_count,
+            .agents()
+            .into_iter()
+            .map(|(key, (connected, h))| AgentStatus {
+                name: key.name,
+                identity: key.identity,
+                connected,
+                bundle_generation: h.bundle_generation,
+                acked_generation: h.acked_generation,
+                proxies: h.proxies,
+                leaves: h.leaf_count,
             })
             .collect()
     }
@@ -255,81 +356,168 @@ impl Fleet {
             .is_ok_and(|i| i.watching.get(&peer).is_some_and(|n| *n > 0))
     }
 
-    fn watch_opened(&self, peer: Option<std::net::SocketAddr>) {
-        if let (Some(p), Ok(mut i)) = (peer, self.inner.lock()) {
-            *i.watching.entry(p).or_default() += 1;
-        }
-    }
-
-    fn watch_closed(&self, peer: Option<std::net::SocketAddr>) {
-        if let (Some(p), Ok(mut i)) = (peer, self.inner.lock())
-            && let Some(n) = i.watching.get_mut(&p)
-        {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                i.watching.remove(&p);
-            }
-        }
-    }
-
-    fn connect(&self, name: &str) {
-        self.with(|i| i.agents.entry(name.to_owned()).or_default().streams += 1);
-    }
-
-    fn disconnect(&self, name: &str) {
+    /// A stream opened from `peer`; its id.
+    pub(super) fn open(&self, peer: Option<std::net::SocketAddr>) -> u64 {
         self.with(|i| {
-            if let Some(a) = i.agents.get_mut(name) {
-                a.streams = a.streams.saturating_sub(1);
+            if let Some(p) = peer {
+                *i.watching.entry(p).or_default() += 1;
+            }
+            let id = i.next_stream;
+            i.next_stream += 1;
+            i.streams.insert(
+                id,
+                Stream {
+                    key: None,
+                    sent: 0,
+                    held: Held::default(),
+                    leaves_digest: Vec::new(),
+                },
+            );
+            id
+        })
+        .unwrap_or(u64::MAX)
+    }
+
+    /// Generation `g` was sent on stream `id`.
+    pub(super) fn sent(&self, id: u64, g: u64) {
+        if let Ok(mut i) = self.inner.lock()
+            && let Some(s) = i.streams.get_mut(&id)
+        {
+            s.sent = s.sent.max(g);
+        }
+    }
+
+    /// Stream `id` closed: what it reported is remembered under its agent
+    /// while a leaf of it may be valid.
+    pub(super) fn close(&self, id: u64, peer: Option<std::net::SocketAddr>) {
+        self.with(|i| {
+            if let Some(p) = peer
+                && let Some(n) = i.watching.get_mut(&p)
+            {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    i.watching.remove(&p);
+                }
+            }
+            let Some(s) = i.streams.remove(&id) else {
+                return;
+            };
+            let Some(key) = s.key else { return };
+            let others = i.streams.values().any(|o| o.key.as_ref() == Some(&key));
+            if !others {
+                i.gone.insert(key, s.held);
+                i.dirty = true;
             }
         });
     }
 
-    fn report(&self, name: &str, report: &AgentReport, set: &AuthoritySet, now: SystemTime) {
-        let mut leaves: BTreeMap<String, SystemTime> = BTreeMap::new();
-        let mut serials = Vec::new();
-        for der in report.leaves.iter().take(MAX_REPORTED_LEAVES) {
-            if let Some((id, not_after, serial)) = issuer_of(der, set, now) {
-                let e = leaves.entry(id).or_insert(not_after);
-                *e = (*e).max(not_after);
-                serials.push(serial);
+    /// A report on stream `id` from `identity`. Its name is fixed by the
+    /// first report; a name beyond the caps is refused (`false`).
+    pub(super) fn report(
+        &self,
+        id: u64,
+        identity: &str,
+        report: &AgentReport,
+        set: &AuthoritySet,
+        now: SystemTime,
+    ) -> bool {
+        // The leaves, verified outside the lock, and only when changed.
+        let digest = leaves_digest(&report.leaves);
+        let unchanged = self.inner.lock().is_ok_and(|i| {
+            i.streams
+                .get(&id)
+                .is_some_and(|s| s.key.is_some() && s.leaves_digest == digest)
+        });
+        let mut checked: Option<(BTreeMap<String, u64>, usize, Vec<String>)> = None;
+        if !unchanged {
+            let mut leaves: BTreeMap<String, u64> = BTreeMap::new();
+            let mut serials = Vec::new();
+            let mut count = 0;
+            for der in report.leaves.iter().take(MAX_REPORTED_LEAVES) {
+                if let Some((authority, not_after, serial)) = issuer_of(der, set, now) {
+                    let e = leaves.entry(authority).or_insert(not_after);
+                    *e = (*e).max(not_after);
+                    serials.push(serial);
+                    count += 1;
+                }
             }
+            checked = Some((leaves, count, serials));
         }
         self.with(|i| {
+            let known = i.gone.len() + i.streams.len();
+            let per_identity = i
+                .streams
+                .values()
+                .filter_map(|s| s.key.as_ref())
+                .chain(i.gone.keys())
+                .filter(|k| k.identity == identity)
+                .count();
+            let Some(stream) = i.streams.get_mut(&id) else {
+                return false;
+            };
+            if stream.key.is_none() {
+                let key = AgentKey {
+                    identity: identity.to_owned(),
+                    name: agent_name(&report.agent, identity),
+                };
+                let fresh = !i.gone.contains_key(&key);
+                if fresh && (known >= MAX_AGENTS || per_identity >= MAX_AGENTS_PER_IDENTITY) {
+                    return false;
+                }
+                stream.key = Some(key);
+            }
+            let sent = stream.sent;
+            stream.held.acked_generation = report.acked_generation.min(sent);
+            stream.held.bundle_generation = report.bundle_generation.min(sent);
+            stream.held.proxies = report.proxies;
+            let mut serials = Vec::new();
+            if let Some((leaves, count, s)) = checked {
+                stream.held.leaves = leaves;
+                stream.held.leaf_count = count;
+                stream.leaves_digest = digest;
+                serials = s;
+            }
+            if let Some(key) = stream.key.clone() {
+                i.gone.remove(&key);
+            }
+            i.dirty = true;
             for serial in &serials {
                 i.claimed.remove(serial);
             }
-            let a = i.agents.entry(name.to_owned()).or_default();
-            a.acked_generation = report.acked_generation;
-            a.bundle_generation = report.bundle_generation;
-            a.proxies = report.proxies;
-            a.leaf_count = report.leaves.len().min(MAX_REPORTED_LEAVES);
-            a.leaves = leaves;
-        });
+            true
+        })
+        .unwrap_or(false)
     }
 
     /// How soon agents should replace leaves of a retiring authority: the
-    /// leaves they reported, at the configured rate, at least 5 seconds.
-    fn reissue_window(&self) -> u32 {
+    /// leaves they reported (verified), at the configured rate, at least
+    /// 5 seconds.
+    pub(super) fn reissue_window(&self) -> u32 {
         let leaves: usize = self
             .inner
             .lock()
-            .map(|i| i.agents.values().map(|a| a.leaf_count).sum())
+            .map(|i| i.streams.values().map(|s| s.held.leaf_count).sum())
             .unwrap_or(0);
         let secs = u32::try_from(leaves).unwrap_or(u32::MAX) / self.reissue_rate;
         secs.clamp(5, 3600)
     }
 }
 
-/// Which authority of `set` issued a leaf, when the leaf expires, and its
-/// serial (hex, as [`crate::ca::Issued`] names it).
-fn issuer_of(
-    der: &[u8],
-    set: &AuthoritySet,
-    now: SystemTime,
-) -> Option<(String, SystemTime, String)> {
+fn leaves_digest(leaves: &[Vec<u8>]) -> Vec<u8> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for l in leaves.iter().take(MAX_REPORTED_LEAVES) {
+        ctx.update(&(l.len() as u64).to_be_bytes());
+        ctx.update(l);
+    }
+    ctx.finish().as_ref().to_vec()
+}
+
+/// Which authority of `set` issued a leaf, when the leaf expires (Unix
+/// seconds), and its serial (hex, as [`crate::ca::Issued`] names it).
+fn issuer_of(der: &[u8], set: &AuthoritySet, now: SystemTime) -> Option<(String, u64, String)> {
     use x509_parser::prelude::FromDer;
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
-    let not_after = crate::ca::bundle::not_after(&cert);
+    let not_after = unix(crate::ca::bundle::not_after(&cert));
     let raw = cert.raw_serial();
     let raw = raw
         .strip_prefix(&[0u8])
@@ -349,108 +537,6 @@ fn issuer_of(
     })
 }
 
-/// The update for `set`.
-pub fn update_for(set: &AuthoritySet, reissue_within_seconds: u32) -> BundleUpdate {
-    BundleUpdate {
-        generation: set.generation(),
-        bundle_pem: set.bundle_pem().to_owned(),
-        retiring_signers: set
-            .members()
-            .iter()
-            .filter(|m| m.state == AuthorityState::Retiring)
-            .map(|m| m.authority.signer().der().to_vec())
-            .collect(),
-        reissue_within_seconds,
-    }
-}
-
-/// The bundle watch service.
-pub struct BundleWatch {
-    pub(crate) authorities: watch::Receiver<Arc<AuthoritySet>>,
-    pub(crate) auth: AuthChain,
-    pub(crate) fleet: Arc<Fleet>,
-    pub(crate) shutdown: watch::Receiver<bool>,
-}
-
-type UpdateStream = Pin<Box<dyn Stream<Item = Result<BundleUpdate, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl TrustBundleService for BundleWatch {
-    type WatchBundleStream = UpdateStream;
-
-    async fn watch_bundle(
-        &self,
-        request: Request<Streaming<AgentReport>>,
-    ) -> Result<Response<Self::WatchBundleStream>, Status> {
-        let now = SystemTime::now();
-        let peer = request.remote_addr();
-        let peer_certs = request.peer_certs();
-        let ctx = AuthContext {
-            metadata: request.metadata(),
-            peer_certs: peer_certs.as_deref().map(Vec::as_slice),
-            now,
-        };
-        let caller = match self.auth.authenticate(&ctx).await {
-            Ok(c) => c,
-            Err(_) => {
-                tracing::debug!(?peer, "bundle watch: authentication failed");
-                return Err(status::unauthenticated());
-            }
-        };
-        let mut reports = request.into_inner();
-        let (tx, rx) = mpsc::channel::<Result<BundleUpdate, Status>>(4);
-        let mut authorities = self.authorities.clone();
-        let fleet = self.fleet.clone();
-        let mut shutdown = self.shutdown.clone();
-        fleet.watch_opened(peer);
-        tokio::spawn(async move {
-            let mut name: Option<String> = None;
-            let mut last_sent = 0;
-            loop {
-                let set = authorities.borrow_and_update().clone();
-                if set.generation() != last_sent {
-                    last_sent = set.generation();
-                    if tx
-                        .send(Ok(update_for(&set, fleet.reissue_window())))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-                tokio::select! {
-                    changed = authorities.changed() => if changed.is_err() { break },
-                    report = reports.message() => match report {
-                        Ok(Some(r)) => {
-                            let agent = agent_name(&r.agent, &caller.identity.to_string());
-                            if name.as_deref() != Some(agent.as_str()) {
-                                if let Some(old) = name.take() {
-                                    fleet.disconnect(&old);
-                                }
-                                tracing::info!(agent = %peer_text(&agent), caller = %caller.identity, ?peer, "agent watching the trust bundle");
-                                fleet.connect(&agent);
-                                name = Some(agent.clone());
-                            }
-                            let set = authorities.borrow().clone();
-                            fleet.report(&agent, &r, &set, SystemTime::now());
-                        }
-                        Ok(None) | Err(_) => break,
-                    },
-                    _ = shutdown.changed() => break,
-                    () = tx.closed() => break,
-                }
-            }
-            if let Some(old) = name {
-                fleet.disconnect(&old);
-            }
-            fleet.watch_closed(peer);
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
-    }
-}
-
 /// The agent's name as reported, cut and made printable; its caller's
 /// identity when it sent none.
 fn agent_name(reported: &str, caller: &str) -> String {
@@ -466,18 +552,171 @@ fn agent_name(reported: &str, caller: &str) -> String {
     }
 }
 
-/// Where the ledger is kept between runs, and whether the last run ended
-/// cleanly (a crash may have lost the last few seconds of issuance).
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct SavedLedger {
-    pub ledger: Ledger,
-    pub clean: bool,
+/// How often the ledger and the agents are saved while they change.
+pub const SAVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The file they are saved in, in the state directory.
+pub fn saved_path(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("issued.json")
 }
 
-/// How often the ledger is saved while it changes.
-pub const LEDGER_SAVE_INTERVAL: Duration = Duration::from_secs(5);
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
 
-/// The ledger file in the state directory.
-pub fn ledger_path(state_dir: &std::path::Path) -> PathBuf {
-    state_dir.join("issued.json")
+fn from_unix(s: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::{Authority, KeyAlgorithm};
+    use crate::identity::TrustDomain;
+
+    fn set() -> AuthoritySet {
+        let td = TrustDomain::new("td").unwrap();
+        let now = SystemTime::now();
+        let files =
+            Authority::generate_root(&td, KeyAlgorithm::EcdsaP256, Duration::from_secs(3600), now)
+                .unwrap();
+        AuthoritySet::single_since(Authority::from_files(&files, &td, now).unwrap(), now).unwrap()
+    }
+
+    fn report(agent: &str, acked: u64) -> AgentReport {
+        AgentReport {
+            agent: agent.into(),
+            bundle_generation: acked,
+            acked_generation: acked,
+            proxies: 1,
+            leaves: Vec::new(),
+        }
+    }
+
+    fn acked_of(fleet: &Fleet, name: &str) -> Vec<(bool, u64)> {
+        fleet
+            .evidence(SystemTime::now())
+            .agents
+            .iter()
+            .filter(|a| a.name.starts_with(name))
+            .map(|a| (a.connected, a.acked_generation))
+            .collect()
+    }
+
+    #[test]
+    fn a_report_speaks_only_for_its_own_identity_and_never_above_what_it_was_sent() {
+        let (set, now) = (set(), SystemTime::now());
+        let fleet = Fleet::new(Saved::default(), 50, now);
+        let node = fleet.open(None);
+        fleet.sent(node, 3);
+        assert!(fleet.report(
+            node,
+            "spiffe://td/ns/kube-system/sa/agent",
+            &report("node-17", 3),
+            &set,
+            now
+        ));
+        // A workload claiming node-17's name is another agent (its own
+        // identity), and claims no more than it was sent.
+        let forger = fleet.open(None);
+        fleet.sent(forger, 3);
+        assert!(fleet.report(
+            forger,
+            "spiffe://td/ns/evil/sa/x",
+            &report("node-17", u64::MAX),
+            &set,
+            now
+        ));
+        let evidence = fleet.evidence(now);
+        assert_eq!(evidence.agents.len(), 2);
+        assert!(
+            evidence.agents.iter().all(|a| a.acked_generation == 3),
+            "{evidence:?}"
+        );
+        // A later report cannot change the stream's name.
+        assert!(fleet.report(
+            forger,
+            "spiffe://td/ns/evil/sa/x",
+            &report("node-18", 3),
+            &set,
+            now
+        ));
+        assert!(acked_of(&fleet, "node-18").is_empty());
+    }
+
+    #[test]
+    fn two_streams_of_one_agent_count_their_lowest_ack_and_a_closed_one_is_remembered() {
+        let (set, now) = (set(), SystemTime::now());
+        let fleet = Fleet::new(Saved::default(), 50, now);
+        let id = "spiffe://td/ns/a/sa/b";
+        let (a, b) = (fleet.open(None), fleet.open(None));
+        fleet.sent(a, 5);
+        fleet.sent(b, 5);
+        fleet.report(a, id, &report("n", 5), &set, now);
+        fleet.report(b, id, &report("n", 4), &set, now);
+        assert_eq!(acked_of(&fleet, "n"), [(true, 4)]);
+        assert_eq!(
+            fleet.evidence(now).confirmed(5),
+            (0, 1, vec!["n (spiffe://td/ns/a/sa/b)".to_string()])
+        );
+        fleet.close(b, None);
+        assert_eq!(acked_of(&fleet, "n"), [(true, 5)]);
+        // With no leaf reported, a closed agent holds nothing and is gone.
+        fleet.close(a, None);
+        assert!(acked_of(&fleet, "n").is_empty());
+    }
+
+    #[test]
+    fn a_disconnected_agent_with_a_valid_leaf_is_counted_and_saved() {
+        let (set, now) = (set(), SystemTime::now());
+        let fleet = Fleet::new(Saved::default(), 50, now);
+        let key = crate::ca::PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let csr = {
+            let p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            crate::ca::check_csr(
+                p.serialize_request(key.key_pair())
+                    .unwrap()
+                    .pem()
+                    .unwrap()
+                    .as_bytes(),
+            )
+            .unwrap()
+        };
+        let id = crate::identity::SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
+        let leaf = set
+            .sign_leaf(&csr, &id, Duration::from_secs(600), now)
+            .unwrap();
+        let s = fleet.open(None);
+        fleet.sent(s, 1);
+        let mut r = report("n", 1);
+        r.leaves = vec![leaf.leaf_der.clone(), b"not a certificate".to_vec()];
+        fleet.report(s, id.as_str(), &r, &set, now);
+        fleet.close(s, None);
+        let e = fleet.evidence(now);
+        assert_eq!(e.agents.len(), 1);
+        assert!(!e.agents[0].connected);
+        assert!(e.agents[0].leaves.contains_key(set.active().id()));
+        assert_eq!(e.confirmed(2).1, 1, "it still counts against activation");
+        assert_eq!(fleet.agents()[0].leaves, 1, "only verified leaves count");
+        // Saved, and known again after a restart.
+        let saved = fleet.to_save(now, true).unwrap();
+        let text = serde_json::to_string(&saved).unwrap();
+        let again = Fleet::new(serde_json::from_str(&text).unwrap(), 50, now);
+        assert_eq!(acked_of(&again, "n"), [(false, 1)]);
+    }
+
+    #[test]
+    fn gates_stay_closed_while_the_server_settles() {
+        let now = SystemTime::now();
+        let fleet = Fleet::new(Saved::default(), 50, now + Duration::from_secs(10));
+        assert!(fleet.evidence(now).settle_until.is_some());
+        assert!(
+            fleet
+                .evidence(now + Duration::from_secs(11))
+                .settle_until
+                .is_none()
+        );
+    }
 }

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod bundlewatch;
 pub mod devissuer;
 pub mod fleet;
 pub mod jwt;
@@ -127,6 +128,8 @@ pub struct Running {
     /// Where the admin API listens, when it does.
     pub admin_socket: Option<PathBuf>,
     ledger_path: PathBuf,
+    /// Held while the server runs: `ca rotate-root` sees it.
+    _server_lock: Option<std::fs::File>,
     tasks: Tasks,
     health: Arc<Health>,
     drain_timeout: Duration,
@@ -170,7 +173,11 @@ impl Running {
         // drain timeout; a moment later, anything still running is forced.
         let deadline = tokio::time::Instant::now() + self.drain_timeout + SHUTDOWN_MARGIN;
         let stopped = self.tasks.shutdown(deadline).await;
-        save_ledger(&self.ledger_path, &self.rotator.fleet.ledger(), true).await;
+        // The final save: every claim counted, and marked clean.
+        if let Some(mut saved) = self.rotator.fleet.to_save(SystemTime::now(), true) {
+            saved.clean = true;
+            save_fleet(&self.ledger_path, &saved).await;
+        }
         if stopped.panicked.is_empty() {
             Ok(stopped)
         } else {
@@ -214,8 +221,18 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         .serving_cert_expiry
         .set(unix_secs(serving_cert.not_after()));
     expiry_gauges(&metrics, &authorities);
-    let generation = authorities.generation();
-    let active_id = authorities.active().id().to_owned();
+    let server_lock = DirStore::new(config.state_dir.join("ca")).server_lock()?;
+    if server_lock.is_none() {
+        tracing::warn!(
+            state_dir = %config.state_dir.display(),
+            "another server holds this state directory; both will follow the stored authorities"
+        );
+    }
+    let member_ids: Vec<String> = authorities
+        .members()
+        .iter()
+        .map(|m| m.authority.id().to_owned())
+        .collect();
     let live = Arc::new(rotate::LiveCa::new(
         authorities,
         DirStore::new(config.state_dir.join("ca")),
@@ -227,21 +244,23 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
 
     // What was issued to clients that do not report back, kept across
     // restarts; a crash may have lost the last seconds of it.
-    let ledger_path = fleet::ledger_path(&config.state_dir);
-    let ledger = load_ledger(
+    let ledger_path = fleet::saved_path(&config.state_dir);
+    let saved = load_fleet(
         &ledger_path,
         ca_created,
-        generation,
-        &active_id,
+        &member_ids,
         config.ttl.max_ttl,
         now,
     );
-    save_ledger(&ledger_path, &ledger, false).await;
-    let fleet = Arc::new(fleet::Fleet::new(ledger, config.reissue_rate));
+    save_fleet(&ledger_path, &saved).await;
+    // Agents that connected just before an unclean stop may be missing from
+    // what was saved: no gate opens until they had time to come back.
+    let settle_until = now + 2 * fleet::SAVE_INTERVAL;
+    let fleet = Arc::new(fleet::Fleet::new(saved, config.reissue_rate, settle_until));
     let rotator = Arc::new(rotate::Rotator::new(live.clone(), fleet.clone(), spec));
     tasks.adopt(
-        "ledger",
-        spawn_ledger_saver(fleet.clone(), ledger_path.clone(), shutdown_rx.clone()),
+        "save-fleet",
+        spawn_fleet_saver(fleet.clone(), ledger_path.clone(), shutdown_rx.clone()),
     );
     tasks.adopt(
         "follow-store",
@@ -363,7 +382,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
     );
 
     let refusals = metrics.refusals.clone();
-    let watch_service = fleet::BundleWatch {
+    let watch_service = bundlewatch::BundleWatch {
         authorities: authority_rx.clone(),
         auth: auth.clone(),
         fleet: fleet.clone(),
@@ -421,6 +440,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         rotator,
         admin_socket,
         ledger_path,
+        _server_lock: server_lock,
         tasks,
         health,
         drain_timeout: config.drain_timeout,
@@ -489,55 +509,53 @@ async fn load_authorities(
     Ok((set, created, spec))
 }
 
-/// The saved ledger; when the last run did not end cleanly (or left none
-/// behind although the CA existed), the leaves it may have issued
-/// unrecorded are assumed valid for the longest lifetime issued.
-fn load_ledger(
+/// What was saved of the fleet and the ledger. When the last run did not
+/// end cleanly (or left nothing although the CA existed), the leaves it may
+/// have issued unrecorded are assumed valid for the longest lifetime issued,
+/// from every authority, before every generation.
+fn load_fleet(
     path: &Path,
     ca_created: bool,
-    generation: u64,
-    active: &str,
+    authorities: &[String],
     max_ttl: Duration,
     now: SystemTime,
-) -> ca::rotation::Ledger {
+) -> fleet::Saved {
+    let ids: Vec<&str> = authorities.iter().map(String::as_str).collect();
     let saved = std::fs::read_to_string(path)
         .ok()
-        .and_then(|t| serde_json::from_str::<fleet::SavedLedger>(&t).ok());
+        .and_then(|t| serde_json::from_str::<fleet::Saved>(&t).ok());
     match saved {
-        Some(s) if s.clean => s.ledger,
+        Some(s) if s.clean => s,
         Some(mut s) => {
             tracing::warn!(
                 "the last run did not stop cleanly: assuming its last certificates are still valid for rotation gates"
             );
-            s.ledger.assume_lost(generation, active, now, max_ttl);
-            s.ledger
+            s.ledger.assume_lost(&ids, now, max_ttl);
+            s
         }
-        None if ca_created => ca::rotation::Ledger::default(),
+        None if ca_created => fleet::Saved::default(),
         None => {
-            let mut l = ca::rotation::Ledger::default();
-            l.assume_lost(generation, active, now, max_ttl);
-            l
+            let mut s = fleet::Saved::default();
+            s.ledger.assume_lost(&ids, now, max_ttl);
+            s
         }
     }
 }
 
-async fn save_ledger(path: &Path, ledger: &ca::rotation::Ledger, clean: bool) {
-    let saved = fleet::SavedLedger {
-        ledger: ledger.clone(),
-        clean,
-    };
-    let Ok(text) = serde_json::to_string(&saved) else {
+/// Saves `saved` atomically (0600), marked unclean unless it says so.
+async fn save_fleet(path: &Path, saved: &fleet::Saved) {
+    let Ok(text) = serde_json::to_string(saved) else {
         return;
     };
     let path = path.to_owned();
     let written =
         tokio::task::spawn_blocking(move || atomic_write(&path, text.as_bytes(), 0o600)).await;
     if !matches!(written, Ok(Ok(()))) {
-        tracing::error!("saving the issuance ledger failed");
+        tracing::error!("saving the issuance ledger and agents failed");
     }
 }
 
-fn spawn_ledger_saver(
+fn spawn_fleet_saver(
     fleet: Arc<fleet::Fleet>,
     path: PathBuf,
     mut shutdown: watch::Receiver<bool>,
@@ -545,11 +563,11 @@ fn spawn_ledger_saver(
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(fleet::LEDGER_SAVE_INTERVAL) => {}
+                _ = tokio::time::sleep(fleet::SAVE_INTERVAL) => {}
                 _ = shutdown.changed() => return,
             }
-            if let Some(ledger) = fleet.ledger_to_save(SystemTime::now()) {
-                save_ledger(&path, &ledger, false).await;
+            if let Some(saved) = fleet.to_save(SystemTime::now(), false) {
+                save_fleet(&path, &saved).await;
             }
         }
     })

@@ -127,10 +127,10 @@ pub struct AuthorityStatus {
 pub struct RotationStatus {
     pub generation: u64,
     pub authorities: Vec<AuthorityStatus>,
-    /// Agents connected to the bundle watch whose proxies ACKed the
-    /// current generation, and of how many.
+    /// Agents whose proxies ACKed the current generation, of all the
+    /// agents known (connected, or disconnected with leaves still valid).
     pub confirmed: usize,
-    pub connected: usize,
+    pub known: usize,
     pub behind: Vec<String>,
     pub agents: Vec<AgentStatus>,
     /// Until when leaves issued to clients that are not our agents may
@@ -303,7 +303,7 @@ pub fn status_of(
     agents: Vec<AgentStatus>,
     now: SystemTime,
 ) -> RotationStatus {
-    let (confirmed, connected, behind) = evidence.confirmed(set.generation());
+    let (confirmed, known, behind) = evidence.confirmed(set.generation());
     let step = Step::next_for(set);
     let blocked_by = match step {
         Step::Prepare => Vec::new(),
@@ -334,7 +334,7 @@ pub fn status_of(
             })
             .collect(),
         confirmed,
-        connected,
+        known,
         behind,
         agents,
         other_clients_until: evidence
@@ -361,6 +361,7 @@ pub fn spawn_auto_rotation(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut fleet = rotator.fleet.subscribe();
+        let mut last_wait: Vec<String> = Vec::new();
         loop {
             let set = rotator.live.current();
             let now = (rotator.clock)();
@@ -376,16 +377,24 @@ pub fn spawn_auto_rotation(
                     );
                 }
                 match rotator.take(step, None, false).await {
-                    Ok(set) => tracing::info!(
-                        step = step.as_str(),
-                        generation = set.generation(),
-                        "automatic root rotation: step taken"
-                    ),
-                    Err(StepError::Gated { missing, .. }) => tracing::info!(
-                        step = step.as_str(),
-                        waiting_for = %missing.join("; "),
-                        "automatic root rotation: waiting"
-                    ),
+                    Ok(set) => {
+                        last_wait.clear();
+                        tracing::info!(
+                            step = step.as_str(),
+                            generation = set.generation(),
+                            "automatic root rotation: step taken"
+                        );
+                    }
+                    // Logged when what it waits for changes, not each time.
+                    Err(StepError::Gated { missing, .. }) if missing != last_wait => {
+                        tracing::info!(
+                            step = step.as_str(),
+                            waiting_for = %missing.join("; "),
+                            "automatic root rotation: waiting"
+                        );
+                        last_wait = missing;
+                    }
+                    Err(StepError::Gated { .. }) => {}
                     Err(e) => {
                         tracing::error!(step = step.as_str(), error = %e, "automatic root rotation: step failed")
                     }
@@ -393,21 +402,29 @@ pub fn spawn_auto_rotation(
             }
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
-                // Agents confirming: look again at once (bounded by the
-                // agents' report rate), but only mid-rotation.
-                r = fleet.changed(), if due => if r.is_err() { return },
+                // Agents confirming: look again soon, mid-rotation only, a
+                // burst of reports taken as one.
+                r = fleet.changed(), if due => {
+                    if r.is_err() { return }
+                    tokio::time::sleep(AUTO_DEBOUNCE).await;
+                    fleet.borrow_and_update();
+                }
                 _ = shutdown.changed() => return,
             }
         }
     })
 }
 
+/// How long the automatic rotation lets agents' reports pile up before it
+/// looks at them.
+const AUTO_DEBOUNCE: Duration = Duration::from_millis(250);
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ca::KeyAlgorithm;
     use crate::ca::keystore::load_or_create;
-    use crate::ca::rotation::Ledger;
+
     use crate::identity::TrustDomain;
 
     /// The active root lives 1000 s (plus the 120 s backdate); at 20%,
@@ -428,7 +445,7 @@ mod tests {
         let (set, _) = load_or_create(&store, &spec, None, real).await.unwrap();
         let first = set.active().id().to_owned();
         let live = Arc::new(LiveCa::new(set, store.clone()));
-        let fleet = Arc::new(Fleet::new(Ledger::default(), 50));
+        let fleet = Arc::new(Fleet::new(Default::default(), 50, real));
         let rotator = Arc::new(Rotator::new(live.clone(), fleet, spec).with_clock(clock));
         let (stop, shutdown) = watch::channel(false);
         let task = spawn_auto_rotation(rotator, 0.2, Duration::from_secs(60), shutdown);

@@ -1,0 +1,122 @@
+//! The bundle watch (`workloadca.v1.TrustBundleService/WatchBundle`): one
+//! stream per agent, authenticated like `CreateCertificate`. The server
+//! sends the bundle at once and on every change of the authorities, with
+//! the retiring authorities' signers and how soon their leaves are to be
+//! replaced; the agent reports back (recorded in [`super::fleet`]).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::auth::{AuthChain, AuthContext};
+use super::fleet::Fleet;
+use super::status;
+use crate::ca::{AuthoritySet, AuthorityState};
+use crate::logsafe::peer as peer_text;
+use crate::proto::workloadca::trust_bundle_service_server::TrustBundleService;
+use crate::proto::workloadca::{AgentReport, BundleUpdate};
+
+/// The update for `set`.
+pub fn update_for(set: &AuthoritySet, reissue_within_seconds: u32) -> BundleUpdate {
+    BundleUpdate {
+        generation: set.generation(),
+        bundle_pem: set.bundle_pem().to_owned(),
+        retiring_signers: set
+            .members()
+            .iter()
+            .filter(|m| m.state == AuthorityState::Retiring)
+            .map(|m| m.authority.signer().der().to_vec())
+            .collect(),
+        reissue_within_seconds,
+    }
+}
+
+/// The bundle watch service.
+pub struct BundleWatch {
+    pub(crate) authorities: watch::Receiver<Arc<AuthoritySet>>,
+    pub(crate) auth: AuthChain,
+    pub(crate) fleet: Arc<Fleet>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<BundleUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl TrustBundleService for BundleWatch {
+    type WatchBundleStream = UpdateStream;
+
+    async fn watch_bundle(
+        &self,
+        request: Request<Streaming<AgentReport>>,
+    ) -> Result<Response<Self::WatchBundleStream>, Status> {
+        let now = SystemTime::now();
+        let peer = request.remote_addr();
+        let peer_certs = request.peer_certs();
+        let ctx = AuthContext {
+            metadata: request.metadata(),
+            peer_certs: peer_certs.as_deref().map(Vec::as_slice),
+            now,
+        };
+        let caller = match self.auth.authenticate(&ctx).await {
+            Ok(c) => c.identity.to_string(),
+            Err(_) => {
+                tracing::debug!(?peer, "bundle watch: authentication failed");
+                return Err(status::unauthenticated());
+            }
+        };
+        let mut reports = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<BundleUpdate, Status>>(4);
+        let mut authorities = self.authorities.clone();
+        let fleet = self.fleet.clone();
+        let mut shutdown = self.shutdown.clone();
+        let id = fleet.open(peer);
+        tokio::spawn(async move {
+            let mut last_sent = 0;
+            let mut first = true;
+            loop {
+                let set = authorities.borrow_and_update().clone();
+                if set.generation() != last_sent {
+                    last_sent = set.generation();
+                    // Counted as sent before it is: an ACK racing the send
+                    // is not refused, and an ACK above it never counts.
+                    fleet.sent(id, last_sent);
+                    if tx
+                        .send(Ok(update_for(&set, fleet.reissue_window())))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                tokio::select! {
+                    changed = authorities.changed() => if changed.is_err() { break },
+                    report = reports.message() => match report {
+                        Ok(Some(r)) => {
+                            let set = authorities.borrow().clone();
+                            let counted = fleet.report(id, &caller, &r, &set, SystemTime::now());
+                            if first {
+                                first = false;
+                                if counted {
+                                    tracing::info!(agent = %peer_text(&r.agent), %caller, ?peer, "agent watching the trust bundle");
+                                } else {
+                                    tracing::warn!(agent = %peer_text(&r.agent), %caller, ?peer, "agent not counted: too many agents known");
+                                }
+                            }
+                        }
+                        Ok(None) | Err(_) => break,
+                    },
+                    _ = shutdown.changed() => break,
+                    () = tx.closed() => break,
+                }
+            }
+            fleet.close(id, peer);
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
