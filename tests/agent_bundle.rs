@@ -426,26 +426,7 @@ async fn the_watch_client_applies_pushes_and_reports_changes() {
 }
 
 fn issue(authority: &Authority) -> WorkloadCert {
-    use workload_ca::ca::{KeyAlgorithm, PrivateKey};
-    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
-    let kp = rcgen::KeyPair::from_pem(&key.to_pem()).unwrap();
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&kp)
-        .unwrap()
-        .pem()
-        .unwrap();
-    let chain = authority
-        .sign_leaf(
-            &check_csr(csr.as_bytes()).unwrap(),
-            &SpiffeId::parse("spiffe://cluster.local/ns/prod/sa/web").unwrap(),
-            Duration::from_secs(3600),
-            SystemTime::now(),
-        )
-        .unwrap()
-        .chain;
-    workload_ca::agent::workload::accept_chain(&key, &chain, SystemTime::now())
-        .unwrap()
-        .0
+    common::sds::issue(authority, "spiffe://cluster.local/ns/prod/sa/web").0
 }
 
 #[tokio::test]

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use common::cacerts::{make_intermediate, make_root_named};
 use common::procs::CaProc;
 use common::*;
-use workload_ca::ca::KeyAlgorithm;
 
 /// `ca rotate-root ARGS --state-dir STATE`, with `env`.
 fn rotate(state: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -99,15 +98,7 @@ async fn roots_on_disk(state: &Path, n: usize) -> String {
 
 /// A leaf from `ca`, checked by openssl against `root_pem` alone.
 async fn leaf_verifies_under(ca: &CaProc, root_pem: &str) -> Vec<String> {
-    let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
-    let mut chain = request(
-        &mut ca.client().await,
-        &csr,
-        Some(&ca.token("prod", "web")),
-        0,
-    )
-    .await
-    .unwrap();
+    let mut chain = ca.issue_chain().await;
     *chain.last_mut().unwrap() = root_pem.to_owned();
     openssl_verify(&chain);
     chain
@@ -235,15 +226,7 @@ async fn with_no_server_the_state_directory_changes_under_its_lock_and_a_server_
     );
     ok(&state, &["retire", "--force"]);
     roots_on_disk(&state, 1).await;
-    let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
-    let chain = request(
-        &mut ca.client().await,
-        &csr,
-        Some(&ca.token("prod", "web")),
-        0,
-    )
-    .await
-    .unwrap();
+    let chain = ca.issue_chain().await;
     assert_eq!(
         ders(chain.last().unwrap()),
         ders(&new_root),
@@ -347,15 +330,7 @@ async fn a_crash_at_any_write_of_any_step_leaves_the_state_before_or_after_it() 
     // verify under the bundle on disk.
     let ca = CaProc::start_at(&state, &["--auto-rotate", "off"], &[]);
     let pem = roots_on_disk(&state, 1).await;
-    let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
-    let chain = request(
-        &mut ca.client().await,
-        &csr,
-        Some(&ca.token("prod", "web")),
-        0,
-    )
-    .await
-    .unwrap();
+    let chain = ca.issue_chain().await;
     assert_eq!(ders(chain.last().unwrap()), ders(&pem));
     openssl_verify(&chain);
     // Nothing left behind: the manifest, the lock, one authority.
@@ -513,15 +488,7 @@ async fn kill_9_at_arbitrary_instants_never_leaves_a_half_step() {
     let ca = CaProc::start_at(&state, &["--auto-rotate", "off"], &[]);
     let n = members(&status(&state)).len();
     let pem = roots_on_disk(&state, n).await;
-    let (_k, csr) = key_and_csr(KeyAlgorithm::EcdsaP256, None);
-    let chain = request(
-        &mut ca.client().await,
-        &csr,
-        Some(&ca.token("prod", "web")),
-        0,
-    )
-    .await
-    .unwrap();
+    let chain = ca.issue_chain().await;
     assert_eq!(ders(chain.last().unwrap()), ders(&pem));
 }
 

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -15,11 +15,10 @@ use workload_ca::agent::acks::{AckSummary, BundleAcks};
 use workload_ca::agent::bundle::{AgentBundle, RootBundle};
 use workload_ca::agent::metrics::AgentMetrics;
 use workload_ca::agent::sds::{self, SECRET_TYPE_URL, Sds};
-use workload_ca::agent::workload::{CertWatch, accept_chain};
-use workload_ca::ca::{Authority, KeyAlgorithm, PrivateKey, check_csr};
-use workload_ca::identity::SpiffeId;
+use workload_ca::agent::workload::CertWatch;
+use workload_ca::ca::Authority;
 use workload_ca::proto::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryResponse,
 };
 use workload_ca::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use workload_ca::proto::google::rpc::Status as RpcStatus;
@@ -41,23 +40,7 @@ impl Fixture {
     /// A certificate, and the bundle at generation 3.
     fn new() -> Self {
         let authority = common::authority();
-        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
-        let kp = rcgen::KeyPair::from_pem(&key.to_pem()).unwrap();
-        let csr = rcgen::CertificateParams::default()
-            .serialize_request(&kp)
-            .unwrap()
-            .pem()
-            .unwrap();
-        let chain = authority
-            .sign_leaf(
-                &check_csr(csr.as_bytes()).unwrap(),
-                &SpiffeId::parse("spiffe://cluster.local/ns/prod/sa/web").unwrap(),
-                Duration::from_secs(3600),
-                SystemTime::now(),
-            )
-            .unwrap()
-            .chain;
-        let (cert, roots) = accept_chain(&key, &chain, SystemTime::now()).unwrap();
+        let (cert, roots) = common::sds::issue(&authority, "spiffe://cluster.local/ns/prod/sa/web");
         let bundle = AgentBundle::new();
         assert!(bundle.offer(roots.with_generation(Some(3))));
         let (cert_tx, cert_rx) = watch::channel(Some(Arc::new(cert)));
@@ -125,53 +108,26 @@ fn summary(proxies: u32, lowest: Option<u64>) -> AckSummary {
     }
 }
 
-struct Stream {
-    tx: mpsc::Sender<DiscoveryRequest>,
-    rx: tonic::Streaming<DiscoveryResponse>,
-}
+use common::sds::SotwStream;
+
+/// A stream on the fixture's socket, answers unwrapped.
+struct Stream(SotwStream);
 
 impl Stream {
     async fn open(f: &Fixture) -> Self {
-        let (tx, rx) = mpsc::channel(8);
-        let rx = f
-            .client()
-            .await
-            .stream_secrets(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        Self { tx, rx }
+        Self(SotwStream::open(&mut f.client().await).await)
     }
 
     async fn send(&self, names: &[&str], version: &str, nonce: &str, error: Option<&str>) {
-        self.tx
-            .send(DiscoveryRequest {
-                version_info: version.into(),
-                node: None,
-                resource_names: names.iter().map(|s| s.to_string()).collect(),
-                type_url: SECRET_TYPE_URL.into(),
-                response_nonce: nonce.into(),
-                error_detail: error.map(|m| RpcStatus {
-                    code: 13,
-                    message: m.into(),
-                    details: vec![],
-                }),
-            })
-            .await
-            .unwrap();
+        self.0.send(names, version, nonce, error).await;
     }
 
     async fn recv(&mut self) -> DiscoveryResponse {
-        tokio::time::timeout(WAIT, self.rx.message())
-            .await
-            .expect("a response in time")
-            .unwrap()
-            .expect("the stream is open")
+        self.0.recv().await.expect("the stream is open")
     }
 
-    /// Envoy's ACK of `r`.
     async fn ack(&self, names: &[&str], r: &DiscoveryResponse) {
-        self.send(names, &r.version_info, &r.nonce, None).await;
+        self.0.ack(names, r).await;
     }
 }
 

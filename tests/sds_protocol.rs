@@ -6,7 +6,7 @@ mod common;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use prost::Message;
 use tokio::sync::{mpsc, watch};
@@ -14,15 +14,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use workload_ca::agent::metrics::AgentMetrics;
 use workload_ca::agent::sds::{self, SECRET_TYPE_URL, Sds};
-use workload_ca::agent::workload::{CertWatch, RootBundle, WorkloadCert, accept_chain};
-use workload_ca::ca::{Authority, KeyAlgorithm, PrivateKey, check_csr};
-use workload_ca::identity::SpiffeId;
+use workload_ca::agent::workload::{CertWatch, RootBundle, WorkloadCert};
+use workload_ca::ca::Authority;
 use workload_ca::proto::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
 use workload_ca::proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
 };
 use workload_ca::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
-use workload_ca::proto::google::rpc::Status as RpcStatus;
 
 const ID: &str = "spiffe://cluster.local/ns/prod/sa/web";
 const WAIT: Duration = Duration::from_secs(5);
@@ -43,26 +41,6 @@ fn authority() -> Authority {
     common::authority()
 }
 
-fn issue(authority: &Authority) -> (WorkloadCert, RootBundle) {
-    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
-    let kp = rcgen::KeyPair::from_pem(&key.to_pem()).unwrap();
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&kp)
-        .unwrap()
-        .pem()
-        .unwrap();
-    let chain = authority
-        .sign_leaf(
-            &check_csr(csr.as_bytes()).unwrap(),
-            &SpiffeId::parse(ID).unwrap(),
-            Duration::from_secs(3600),
-            SystemTime::now(),
-        )
-        .unwrap()
-        .chain;
-    accept_chain(&key, &chain, SystemTime::now()).unwrap()
-}
-
 impl Fixture {
     /// With a certificate already published, unless `empty`.
     async fn new(empty: bool) -> Self {
@@ -70,7 +48,7 @@ impl Fixture {
         let (cert_tx, cert) = watch::channel(None);
         let (roots_tx, roots) = watch::channel(None);
         if !empty {
-            let (c, r) = issue(&authority);
+            let (c, r) = common::sds::issue(&authority, ID);
             cert_tx.send_replace(Some(Arc::new(c)));
             roots_tx.send_replace(Some(Arc::new(r)));
         }
@@ -93,7 +71,7 @@ impl Fixture {
     }
 
     fn rotate(&self) -> String {
-        let (c, _r) = issue(&self.authority);
+        let (c, _r) = common::sds::issue(&self.authority, ID);
         let v = c.version.clone();
         self.cert_tx.send_replace(Some(Arc::new(c)));
         v
@@ -119,51 +97,7 @@ async fn connect(path: &Path) -> Channel {
 }
 
 /// One StreamSecrets stream driven by hand.
-struct Stream {
-    tx: mpsc::Sender<DiscoveryRequest>,
-    rx: tonic::Streaming<DiscoveryResponse>,
-}
-
-impl Stream {
-    async fn open(client: &mut SecretDiscoveryServiceClient<Channel>) -> Self {
-        let (tx, rx) = mpsc::channel(8);
-        let rx = client
-            .stream_secrets(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        Self { tx, rx }
-    }
-
-    async fn send(&self, names: &[&str], version: &str, nonce: &str, error: Option<&str>) {
-        self.tx
-            .send(DiscoveryRequest {
-                version_info: version.into(),
-                node: None,
-                resource_names: names.iter().map(|s| s.to_string()).collect(),
-                type_url: SECRET_TYPE_URL.into(),
-                response_nonce: nonce.into(),
-                error_detail: error.map(|m| RpcStatus {
-                    code: 13,
-                    message: m.into(),
-                    details: vec![],
-                }),
-            })
-            .await
-            .unwrap();
-    }
-
-    async fn recv(&mut self) -> Result<DiscoveryResponse, tonic::Status> {
-        match tokio::time::timeout(WAIT, self.rx.message())
-            .await
-            .expect("a response in time")
-        {
-            Ok(Some(r)) => Ok(r),
-            Ok(None) => Err(tonic::Status::cancelled("stream closed")),
-            Err(s) => Err(s),
-        }
-    }
-}
+use common::sds::SotwStream as Stream;
 
 fn secrets(resp: &DiscoveryResponse) -> Vec<Secret> {
     resp.resources
@@ -368,7 +302,7 @@ async fn nothing_is_sent_before_a_certificate_exists_nor_after_it_expired() {
     let mut s = Stream::open(&mut client).await;
     s.send(&["default"], "", "", None).await;
     // Publish an already-expired certificate: still nothing.
-    let (mut c, r) = issue(&f.authority);
+    let (mut c, r) = common::sds::issue(&f.authority, ID);
     c.expires_at = tokio::time::Instant::now();
     f.roots_tx.send_replace(Some(Arc::new(r)));
     f.cert_tx.send_replace(Some(Arc::new(c)));

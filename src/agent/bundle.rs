@@ -233,19 +233,10 @@ impl AgentBundle {
 mod tests {
     use super::*;
     use crate::ca::{Authority, KeyAlgorithm, PrivateKey, check_csr};
-    use crate::identity::{SpiffeId, TrustDomain};
+    use crate::identity::SpiffeId;
 
     fn authority() -> Authority {
-        let td = TrustDomain::new("cluster.local").unwrap();
-        let now = SystemTime::now();
-        let files = Authority::generate_root(
-            &td,
-            KeyAlgorithm::EcdsaP256,
-            Duration::from_secs(86_400),
-            now,
-        )
-        .unwrap();
-        Authority::from_files(&files, &td, now).unwrap()
+        crate::ca::testing::authority("cluster.local", 86_400)
     }
 
     fn leaf(authority: &Authority) -> Vec<u8> {

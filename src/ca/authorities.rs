@@ -283,16 +283,7 @@ mod tests {
     use std::time::Duration;
 
     fn authority(td: &str) -> Authority {
-        let td = TrustDomain::new(td).unwrap();
-        let now = SystemTime::now();
-        let files = Authority::generate_root(
-            &td,
-            KeyAlgorithm::EcdsaP256,
-            Duration::from_secs(86_400),
-            now,
-        )
-        .unwrap();
-        Authority::from_files(&files, &td, now).unwrap()
+        crate::ca::testing::authority(td, 86_400)
     }
 
     fn states(set: &AuthoritySet) -> Vec<State> {

@@ -75,6 +75,18 @@ pub fn parse_pem_certs(text: &str) -> Result<Vec<Cert>, Error> {
 }
 
 /// Seconds since the epoch to `SystemTime`, saturating at the epoch.
+/// Seconds since the Unix epoch (0 before it).
+pub fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The instant `secs` seconds after the Unix epoch.
+pub fn from_unix(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+}
+
 pub fn time_from_unix(secs: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0))
 }

@@ -230,32 +230,32 @@ impl DirStore {
     /// An exclusive lock on the store, held until the file is dropped:
     /// swaps in this and every other process take it.
     fn lock(&self) -> Result<File, Error> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(|e| self.err(format!("creating the directory: {e}")))?;
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir.join(LOCK))
-            .map_err(|e| self.err(format!("opening the lock: {e}")))?;
+        let file = self.lock_file(LOCK)?;
         file.lock()
             .map_err(|e| self.err(format!("taking the lock: {e}")))?;
         Ok(file)
     }
 
     fn lock_shared(&self) -> Result<File, Error> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir.join(LOCK))
-            .map_err(|e| self.err(format!("opening the lock: {e}")))?;
+        let file = self.lock_file(LOCK)?;
         file.lock_shared()
             .map_err(|e| self.err(format!("taking the lock: {e}")))?;
         Ok(file)
+    }
+
+    /// The lock file `name` in the store's directory (both made if absent).
+    fn lock_file(&self, name: &str) -> Result<File, Error> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|e| self.err(format!("creating the directory: {e}")))?;
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join(name))
+            .map_err(|e| self.err(format!("opening {name}: {e}")))
     }
 
     /// Held by a running server for its whole life, so `ca rotate-root`
@@ -264,17 +264,7 @@ impl DirStore {
     /// # Errors
     /// [`Error::Store`] when the lock file cannot be opened.
     pub fn server_lock(&self) -> Result<Option<File>, Error> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(|e| self.err(format!("creating the directory: {e}")))?;
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir.join(SERVER_LOCK))
-            .map_err(|e| self.err(format!("opening the server lock: {e}")))?;
+        let file = self.lock_file(SERVER_LOCK)?;
         match file.try_lock() {
             Ok(()) => Ok(Some(file)),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
@@ -576,15 +566,7 @@ mod tests {
     }
 
     fn authority() -> Authority {
-        let now = SystemTime::now();
-        let files = Authority::generate_root(
-            &spec().trust_domain,
-            KeyAlgorithm::EcdsaP256,
-            Duration::from_secs(3600),
-            now,
-        )
-        .unwrap();
-        Authority::from_files(&files, &spec().trust_domain, now).unwrap()
+        crate::ca::testing::authority("td", 3600)
     }
 
     #[tokio::test]

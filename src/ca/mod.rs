@@ -52,3 +52,22 @@ pub enum Error {
     #[error("CA store {location}: {reason}")]
     Store { location: String, reason: String },
 }
+
+/// Material for unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::time::{Duration, SystemTime};
+
+    use super::{Authority, KeyAlgorithm};
+    use crate::identity::TrustDomain;
+
+    /// A fresh self-signed P-256 authority for `td`, valid for `secs`.
+    pub fn authority(td: &str, secs: u64) -> Authority {
+        let td = TrustDomain::new(td).unwrap();
+        let now = SystemTime::now();
+        let files =
+            Authority::generate_root(&td, KeyAlgorithm::EcdsaP256, Duration::from_secs(secs), now)
+                .unwrap();
+        Authority::from_files(&files, &td, now).unwrap()
+    }
+}

@@ -108,6 +108,17 @@ pub struct AgentView {
     pub leaves: BTreeMap<String, SystemTime>,
 }
 
+impl AgentView {
+    /// Its name, marked when it is not connected.
+    fn shown(&self) -> String {
+        if self.connected {
+            self.name.clone()
+        } else {
+            format!("{} (disconnected)", self.name)
+        }
+    }
+}
+
 /// What the server knows when a step is asked for.
 #[derive(Clone, Debug, Default)]
 pub struct Evidence {
@@ -127,13 +138,7 @@ impl Evidence {
             .agents
             .iter()
             .filter(|a| a.acked_generation < generation)
-            .map(|a| {
-                if a.connected {
-                    a.name.clone()
-                } else {
-                    format!("{} (disconnected)", a.name)
-                }
-            })
+            .map(AgentView::shown)
             .collect();
         (self.agents.len() - behind.len(), self.agents.len(), behind)
     }
@@ -214,13 +219,7 @@ pub fn check_retire(
             .agents
             .iter()
             .filter(|a| a.leaves.get(*id).is_some_and(|until| *until > now))
-            .map(|a| {
-                if a.connected {
-                    a.name.clone()
-                } else {
-                    format!("{} (disconnected)", a.name)
-                }
-            })
+            .map(AgentView::shown)
             .collect();
         if !holders.is_empty() {
             missing.push(format!(

@@ -87,6 +87,22 @@ impl AuthChain {
         }
         Err(reasons)
     }
+
+    /// [`AuthChain::authenticate`] on what a gRPC request carries: its
+    /// metadata and its TLS client certificates, at `now`.
+    pub async fn authenticate_request<T>(
+        &self,
+        request: &tonic::Request<T>,
+        now: SystemTime,
+    ) -> Result<Caller, Vec<AuthError>> {
+        let peer_certs = request.peer_certs();
+        let ctx = AuthContext {
+            metadata: request.metadata(),
+            peer_certs: peer_certs.as_deref().map(Vec::as_slice),
+            now,
+        };
+        self.authenticate(&ctx).await
+    }
 }
 
 /// Renewal with a current certificate: a client certificate issued by this

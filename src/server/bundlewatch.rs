@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::auth::{AuthChain, AuthContext};
+use super::auth::AuthChain;
 use super::fleet::Fleet;
 use super::status;
 use crate::ca::{AuthoritySet, AuthorityState};
@@ -53,15 +53,12 @@ impl TrustBundleService for BundleWatch {
         &self,
         request: Request<Streaming<AgentReport>>,
     ) -> Result<Response<Self::WatchBundleStream>, Status> {
-        let now = SystemTime::now();
         let peer = request.remote_addr();
-        let peer_certs = request.peer_certs();
-        let ctx = AuthContext {
-            metadata: request.metadata(),
-            peer_certs: peer_certs.as_deref().map(Vec::as_slice),
-            now,
-        };
-        let caller = match self.auth.authenticate(&ctx).await {
+        let caller = match self
+            .auth
+            .authenticate_request(&request, SystemTime::now())
+            .await
+        {
             Ok(c) => c.identity.to_string(),
             Err(_) => {
                 tracing::debug!(?peer, "bundle watch: authentication failed");

@@ -12,6 +12,7 @@
 //! may still be valid; the whole view is saved with the ledger, so a
 //! restarted CA counts the agents it knew until they reconnect.
 
+use crate::ca::bundle::{from_unix, unix};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -560,29 +561,14 @@ pub fn saved_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("issued.json")
 }
 
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn from_unix(s: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(s)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ca::{Authority, KeyAlgorithm};
-    use crate::identity::TrustDomain;
+    use crate::ca::KeyAlgorithm;
 
     fn set() -> AuthoritySet {
-        let td = TrustDomain::new("td").unwrap();
-        let now = SystemTime::now();
-        let files =
-            Authority::generate_root(&td, KeyAlgorithm::EcdsaP256, Duration::from_secs(3600), now)
-                .unwrap();
-        AuthoritySet::single_since(Authority::from_files(&files, &td, now).unwrap(), now).unwrap()
+        let a = crate::ca::testing::authority("td", 3600);
+        AuthoritySet::single_since(a, SystemTime::now()).unwrap()
     }
 
     fn report(agent: &str, acked: u64) -> AgentReport {

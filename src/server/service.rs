@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use super::auth::{AuthChain, AuthContext};
+use super::auth::AuthChain;
 use super::metrics::Metrics;
 use super::status;
 use crate::ca::{AuthoritySet, TtlPolicy, check_pem_csr};
@@ -38,13 +38,7 @@ impl IstioCertificateService for CaService {
         self.metrics.csr_count.inc();
         let now = SystemTime::now();
         let peer = request.remote_addr();
-        let peer_certs = request.peer_certs();
-        let ctx = AuthContext {
-            metadata: request.metadata(),
-            peer_certs: peer_certs.as_deref().map(Vec::as_slice),
-            now,
-        };
-        let caller = match self.auth.authenticate(&ctx).await {
+        let caller = match self.auth.authenticate_request(&request, now).await {
             Ok(caller) => caller,
             Err(reasons) => {
                 self.metrics.authentication_failure.inc();

@@ -7,6 +7,7 @@ pub mod cacerts;
 pub mod envoy;
 pub mod h2raw;
 pub mod procs;
+pub mod sds;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
