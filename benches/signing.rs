@@ -6,7 +6,7 @@
 //! - `workload_ca_set`: the same through the live authority set, as the
 //!   server signs since root rotation: the set's snapshot, the whole bundle
 //!   as the chain's last element, and the issuance ledger the rotation
-//!   gates read (the agent check and the record).
+//!   gates read.
 //! - `bare_rcgen`: rcgen's own CSR parse + signature check, `signed_by`, PEM.
 //!
 //! Both take a P-256 CSR and sign with a P-256 CA key. Run:
@@ -58,7 +58,6 @@ fn signing(c: &mut Criterion) {
         .unwrap(),
     );
     let fleet = workload_ca::server::fleet::Fleet::new(Default::default(), 50, now);
-    let peer: std::net::SocketAddr = "127.0.0.1:40000".parse().unwrap();
     group.bench_function("workload_ca_set", |b| {
         b.iter(|| {
             let csr = check_csr(csr_pem.as_bytes()).unwrap();
@@ -66,14 +65,12 @@ fn signing(c: &mut Criterion) {
             let issued = snapshot
                 .sign_leaf(&csr, &id, Duration::from_secs(3600), now)
                 .unwrap();
-            if !fleet.is_watching(peer) {
-                fleet.record_issued(
-                    snapshot.generation(),
-                    snapshot.active().id(),
-                    now,
-                    issued.not_after,
-                );
-            }
+            fleet.record_issued(
+                snapshot.generation(),
+                snapshot.active().id(),
+                now,
+                issued.not_after,
+            );
             std::hint::black_box(issued.chain);
         })
     });

@@ -265,6 +265,7 @@ pub mod label {
     pub const OPS_CONNECTIONS: &str = "ops_connections";
     pub const OPS_TIMEOUT: &str = "ops_timeout";
     pub const WATCHES_PER_CONNECTION: &str = "watches_per_connection";
+    pub const WATCHES: &str = "watches";
 
     pub const ALL: &[&str] = &[
         CONNECTIONS,
@@ -286,6 +287,7 @@ pub mod label {
         OPS_CONNECTIONS,
         OPS_TIMEOUT,
         WATCHES_PER_CONNECTION,
+        WATCHES,
     ];
 }
 

@@ -19,6 +19,10 @@ pub const BUNDLE_GENERATION_HEADER: &str = "x-workload-ca-bundle-generation";
 /// falsely only hides its own leaf from the gates.
 pub const AGENT_HEADER: &str = "x-workload-ca-agent";
 
+/// The largest `AgentReport` the CA reads (and agents send): the leaves
+/// of a node with 110 pods on RSA-4096 keys fit, about 170 KB.
+pub const MAX_REPORT_BYTES: usize = 256 * 1024;
+
 /// `workloadca.v1`: our own service beside Istio's (the bundle watch).
 pub mod workloadca {
     tonic::include_proto!("workloadca.v1");

@@ -615,7 +615,7 @@ async fn calls_in_flight_are_capped_per_source_and_in_all() {
 }
 
 /// Bundle watches live as long as their connection: outside the call
-/// limits and deadlines, a few per connection. Past the cap the call is
+/// limits and deadlines, one per connection. Past the cap the call is
 /// refused at once; the watches open stay served, and CSRs on the same
 /// connection and source are not crowded out.
 #[tokio::test]
@@ -644,7 +644,7 @@ async fn bundle_watches_have_their_own_small_budget_per_connection() {
             }
         }
     }
-    assert_eq!(refused, Some(4), "four per connection");
+    assert_eq!(refused, Some(1), "one per connection");
     assert_eq!(ca.refusals(label::WATCHES_PER_CONNECTION).await, 1.0);
     // Past the call deadline, the watches are still there and answer.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -652,8 +652,8 @@ async fn bundle_watches_have_their_own_small_budget_per_connection() {
         let first = updates.message().await.unwrap().unwrap();
         assert_eq!(first.generation, 1);
     }
-    // Four watches open, two CSR calls per source allowed: CSRs still pass,
-    // on the same connection and on a new one.
+    // A watch open, two CSR calls per source allowed: CSRs still pass, on
+    // the same connection and on a new one.
     let (_k, csr) = key_and_csr(workload_ca::ca::KeyAlgorithm::EcdsaP256, None);
     let mut same = workload_ca::proto::istio::istio_certificate_service_client::IstioCertificateServiceClient::new(channel.clone());
     request(&mut same, &csr, Some(&token), 0).await.unwrap();

@@ -102,6 +102,16 @@ impl BundleAcks {
         }
     }
 
+    /// Forgets every ACK recorded (the CA's generation went back: ACKs of
+    /// the higher numbers say nothing about the bundle now held).
+    pub fn forget(&self) {
+        self.update(|s| {
+            for e in s.streams.values_mut() {
+                e.1 = None;
+            }
+        });
+    }
+
     fn update<R>(&self, f: impl FnOnce(&mut Streams) -> R) -> R {
         let mut streams = match self.streams.lock() {
             Ok(g) => g,

@@ -88,6 +88,35 @@ impl BundleWatcher {
         self
     }
 
+    /// The valid leaves, as many as fit in a report the CA reads (a
+    /// margin kept for the other fields); the rest are left out, logged.
+    fn leaves_within_limit(&self, now: tokio::time::Instant) -> Vec<Vec<u8>> {
+        let budget = crate::proto::MAX_REPORT_BYTES - 4096;
+        let mut used = 0;
+        let mut leaves = Vec::new();
+        for w in &self.leaves {
+            let Some(der) = w
+                .borrow()
+                .as_ref()
+                .filter(|c| c.expires_at > now)
+                .map(|c| c.leaf_der.clone())
+            else {
+                continue;
+            };
+            used += der.len() + 8;
+            if used > budget {
+                tracing::warn!(
+                    reported = leaves.len(),
+                    workloads = self.leaves.len(),
+                    "too many leaves for one report; the rest are not reported"
+                );
+                break;
+            }
+            leaves.push(der);
+        }
+        leaves
+    }
+
     /// What the agent reports now.
     pub fn report(&self) -> AgentReport {
         let held = self.bundle.generation().unwrap_or(0);
@@ -98,16 +127,7 @@ impl BundleWatcher {
             bundle_generation: held,
             acked_generation: acks.acked_or(held),
             proxies: acks.proxies,
-            leaves: self
-                .leaves
-                .iter()
-                .filter_map(|w| {
-                    w.borrow()
-                        .as_ref()
-                        .filter(|c| c.expires_at > now)
-                        .map(|c| c.leaf_der.clone())
-                })
-                .collect(),
+            leaves: self.leaves_within_limit(now),
         }
     }
 
@@ -189,7 +209,12 @@ impl BundleWatcher {
                         // as it is now, even if its generation went back.
                         let first = !updated;
                         updated = true;
-                        apply(&self.bundle, update, first);
+                        let before = self.bundle.generation();
+                        if apply(&self.bundle, update, first)
+                            && before > self.bundle.generation()
+                        {
+                            self.acks.forget();
+                        }
                     }
                     Ok(None) => return failed("the CA ended the stream".into(), updated),
                     Err(s) if s.code() == tonic::Code::Unimplemented => return Ended::Unimplemented,

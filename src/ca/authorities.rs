@@ -203,8 +203,8 @@ impl AuthoritySet {
     /// A new set with `next` prepared: trusted everywhere, signing nothing.
     ///
     /// # Errors
-    /// [`Error::Material`] if one is already prepared, or `next` serves
-    /// another trust domain.
+    /// [`Error::Material`] if one is already prepared (and still valid: an
+    /// expired one is replaced), or `next` serves another trust domain.
     pub fn prepare(&self, next: Authority, now: SystemTime) -> Result<Self, Error> {
         if self.members.iter().any(|m| m.authority.id() == next.id()) {
             return Err(Error::Material(format!(
@@ -212,7 +212,14 @@ impl AuthoritySet {
                 next.id()
             )));
         }
-        let mut members = self.members.clone();
+        // A prepared authority that expired before it was activated can
+        // never be: the new one takes its place.
+        let mut members: Vec<Member> = self
+            .members
+            .iter()
+            .filter(|m| !(m.state == State::Prepared && m.authority.chain_not_after() <= now))
+            .cloned()
+            .collect();
         members.push(Member {
             authority: Arc::new(next),
             state: State::Prepared,

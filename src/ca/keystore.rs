@@ -236,11 +236,18 @@ impl DirStore {
         Ok(file)
     }
 
-    fn lock_shared(&self) -> Result<File, Error> {
-        let file = self.lock_file(LOCK)?;
+    /// A shared lock for reading, on a lock file opened read-only (so an
+    /// operator who may only read the store can still run `status`); none
+    /// when there is no lock file yet.
+    fn lock_shared(&self) -> Result<Option<File>, Error> {
+        let file = match File::open(self.dir.join(LOCK)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.err(format!("opening the lock: {e}"))),
+        };
         file.lock_shared()
             .map_err(|e| self.err(format!("taking the lock: {e}")))?;
-        Ok(file)
+        Ok(Some(file))
     }
 
     /// The lock file `name` in the store's directory (both made if absent).
@@ -298,11 +305,7 @@ impl DirStore {
     fn load_sync(&self) -> Result<Option<Stored>, Error> {
         // Shared with other readers, never in the middle of a swap (whose
         // sweep may be deleting a directory the old manifest named).
-        let _lock = if self.dir.is_dir() {
-            Some(self.lock_shared()?)
-        } else {
-            None
-        };
+        let _lock = self.lock_shared()?;
         let Some(manifest) = self.read_manifest()? else {
             return self.load_legacy();
         };
@@ -410,12 +413,14 @@ impl DirStore {
         if let Err(e) = atomic_write(&self.dir.join(MANIFEST), text.as_bytes(), 0o600) {
             // Failed after the rename (syncing the directory): the swap
             // happened; saying otherwise would have the caller report a
-            // step that was taken as refused.
+            // step that was taken as refused. Nothing is deleted then: a
+            // power loss could still bring the old manifest back, and it
+            // must find its directories (the next start tidies).
             if fs::read_to_string(self.dir.join(MANIFEST)).is_ok_and(|t| t == text) {
                 tracing::warn!(error = %e, "the new manifest is in place but syncing the directory failed");
-            } else {
-                return Err(self.err(format!("writing {MANIFEST}: {e}")));
+                return Ok(true);
             }
+            return Err(self.err(format!("writing {MANIFEST}: {e}")));
         }
         crash_point("manifest-written");
         // 3. What no member names any more: gone authorities' keys, the
@@ -706,6 +711,10 @@ mod tests {
         let loaded = AuthoritySet::from_stored(&prepared.to_stored(), &td, later).unwrap();
         let err = loaded.activate(later).unwrap_err().to_string();
         assert!(err.contains("not valid now"), "{err}");
+        // Another prepare replaces it.
+        let replaced = loaded.prepare(short(86_400), later).unwrap();
+        assert_eq!(replaced.members().len(), 2);
+        assert!(replaced.activate(later).is_ok());
         // The active one must be valid.
         assert!(
             AuthoritySet::from_stored(

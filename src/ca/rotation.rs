@@ -89,6 +89,23 @@ impl Ledger {
         }
     }
 
+    /// Moves what was recorded above `generation` to generation 0 (before
+    /// every generation): the store went back, and those numbers now name
+    /// other bundles.
+    pub fn clamp(&mut self, generation: u64) {
+        let above: Vec<u64> = self
+            .by_generation
+            .range(generation + 1..)
+            .map(|(g, _)| *g)
+            .collect();
+        for g in above {
+            if let Some(until) = self.by_generation.remove(&g) {
+                let e = self.by_generation.entry(0).or_default();
+                *e = (*e).max(until);
+            }
+        }
+    }
+
     /// Drops what has expired.
     pub fn prune(&mut self, now: SystemTime) {
         let now = unix(now);
@@ -127,6 +144,9 @@ pub struct Evidence {
     /// While set, the server has just started: agents it knew have until
     /// then to reconnect, and no gate opens.
     pub settle_until: Option<SystemTime>,
+    /// Agents connected but not counted (the CA's caps on agents): no gate
+    /// opens while there are any.
+    pub uncounted: usize,
 }
 
 impl Evidence {
@@ -143,13 +163,25 @@ impl Evidence {
         (self.agents.len() - behind.len(), self.agents.len(), behind)
     }
 
-    fn settling(&self) -> Option<String> {
-        self.settle_until.map(|t| {
-            format!(
-                "the server started recently: agents have until {} to reconnect and report",
-                rfc3339(t)
-            )
-        })
+    /// What holds every gate, whatever the step.
+    fn settling(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .settle_until
+            .map(|t| {
+                format!(
+                    "the server started recently: agents have until {} to reconnect and report",
+                    rfc3339(t)
+                )
+            })
+            .into_iter()
+            .collect();
+        if self.uncounted > 0 {
+            out.push(format!(
+                "{} connected agents are not counted (too many agents known to the CA); their proxies cannot confirm",
+                self.uncounted
+            ));
+        }
+        out
     }
 }
 
@@ -171,7 +203,7 @@ pub fn check_activate(
         ]);
     }
     let since = prepared_generation(set);
-    let mut missing: Vec<String> = evidence.settling().into_iter().collect();
+    let mut missing: Vec<String> = evidence.settling();
     let (ok, of, behind) = evidence.confirmed(since);
     if !behind.is_empty() {
         missing.push(format!(
@@ -213,7 +245,7 @@ pub fn check_retire(
             "no authority is retiring; run `ca rotate-root activate` first".into(),
         ]);
     }
-    let mut missing: Vec<String> = evidence.settling().into_iter().collect();
+    let mut missing: Vec<String> = evidence.settling();
     for id in &retiring {
         let holders: Vec<String> = evidence
             .agents

@@ -305,6 +305,7 @@ fn offline_evidence(state_dir: &Path) -> Evidence {
             .collect(),
         ledger: saved.ledger,
         settle_until: None,
+        uncounted: 0,
     }
 }
 

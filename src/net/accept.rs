@@ -113,6 +113,8 @@ struct Source {
 pub struct Calls {
     pub source: Option<Arc<AtomicUsize>>,
     pub all: Arc<AtomicUsize>,
+    /// Long-lived calls (bundle watches) open in all.
+    pub watches: Arc<AtomicUsize>,
 }
 
 /// A connection's place in [`Occupancy`]; released on drop.
@@ -247,6 +249,7 @@ impl<L: Listener> Acceptor<L> {
         } = self;
         let occupancy = Arc::new(Mutex::new(Occupancy::default()));
         let all_calls = Arc::new(AtomicUsize::new(0));
+        let all_watches = Arc::new(AtomicUsize::new(0));
         let warn = WarnLimiter::<Option<IpAddr>>::new();
         let mut conns = JoinSet::new();
         loop {
@@ -281,6 +284,7 @@ impl<L: Listener> Acceptor<L> {
             let calls = Calls {
                 source: ticket.source_calls.clone(),
                 all: all_calls.clone(),
+                watches: all_watches.clone(),
             };
             conns.spawn(async move {
                 let done = tokio::time::timeout(deadline, handshake(io, source)).await;

@@ -197,39 +197,40 @@ struct ConnService<S, I> {
     max_calls: Option<usize>,
 }
 
-/// Long-lived calls (bundle watches) one connection may hold open.
-pub const MAX_WATCHES_PER_CONNECTION: usize = 4;
-
-/// Where a call in flight is counted (released on drop).
-enum Slot {
-    Call(#[allow(dead_code)] CallSlot),
-    Watch(#[allow(dead_code)] WatchSlot),
-}
-
-/// A long-lived call's place in its connection's count.
-struct WatchSlot(Arc<AtomicUsize>);
-
-impl WatchSlot {
-    fn take(count: &Arc<AtomicUsize>) -> Result<Self, &'static str> {
-        let before = count.fetch_add(1, Ordering::AcqRel);
-        let slot = Self(count.clone());
-        if before >= MAX_WATCHES_PER_CONNECTION {
-            return Err(label::WATCHES_PER_CONNECTION);
-        }
-        Ok(slot)
-    }
-}
-
-impl Drop for WatchSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+/// Long-lived calls (bundle watches) one connection may hold open: an
+/// agent needs one.
+pub const MAX_WATCHES_PER_CONNECTION: usize = 1;
+/// Long-lived calls open in all (one per node of a large cluster).
+pub const MAX_WATCHES: usize = 16_384;
 
 /// A call's place in the source's and the server's in-flight counts.
 struct CallSlot(Vec<Arc<AtomicUsize>>);
 
 impl CallSlot {
+    /// A long-lived call's place in its connection's and the server's
+    /// counts of them, or the limit that refuses it.
+    fn take_watch(
+        connection: &Arc<AtomicUsize>,
+        all: &Arc<AtomicUsize>,
+    ) -> Result<Self, &'static str> {
+        let mut slot = Self(Vec::with_capacity(2));
+        for (counter, max, limit) in [
+            (
+                connection,
+                MAX_WATCHES_PER_CONNECTION,
+                label::WATCHES_PER_CONNECTION,
+            ),
+            (all, MAX_WATCHES, label::WATCHES),
+        ] {
+            let before = counter.fetch_add(1, Ordering::AcqRel);
+            slot.0.push(counter.clone());
+            if before >= max {
+                return Err(limit);
+            }
+        }
+        Ok(slot)
+    }
+
     /// Takes a place in each count under its maximum, or names the limit
     /// that refuses the call.
     fn take(
@@ -316,9 +317,9 @@ where
         // Long-lived calls have their own budget (a few per connection, so
         // bounded by the connection limits) and never use the CSR calls'.
         let taken = if long_lived {
-            WatchSlot::take(&self.stats.watches).map(Slot::Watch)
+            CallSlot::take_watch(&self.stats.watches, &self.calls.watches)
         } else {
-            CallSlot::take(&self.calls, self.max_calls_per_source, self.max_calls).map(Slot::Call)
+            CallSlot::take(&self.calls, self.max_calls_per_source, self.max_calls)
         };
         let slot = match taken {
             Ok(slot) => slot,

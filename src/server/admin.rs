@@ -170,13 +170,19 @@ pub async fn spawn(
                 path.display()
             )));
         }
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return Err(Error::Config(format!(
-                "admin socket {}: another server is listening on it",
-                path.display()
-            )));
+        // Only a socket nobody listens on is stale.
+        match tokio::net::UnixStream::connect(path).await {
+            Ok(_) => {
+                return Err(Error::Config(format!(
+                    "admin socket {}: another server is listening on it",
+                    path.display()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+            }
+            Err(e) => return Err(Error::io(path, e)),
         }
-        std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
     }
     let listener = bind_private(path)?;
     let app = axum::Router::new()

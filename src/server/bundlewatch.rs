@@ -110,7 +110,7 @@ impl TrustBundleService for BundleWatch {
                     () = tx.closed() => break,
                 }
             }
-            fleet.close(id, peer);
+            fleet.close(id);
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),

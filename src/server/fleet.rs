@@ -64,8 +64,8 @@ impl Held {
     fn merge(&mut self, other: &Held) {
         self.acked_generation = self.acked_generation.min(other.acked_generation);
         self.bundle_generation = self.bundle_generation.min(other.bundle_generation);
-        self.proxies += other.proxies;
-        self.leaf_count += other.leaf_count;
+        self.proxies = self.proxies.saturating_add(other.proxies);
+        self.leaf_count = self.leaf_count.saturating_add(other.leaf_count);
         for (id, until) in &other.leaves {
             let e = self.leaves.entry(id.clone()).or_insert(*until);
             *e = (*e).max(*until);
@@ -81,12 +81,18 @@ impl Held {
 #[derive(Debug)]
 struct Stream {
     key: Option<AgentKey>,
+    /// The connection it is on: it clears only the claims of leaves issued
+    /// over that connection.
+    peer: Option<std::net::SocketAddr>,
     /// The highest generation sent on it: ACKs above it are not believed.
     sent: u64,
     held: Held,
     /// Digest of the last reported leaves: unchanged leaves are not
     /// verified again.
     leaves_digest: Vec<u8>,
+    /// Refused by the caps on agents: not counted, so no gate opens while
+    /// it is open.
+    refused: bool,
 }
 
 #[derive(Debug, Default)]
@@ -95,17 +101,23 @@ struct Inner {
     next_stream: u64,
     /// Agents with no stream open, as last known.
     gone: BTreeMap<AgentKey, Held>,
-    /// Connections (client address and port) with a bundle watch open:
-    /// leaves issued over them are reported by their agent.
-    watching: BTreeMap<std::net::SocketAddr, u32>,
     ledger: Ledger,
     dirty: bool,
-    /// Leaves issued to callers that say they are our agents but had no
-    /// bundle watch open on that connection yet (an agent's first request
-    /// races its watch): serial -> (generation, authority, issued,
-    /// NotAfter). Dropped when an agent reports the leaf; folded into the
-    /// ledger when none does within [`CLAIM_WINDOW`].
-    claimed: BTreeMap<String, (u64, String, SystemTime, SystemTime)>,
+    /// Leaves issued to callers that say they are our agents, by serial.
+    /// Dropped when a watch on the connection the leaf went out on reports
+    /// it; folded into the ledger when none does within [`CLAIM_WINDOW`].
+    claimed: BTreeMap<String, Claim>,
+}
+
+/// A leaf claimed by an agent, until its watch reports it.
+#[derive(Debug)]
+struct Claim {
+    /// The connection it was issued over.
+    peer: Option<std::net::SocketAddr>,
+    generation: u64,
+    authority: String,
+    issued: SystemTime,
+    not_after: SystemTime,
 }
 
 /// How long a leaf claimed by an agent may go unreported before it counts
@@ -120,14 +132,15 @@ impl Inner {
         let stale: Vec<String> = self
             .claimed
             .iter()
-            .filter(|(_, (_, _, issued, _))| {
-                all || now.duration_since(*issued).unwrap_or_default() >= CLAIM_WINDOW
+            .filter(|(_, c)| {
+                all || now.duration_since(c.issued).unwrap_or_default() >= CLAIM_WINDOW
             })
             .map(|(serial, _)| serial.clone())
             .collect();
         for serial in stale {
-            if let Some((g, a, issued, until)) = self.claimed.remove(&serial) {
-                self.ledger.record(g, &a, issued, until);
+            if let Some(c) = self.claimed.remove(&serial) {
+                self.ledger
+                    .record(c.generation, &c.authority, c.issued, c.not_after);
                 self.dirty = true;
             }
         }
@@ -168,6 +181,21 @@ pub struct Saved {
     #[serde(default)]
     pub agents: Vec<(AgentKey, Held)>,
     pub clean: bool,
+}
+
+impl Saved {
+    /// What was recorded above `generation` (the store went back) counts
+    /// as nothing confirmed, issued before every generation.
+    pub fn clamped(mut self, generation: u64) -> Self {
+        for (_, held) in &mut self.agents {
+            if held.acked_generation > generation {
+                held.acked_generation = 0;
+                held.bundle_generation = 0;
+            }
+        }
+        self.ledger.clamp(generation);
+        self
+    }
 }
 
 /// The CA's view of its clients.
@@ -212,8 +240,17 @@ impl Fleet {
         }
     }
 
+    /// The state, even after a panic while it was held: what it holds is
+    /// still the best evidence there is (an empty view would open every
+    /// gate).
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> Option<T> {
-        let mut inner = self.inner.lock().ok()?;
+        let mut inner = self.lock();
         let out = f(&mut inner);
         drop(inner);
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
@@ -246,12 +283,14 @@ impl Fleet {
     pub fn claim(
         &self,
         serial_hex: &str,
+        peer: Option<std::net::SocketAddr>,
         generation: u64,
         authority: &str,
         issued: SystemTime,
         not_after: SystemTime,
     ) {
-        if let Ok(mut inner) = self.inner.lock() {
+        {
+            let mut inner = self.lock();
             if inner.claimed.len() >= MAX_CLAIMED {
                 inner
                     .ledger
@@ -261,7 +300,13 @@ impl Fleet {
             }
             inner.claimed.insert(
                 serial_hex.to_owned(),
-                (generation, authority.to_owned(), issued, not_after),
+                Claim {
+                    peer,
+                    generation,
+                    authority: authority.to_owned(),
+                    issued,
+                    not_after,
+                },
             );
         }
     }
@@ -269,7 +314,7 @@ impl Fleet {
     /// What to save, if anything changed since the last call (`all`: the
     /// final save, every claim counted as unreported).
     pub fn to_save(&self, now: SystemTime, all: bool) -> Option<Saved> {
-        let mut inner = self.inner.lock().ok()?;
+        let mut inner = self.lock();
         inner.fold_claims(now, all);
         inner.prune(now);
         inner.ledger.prune(now);
@@ -290,23 +335,18 @@ impl Fleet {
 
     /// The ledger as it is.
     pub fn ledger(&self) -> Ledger {
-        self.inner
-            .lock()
-            .map(|i| i.ledger.clone())
-            .unwrap_or_default()
+        self.lock().ledger.clone()
     }
 
     /// Everything a rotation step is decided on.
     pub fn evidence(&self, now: SystemTime) -> Evidence {
-        let Ok(mut inner) = self.inner.lock() else {
-            return Evidence::default();
-        };
+        let mut inner = self.lock();
         inner.prune(now);
         inner.fold_claims(now, false);
         // Claims not yet reported count as unreported leaves meanwhile.
         let mut ledger = inner.ledger.clone();
-        for (g, a, issued, until) in inner.claimed.values() {
-            ledger.record(*g, a, *issued, *until);
+        for c in inner.claimed.values() {
+            ledger.record(c.generation, &c.authority, c.issued, c.not_after);
         }
         Evidence {
             agents: inner
@@ -325,14 +365,13 @@ impl Fleet {
                 .collect(),
             ledger,
             settle_until: Some(self.settle_until).filter(|t| now < *t),
+            uncounted: inner.streams.values().filter(|s| s.refused).count(),
         }
     }
 
     /// Every agent known, for `status`.
     pub fn agents(&self) -> Vec<AgentStatus> {
-        let Ok(inner) = self.inner.lock() else {
-            return Vec::new();
-        };
+        let inner = self.lock();
         inner
             .agents()
             .into_iter()
@@ -348,30 +387,20 @@ impl Fleet {
             .collect()
     }
 
-    /// Whether a bundle watch is open on the connection from `peer`: an
-    /// agent that reports what it holds (its CSRs travel on the same
-    /// connection as its watch).
-    pub fn is_watching(&self, peer: std::net::SocketAddr) -> bool {
-        self.inner
-            .lock()
-            .is_ok_and(|i| i.watching.get(&peer).is_some_and(|n| *n > 0))
-    }
-
     /// A stream opened from `peer`; its id.
     pub(super) fn open(&self, peer: Option<std::net::SocketAddr>) -> u64 {
         self.with(|i| {
-            if let Some(p) = peer {
-                *i.watching.entry(p).or_default() += 1;
-            }
             let id = i.next_stream;
             i.next_stream += 1;
             i.streams.insert(
                 id,
                 Stream {
                     key: None,
+                    peer,
                     sent: 0,
                     held: Held::default(),
                     leaves_digest: Vec::new(),
+                    refused: false,
                 },
             );
             id
@@ -381,25 +410,15 @@ impl Fleet {
 
     /// Generation `g` was sent on stream `id`.
     pub(super) fn sent(&self, id: u64, g: u64) {
-        if let Ok(mut i) = self.inner.lock()
-            && let Some(s) = i.streams.get_mut(&id)
-        {
+        if let Some(s) = self.lock().streams.get_mut(&id) {
             s.sent = s.sent.max(g);
         }
     }
 
     /// Stream `id` closed: what it reported is remembered under its agent
     /// while a leaf of it may be valid.
-    pub(super) fn close(&self, id: u64, peer: Option<std::net::SocketAddr>) {
+    pub(super) fn close(&self, id: u64) {
         self.with(|i| {
-            if let Some(p) = peer
-                && let Some(n) = i.watching.get_mut(&p)
-            {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    i.watching.remove(&p);
-                }
-            }
             let Some(s) = i.streams.remove(&id) else {
                 return;
             };
@@ -424,11 +443,11 @@ impl Fleet {
     ) -> bool {
         // The leaves, verified outside the lock, and only when changed.
         let digest = leaves_digest(&report.leaves);
-        let unchanged = self.inner.lock().is_ok_and(|i| {
-            i.streams
-                .get(&id)
-                .is_some_and(|s| s.key.is_some() && s.leaves_digest == digest)
-        });
+        let unchanged = self
+            .lock()
+            .streams
+            .get(&id)
+            .is_some_and(|s| s.key.is_some() && s.leaves_digest == digest);
         let mut checked: Option<(BTreeMap<String, u64>, usize, Vec<String>)> = None;
         if !unchanged {
             let mut leaves: BTreeMap<String, u64> = BTreeMap::new();
@@ -463,6 +482,7 @@ impl Fleet {
                 };
                 let fresh = !i.gone.contains_key(&key);
                 if fresh && (known >= MAX_AGENTS || per_identity >= MAX_AGENTS_PER_IDENTITY) {
+                    stream.refused = true;
                     return false;
                 }
                 stream.key = Some(key);
@@ -482,8 +502,11 @@ impl Fleet {
                 i.gone.remove(&key);
             }
             i.dirty = true;
+            let peer = stream.peer;
             for serial in &serials {
-                i.claimed.remove(serial);
+                if i.claimed.get(serial).is_some_and(|c| c.peer == peer) {
+                    i.claimed.remove(serial);
+                }
             }
             true
         })
@@ -495,10 +518,11 @@ impl Fleet {
     /// 5 seconds.
     pub(super) fn reissue_window(&self) -> u32 {
         let leaves: usize = self
-            .inner
             .lock()
-            .map(|i| i.streams.values().map(|s| s.held.leaf_count).sum())
-            .unwrap_or(0);
+            .streams
+            .values()
+            .map(|s| s.held.leaf_count)
+            .sum();
         let secs = u32::try_from(leaves).unwrap_or(u32::MAX) / self.reissue_rate;
         secs.clamp(5, 3600)
     }
@@ -647,10 +671,10 @@ mod tests {
             fleet.evidence(now).confirmed(5),
             (0, 1, vec!["n (spiffe://td/ns/a/sa/b)".to_string()])
         );
-        fleet.close(b, None);
+        fleet.close(b);
         assert_eq!(acked_of(&fleet, "n"), [(true, 5)]);
         // With no leaf reported, a closed agent holds nothing and is gone.
-        fleet.close(a, None);
+        fleet.close(a);
         assert!(acked_of(&fleet, "n").is_empty());
     }
 
@@ -679,7 +703,7 @@ mod tests {
         let mut r = report("n", 1);
         r.leaves = vec![leaf.leaf_der.clone(), b"not a certificate".to_vec()];
         fleet.report(s, id.as_str(), &r, &set, now);
-        fleet.close(s, None);
+        fleet.close(s);
         let e = fleet.evidence(now);
         assert_eq!(e.agents.len(), 1);
         assert!(!e.agents[0].connected);
@@ -691,6 +715,95 @@ mod tests {
         let text = serde_json::to_string(&saved).unwrap();
         let again = Fleet::new(serde_json::from_str(&text).unwrap(), 50, now);
         assert_eq!(acked_of(&again, "n"), [(false, 1)]);
+    }
+
+    fn signed(set: &AuthoritySet) -> crate::ca::Issued {
+        let key = crate::ca::PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        let pem = p.serialize_request(key.key_pair()).unwrap().pem().unwrap();
+        let csr = crate::ca::check_csr(pem.as_bytes()).unwrap();
+        let id = crate::identity::SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
+        set.sign_leaf(&csr, &id, Duration::from_secs(600), SystemTime::now())
+            .unwrap()
+    }
+
+    #[test]
+    fn a_claim_is_cleared_only_by_a_watch_on_the_connection_it_went_out_on() {
+        let (set, now) = (set(), SystemTime::now());
+        let fleet = Fleet::new(Saved::default(), 50, now);
+        let issued = signed(&set);
+        let (p1, p2) = (
+            Some("127.0.0.1:1000".parse().unwrap()),
+            Some("127.0.0.2:2000".parse().unwrap()),
+        );
+        fleet.claim(
+            &issued.serial_hex,
+            p1,
+            1,
+            set.active().id(),
+            now,
+            issued.not_after,
+        );
+        let claimed = |f: &Fleet| {
+            f.evidence(now)
+                .ledger
+                .issued_by(set.active().id(), now)
+                .is_some()
+        };
+        assert!(
+            claimed(&fleet),
+            "unreported: counted as held by a client that does not report"
+        );
+        let mut r = report("other", 1);
+        r.leaves = vec![issued.leaf_der.clone()];
+        let elsewhere = fleet.open(p2);
+        fleet.sent(elsewhere, 1);
+        fleet.report(elsewhere, "spiffe://td/ns/x/sa/y", &r, &set, now);
+        fleet.close(elsewhere);
+        assert!(claimed(&fleet), "someone else's report does not clear it");
+        let own = fleet.open(p1);
+        fleet.sent(own, 1);
+        r.agent = "node".into();
+        fleet.report(own, "spiffe://td/ns/a/sa/b", &r, &set, now);
+        assert!(!claimed(&fleet), "its own watch does");
+        // Not reported within the window: folded into the ledger.
+        fleet.claim("0abc", p1, 1, set.active().id(), now, issued.not_after);
+        let later = now + CLAIM_WINDOW;
+        assert!(
+            fleet
+                .to_save(later, false)
+                .unwrap()
+                .ledger
+                .issued_by(set.active().id(), now)
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn what_was_saved_above_the_stores_generation_counts_as_unconfirmed() {
+        let now = SystemTime::now();
+        let mut ledger = Ledger::default();
+        ledger.record(9, "a", now, now + Duration::from_secs(60));
+        let held = Held {
+            acked_generation: 7,
+            bundle_generation: 7,
+            ..Held::default()
+        };
+        let key = AgentKey {
+            identity: "i".into(),
+            name: "n".into(),
+        };
+        let saved = Saved {
+            ledger,
+            agents: vec![(key, held)],
+            clean: true,
+        }
+        .clamped(3);
+        assert_eq!(saved.agents[0].1.acked_generation, 0);
+        assert!(
+            saved.ledger.issued_before(1, now).is_some(),
+            "before every generation"
+        );
     }
 
     #[test]

@@ -223,11 +223,13 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
     expiry_gauges(&metrics, &authorities);
     let server_lock = DirStore::new(config.state_dir.join("ca")).server_lock()?;
     if server_lock.is_none() {
-        tracing::warn!(
-            state_dir = %config.state_dir.display(),
-            "another server holds this state directory; both will follow the stored authorities"
-        );
+        return Err(Error::Config(format!(
+            "another server is running on the state directory {}",
+            config.state_dir.display()
+        )));
     }
+    remove_leftovers(&config.state_dir);
+    let generation = authorities.generation();
     let member_ids: Vec<String> = authorities
         .members()
         .iter()
@@ -245,13 +247,16 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
     // What was issued to clients that do not report back, kept across
     // restarts; a crash may have lost the last seconds of it.
     let ledger_path = fleet::saved_path(&config.state_dir);
-    let saved = load_fleet(
+    let mut saved = load_fleet(
         &ledger_path,
         ca_created,
         &member_ids,
+        generation,
         config.ttl.max_ttl,
         now,
     );
+    // Marked unclean at once: a crash from now on is noticed.
+    saved.clean = false;
     save_fleet(&ledger_path, &saved).await;
     // Agents that connected just before an unclean stop may be missing from
     // what was saved: no gate opens until they had time to come back.
@@ -406,7 +411,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         crate::proto::workloadca::trust_bundle_service_server::TrustBundleServiceServer::new(
             watch_service,
         )
-        .max_decoding_message_size(config.limits.http2.max_message_bytes),
+        .max_decoding_message_size(crate::proto::MAX_REPORT_BYTES),
     );
     let grpc = net::Acceptor {
         name: "CA gRPC".into(),
@@ -445,6 +450,26 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         health,
         drain_timeout: config.drain_timeout,
     })
+}
+
+/// Removes what a `kill -9` may have left in the state directory: the
+/// temporary files of atomic writes and of the admin socket's binding.
+fn remove_leftovers(state_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(state_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with('.') && name.contains(".tmp-")) {
+            continue;
+        }
+        let path = e.path();
+        let _ = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+    }
 }
 
 /// How often the automatic rotation looks at the active authority.
@@ -517,13 +542,17 @@ fn load_fleet(
     path: &Path,
     ca_created: bool,
     authorities: &[String],
+    generation: u64,
     max_ttl: Duration,
     now: SystemTime,
 ) -> fleet::Saved {
     let ids: Vec<&str> = authorities.iter().map(String::as_str).collect();
     let saved = std::fs::read_to_string(path)
         .ok()
-        .and_then(|t| serde_json::from_str::<fleet::Saved>(&t).ok());
+        .and_then(|t| serde_json::from_str::<fleet::Saved>(&t).ok())
+        // Saved under generations the store no longer has (restored from
+        // an older backup): those numbers mean other bundles now.
+        .map(|s| s.clamped(generation));
     match saved {
         Some(s) if s.clean => s,
         Some(mut s) => {

@@ -59,7 +59,6 @@ impl IstioCertificateService for CaService {
         // One of our agents says it is; its bundle watch, open on this very
         // connection, reports the leaf (or will: see `Fleet::claim`).
         let claims_agent = request.metadata().contains_key(AGENT_HEADER);
-        let watching = claims_agent && peer.is_some_and(|p| self.fleet.is_watching(p));
         let body = request.into_inner();
         if let Some(requested) = impersonation(&body).filter(|r| *r != caller.identity.as_str()) {
             self.metrics.id_extraction_err.inc();
@@ -80,11 +79,9 @@ impl IstioCertificateService for CaService {
                     .sign_leaf(&csr, &caller.identity, ttl, now)
                     .map(|issued| {
                         let (g, a) = (authorities.generation(), authorities.active().id());
-                        if watching {
-                            // Reported by its agent.
-                        } else if claims_agent {
+                        if claims_agent {
                             self.fleet
-                                .claim(&issued.serial_hex, g, a, now, issued.not_after);
+                                .claim(&issued.serial_hex, peer, g, a, now, issued.not_after);
                         } else {
                             self.fleet.record_issued(g, a, now, issued.not_after);
                         }
