@@ -89,8 +89,10 @@ async fn renews_at_half_life_with_jitter_and_a_fresh_key() {
         let before = Instant::now();
         let serial = next_serial(&mut w).await.unwrap();
         let waited = Instant::now() - before;
+        // 300 s +-10% of the remaining life, which NotAfter's one-second
+        // granularity can make up to a second shorter than 600 s.
         assert!(
-            waited >= Duration::from_secs(270) && waited <= Duration::from_secs(330),
+            waited >= Duration::from_secs(269) && waited <= Duration::from_secs(330),
             "renewed after {waited:?}, expected 300s +-10%"
         );
         assert_ne!(serial, first);
