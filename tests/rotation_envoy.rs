@@ -200,6 +200,10 @@ async fn a_full_rotation_under_mtls_traffic_between_two_envoys_fails_no_handshak
         assert_eq!(envoy.stat("sds.ROOTCA.update_rejected").await, 0);
         assert_eq!(envoy.stat("sds.default.update_rejected").await, 0);
     }
+    eprintln!(
+        "rotation under traffic: {} requests (each a new mutual TLS handshake), 0 failed, `ca rotate-root` took {took:?}",
+        ok.load(Ordering::Relaxed)
+    );
     let status = rotate(&ca.state, &["status"]).await.1;
     assert!(status.contains("1 of 1 agents confirmed"), "{status}");
 }
