@@ -18,7 +18,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -261,6 +261,7 @@ impl DirStore {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(self.dir.join(name))
             .map_err(|e| self.err(format!("opening {name}: {e}")))
     }

@@ -517,7 +517,7 @@ fn print_plan(ca: &Ca, s: &RotationStatus, from: Option<&Path>) {
     };
     let steps = [
         (Step::Prepare, format!("prepare: add {new_root} to the bundle (generation {}); it signs nothing", s.generation + 1)),
-        (Step::Activate, "activate: once every connected agent's proxies ACKed that bundle and no other client may hold an older one, new leaves and the server's certificate are signed by the new authority; agents replace their old leaves early, spread out".to_string()),
+        (Step::Activate, "activate: once every known agent's proxies ACKed that bundle and no other client may hold an older one, new leaves and the server's certificate are signed by the new authority; agents replace their old leaves early, spread out".to_string()),
         (Step::Retire, "retire: once no leaf of the old authority is in use or valid, its root leaves the bundle and its key is deleted".to_string()),
     ];
     let mut started = false;
