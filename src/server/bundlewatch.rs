@@ -20,6 +20,9 @@ use crate::logsafe::peer as peer_text;
 use crate::proto::workloadca::trust_bundle_service_server::TrustBundleService;
 use crate::proto::workloadca::{AgentReport, BundleUpdate};
 
+/// The shortest time between two reports read from one stream.
+const MIN_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The update for `set`.
 pub fn update_for(set: &AuthoritySet, reissue_within_seconds: u32) -> BundleUpdate {
     BundleUpdate {
@@ -74,6 +77,8 @@ impl TrustBundleService for BundleWatch {
         tokio::spawn(async move {
             let mut last_sent = 0;
             let mut first = true;
+            let mut next_report = tokio::time::Instant::now();
+            let mut pending: Option<AgentReport> = None;
             loop {
                 let set = authorities.borrow_and_update().clone();
                 if set.generation() != last_sent {
@@ -91,24 +96,48 @@ impl TrustBundleService for BundleWatch {
                 }
                 tokio::select! {
                     changed = authorities.changed() => if changed.is_err() { break },
+                    // Reports are read as they come; the latest is taken
+                    // at most once per interval (its leaf checks are the
+                    // cost), the ones in between are dropped.
                     report = reports.message() => match report {
-                        Ok(Some(r)) => {
-                            let set = authorities.borrow().clone();
-                            let counted = fleet.report(id, &caller, &r, &set, SystemTime::now());
-                            if first {
-                                first = false;
-                                if counted {
-                                    tracing::info!(agent = %peer_text(&r.agent), %caller, ?peer, "agent watching the trust bundle");
-                                } else {
-                                    tracing::warn!(agent = %peer_text(&r.agent), %caller, ?peer, "agent not counted: too many agents known");
-                                }
-                            }
-                        }
+                        Ok(Some(r)) => pending = Some(r),
                         Ok(None) | Err(_) => break,
                     },
+                    () = tokio::time::sleep_until(next_report), if pending.is_some() => {
+                        let Some(r) = pending.take() else { continue };
+                        next_report = tokio::time::Instant::now() + MIN_REPORT_INTERVAL;
+                        let set = authorities.borrow().clone();
+                        // Checking the leaves' signatures is CPU work: off
+                        // the runtime's workers.
+                        let counted = {
+                            let (fleet, caller, report) = (fleet.clone(), caller.clone(), r.clone());
+                            tokio::task::spawn_blocking(move || {
+                                fleet.report(id, &caller, &report, &set, SystemTime::now())
+                            })
+                            .await
+                            .unwrap_or(false)
+                        };
+                        if first {
+                            first = false;
+                            if counted {
+                                tracing::info!(agent = %peer_text(&r.agent), %caller, ?peer, "agent watching the trust bundle");
+                            } else {
+                                tracing::warn!(agent = %peer_text(&r.agent), %caller, ?peer, "agent not counted: too many agents known");
+                            }
+                        }
+                    }
                     _ = shutdown.changed() => break,
                     () = tx.closed() => break,
                 }
+            }
+            // The last word of a stream that ended is still taken.
+            if let Some(r) = pending.take() {
+                let set = authorities.borrow().clone();
+                let f = fleet.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    f.report(id, &caller, &r, &set, SystemTime::now())
+                })
+                .await;
             }
             fleet.close(id);
         });
