@@ -4,6 +4,8 @@
 //! [`agent`]} <- [`cli`]. [`proto`] (generated types) and [`ops`] (the
 //! health and metrics endpoint) are leaves used by both.
 #![forbid(unsafe_code)]
+// No panicking shortcuts outside tests: every failure is an error value.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod agent;
 pub mod ca;

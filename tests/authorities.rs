@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use common::procs::served_cert;
 use common::*;
 use workload_ca::ca::bundle::{parse_pem_certs, verify_path};
-use workload_ca::ca::{Authority, KeyAlgorithm};
+use workload_ca::ca::{Authority, AuthoritySet, KeyAlgorithm};
 use workload_ca::identity::TrustDomain;
 
 fn new_authority() -> Authority {
@@ -26,6 +26,15 @@ fn new_authority() -> Authority {
     )
     .unwrap();
     Authority::from_files(&files, &td, now).unwrap()
+}
+
+/// Publishes what `f` makes of the server's current authorities.
+async fn step(
+    server: &TestServer,
+    f: impl FnOnce(&AuthoritySet) -> Result<AuthoritySet, workload_ca::ca::Error>,
+) {
+    let next = f(&server.running.authorities()).unwrap();
+    server.running.publish(next).await.unwrap();
 }
 
 /// Whether `chain` (leaf first) path-validates to `root` alone.
@@ -264,17 +273,7 @@ async fn an_agent_with_only_the_old_root_file_follows_the_rotation() {
 
     let next = new_authority();
     let new_root = next.roots().roots()[0].der().to_vec();
-    server
-        .running
-        .publish(
-            server
-                .running
-                .authorities()
-                .prepare(next, SystemTime::now())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    step(&server, |set| set.prepare(next, SystemTime::now())).await;
     until("the agent holds both roots", async || {
         watch
             .roots
@@ -284,17 +283,7 @@ async fn an_agent_with_only_the_old_root_file_follows_the_rotation() {
     })
     .await;
 
-    server
-        .running
-        .publish(
-            server
-                .running
-                .authorities()
-                .activate(SystemTime::now())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    step(&server, |set| set.activate(SystemTime::now())).await;
     until("the serving certificate moved", async || {
         serves_under(&server, &new_root).await
     })

@@ -471,8 +471,8 @@ async fn kill_9_at_arbitrary_instants_never_leaves_a_half_step() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        // Spread over the few milliseconds a step takes.
-        std::thread::sleep(Duration::from_micros(500 + (i * 7919) % 15_000));
+        // Spread over 0.5-40 ms: before, during and after a step's writes.
+        std::thread::sleep(Duration::from_micros(500 + (i * 7919) % 40_000));
         let _ = child.kill();
         let _ = child.wait();
         let after = status(&state);
@@ -485,6 +485,12 @@ async fn kill_9_at_arbitrary_instants_never_leaves_a_half_step() {
         }
     }
     eprintln!("{changed} of 30 killed steps had completed");
+    // The kills landed on both sides of the writes (else this test would
+    // not be testing what its name says).
+    assert!(
+        changed > 0 && changed < 30,
+        "{changed} of 30 killed steps completed"
+    );
     let ca = CaProc::start_at(&state, &["--auto-rotate", "off"], &[]);
     let n = members(&status(&state)).len();
     let pem = roots_on_disk(&state, n).await;

@@ -85,10 +85,7 @@ impl RootBundle {
 /// The first 8 bytes of the SHA-256 of `pem`, in hex.
 fn digest(pem: &str) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, pem.as_bytes());
-    digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::ca::bundle::hex(&digest.as_ref()[..8])
 }
 
 /// Authorities being retired, as announced by a `BundleUpdate`.

@@ -7,7 +7,7 @@ use rcgen::{CertificateParams, Issuer, KeyPair, PublicKeyData, SubjectPublicKeyI
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
-use super::bundle::{self, Cert, TrustBundle, parse_pem_certs};
+use super::bundle::{self, Cert, TrustBundle, hex, parse_pem_certs};
 use super::csr::CheckedCsr;
 use super::keys::{KeyAlgorithm, PrivateKey};
 use super::store::CaFiles;
@@ -448,10 +448,6 @@ impl Authority {
 pub fn authority_id(signer_der: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, signer_der);
     hex(&digest.as_ref()[..8])
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn single_cert(text: &str, name: &str) -> Result<Cert, Error> {

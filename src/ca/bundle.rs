@@ -75,6 +75,11 @@ pub fn parse_pem_certs(text: &str) -> Result<Vec<Cert>, Error> {
 }
 
 /// Seconds since the epoch to `SystemTime`, saturating at the epoch.
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Seconds since the Unix epoch (0 before it).
 pub fn unix(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)

@@ -61,6 +61,13 @@ pub trait KeyStore: Send + Sync {
     /// a partial or corrupt store is never treated as empty.
     fn load(&self) -> impl Future<Output = Result<Option<Stored>, Error>> + Send;
 
+    /// The stored generation alone (cheap: a reader that polls for changes
+    /// loads the whole set only when this moved).
+    ///
+    /// # Errors
+    /// As [`KeyStore::load`].
+    fn generation(&self) -> impl Future<Output = Result<Option<u64>, Error>> + Send;
+
     /// Stores `next` if the stored generation is still `expected` (`None`:
     /// nothing stored yet). `Ok(false)`: someone else changed the store
     /// first, and nothing was written.
@@ -465,7 +472,7 @@ impl DirStore {
                 !ids.contains(&name.as_str())
             } else {
                 // Temporary directories of interrupted writes.
-                name.starts_with('.') && name.contains(".tmp-")
+                super::store::is_temp_name(&name)
             };
             if !stale {
                 continue;
@@ -505,6 +512,25 @@ impl KeyStore for DirStore {
                     location: String::new(),
                     reason: format!("store task: {e}"),
                 })?
+        }
+    }
+
+    fn generation(&self) -> impl Future<Output = Result<Option<u64>, Error>> + Send {
+        let this = self.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let _lock = this.lock_shared()?;
+                match this.read_manifest()? {
+                    Some(m) => Ok(Some(m.generation)),
+                    // The layout before the manifest is generation 1.
+                    None => Ok(this.load_legacy()?.map(|s| s.generation)),
+                }
+            })
+            .await
+            .map_err(|e| Error::Store {
+                location: String::new(),
+                reason: format!("store task: {e}"),
+            })?
         }
     }
 
@@ -606,6 +632,7 @@ mod tests {
         assert!(!store.swap(None, &other.to_stored()).await.unwrap());
         let stored = store.load().await.unwrap().unwrap();
         assert_eq!(stored.generation, 2);
+        assert_eq!(store.generation().await.unwrap(), Some(2));
         let ids: Vec<&str> = stored.members.iter().map(|m| m.id.as_str()).collect();
         assert_eq!(
             ids,

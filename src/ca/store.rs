@@ -168,6 +168,30 @@ impl CacertsDir {
     }
 }
 
+/// Whether `name` is one [`temp_name`] makes: what an interrupted atomic
+/// write leaves behind.
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.contains(".tmp-")
+}
+
+/// Removes what interrupted atomic writes left directly in `dir`.
+pub fn remove_temp_leftovers(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !is_temp_name(&e.file_name().to_string_lossy()) {
+            continue;
+        }
+        let path = e.path();
+        let _ = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+    }
+}
+
 /// `.<name>.tmp-<128 random bits>`: unique across processes and replicas
 /// sharing a volume (PIDs are not: every container's main process is 1).
 pub(crate) fn temp_name(name: &std::ffi::OsStr) -> io::Result<String> {
@@ -176,7 +200,7 @@ pub(crate) fn temp_name(name: &std::ffi::OsStr) -> io::Result<String> {
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| io::Error::other("system random source failed"))?;
-    let suffix: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let suffix = super::bundle::hex(&bytes);
     Ok(format!(".{}.tmp-{suffix}", name.to_string_lossy()))
 }
 

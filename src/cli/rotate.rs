@@ -17,11 +17,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 
 use super::{parse_duration, parse_key_algorithm, server::parse_trust_domain};
-use crate::ca::rotation::Evidence;
 use crate::ca::{Authority, AuthoritySet, CacertsDir, DirStore, KeyAlgorithm, KeyStore};
 use crate::identity::TrustDomain;
 use crate::server::admin::{CacertsBody, DEFAULT_SOCKET, ErrorBody, StepRequest};
-use crate::server::fleet::{Saved, saved_path};
+use crate::server::fleet::{Fleet, Saved, saved_path};
 use crate::server::rotate::{RotationStatus, Step, status_of};
 
 #[derive(Args, Debug)]
@@ -173,7 +172,8 @@ impl Ca {
             Self::Offline(t, why) => {
                 let now = SystemTime::now();
                 let set = offline_set(t, now).await?;
-                let mut status = status_of(&set, &offline_evidence(&t.state_dir), Vec::new(), now);
+                let fleet = offline_fleet(&t.state_dir);
+                let mut status = status_of(&set, &fleet.evidence(now), fleet.agents(), now);
                 if !matches!(Step::next_for(&set), Step::Prepare) {
                     status.blocked_by.insert(
                         0,
@@ -263,7 +263,7 @@ impl Ca {
                 }
                 Ok(Outcome::Done(status_of(
                     &next,
-                    &offline_evidence(&t.state_dir),
+                    &offline_fleet(&t.state_dir).evidence(now),
                     Vec::new(),
                     now,
                 )))
@@ -281,32 +281,14 @@ async fn offline_set(t: &Target, now: SystemTime) -> anyhow::Result<AuthoritySet
     Ok(AuthoritySet::from_stored(&stored, &t.trust_domain, now)?)
 }
 
-/// What the last server saved: its ledger, and the agents it knew (none
-/// is connected now).
-fn offline_evidence(state_dir: &Path) -> Evidence {
+/// What the last server saved, as the server would see it had it just
+/// started (every agent disconnected, no settling: nothing runs).
+fn offline_fleet(state_dir: &Path) -> Fleet {
     let saved = std::fs::read_to_string(saved_path(state_dir))
         .ok()
         .and_then(|t| serde_json::from_str::<Saved>(&t).ok())
         .unwrap_or_default();
-    Evidence {
-        agents: saved
-            .agents
-            .into_iter()
-            .map(|(key, held)| crate::ca::rotation::AgentView {
-                name: format!("{} ({})", key.name, key.identity),
-                connected: false,
-                acked_generation: held.acked_generation,
-                leaves: held
-                    .leaves
-                    .into_iter()
-                    .map(|(id, u)| (id, SystemTime::UNIX_EPOCH + Duration::from_secs(u)))
-                    .collect(),
-            })
-            .collect(),
-        ledger: saved.ledger,
-        settle_until: None,
-        uncounted: 0,
-    }
+    Fleet::new(saved, 1, SystemTime::UNIX_EPOCH)
 }
 
 /// One HTTP/1 request on the admin socket.

@@ -203,6 +203,10 @@ pub const MAX_WATCHES_PER_CONNECTION: usize = 1;
 /// Long-lived calls open in all (one per node of a large cluster).
 pub const MAX_WATCHES: usize = 16_384;
 
+/// One count a call takes a place in: the counter (none: not counted),
+/// its maximum (none: unlimited), and the limit's label.
+type Count<'a> = (Option<&'a Arc<AtomicUsize>>, Option<usize>, &'static str);
+
 /// A call's place in the source's and the server's in-flight counts.
 struct CallSlot(Vec<Arc<AtomicUsize>>);
 
@@ -213,40 +217,39 @@ impl CallSlot {
         connection: &Arc<AtomicUsize>,
         all: &Arc<AtomicUsize>,
     ) -> Result<Self, &'static str> {
-        let mut slot = Self(Vec::with_capacity(2));
-        for (counter, max, limit) in [
+        Self::take_in([
             (
-                connection,
-                MAX_WATCHES_PER_CONNECTION,
+                Some(connection),
+                Some(MAX_WATCHES_PER_CONNECTION),
                 label::WATCHES_PER_CONNECTION,
             ),
-            (all, MAX_WATCHES, label::WATCHES),
-        ] {
-            let before = counter.fetch_add(1, Ordering::AcqRel);
-            slot.0.push(counter.clone());
-            if before >= max {
-                return Err(limit);
-            }
-        }
-        Ok(slot)
+            (Some(all), Some(MAX_WATCHES), label::WATCHES),
+        ])
     }
 
-    /// Takes a place in each count under its maximum, or names the limit
-    /// that refuses the call.
+    /// A call's place in its source's and the server's counts of calls in
+    /// flight, or the limit that refuses it.
     fn take(
         calls: &Calls,
         max_per_source: Option<usize>,
         max: Option<usize>,
     ) -> Result<Self, &'static str> {
-        let mut slot = Self(Vec::with_capacity(2));
-        for (counter, max, limit) in [
+        Self::take_in([
             (
                 calls.source.as_ref(),
                 max_per_source,
                 label::CALLS_PER_SOURCE,
             ),
             (Some(&calls.all), max, label::CALLS),
-        ] {
+        ])
+    }
+
+    /// Takes a place in each count (absent ones skipped) under its maximum
+    /// (none: unlimited), or names the limit that refuses it; what was
+    /// taken is given back on drop either way.
+    fn take_in(counts: [Count<'_>; 2]) -> Result<Self, &'static str> {
+        let mut slot = Self(Vec::with_capacity(2));
+        for (counter, max, limit) in counts {
             let Some(counter) = counter else { continue };
             let before = counter.fetch_add(1, Ordering::AcqRel);
             slot.0.push(counter.clone());

@@ -107,6 +107,9 @@ struct Inner {
     /// Dropped when a watch on the connection the leaf went out on reports
     /// it; folded into the ledger when none does within [`CLAIM_WINDOW`].
     claimed: BTreeMap<String, Claim>,
+    /// The verified leaves of every open stream, summed (kept as they
+    /// change: every update sent reads it).
+    leaf_total: usize,
 }
 
 /// A leaf claimed by an agent, until its watch reports it.
@@ -422,6 +425,7 @@ impl Fleet {
             let Some(s) = i.streams.remove(&id) else {
                 return;
             };
+            i.leaf_total -= s.held.leaf_count;
             let Some(key) = s.key else { return };
             let others = i.streams.values().any(|o| o.key.as_ref() == Some(&key));
             if !others {
@@ -464,14 +468,21 @@ impl Fleet {
             checked = Some((leaves, count, serials));
         }
         self.with(|i| {
-            let known = i.gone.len() + i.streams.len();
-            let per_identity = i
-                .streams
-                .values()
-                .filter_map(|s| s.key.as_ref())
-                .chain(i.gone.keys())
-                .filter(|k| k.identity == identity)
-                .count();
+            // The caps are counted once per stream, at its first report:
+            // later reports cost no scan of the fleet.
+            let naming = i.streams.get(&id).is_some_and(|s| s.key.is_none());
+            let (known, per_identity) = if naming {
+                let per_identity = i
+                    .streams
+                    .values()
+                    .filter_map(|s| s.key.as_ref())
+                    .chain(i.gone.keys())
+                    .filter(|k| k.identity == identity)
+                    .count();
+                (i.gone.len() + i.streams.len(), per_identity)
+            } else {
+                (0, 0)
+            };
             let Some(stream) = i.streams.get_mut(&id) else {
                 return false;
             };
@@ -493,6 +504,7 @@ impl Fleet {
             stream.held.proxies = report.proxies;
             let mut serials = Vec::new();
             if let Some((leaves, count, s)) = checked {
+                i.leaf_total = i.leaf_total - stream.held.leaf_count + count;
                 stream.held.leaves = leaves;
                 stream.held.leaf_count = count;
                 stream.leaves_digest = digest;
@@ -517,12 +529,7 @@ impl Fleet {
     /// leaves they reported (verified), at the configured rate, at least
     /// 5 seconds.
     pub(super) fn reissue_window(&self) -> u32 {
-        let leaves: usize = self
-            .lock()
-            .streams
-            .values()
-            .map(|s| s.held.leaf_count)
-            .sum();
+        let leaves = self.lock().leaf_total;
         let secs = u32::try_from(leaves).unwrap_or(u32::MAX) / self.reissue_rate;
         secs.clamp(5, 3600)
     }
@@ -548,7 +555,7 @@ fn issuer_of(der: &[u8], set: &AuthoritySet, now: SystemTime) -> Option<(String,
         .strip_prefix(&[0u8])
         .filter(|r| !r.is_empty())
         .unwrap_or(raw);
-    let serial: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let serial = crate::ca::bundle::hex(raw);
     set.members().iter().find_map(|m| {
         verify_path(
             der,

@@ -127,7 +127,7 @@ pub struct Running {
     rotator: Arc<rotate::Rotator>,
     /// Where the admin API listens, when it does.
     pub admin_socket: Option<PathBuf>,
-    ledger_path: PathBuf,
+    saved_path: PathBuf,
     /// Held while the server runs: `ca rotate-root` sees it.
     _server_lock: Option<std::fs::File>,
     tasks: Tasks,
@@ -176,7 +176,7 @@ impl Running {
         // The final save: every claim counted, and marked clean.
         if let Some(mut saved) = self.rotator.fleet.to_save(SystemTime::now(), true) {
             saved.clean = true;
-            save_fleet(&self.ledger_path, &saved).await;
+            save_fleet(&self.saved_path, &saved).await;
         }
         if stopped.panicked.is_empty() {
             Ok(stopped)
@@ -228,7 +228,9 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
             config.state_dir.display()
         )));
     }
-    remove_leftovers(&config.state_dir);
+    // What a `kill -9` left: temporary files of atomic writes and of the
+    // admin socket's binding.
+    crate::ca::store::remove_temp_leftovers(&config.state_dir);
     let generation = authorities.generation();
     let member_ids: Vec<String> = authorities
         .members()
@@ -444,32 +446,12 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         live,
         rotator,
         admin_socket,
-        ledger_path,
+        saved_path: ledger_path,
         _server_lock: server_lock,
         tasks,
         health,
         drain_timeout: config.drain_timeout,
     })
-}
-
-/// Removes what a `kill -9` may have left in the state directory: the
-/// temporary files of atomic writes and of the admin socket's binding.
-fn remove_leftovers(state_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(state_dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with('.') && name.contains(".tmp-")) {
-            continue;
-        }
-        let path = e.path();
-        let _ = if path.is_dir() {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        };
-    }
 }
 
 /// How often the automatic rotation looks at the active authority.

@@ -94,6 +94,16 @@ impl LiveCa {
     pub async fn follow(&self, now: SystemTime) -> Result<bool, Error> {
         let _one = self.write.lock().await;
         let current = self.current();
+        // Polled every few seconds: the generation first, the whole set
+        // (every key file read and validated) only when it moved.
+        if self
+            .store
+            .generation()
+            .await?
+            .is_none_or(|g| g <= current.generation())
+        {
+            return Ok(false);
+        }
         let Some(stored) = self.store.load().await? else {
             return Ok(false);
         };
