@@ -12,6 +12,7 @@ pub mod ca;
 pub mod cli;
 pub mod drain;
 pub mod identity;
+pub mod k8s;
 pub mod limits;
 pub mod logsafe;
 pub mod net;

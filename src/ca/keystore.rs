@@ -20,6 +20,7 @@ use std::future::Future;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -49,6 +50,14 @@ pub struct Stored {
     pub members: Vec<StoredMember>,
 }
 
+/// What a [`KeyStore`] call returns: boxed, so stores are used as
+/// `Arc<dyn KeyStore>` (a directory here, a Secret on Kubernetes).
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'a>>;
+
+/// How often a follower asks a store whose changes it cannot be told about
+/// for its generation.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Versioned storage for the CA's authorities.
 pub trait KeyStore: Send + Sync {
     /// Where the material lives, for messages.
@@ -59,14 +68,14 @@ pub trait KeyStore: Send + Sync {
     /// # Errors
     /// [`Error::Store`] when the store is unreadable or only partly there:
     /// a partial or corrupt store is never treated as empty.
-    fn load(&self) -> impl Future<Output = Result<Option<Stored>, Error>> + Send;
+    fn load(&self) -> StoreFuture<'_, Option<Stored>>;
 
     /// The stored generation alone (cheap: a reader that polls for changes
     /// loads the whole set only when this moved).
     ///
     /// # Errors
     /// As [`KeyStore::load`].
-    fn generation(&self) -> impl Future<Output = Result<Option<u64>, Error>> + Send;
+    fn generation(&self) -> StoreFuture<'_, Option<u64>>;
 
     /// Stores `next` if the stored generation is still `expected` (`None`:
     /// nothing stored yet). `Ok(false)`: someone else changed the store
@@ -75,11 +84,13 @@ pub trait KeyStore: Send + Sync {
     /// # Errors
     /// [`Error::Store`] when writing fails; the stored set is then the one
     /// before the swap.
-    fn swap(
-        &self,
-        expected: Option<u64>,
-        next: &Stored,
-    ) -> impl Future<Output = Result<bool, Error>> + Send;
+    fn swap<'a>(&'a self, expected: Option<u64>, next: &'a Stored) -> StoreFuture<'a, bool>;
+
+    /// How often a follower should call [`KeyStore::generation`]: a store
+    /// that keeps a watched copy answers from memory and can be asked often.
+    fn poll_interval(&self) -> Duration {
+        DEFAULT_POLL_INTERVAL
+    }
 }
 
 impl AuthoritySet {
@@ -154,8 +165,8 @@ pub struct RootSpec {
 /// # Errors
 /// Whatever the store or validation reports: stored material that fails
 /// validation is refused, never replaced.
-pub async fn load_or_create<S: KeyStore>(
-    store: &S,
+pub async fn load_or_create(
+    store: &dyn KeyStore,
     spec: &RootSpec,
     seed: Option<&CaFiles>,
     now: SystemTime,
@@ -503,21 +514,21 @@ impl KeyStore for DirStore {
         self.dir.display().to_string()
     }
 
-    fn load(&self) -> impl Future<Output = Result<Option<Stored>, Error>> + Send {
+    fn load(&self) -> StoreFuture<'_, Option<Stored>> {
         let this = self.clone();
-        async move {
+        Box::pin(async move {
             tokio::task::spawn_blocking(move || this.load_sync())
                 .await
                 .map_err(|e| Error::Store {
                     location: String::new(),
                     reason: format!("store task: {e}"),
                 })?
-        }
+        })
     }
 
-    fn generation(&self) -> impl Future<Output = Result<Option<u64>, Error>> + Send {
+    fn generation(&self) -> StoreFuture<'_, Option<u64>> {
         let this = self.clone();
-        async move {
+        Box::pin(async move {
             tokio::task::spawn_blocking(move || {
                 let _lock = this.lock_shared()?;
                 match this.read_manifest()? {
@@ -531,23 +542,19 @@ impl KeyStore for DirStore {
                 location: String::new(),
                 reason: format!("store task: {e}"),
             })?
-        }
+        })
     }
 
-    fn swap(
-        &self,
-        expected: Option<u64>,
-        next: &Stored,
-    ) -> impl Future<Output = Result<bool, Error>> + Send {
+    fn swap<'a>(&'a self, expected: Option<u64>, next: &'a Stored) -> StoreFuture<'a, bool> {
         let (this, next) = (self.clone(), next.clone());
-        async move {
+        Box::pin(async move {
             tokio::task::spawn_blocking(move || this.swap_sync(expected, &next))
                 .await
                 .map_err(|e| Error::Store {
                     location: String::new(),
                     reason: format!("store task: {e}"),
                 })?
-        }
+        })
     }
 }
 

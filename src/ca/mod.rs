@@ -8,6 +8,7 @@ pub mod bundle;
 pub mod csr;
 pub mod keys;
 pub mod keystore;
+pub mod policy;
 pub mod profile;
 pub mod rotation;
 pub mod store;

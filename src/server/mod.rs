@@ -239,7 +239,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         .collect();
     let live = Arc::new(rotate::LiveCa::new(
         authorities,
-        DirStore::new(config.state_dir.join("ca")),
+        Arc::new(DirStore::new(config.state_dir.join("ca"))),
     ));
     let authority_rx = live.subscribe();
     // Every task the server starts, stopped together (src/drain.rs).
@@ -591,7 +591,7 @@ fn spawn_follower(
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(rotate::FOLLOW_INTERVAL) => {}
+                _ = tokio::time::sleep(live.follow_interval()) => {}
                 _ = shutdown.changed() => return,
             }
             if let Err(e) = live.follow(SystemTime::now()).await {

@@ -20,19 +20,19 @@ use super::Error;
 use super::fleet::{AgentStatus, Fleet};
 use crate::ca::keystore::RootSpec;
 use crate::ca::rotation::{self, rfc3339};
-use crate::ca::{Authority, AuthoritySet, AuthorityState, CaFiles, DirStore, KeyStore};
+use crate::ca::{Authority, AuthoritySet, AuthorityState, CaFiles, KeyStore};
 
 /// The authorities, stored and published.
 pub struct LiveCa {
     tx: watch::Sender<Arc<AuthoritySet>>,
-    store: DirStore,
+    store: Arc<dyn KeyStore>,
     /// One writer at a time in this process (the store's lock covers the
     /// others).
     write: tokio::sync::Mutex<()>,
 }
 
 impl LiveCa {
-    pub fn new(set: AuthoritySet, store: DirStore) -> Self {
+    pub fn new(set: AuthoritySet, store: Arc<dyn KeyStore>) -> Self {
         Self {
             tx: watch::channel(Arc::new(set)).0,
             store,
@@ -46,6 +46,11 @@ impl LiveCa {
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<AuthoritySet>> {
         self.tx.subscribe()
+    }
+
+    /// How often [`LiveCa::follow`] should run: the store's own answer.
+    pub fn follow_interval(&self) -> Duration {
+        self.store.poll_interval()
     }
 
     /// Stores `next`, then publishes it.
@@ -356,9 +361,6 @@ pub fn status_of(
     }
 }
 
-/// How often the server looks at the store for changes made elsewhere.
-pub const FOLLOW_INTERVAL: Duration = Duration::from_secs(2);
-
 /// Automatic rotation: every `interval`, when the active authority has less
 /// than `fraction` of its life left, starts a rotation; and drives any
 /// rotation in progress on, one step each time its gate opens (so a
@@ -443,7 +445,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn automatic_rotation_starts_at_the_threshold_and_runs_every_step() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = DirStore::new(tmp.path().join("ca"));
+        let store = crate::ca::DirStore::new(tmp.path().join("ca"));
         let real = SystemTime::now();
         let t0 = tokio::time::Instant::now();
         let clock: Clock = Arc::new(move || real + t0.elapsed());
@@ -454,7 +456,7 @@ mod tests {
         };
         let (set, _) = load_or_create(&store, &spec, None, real).await.unwrap();
         let first = set.active().id().to_owned();
-        let live = Arc::new(LiveCa::new(set, store.clone()));
+        let live = Arc::new(LiveCa::new(set, Arc::new(store.clone())));
         let fleet = Arc::new(Fleet::new(Default::default(), 50, real));
         let rotator = Arc::new(Rotator::new(live.clone(), fleet, spec).with_clock(clock));
         let (stop, shutdown) = watch::channel(false);
