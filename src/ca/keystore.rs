@@ -201,17 +201,18 @@ pub const MANIFEST: &str = "authorities.json";
 const LOCK: &str = ".lock";
 const SERVER_LOCK: &str = ".server";
 
+/// The manifest's JSON (also the Kubernetes Secret backend's).
 #[derive(Serialize, Deserialize)]
-struct Manifest {
-    generation: u64,
-    members: Vec<ManifestMember>,
+pub(crate) struct Manifest {
+    pub(crate) generation: u64,
+    pub(crate) members: Vec<ManifestMember>,
 }
 
 #[derive(Serialize, Deserialize)]
-struct ManifestMember {
-    id: String,
-    state: String,
-    since: u64,
+pub(crate) struct ManifestMember {
+    pub(crate) id: String,
+    pub(crate) state: String,
+    pub(crate) since: u64,
 }
 
 /// The CA's authorities in a local directory (`<state-dir>/ca`).
@@ -574,14 +575,14 @@ pub fn crash_point(point: &str) {
 /// See [`crash_point`].
 pub const CRASH_ENV: &str = "WORKLOAD_CA_CRASH_AT";
 
-fn parse_state(s: &str) -> Option<State> {
+pub(crate) fn parse_state(s: &str) -> Option<State> {
     [State::Prepared, State::Active, State::Retiring]
         .into_iter()
         .find(|st| st.as_str() == s)
 }
 
 /// An authority id: 16 lower-case hex digits (so it is never a path).
-fn valid_id(id: &str) -> bool {
+pub(crate) fn valid_id(id: &str) -> bool {
     id.len() == 16 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
