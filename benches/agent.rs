@@ -41,6 +41,7 @@ fn agent_config(ca: &TestServer, dir: &Path, ttl: Duration) -> AgentConfig {
             name: "web".into(),
             token_file,
             socket: dir.join("web.sock"),
+            identity: None,
         }],
         policy: RotationPolicy {
             ttl,

@@ -12,6 +12,8 @@ use tokio::time::Instant;
 /// The tasks of one component and the signal that asks them to stop.
 pub struct Tasks {
     signal: watch::Sender<bool>,
+    /// The signals of task sets merged into this one.
+    merged: Vec<watch::Sender<bool>>,
     tasks: Vec<(&'static str, JoinHandle<()>)>,
 }
 
@@ -25,6 +27,7 @@ impl Tasks {
     pub fn new() -> Self {
         Self {
             signal: watch::channel(false).0,
+            merged: Vec::new(),
             tasks: Vec::new(),
         }
     }
@@ -45,9 +48,20 @@ impl Tasks {
         self.tasks.push((name, task));
     }
 
+    /// Takes over `other`'s tasks: they are signalled and joined with these,
+    /// under the same deadline.
+    pub fn merge(&mut self, other: Tasks) {
+        self.merged.push(other.signal);
+        self.merged.extend(other.merged);
+        self.tasks.extend(other.tasks);
+    }
+
     /// Signals every task to stop without waiting (readiness can flip first).
     pub fn signal_stop(&self) {
         self.signal.send_replace(true);
+        for s in &self.merged {
+            s.send_replace(true);
+        }
     }
 
     /// Signals stop, waits for every task until `deadline`, then aborts the

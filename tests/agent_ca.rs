@@ -24,6 +24,7 @@ fn config(ca: &TestServer, dir: &std::path::Path, key: KeyAlgorithm) -> AgentCon
             name: "web".into(),
             token_file: dir.join("token"),
             socket: dir.join("web.sock"),
+            identity: None,
         }],
         policy: RotationPolicy {
             key,

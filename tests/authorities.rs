@@ -249,6 +249,7 @@ async fn an_agent_with_only_the_old_root_file_follows_the_rotation() {
             name: "web".into(),
             token_file: dir.path().join("token"),
             socket: dir.path().join("web.sock"),
+            identity: None,
         }],
         policy: RotationPolicy {
             ttl: Duration::from_secs(4),

@@ -32,6 +32,7 @@ async fn start_agent(
             name: name.to_string(),
             token_file,
             socket: dir.join(format!("{name}.sock")),
+            identity: None,
         });
     }
     agent::start(AgentConfig {

@@ -12,8 +12,11 @@ use std::sync::Arc;
 
 use tonic::transport::{Channel, Endpoint};
 
+use x509_parser::prelude::FromDer;
+
 use super::Error;
 use super::trust::{CaTrust, Verifier};
+use crate::identity::SpiffeId;
 use crate::proto::istio::IstioCertificateRequest;
 use crate::proto::istio::istio_certificate_service_client::IstioCertificateServiceClient;
 
@@ -154,17 +157,66 @@ pub fn connect(endpoint: &CaEndpoint) -> Result<(Channel, Arc<CaTrust>), Error> 
     Ok((channel, trust))
 }
 
-/// The CA over gRPC, as one workload (one token file).
+/// The CA over gRPC, as one workload: its own token, or a node agent's
+/// token and the identity it asks for on the workload's behalf.
 #[derive(Clone)]
 pub struct GrpcCaClient {
     channel: Channel,
     token: TokenFile,
+    /// Asked for as `ImpersonatedIdentity` (node mode with one node token);
+    /// the answer must name it.
+    identity: Option<SpiffeId>,
 }
 
 impl GrpcCaClient {
     pub fn new(channel: Channel, token: TokenFile) -> Self {
-        Self { channel, token }
+        Self {
+            channel,
+            token,
+            identity: None,
+        }
     }
+
+    /// Asks for `identity` with the token of a trusted node account (the
+    /// CA grants it only for a pod of that identity on this node).
+    #[must_use]
+    pub fn for_identity(mut self, identity: Option<SpiffeId>) -> Self {
+        self.identity = identity;
+        self
+    }
+}
+
+/// The `ImpersonatedIdentity` request metadata.
+fn impersonation(identity: &SpiffeId) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: [(
+            "ImpersonatedIdentity".to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(
+                    identity.as_str().to_owned(),
+                )),
+            },
+        )]
+        .into(),
+    }
+}
+
+/// The leaf of `chain` names exactly `wanted`.
+fn check_names(chain: &[String], wanted: &SpiffeId) -> Result<(), Error> {
+    let leaf = chain
+        .first()
+        .and_then(|pem| crate::ca::bundle::parse_pem_certs(pem).ok())
+        .and_then(|certs| certs.into_iter().next())
+        .ok_or_else(|| Error::BadResponse("no leaf certificate".into()))?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf.der())
+        .map_err(|e| Error::BadResponse(format!("unparsable leaf: {e}")))?;
+    let got = crate::ca::bundle::single_spiffe_id(&cert).map_err(Error::BadResponse)?;
+    if &got != wanted {
+        return Err(Error::BadResponse(format!(
+            "asked for {wanted}, the certificate names {got}"
+        )));
+    }
+    Ok(())
 }
 
 impl CaClient for GrpcCaClient {
@@ -174,7 +226,7 @@ impl CaClient for GrpcCaClient {
             let mut req = tonic::Request::new(IstioCertificateRequest {
                 csr: csr_pem,
                 validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
-                metadata: None,
+                metadata: self.identity.as_ref().map(impersonation),
             });
             req.metadata_mut().insert("authorization", value);
             // This agent reports the leaves it holds over the bundle watch:
@@ -191,7 +243,11 @@ impl CaClient for GrpcCaClient {
                     message: s.message().to_owned(),
                 })?;
             let generation = bundle_generation(resp.metadata());
-            Ok((resp.into_inner().cert_chain, generation))
+            let chain = resp.into_inner().cert_chain;
+            if let Some(wanted) = &self.identity {
+                check_names(&chain, wanted)?;
+            }
+            Ok((chain, generation))
         })
     }
 }

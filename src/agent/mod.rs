@@ -53,6 +53,9 @@ pub struct WorkloadConfig {
     pub name: String,
     pub token_file: PathBuf,
     pub socket: PathBuf,
+    /// Node mode with one node token: the identity asked for on the
+    /// workload's behalf (`ImpersonatedIdentity`); `None`: the token's own.
+    pub identity: Option<crate::identity::SpiffeId>,
 }
 
 #[derive(Clone, Debug)]
@@ -134,10 +137,10 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
     let bundle = AgentBundle::new();
     let acks = BundleAcks::new();
     for w in &config.workloads {
-        let client = Arc::new(GrpcCaClient::new(
-            channel.clone(),
-            TokenFile::new(&w.token_file),
-        ));
+        let client = Arc::new(
+            GrpcCaClient::new(channel.clone(), TokenFile::new(&w.token_file))
+                .for_identity(w.identity.clone()),
+        );
         let (manager, cert_watch) = CertManager::sharing(
             w.name.clone(),
             client,

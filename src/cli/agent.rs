@@ -33,11 +33,18 @@ pub struct AgentArgs {
     /// Sidecar mode: the SDS socket the proxy connects to.
     #[arg(long, env = "CA_SDS_SOCKET", default_value = "sds.sock")]
     pub sds_socket: PathBuf,
-    /// Node mode: a workload as NAME=TOKEN_FILE (repeatable); its socket is
+    /// Node mode: a workload as NAME=TOKEN_FILE (repeatable), or with
+    /// `--node-token` as NAME=SPIFFE_ID; its socket is
     /// `<socket-dir>/<NAME>/socket`, a directory per workload that can be
     /// mounted into that workload's pod alone.
     #[arg(long = "workload", value_parser = parse_workload)]
     pub workloads: Vec<(String, PathBuf)>,
+    /// Node mode with one token: this agent's own service-account token (a
+    /// trusted node account on the CA), used for every `--workload
+    /// NAME=spiffe://...`; the CA issues each identity only while a pod of
+    /// it runs on this node.
+    #[arg(long, env = "CA_NODE_TOKEN")]
+    pub node_token: Option<PathBuf>,
     /// Node mode: directory of the per-workload sockets.
     #[arg(long, env = "CA_SOCKET_DIR", default_value = "sds")]
     pub socket_dir: PathBuf,
@@ -97,7 +104,7 @@ pub(super) fn parse_workload(s: &str) -> Result<(String, PathBuf), String> {
         && !name.starts_with('.');
     if !ok || token.is_empty() {
         return Err(format!(
-            "{s:?} is not NAME=TOKEN_FILE (NAME: letters, digits, '-', '_', '.')"
+            "{s:?} is not NAME=TOKEN_FILE or NAME=SPIFFE_ID (NAME: letters, digits, '-', '_', '.')"
         ));
     }
     Ok((name.to_owned(), PathBuf::from(token)))
@@ -120,6 +127,32 @@ pub(super) fn parse_jitter(s: &str) -> Result<f64, String> {
 }
 
 impl AgentArgs {
+    /// A workload's token file, and the identity asked for with the node
+    /// token when its value is a SPIFFE ID.
+    fn workload_credential(
+        &self,
+        name: &str,
+        value: &std::path::Path,
+    ) -> anyhow::Result<(PathBuf, Option<crate::identity::SpiffeId>)> {
+        let text = value.to_string_lossy();
+        if !text.starts_with("spiffe://") {
+            return Ok((value.to_owned(), None));
+        }
+        let Some(node_token) = &self.node_token else {
+            anyhow::bail!(
+                "--workload {name}={text}: an identity needs --node-token (the agent's own token, a trusted node account on the CA)"
+            );
+        };
+        let id = crate::identity::SpiffeId::parse(&text)
+            .map_err(|e| anyhow::anyhow!("--workload {name}={text}: {e}"))?;
+        if id.service_account().is_none() {
+            anyhow::bail!(
+                "--workload {name}={text}: not of the form spiffe://<td>/ns/<ns>/sa/<sa>"
+            );
+        }
+        Ok((node_token.clone(), Some(id)))
+    }
+
     /// The agent configuration these flags describe.
     ///
     /// # Errors
@@ -130,17 +163,20 @@ impl AgentArgs {
                 name: "default".into(),
                 token_file: self.token_file.clone(),
                 socket: self.sds_socket.clone(),
+                identity: None,
             }]
         } else {
             let mut configs = Vec::new();
-            for (name, token) in &self.workloads {
+            for (name, value) in &self.workloads {
+                let (token_file, identity) = self.workload_credential(name, value)?;
                 let dir = self.socket_dir.join(name);
                 std::fs::create_dir_all(&dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
                 configs.push(WorkloadConfig {
                     name: name.clone(),
-                    token_file: token.clone(),
+                    token_file,
                     socket: dir.join("socket"),
+                    identity,
                 });
             }
             configs

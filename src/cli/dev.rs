@@ -91,6 +91,7 @@ pub(super) async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             name: "default".into(),
             token_file: token_file.clone(),
             socket: sds_socket.clone(),
+            identity: None,
         }],
         policy: args.rotation.policy(),
         ops_listen: parse_ops(&args.agent_ops_listen)?,

@@ -13,6 +13,7 @@ macro_rules! say {
 
 pub mod agent;
 pub mod dev;
+pub mod kube;
 pub mod limits;
 pub mod rotate;
 pub mod server;

@@ -89,6 +89,8 @@ pub struct ServerArgs {
     pub reissue_rate: u32,
     #[command(flatten)]
     pub limits: limits::ServerLimitArgs,
+    #[command(flatten)]
+    pub kube: super::kube::KubeArgs,
 }
 
 pub(super) fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
@@ -125,6 +127,12 @@ impl ServerArgs {
             bail!("certificate lifetimes must be positive");
         }
         let ops_listen = parse_ops(&self.ops_listen)?;
+        if self.kube.kube && self.cacerts.is_some() {
+            bail!(
+                "--cacerts is a directory; with --kube a plugged-in CA comes from Secret {} (--cacerts-secret)",
+                self.kube.cacerts_secret
+            );
+        }
         let ca = match &self.cacerts {
             Some(dir) => CaSource::PluggedIn(dir.clone()),
             None => CaSource::Embedded {
@@ -185,18 +193,33 @@ impl ServerArgs {
 }
 
 pub(super) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
-    let config = args.to_config()?;
+    let mut config = args.to_config()?;
     // Installed before anything else, so SIGTERM at any moment is an
     // orderly stop rather than the default kill.
     let mut signals = Signals::install()?;
+    let cluster = tokio::select! {
+        r = super::kube::cluster(&args.kube, args.jwks_refresh, &config.jwt_audiences, &config.trust_domain) => r?,
+        _ = signals.recv() => {
+            tracing::info!("stop signal during start-up; exiting");
+            return Ok(());
+        }
+    };
+    let kube_ca = cluster.as_ref().map(|c| {
+        // A plugged-in CA is replaced by an operator, never by itself.
+        if c.seed.is_some() {
+            config.auto_rotate = None;
+        }
+        format!("{} (Kubernetes)", c.store.describe())
+    });
     let running = tokio::select! {
-        r = server::start(config.clone()) => r.context("starting the CA server")?,
+        r = server::start_with(config.clone(), cluster) => r.context("starting the CA server")?,
         _ = signals.recv() => {
             tracing::info!("stop signal during start-up; exiting");
             return Ok(());
         }
     };
     let ca_line = match &config.ca {
+        _ if kube_ca.is_some() => kube_ca.unwrap_or_default(),
         CaSource::PluggedIn(dir) => format!("plugged-in CA from {}", dir.display()),
         CaSource::Embedded { .. } if running.ca_created => {
             format!(

@@ -18,6 +18,7 @@ use x509_parser::prelude::FromDer;
 
 use crate::ca::AuthoritySet;
 use crate::ca::bundle::{single_spiffe_id, verify_path};
+use crate::ca::policy::{Refusal, TokenFacts};
 use crate::identity::{SpiffeId, TrustDomain};
 
 /// Why a presented credential was not accepted. Logged, never sent.
@@ -27,6 +28,26 @@ pub enum AuthError {
     Token(String),
     #[error("client certificate rejected: {0}")]
     Cert(String),
+    /// The credential could not be judged now (the cluster caches are not
+    /// synced, a TokenReview could not be made): the caller should retry.
+    #[error("cannot authenticate now: {0}")]
+    Unavailable(String),
+    /// A valid token whose bindings no longer hold in the cluster (its pod
+    /// or service account deleted or recreated).
+    #[error("bearer token rejected: {0}")]
+    Binding(Refusal),
+}
+
+impl AuthError {
+    /// A short, stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Token(_) => "token",
+            Self::Cert(_) => "certificate",
+            Self::Unavailable(_) => "unavailable",
+            Self::Binding(r) => r.metric_label(),
+        }
+    }
 }
 
 /// An authenticated caller.
@@ -41,6 +62,10 @@ pub struct Caller {
     /// The longest certificate this caller may get, when its proof limits it
     /// (a renewal: the presented certificate's own lifetime).
     pub max_ttl: Option<Duration>,
+    /// What the caller's service-account token says about it (its pod and
+    /// node): what node-agent impersonation is judged on. `None` for a
+    /// certificate renewal.
+    pub facts: Option<TokenFacts>,
 }
 
 /// What an authenticator may look at.
@@ -105,6 +130,32 @@ impl AuthChain {
     }
 }
 
+/// The bearer token of a request: `None` without an `authorization`
+/// value; refused when there are two (ambiguous) or it is not `Bearer`.
+///
+/// # Errors
+/// [`AuthError::Token`] naming what is wrong with the header.
+pub fn bearer_token(metadata: &MetadataMap) -> Result<Option<&str>, AuthError> {
+    let mut values = metadata.get_all("authorization").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(AuthError::Token(
+            "more than one authorization value: ambiguous, refused".into(),
+        ));
+    }
+    let value = value
+        .to_str()
+        .map_err(|_| AuthError::Token("authorization is not ASCII".into()))?;
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(Some(token.trim())),
+        _ => Err(AuthError::Token(
+            "authorization is not a Bearer token".into(),
+        )),
+    }
+}
+
 /// Renewal with a current certificate: a client certificate issued by this
 /// CA's signing certificate (rustls-webpki path validation anchored on the
 /// signer, clientAuth, at the request time) carrying exactly one URI SAN, a
@@ -164,6 +215,7 @@ impl ClientCertAuthenticator {
             method: self.name(),
             detail: format!("serial {}", cert.raw_serial_as_string()),
             max_ttl: Some(lifetime.saturating_sub(crate::ca::CLOCK_SKEW_BACKDATE)),
+            facts: None,
         })
     }
 }

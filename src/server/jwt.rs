@@ -30,6 +30,7 @@ use serde::Deserialize;
 
 use super::Error;
 use super::auth::{AuthContext, AuthError, AuthFuture, Authenticator, Caller};
+use crate::ca::policy::{BoundObject, ClusterView, TokenFacts, check_binding};
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::logsafe::peer;
 
@@ -61,6 +62,14 @@ pub enum KeySource {
     Url(http::Uri),
     /// Keys known at start (the development issuer).
     Static(Vec<String>),
+    /// A JWKS document published by another part of the process (the
+    /// Kubernetes API server's, fetched by `crate::k8s::jwks`); `None`
+    /// until the first fetch. A token naming a key id we do not know
+    /// pokes `stale`, so a rotated issuer key is fetched at once.
+    Published {
+        jwks: tokio::sync::watch::Receiver<Option<String>>,
+        stale: Arc<tokio::sync::Notify>,
+    },
 }
 
 impl KeySource {
@@ -103,6 +112,9 @@ pub struct IssuerConfig {
 struct Issuer {
     config: IssuerConfig,
     keys: RwLock<Arc<Vec<VerifyKey>>>,
+    /// The cluster whose tokens this issuer signs: every token's pod and
+    /// service account must still exist there.
+    cluster: Option<Arc<dyn ClusterView>>,
 }
 
 impl Issuer {
@@ -157,6 +169,7 @@ impl JwtAuthenticator {
             let issuer = Arc::new(Issuer {
                 config,
                 keys: RwLock::new(Arc::default()),
+                cluster: None,
             });
             issuer.refresh().await?;
             issuers.push(issuer);
@@ -176,6 +189,29 @@ impl JwtAuthenticator {
         self
     }
 
+    /// Checks every token of `issuer` against the cluster as `view` sees
+    /// it ([`crate::ca::policy::check_binding`]), and requires such tokens
+    /// to carry the `kubernetes.io` claim that names their bindings.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if no issuer of that name is configured.
+    pub fn with_cluster_view(
+        mut self,
+        issuer: &str,
+        view: Arc<dyn ClusterView>,
+    ) -> Result<Self, Error> {
+        let slot = self
+            .issuers
+            .iter_mut()
+            .find(|i| i.config.issuer == issuer)
+            .ok_or_else(|| Error::Config(format!("no issuer {issuer:?} to bind to the cluster")))?;
+        let Some(i) = Arc::get_mut(slot) else {
+            return Err(Error::Config("issuer already shared".into()));
+        };
+        i.cluster = Some(view);
+        Ok(self)
+    }
+
     /// The issuers, for the startup log.
     pub fn issuer_names(&self) -> Vec<String> {
         self.issuers
@@ -192,10 +228,27 @@ impl JwtAuthenticator {
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
         let this = Arc::clone(self);
+        // A published source is taken at once when it changes (there is at
+        // most one: the cluster's).
+        let mut published = self.issuers.iter().find_map(|i| match &i.config.keys {
+            KeySource::Published { jwks, .. } => Some(jwks.clone()),
+            _ => None,
+        });
         tokio::spawn(async move {
             loop {
+                let changed = async {
+                    match published.as_mut() {
+                        Some(rx) => {
+                            if rx.changed().await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
                 tokio::select! {
                     _ = tokio::time::sleep(period) => {}
+                    _ = changed => {}
                     _ = shutdown.changed() => return,
                 }
                 for issuer in &this.issuers {
@@ -258,6 +311,9 @@ impl JwtAuthenticator {
             .filter(|k| k.alg.as_ref().is_none_or(|a| *a == alg_name))
             .collect();
         if candidates.is_empty() {
+            if let KeySource::Published { stale, .. } = &issuer.config.keys {
+                stale.notify_one();
+            }
             return Err(bad(format!(
                 "no key of issuer {iss:?} matches kid {:?} and alg {alg_name}",
                 header.kid
@@ -268,7 +324,7 @@ impl JwtAuthenticator {
             match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
                 Ok(data) => {
                     self.check_times(&data.claims)?;
-                    return self.caller(data.claims, &iss);
+                    return self.caller(data.claims, issuer);
                 }
                 Err(e) => last = Some(e),
             }
@@ -303,8 +359,9 @@ impl JwtAuthenticator {
         Ok(())
     }
 
-    fn caller(&self, claims: Claims, iss: &str) -> Result<Caller, AuthError> {
+    fn caller(&self, claims: Claims, issuer: &Issuer) -> Result<Caller, AuthError> {
         let bad = |m: String| AuthError::Token(m);
+        let iss = &issuer.config.issuer;
         let rest = claims
             .sub
             .strip_prefix("system:serviceaccount:")
@@ -312,25 +369,50 @@ impl JwtAuthenticator {
         let (ns, sa) = rest
             .split_once(':')
             .ok_or_else(|| bad(format!("sub {:?} is malformed", claims.sub)))?;
-        let mut pod = String::new();
-        if let Some(k) = &claims.kubernetes {
+        let mut facts = TokenFacts {
+            namespace: ns.to_owned(),
+            service_account: sa.to_owned(),
+            service_account_uid: None,
+            pod: None,
+            node: None,
+        };
+        if let Some(k) = claims.kubernetes {
             if k.namespace != ns || k.serviceaccount.as_ref().is_some_and(|s| s.name != sa) {
                 return Err(bad(format!(
                     "kubernetes.io claim disagrees with sub {:?}",
                     claims.sub
                 )));
             }
-            if let Some(p) = &k.pod {
-                pod = p.name.clone();
+            facts.service_account_uid = k.serviceaccount.and_then(|s| s.uid);
+            facts.pod = k.pod.map(NamedRef::bound);
+            facts.node = k.node.map(NamedRef::bound);
+        }
+        if let Some(view) = &issuer.cluster {
+            // A cluster's bound tokens name their service account's UID;
+            // a token that does not cannot be tied to what exists now.
+            if facts.service_account_uid.is_none() {
+                return Err(bad(
+                    "no kubernetes.io service account UID: not a bound service-account token"
+                        .into(),
+                ));
             }
+            check_binding(&facts, view.as_ref()).map_err(|r| {
+                if r.is_transient() {
+                    AuthError::Unavailable(r.to_string())
+                } else {
+                    AuthError::Binding(r)
+                }
+            })?;
         }
         let identity = SpiffeId::for_service_account(&self.trust_domain, ns, sa)
             .map_err(|e| bad(e.to_string()))?;
+        let pod = facts.pod.as_ref().map(|p| p.name.as_str()).unwrap_or("");
         Ok(Caller {
             identity,
             method: "jwt",
-            detail: format!("iss={} pod={}", peer(iss), peer(&pod)),
+            detail: format!("iss={} pod={}", peer(iss), peer(pod)),
             max_ttl: None,
+            facts: Some(facts),
         })
     }
 }
@@ -349,11 +431,22 @@ struct KubernetesClaim {
     namespace: String,
     serviceaccount: Option<NamedRef>,
     pod: Option<NamedRef>,
+    node: Option<NamedRef>,
 }
 
 #[derive(Deserialize)]
 struct NamedRef {
     name: String,
+    uid: Option<String>,
+}
+
+impl NamedRef {
+    fn bound(self) -> BoundObject {
+        BoundObject {
+            name: self.name,
+            uid: self.uid.unwrap_or_default(),
+        }
+    }
 }
 
 impl Authenticator for JwtAuthenticator {
@@ -363,25 +456,8 @@ impl Authenticator for JwtAuthenticator {
 
     fn authenticate<'a>(&'a self, ctx: &'a AuthContext<'a>) -> AuthFuture<'a> {
         Box::pin(async move {
-            let mut values = ctx.metadata.get_all("authorization").iter();
-            let Some(value) = values.next() else {
+            let Some(token) = super::auth::bearer_token(ctx.metadata)? else {
                 return Ok(None);
-            };
-            if values.next().is_some() {
-                return Err(AuthError::Token(
-                    "more than one authorization value: ambiguous, refused".into(),
-                ));
-            }
-            let value = value
-                .to_str()
-                .map_err(|_| AuthError::Token("authorization is not ASCII".into()))?;
-            let token = match value.split_once(' ') {
-                Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-                _ => {
-                    return Err(AuthError::Token(
-                        "authorization is not a Bearer token".into(),
-                    ));
-                }
             };
             self.verify(token).map(Some)
         })
@@ -415,6 +491,12 @@ async fn load_keys(source: &KeySource) -> Result<Vec<VerifyKey>, Error> {
                 keys.extend(parse_key_document(doc).map_err(Error::Config)?);
             }
             Ok(keys)
+        }
+        KeySource::Published { jwks, .. } => {
+            let text = jwks.borrow().clone().ok_or_else(|| {
+                Error::Config("the cluster's JWKS has not been fetched yet".into())
+            })?;
+            parse_key_document(&text).map_err(|e| Error::Config(format!("cluster JWKS: {e}")))
         }
         KeySource::File(path) => {
             let text = tokio::fs::read_to_string(path)

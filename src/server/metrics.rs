@@ -25,13 +25,29 @@ pub struct Metrics {
     pub serving_cert_expiry: IntGauge,
     /// `workload_ca_limit_refusals_total{limit}`, `workload_ca_log_suppressed_total`.
     pub refusals: Refusals,
+    /// Presented credentials refused, by reason (`token`, `certificate`,
+    /// `unavailable`, or a binding reason such as `pod_gone`).
+    pub auth_refusals: IntCounterVec,
+    /// Callers refused the identity they asked for, by reason
+    /// (`not_trusted_node`, `not_on_node`, ...).
+    pub identity_refusals: IntCounterVec,
+    /// Certificates issued to a node agent for another identity.
+    pub impersonations: IntCounter,
 }
 
 impl Metrics {
     /// # Errors
     /// [`Error::Config`] if a metric cannot be registered (a programming error).
     pub fn new() -> Result<Self, Error> {
-        let registry = Registry::new();
+        Self::with_registry(Registry::new())
+    }
+
+    /// The server's metrics in `registry`, which may already hold others
+    /// (the Kubernetes adapters'): `/metrics` shows them all.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if a metric cannot be registered (a name taken twice).
+    pub fn with_registry(registry: Registry) -> Result<Self, Error> {
         let reg_err = |e: prometheus::Error| Error::Config(format!("metrics: {e}"));
         let counter = |name: &str, help: &str| -> Result<IntCounter, Error> {
             let c = IntCounter::new(name, help).map_err(reg_err)?;
@@ -57,6 +73,25 @@ impl Metrics {
         for kind in SIGN_ERROR_KINDS {
             csr_sign_err.with_label_values(&[kind]);
         }
+        let counter_vec = |name: &str, help: &str, label: &str| -> Result<IntCounterVec, Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label]).map_err(reg_err)?;
+            registry.register(Box::new(c.clone())).map_err(reg_err)?;
+            Ok(c)
+        };
+        let auth_refusals = counter_vec(
+            "workload_ca_auth_refusals_total",
+            "Presented credentials refused, by reason.",
+            "reason",
+        )?;
+        let identity_refusals = counter_vec(
+            "workload_ca_identity_refusals_total",
+            "Authenticated callers refused the identity they asked for, by reason.",
+            "reason",
+        )?;
+        let impersonations = counter(
+            "workload_ca_impersonations_total",
+            "Certificates issued to a trusted node agent for a pod on its node.",
+        )?;
         Ok(Self {
             csr_count: counter(
                 "citadel_server_csr_count",
@@ -92,6 +127,9 @@ impl Metrics {
                 "The unix timestamp, in seconds, when the CA server's own TLS certificate will expire.",
             )?,
             refusals: Refusals::register(&registry, "workload_ca").map_err(reg_err)?,
+            auth_refusals,
+            identity_refusals,
+            impersonations,
             registry,
         })
     }

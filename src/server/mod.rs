@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod auth;
 pub mod bundlewatch;
+pub mod cluster;
 pub mod devissuer;
 pub mod fleet;
 pub mod jwt;
@@ -199,6 +200,19 @@ const SHUTDOWN_MARGIN: Duration = Duration::from_secs(1);
 /// Any [`Error`]: bad or partial CA material, unreadable key sources,
 /// addresses in use.
 pub async fn start(config: ServerConfig) -> Result<Running, Error> {
+    start_with(config, None).await
+}
+
+/// [`start`], with a cluster integration: its store instead of the state
+/// directory's, its token issuer and authenticators, its readiness checks
+/// and metrics, its tasks joined at shutdown.
+///
+/// # Errors
+/// As [`start`].
+pub async fn start_with(
+    config: ServerConfig,
+    cluster: Option<cluster::Cluster>,
+) -> Result<Running, Error> {
     jwt_crypto::install();
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -206,12 +220,27 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         .create(&config.state_dir)
         .map_err(|e| Error::io(&config.state_dir, e))?;
     let now = SystemTime::now();
-    let (authorities, ca_created, spec) = load_authorities(&config, now).await?;
+    let (store, seed): (Arc<dyn ca::KeyStore>, _) = match &cluster {
+        Some(c) => (
+            c.store.clone(),
+            c.seed.clone().map(|f| (f, c.seed_from.clone())),
+        ),
+        None => {
+            let store = DirStore::new(config.state_dir.join("ca"));
+            store.tidy()?;
+            (Arc::new(store), plugged_in_seed(&config)?)
+        }
+    };
+    let (authorities, ca_created, spec) =
+        load_authorities(&config, store.as_ref(), seed, now).await?;
     let root_cert_path = config.state_dir.join("root-cert.pem");
     atomic_write(&root_cert_path, authorities.bundle_pem().as_bytes(), 0o644)
         .map_err(|e| Error::io(&root_cert_path, e))?;
 
-    let metrics = Arc::new(Metrics::new()?);
+    let metrics = Arc::new(match &cluster {
+        Some(c) => Metrics::with_registry(c.registry.clone())?,
+        None => Metrics::new()?,
+    });
     let serving_cert = Arc::new(ServingCert::issue(
         authorities.active(),
         &config.serving,
@@ -237,10 +266,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         .iter()
         .map(|m| m.authority.id().to_owned())
         .collect();
-    let live = Arc::new(rotate::LiveCa::new(
-        authorities,
-        Arc::new(DirStore::new(config.state_dir.join("ca"))),
-    ));
+    let live = Arc::new(rotate::LiveCa::new(authorities, store));
     let authority_rx = live.subscribe();
     // Every task the server starts, stopped together (src/drain.rs).
     let mut tasks = Tasks::new();
@@ -308,6 +334,10 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         });
         dev_issuer_key = Some(dev.key_path().to_owned());
     }
+    let cluster_issuer = cluster.as_ref().and_then(|c| c.issuer.clone());
+    if let Some(i) = &cluster_issuer {
+        issuers.push(i.clone());
+    }
     let mut chain: Vec<Arc<dyn Authenticator>> = Vec::new();
     let mut jwt_issuers = Vec::new();
     if issuers.is_empty() {
@@ -315,21 +345,26 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
             "no token issuer configured: only renewals with a current certificate will be accepted"
         );
     } else {
-        let jwt = Arc::new(
-            JwtAuthenticator::new(
-                config.trust_domain.clone(),
-                config.jwt_audiences.clone(),
-                issuers,
-            )
-            .await?
-            .with_max_lifetime(config.max_token_lifetime),
-        );
+        let mut jwt = JwtAuthenticator::new(
+            config.trust_domain.clone(),
+            config.jwt_audiences.clone(),
+            issuers,
+        )
+        .await?
+        .with_max_lifetime(config.max_token_lifetime);
+        if let (Some(i), Some(c)) = (&cluster_issuer, &cluster) {
+            jwt = jwt.with_cluster_view(&i.issuer, c.view.clone())?;
+        }
+        let jwt = Arc::new(jwt);
         tasks.adopt(
             "jwks-refresh",
             jwt.spawn_refresh(config.jwks_refresh, shutdown_rx.clone()),
         );
         jwt_issuers = jwt.issuer_names();
         chain.push(jwt);
+    }
+    if let Some(c) = &cluster {
+        chain.extend(c.authenticators.iter().cloned());
     }
     chain.push(Arc::new(ClientCertAuthenticator::new(authority_rx.clone())));
     let auth = AuthChain::new(chain);
@@ -346,6 +381,10 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         serving: false.into(),
         serving_cert: serving_cert.clone(),
         authorities: authority_rx.clone(),
+        checks: cluster
+            .as_ref()
+            .map(|c| c.ready.clone())
+            .unwrap_or_default(),
     });
     let ops_addr = match config.ops_listen {
         Some(addr) => {
@@ -402,7 +441,15 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
         metrics,
         warn: crate::logsafe::WarnLimiter::new(),
         fleet,
+        node_agents: cluster
+            .as_ref()
+            .map(|c| c.node_agents.clone())
+            .unwrap_or_default(),
+        cluster: cluster.as_ref().map(|c| c.view.clone()),
     };
+    if let Some(c) = cluster {
+        tasks.merge(c.tasks);
+    }
     let routes = tonic::service::Routes::new(
         crate::proto::istio::istio_certificate_service_server::IstioCertificateServiceServer::new(
             service,
@@ -457,13 +504,29 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
 /// How often the automatic rotation looks at the active authority.
 const AUTO_ROTATION_INTERVAL: Duration = Duration::from_secs(60);
 
-/// The CA's authorities from the store in `<state-dir>/ca`: created on
-/// first start from a new root, or from the plugged-in `cacerts`
-/// directory. Later starts with `--cacerts` check that it is one of the
-/// stored authorities (a new one is brought in with `ca rotate-root
-/// prepare --from`, never by swapping files under a running mesh).
+/// The plugged-in CA of `--cacerts`, validated, with where it came from.
+fn plugged_in_seed(config: &ServerConfig) -> Result<Option<(ca::CaFiles, String)>, Error> {
+    let CaSource::PluggedIn(dir) = &config.ca else {
+        return Ok(None);
+    };
+    let files = CacertsDir::new(dir).load()?.ok_or_else(|| {
+        Error::Config(format!(
+            "plugged-in CA directory {} holds none of ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem",
+            dir.display()
+        ))
+    })?;
+    Ok(Some((files, dir.display().to_string())))
+}
+
+/// The CA's authorities from `store`: created on first start from a new
+/// root, or from the plugged-in CA `seed`. Later starts with a seed check
+/// that it is one of the stored authorities (a new one is brought in with
+/// `ca rotate-root prepare --from`, never by swapping files under a
+/// running mesh).
 async fn load_authorities(
     config: &ServerConfig,
+    store: &dyn ca::KeyStore,
+    seed: Option<(ca::CaFiles, String)>,
     now: SystemTime,
 ) -> Result<(AuthoritySet, bool, RootSpec), Error> {
     let (algorithm, lifetime) = match &config.ca {
@@ -481,36 +544,25 @@ async fn load_authorities(
         algorithm,
         lifetime,
     };
-    let seed = match &config.ca {
-        CaSource::Embedded { .. } => None,
-        CaSource::PluggedIn(dir) => {
-            let files = CacertsDir::new(dir).load()?.ok_or_else(|| {
-                Error::Config(format!(
-                    "plugged-in CA directory {} holds none of ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem",
-                    dir.display()
-                ))
-            })?;
-            // Validated here, so bad material is refused with its own
-            // message before anything is stored.
+    // Validated here, so bad material is refused with its own message
+    // before anything is stored.
+    let seed = match seed {
+        Some((files, from)) => {
             let authority = Authority::from_files(&files, &config.trust_domain, now)?;
-            Some((files, authority.id().to_owned(), dir))
+            Some((files, authority.id().to_owned(), from))
         }
+        None => None,
     };
-    let store = DirStore::new(config.state_dir.join("ca"));
-    store.tidy()?;
     let (set, created) =
-        load_or_create(&store, &spec, seed.as_ref().map(|(f, _, _)| f), now).await?;
-    if let Some((_, id, dir)) = &seed
+        load_or_create(store, &spec, seed.as_ref().map(|(f, _, _)| f), now).await?;
+    if let Some((_, id, from)) = &seed
         && !set.members().iter().any(|m| m.authority.id() == id)
     {
+        let at = store.describe();
         return Err(Error::Config(format!(
-            "the plugged-in CA in {} (authority {id}) is not one of this CA's authorities (stored in {}). \
-             To move to it without breaking traffic, run `ca rotate-root --from {}`; \
-             to start over with it, remove {}",
-            dir.display(),
-            store.dir().display(),
-            dir.display(),
-            store.dir().display()
+            "the plugged-in CA in {from} (authority {id}) is not one of this CA's authorities (stored in {at}). \
+             To move to it without breaking traffic, run `ca rotate-root --from {from}`; \
+             to start over with it, remove {at}"
         )));
     }
     Ok((set, created, spec))

@@ -19,14 +19,19 @@ pub struct Health {
     pub serving_cert: Arc<ServingCert>,
     /// The signing chain that matters is the active authority's, now.
     pub authorities: watch::Receiver<Arc<AuthoritySet>>,
+    /// A cluster integration's conditions (caches synced, store watched).
+    pub checks: Vec<super::cluster::ReadyCheck>,
 }
 
 impl Health {
     /// Ready: serving, with an unexpired serving certificate and signer.
-    pub fn ready(&self) -> Result<(), &'static str> {
+    pub fn ready(&self) -> Result<(), String> {
         let now = SystemTime::now();
         if !self.serving.load(Ordering::Acquire) {
-            return Err("not serving (starting or draining)");
+            return Err("not serving (starting or draining)".into());
+        }
+        for check in &self.checks {
+            check()?;
         }
         let set = self.authorities.borrow().clone();
         if !set
@@ -34,13 +39,13 @@ impl Health {
             .iter()
             .any(|m| m.authority.signer().der() == self.serving_cert.issued_by())
         {
-            return Err("the serving certificate's issuer is no longer in the trust bundle");
+            return Err("the serving certificate's issuer is no longer in the trust bundle".into());
         }
         if now >= set.active().chain_not_after() {
-            return Err("the CA signing chain has expired");
+            return Err("the CA signing chain has expired".into());
         }
         if now >= self.serving_cert.not_after() {
-            return Err("the serving certificate has expired");
+            return Err("the serving certificate has expired".into());
         }
         Ok(())
     }
@@ -62,7 +67,7 @@ pub fn spawn(
     crate::ops::spawn(
         listener,
         move || metrics.render(),
-        move || health.ready().map_err(str::to_owned),
+        move || health.ready(),
         Some(bundle),
         limits,
         refusals,

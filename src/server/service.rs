@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use super::auth::AuthChain;
 use super::metrics::Metrics;
 use super::status;
+use crate::ca::policy::{ClusterView, NodeAgents, authorize};
 use crate::ca::{AuthoritySet, TtlPolicy, check_pem_csr};
 use crate::logsafe::{WarnLimiter, peer as peer_text};
 use crate::proto::istio::istio_certificate_service_server::IstioCertificateService;
@@ -27,6 +28,10 @@ pub struct CaService {
     /// Leaves issued to clients that are not our agents are recorded for
     /// the rotation gates.
     pub(crate) fleet: Arc<super::fleet::Fleet>,
+    /// Who may ask for other identities (node agents), and the cluster
+    /// their requests are judged against.
+    pub(crate) node_agents: NodeAgents,
+    pub(crate) cluster: Option<Arc<dyn ClusterView>>,
 }
 
 #[tonic::async_trait]
@@ -42,6 +47,18 @@ impl IstioCertificateService for CaService {
             Ok(caller) => caller,
             Err(reasons) => {
                 self.metrics.authentication_failure.inc();
+                for r in &reasons {
+                    self.metrics
+                        .auth_refusals
+                        .with_label_values(&[r.metric_label()])
+                        .inc();
+                }
+                // Nothing refused outright, but something could not be
+                // judged now (caches syncing): worth a retry.
+                let transient = !reasons.is_empty()
+                    && reasons
+                        .iter()
+                        .all(|r| matches!(r, super::auth::AuthError::Unavailable(_)));
                 // Reasons quote what the caller sent: escaped and truncated.
                 let reasons: Vec<String> = reasons
                     .iter()
@@ -53,6 +70,9 @@ impl IstioCertificateService for CaService {
                     reasons.join("; ")
                 };
                 crate::peer_warn!(self.warn, peer.map(|a| a.ip()), self.metrics.refusals, ?peer, %reasons, "authentication failed");
+                if transient {
+                    return Err(Status::unavailable("cannot authenticate now; retry"));
+                }
                 return Err(status::unauthenticated());
             }
         };
@@ -60,14 +80,33 @@ impl IstioCertificateService for CaService {
         // connection, reports the leaf (or will: see `Fleet::claim`).
         let claims_agent = request.metadata().contains_key(AGENT_HEADER);
         let body = request.into_inner();
-        if let Some(requested) = impersonation(&body).filter(|r| *r != caller.identity.as_str()) {
-            self.metrics.id_extraction_err.inc();
-            crate::peer_warn!(self.warn, peer.map(|a| a.ip()), self.metrics.refusals, ?peer, caller = %caller.identity, requested = %peer_text(requested), "impersonation refused");
-            return Err(Status::permission_denied(format!(
-                "{} is not allowed to request certificates for other identities",
-                caller.identity
-            )));
-        }
+        let requested = impersonation(&body);
+        let trust_domain = self.authority.borrow().trust_domain().clone();
+        let identity = match authorize(
+            &caller.identity,
+            caller.facts.as_ref(),
+            requested,
+            &self.node_agents,
+            self.cluster.as_deref(),
+            &trust_domain,
+        ) {
+            Ok(identity) => identity,
+            Err(refusal) => {
+                self.metrics.id_extraction_err.inc();
+                self.metrics
+                    .identity_refusals
+                    .with_label_values(&[refusal.metric_label()])
+                    .inc();
+                // The refusal quotes what the caller asked for.
+                let reason = peer_text(&refusal.to_string()).to_string();
+                crate::peer_warn!(self.warn, peer.map(|a| a.ip()), self.metrics.refusals, ?peer, caller = %caller.identity, %reason, "identity refused");
+                if refusal.is_transient() {
+                    return Err(Status::unavailable(reason));
+                }
+                return Err(Status::permission_denied(reason));
+            }
+        };
+        let impersonated = identity != caller.identity;
         let result = self
             .ttl
             .resolve_capped(body.validity_duration, caller.max_ttl)
@@ -76,7 +115,7 @@ impl IstioCertificateService for CaService {
                 // A snapshot: signing never holds the watch's lock.
                 let authorities = self.authority.borrow().clone();
                 authorities
-                    .sign_leaf(&csr, &caller.identity, ttl, now)
+                    .sign_leaf(&csr, &identity, ttl, now)
                     .map(|issued| {
                         let (g, a) = (authorities.generation(), authorities.active().id());
                         if claims_agent {
@@ -91,8 +130,11 @@ impl IstioCertificateService for CaService {
         match result {
             Ok((issued, generation)) => {
                 self.metrics.success_cert_issuance.inc();
+                if impersonated {
+                    self.metrics.impersonations.inc();
+                }
                 tracing::info!(
-                    identity = %caller.identity, via = caller.method, detail = %caller.detail, ?peer,
+                    identity = %identity, caller = %caller.identity, via = caller.method, detail = %caller.detail, ?peer,
                     serial = %issued.serial_hex, not_after = %humantime(issued.not_after),
                     "certificate issued"
                 );
@@ -108,7 +150,7 @@ impl IstioCertificateService for CaService {
             Err(e) => {
                 status::count(&self.metrics, &e);
                 // The error may quote the CSR: escaped and truncated.
-                crate::peer_warn!(self.warn, peer.map(|a| a.ip()), self.metrics.refusals, identity = %caller.identity, ?peer, error = %peer_text(&e.to_string()), "certificate refused");
+                crate::peer_warn!(self.warn, peer.map(|a| a.ip()), self.metrics.refusals, identity = %identity, ?peer, error = %peer_text(&e.to_string()), "certificate refused");
                 Err(status::from_ca(&e))
             }
         }

@@ -1,0 +1,249 @@
+//! `ca server --kube`: the CA on Kubernetes. Builds the cluster integration
+//! the server runs with (`server::cluster::Cluster`) from `crate::k8s`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::parse_duration;
+use crate::ca::policy::{ClusterView, NodeAgents, check_binding};
+use crate::drain::Tasks;
+use crate::identity::{SpiffeId, TrustDomain};
+use crate::k8s;
+use crate::server::auth::{
+    AuthContext, AuthError, AuthFuture, Authenticator, Caller, bearer_token,
+};
+use crate::server::cluster::{Cluster, ReadyCheck};
+use crate::server::jwt::{IssuerConfig, KeySource};
+
+#[derive(Args, Debug, Clone)]
+pub struct KubeArgs {
+    /// Run on Kubernetes: the CA in a Secret, tokens checked against the
+    /// cluster, node agents allowed by `--trusted-node-accounts`.
+    #[arg(long, env = "CA_KUBE")]
+    pub kube: bool,
+    /// Kubeconfig file (default: `KUBECONFIG`, `~/.kube/config`, then the
+    /// pod's own service account).
+    #[arg(long, env = "CA_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace of the CA's Secrets and Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pub kube_namespace: String,
+    /// Secret holding the CA's authorities (Istio's self-signed layout at
+    /// the top level, plus the rotation state).
+    #[arg(long, env = "CA_SECRET", default_value = "istio-ca-secret")]
+    pub ca_secret: String,
+    /// Secret of a plugged-in CA (Istio's `cacerts`), read to seed an
+    /// empty store; never written.
+    #[arg(long, env = "CA_CACERTS_SECRET", default_value = "cacerts")]
+    pub cacerts_secret: String,
+    /// Service accounts (`namespace/name`, comma-separated) that may ask
+    /// for the identities of pods on their own node (`ImpersonatedIdentity`),
+    /// e.g. `istio-system/ztunnel`. Empty: nobody.
+    #[arg(long, env = "CA_TRUSTED_NODE_ACCOUNTS", value_delimiter = ',')]
+    pub trusted_node_accounts: Vec<String>,
+    /// The `iss` of the cluster's service-account tokens, when it differs
+    /// from what the API server's discovery document says.
+    #[arg(long, env = "CA_KUBE_ISSUER")]
+    pub kube_issuer: Option<String>,
+    /// Requests in flight to the API server at once (beyond it they queue
+    /// in the CA; there is no QPS throttle, see `k8s::client`).
+    #[arg(long, env = "CA_KUBE_MAX_IN_FLIGHT", default_value_t = k8s::client::DEFAULT_MAX_IN_FLIGHT)]
+    pub kube_max_in_flight: usize,
+    /// How long tokens are still judged against the watch caches while
+    /// their watch is broken (API server unreachable); after that they are
+    /// refused as unavailable until the watch is back.
+    #[arg(long, env = "CA_KUBE_CACHE_MAX_STALE", default_value = "5m", value_parser = parse_duration)]
+    pub kube_cache_max_stale: Duration,
+    /// Check tokens with the TokenReview API instead of the issuer's keys
+    /// (for clusters whose issuer keys cannot be read): one review per
+    /// token, cached until shortly before it expires (at most 5 min).
+    #[arg(long, env = "CA_TOKEN_REVIEW")]
+    pub token_review: bool,
+    /// TokenReviews at the API server at once; more callers queue.
+    #[arg(long, env = "CA_TOKEN_REVIEW_MAX_IN_FLIGHT", default_value_t = 16)]
+    pub token_review_max_in_flight: usize,
+    /// How long a caller waits in the TokenReview queue before it is told
+    /// to retry (`Unavailable`).
+    #[arg(long, env = "CA_TOKEN_REVIEW_QUEUE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub token_review_queue_timeout: Duration,
+}
+
+/// TokenReview as an authenticator: the review (cached, capped,
+/// queued), then the same binding checks as local validation.
+struct ReviewAuthenticator {
+    reviewer: k8s::review::TokenReviewer,
+    view: Arc<dyn ClusterView>,
+    trust_domain: TrustDomain,
+}
+
+impl Authenticator for ReviewAuthenticator {
+    fn name(&self) -> &'static str {
+        "tokenreview"
+    }
+
+    fn authenticate<'a>(&'a self, ctx: &'a AuthContext<'a>) -> AuthFuture<'a> {
+        Box::pin(async move {
+            let Some(token) = bearer_token(ctx.metadata)? else {
+                return Ok(None);
+            };
+            let facts = self.reviewer.review(token).await.map_err(|e| {
+                let why = format!("token {}: {e}", k8s::review::token_id(token));
+                if e.is_unavailable() {
+                    AuthError::Unavailable(why)
+                } else {
+                    AuthError::Token(why)
+                }
+            })?;
+            check_binding(&facts, self.view.as_ref()).map_err(|r| {
+                if r.is_transient() {
+                    AuthError::Unavailable(r.to_string())
+                } else {
+                    AuthError::Binding(r)
+                }
+            })?;
+            let identity = SpiffeId::for_service_account(
+                &self.trust_domain,
+                &facts.namespace,
+                &facts.service_account,
+            )
+            .map_err(|e| AuthError::Token(e.to_string()))?;
+            let pod = facts
+                .pod
+                .as_ref()
+                .map(|p| p.name.clone())
+                .unwrap_or_default();
+            Ok(Some(Caller {
+                identity,
+                method: "tokenreview",
+                detail: format!("pod={}", crate::logsafe::peer(&pod)),
+                max_ttl: None,
+                facts: Some(facts),
+            }))
+        })
+    }
+}
+
+/// The cluster integration `args` describe; `None` without `--kube`.
+///
+/// # Errors
+/// No client configuration, the issuer's keys unreadable (with the RBAC
+/// to grant, or `--token-review`), a malformed `cacerts` Secret.
+pub(super) async fn cluster(
+    args: &KubeArgs,
+    jwks_refresh: Duration,
+    audiences: &[String],
+    trust_domain: &TrustDomain,
+) -> anyhow::Result<Option<Cluster>> {
+    if !args.kube {
+        return Ok(None);
+    }
+    let node_agents = NodeAgents::parse(&args.trusted_node_accounts)
+        .map_err(|e| anyhow::anyhow!("--trusted-node-accounts: {e}"))?;
+    let client = k8s::client::client(&k8s::client::ClientOptions {
+        kubeconfig: args.kubeconfig.clone(),
+        max_in_flight: args.kube_max_in_flight,
+        ..Default::default()
+    })
+    .await
+    .context("the Kubernetes client")?;
+    let registry = prometheus::Registry::new();
+    let mut tasks = Tasks::new();
+
+    let cache = k8s::cache::ClusterCache::new(
+        k8s::cache::CacheOptions {
+            max_stale: args.kube_cache_max_stale,
+            ..Default::default()
+        },
+        &registry,
+    )?;
+    for (name, task) in cache.spawn(client.clone(), tasks.signal()) {
+        tasks.adopt(name, task);
+    }
+
+    let mut authenticators: Vec<Arc<dyn Authenticator>> = Vec::new();
+    let issuer_config = if args.token_review {
+        let reviewer = k8s::review::TokenReviewer::new(
+            Arc::new(k8s::review::KubeReviewBackend::new(client.clone())),
+            k8s::review::ReviewOptions {
+                audiences: audiences.to_vec(),
+                max_in_flight: args.token_review_max_in_flight.max(1),
+                queue_timeout: args.token_review_queue_timeout,
+                ..Default::default()
+            },
+            &registry,
+        )?;
+        authenticators.push(Arc::new(ReviewAuthenticator {
+            reviewer,
+            view: cache.clone(),
+            trust_domain: trust_domain.clone(),
+        }));
+        None
+    } else {
+        let issuer = k8s::jwks::ClusterIssuer::discover(&client, args.kube_issuer.clone())
+            .await
+            .context(
+                "reading the cluster's service-account issuer keys (/openid/v1/jwks); \
+                 bind the CA's service account to the system:service-account-issuer-discovery ClusterRole, \
+                 or use --token-review",
+            )?;
+        tasks.adopt(
+            "kube-jwks-refresh",
+            issuer.spawn_refresh(client.clone(), jwks_refresh, tasks.signal()),
+        );
+        Some(IssuerConfig {
+            issuer: issuer.issuer.clone(),
+            keys: KeySource::Published {
+                jwks: issuer.jwks.clone(),
+                stale: issuer.stale.clone(),
+            },
+        })
+    };
+
+    let store = Arc::new(k8s::store::SecretStore::new(
+        client.clone(),
+        &args.kube_namespace,
+        &args.ca_secret,
+    ));
+    tasks.adopt("kube-ca-secret-watch", store.spawn_watch(tasks.signal()));
+    let seed = k8s::store::read_cacerts(&client, &args.kube_namespace, &args.cacerts_secret)
+        .await
+        .with_context(|| {
+            format!(
+                "reading Secret {}/{}",
+                args.kube_namespace, args.cacerts_secret
+            )
+        })?;
+
+    let ready: Vec<ReadyCheck> = vec![
+        {
+            let cache = cache.clone();
+            Arc::new(move || cache.ready())
+        },
+        {
+            let store = store.clone();
+            Arc::new(move || {
+                if store.watch_live() {
+                    Ok(())
+                } else {
+                    Err("the CA Secret's watch is not live".into())
+                }
+            })
+        },
+    ];
+    Ok(Some(Cluster {
+        store,
+        seed,
+        seed_from: format!("Secret {}/{}", args.kube_namespace, args.cacerts_secret),
+        view: cache,
+        issuer: issuer_config,
+        authenticators,
+        node_agents,
+        ready,
+        registry,
+        tasks,
+    }))
+}
