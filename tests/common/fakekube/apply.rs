@@ -68,12 +68,15 @@ fn merge(live: Option<&Value>, config: &Value, names: &mut Vec<String>) -> Value
 fn prune(v: &mut Value, remove: &FieldSet, keep: Option<&FieldSet>, names: &mut Vec<String>) {
     for (el, child) in &remove.children {
         let keep_child = keep.and_then(|k| k.children.get(el));
-        if keep_child.is_some_and(|k| k.member) {
-            continue;
-        }
-        if child.member && keep_child.is_none_or(FieldSet::is_empty) {
-            remove_element(v, el, names);
-            continue;
+        if child.member {
+            if keep_child.is_some_and(|k| k.member) {
+                // Someone else owns the element itself.
+                continue;
+            }
+            if keep_child.is_none_or(FieldSet::is_empty) {
+                remove_element(v, el, names);
+                continue;
+            }
         }
         if let Some(f) = el.strip_prefix("f:") {
             names.push(f.to_string());
@@ -123,7 +126,7 @@ fn conflict_error(conflicts: &[(String, String, Vec<Vec<String>>)]) -> ApiError 
         .iter()
         .flat_map(|(_, printed, paths)| {
             paths.iter().map(move |p| {
-                json!({"type": "FieldManagerConflict", "message": format!("conflict with {printed}"), "field": fields::path_string(p)})
+                json!({"reason": "FieldManagerConflict", "message": format!("conflict with {printed}"), "field": fields::path_string(p)})
             })
         })
         .collect();

@@ -62,6 +62,16 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> http::Respon
         .and_then(|v| v.to_str().ok())
         .map(|c| c.split(';').next().unwrap_or("").trim().to_string())
         .unwrap_or_default();
+    if !content_type.is_empty() && !content_type.contains("json") && !content_type.contains("yaml") {
+        // The fake speaks JSON only (no protobuf, no CBOR).
+        let e = ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {content_type})"),
+        );
+        record(&shared, Some(&user), &info, 415);
+        return error_response(&e);
+    }
     let resp = if info.is_resource {
         match resource_request(&shared, &info, &q, &manager, &content_type, body).await {
             Ok(r) => r,

@@ -86,6 +86,8 @@ pub struct Shared {
     pub max_reviews_in_flight: AtomicUsize,
     pub review_latency: Mutex<Duration>,
     pub bookmark_interval: Mutex<Duration>,
+    /// The seeding helper's pods, (Pending, Running), once created fully.
+    pub pod_templates: Mutex<[Option<Value>; 2]>,
     pub jwks_uri: String,
 }
 
