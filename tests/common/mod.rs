@@ -5,6 +5,7 @@
 
 pub mod cacerts;
 pub mod envoy;
+pub mod fakekube;
 pub mod h2raw;
 pub mod procs;
 pub mod sds;
