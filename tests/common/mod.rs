@@ -7,6 +7,7 @@ pub mod cacerts;
 pub mod envoy;
 pub mod fakekube;
 pub mod h2raw;
+pub mod kubeca;
 pub mod procs;
 pub mod sds;
 

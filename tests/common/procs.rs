@@ -135,12 +135,18 @@ impl CaProc {
     /// Starts `ca server --dev` on the state directory `state` (its log
     /// beside it, appended to), with `args` and environment `env` added.
     pub fn start_at(state: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut all = vec!["--dev"];
+        all.extend_from_slice(args);
+        Self::start_plain(state, &all, env)
+    }
+
+    /// Starts `ca server` (no development issuer) on `state` with `args`.
+    pub fn start_plain(state: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let state = state.to_owned();
         let log = state.with_extension("log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_ca"))
             .args([
                 "server",
-                "--dev",
                 "--listen",
                 "127.0.0.1:0",
                 "--ops-listen",

@@ -1,0 +1,276 @@
+//! Kubernetes authentication against the fake API server, through real
+//! `ca server --kube` processes: bound tokens checked locally with no API
+//! call per CSR, their pods and service accounts confirmed from the watch
+//! caches, node-agent impersonation, and TokenReview under a burst.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fakekube::TokenSpec;
+use common::kubeca::{CA_NS, KubeCluster, issue, leaf_ids, wait_ready, within};
+use common::{openssl_verify, webpki_verify};
+use tonic::Code;
+
+const READY: Duration = Duration::from_secs(30);
+
+/// API requests other than watches (which stream, and are renewed on
+/// their own clock) made since the counters were reset.
+fn calls(k: &KubeCluster) -> Vec<String> {
+    k.fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.verb != "watch")
+        .map(|r| format!("{} {} {}/{}", r.verb, r.resource, r.namespace, r.name))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bound_tokens_are_checked_locally_and_refused_once_their_bindings_go() {
+    let k = KubeCluster::start().await;
+    let web_pod = k.workload("prod", "web", "web-1", "node-a");
+    let ca = k.start_ca("ca", &[]);
+    wait_ready(&ca, READY).await;
+    let token = k.pod_token("prod", "web", "web-1");
+
+    // A valid bound token: certificates, and not one API call for them.
+    let chain = issue(&ca, &token, None)
+        .await
+        .expect("a bound token is accepted");
+    webpki_verify(&chain);
+    openssl_verify(&chain);
+    assert_eq!(leaf_ids(&chain), ["spiffe://cluster.local/ns/prod/sa/web"]);
+    k.fake.reset_counters();
+    for _ in 0..20 {
+        issue(&ca, &token, None).await.unwrap();
+    }
+    assert_eq!(calls(&k), Vec::<String>::new(), "API calls on the hot path");
+
+    // Tokens the cluster did not sign, or not for us, or expired.
+    let mut foreign = k.fake.token_claims(
+        &TokenSpec::new("prod", "web")
+            .pod("web-1")
+            .audiences(&["istio-ca"]),
+    );
+    let untrusted = k.fake.sign_claims_untrusted(&foreign);
+    foreign["iss"] = "https://other.example".into();
+    let other_issuer = k.fake.sign_claims(&foreign);
+    let other_audience = k.fake.mint_token(
+        TokenSpec::new("prod", "web")
+            .pod("web-1")
+            .audiences(&["vault"]),
+    );
+    let expired = k.fake.mint_token(
+        TokenSpec::new("prod", "web")
+            .pod("web-1")
+            .audiences(&["istio-ca"])
+            .issued_at(std::time::SystemTime::now() - Duration::from_secs(7200))
+            .lifetime(Duration::from_secs(3600)),
+    );
+    for (what, t) in [
+        ("signed by an unknown key", &untrusted),
+        ("another issuer", &other_issuer),
+        ("another audience", &other_audience),
+        ("expired", &expired),
+    ] {
+        let e = issue(&ca, t, None).await.expect_err(what);
+        assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
+    }
+
+    // The pod deleted: refused within seconds.
+    assert!(k.fake.delete("pods", "prod", "web-1"));
+    let (code, took) = within(Duration::from_secs(10), || async {
+        match issue(&ca, &token, None).await {
+            Err(e) => Some(e.code()),
+            Ok(_) => None,
+        }
+    })
+    .await;
+    assert_eq!(code, Code::Unauthenticated);
+    println!("a deleted pod's token was refused {took:?} after the deletion");
+
+    // Recreated under the same name: the old token names the old UID.
+    let new_uid = k.fake.create_pod("prod", "web-1", "web", Some("node-a"));
+    assert_ne!(new_uid, web_pod);
+    let fresh = k.pod_token("prod", "web", "web-1");
+    within(Duration::from_secs(10), || async {
+        issue(&ca, &fresh, None).await.ok()
+    })
+    .await;
+    let e = issue(&ca, &token, None).await.expect_err("old pod UID");
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    // The service account deleted (its pods with it, by the fake's GC? no:
+    // pods are not owned by their account; the account alone goes).
+    assert!(k.fake.delete("serviceaccounts", "prod", "web"));
+    within(Duration::from_secs(10), || async {
+        issue(&ca, &fresh, None).await.err().map(|e| e.code())
+    })
+    .await;
+
+    for reason in ["pod_gone", "pod_recreated", "service_account_gone", "token"] {
+        let n = ca
+            .metric(&format!(
+                "workload_ca_auth_refusals_total{{reason=\"{reason}\"}}"
+            ))
+            .await;
+        assert!(n >= 1.0, "refusals counted by reason {reason}: {n}");
+    }
+    let log = ca.log_text();
+    assert!(!log.contains(&token), "a token reached the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_agents_get_only_the_identities_of_pods_on_their_node() {
+    let k = KubeCluster::start().await;
+    k.workload(CA_NS, "ztunnel", "ztunnel-a", "node-a");
+    k.workload("prod", "web", "web-1", "node-a");
+    k.workload("prod", "db", "db-1", "node-b");
+    let ca = k.start_ca("ca", &["--trusted-node-accounts", "istio-system/ztunnel"]);
+    wait_ready(&ca, READY).await;
+    let ztunnel = k.pod_token(CA_NS, "ztunnel", "ztunnel-a");
+    let web = "spiffe://cluster.local/ns/prod/sa/web";
+    let db = "spiffe://cluster.local/ns/prod/sa/db";
+
+    let chain = issue(&ca, &ztunnel, Some(web))
+        .await
+        .expect("a pod on its node");
+    assert_eq!(leaf_ids(&chain), [web]);
+    webpki_verify(&chain);
+
+    let e = issue(&ca, &ztunnel, Some(db))
+        .await
+        .expect_err("a pod on another node");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("node-a"), "{}", e.message());
+
+    let web_token = k.pod_token("prod", "web", "web-1");
+    let e = issue(&ca, &web_token, Some(db))
+        .await
+        .expect_err("untrusted account");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(
+        e.message().contains("not a trusted node account"),
+        "{}",
+        e.message()
+    );
+
+    // A node-bound token of the node agent (KEP-4193): its node from the claim.
+    let node_b = k.fake.mint_token(
+        TokenSpec::new(CA_NS, "ztunnel")
+            .node("node-b")
+            .audiences(&["istio-ca"]),
+    );
+    let chain = issue(&ca, &node_b, Some(db)).await.expect("node claim");
+    assert_eq!(leaf_ids(&chain), [db]);
+
+    // The pod gone: nothing of that identity on the node any more.
+    assert!(k.fake.delete("pods", "prod", "web-1"));
+    let (code, _) = within(Duration::from_secs(10), || async {
+        issue(&ca, &ztunnel, Some(web))
+            .await
+            .err()
+            .map(|e| e.code())
+    })
+    .await;
+    assert_eq!(code, Code::PermissionDenied);
+    for reason in ["not_on_node", "not_trusted_node"] {
+        let n = ca
+            .metric(&format!(
+                "workload_ca_identity_refusals_total{{reason=\"{reason}\"}}"
+            ))
+            .await;
+        assert!(n >= 1.0, "{reason}: {n}");
+    }
+    assert!(ca.metric("workload_ca_impersonations_total").await >= 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_review_burst_is_served_within_the_concurrency_cap() {
+    const TOKENS: usize = 1000;
+    const CAP: usize = 4;
+    let k = KubeCluster::start().await;
+    k.workload("prod", "web", "web-1", "node-a");
+    // Every caller here shares one source address; the per-source call
+    // cap is for abuse, not for this burst (in a cluster each pod is its
+    // own source).
+    let ca = k.start_ca(
+        "ca",
+        &[
+            "--token-review",
+            "--token-review-max-in-flight",
+            &CAP.to_string(),
+            "--max-calls-per-source",
+            "2048",
+        ],
+    );
+    wait_ready(&ca, READY).await;
+    k.fake.set_token_review_latency(Duration::from_millis(10));
+    k.fake.reset_max_reviews_in_flight();
+    // Distinct tokens (each its own jti), all fired at once on a few
+    // connections.
+    let tokens: Vec<String> = (0..TOKENS)
+        .map(|_| k.pod_token("prod", "web", "web-1"))
+        .collect();
+    let clients: Vec<_> = futures_clients(&ca, 8).await;
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, token) in tokens.into_iter().enumerate() {
+        let mut client = clients[i % clients.len()].clone();
+        tasks.spawn(async move {
+            let (_k, csr) = common::key_and_csr(workload_ca::ca::KeyAlgorithm::EcdsaP256, None);
+            common::request(&mut client, &csr, Some(&token), 0).await
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r.unwrap() {
+            failures.push(format!("{:?}: {}", e.code(), e.message()));
+        }
+    }
+    let took = started.elapsed();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let peak = k.fake.max_reviews_in_flight();
+    assert!(peak <= CAP, "{peak} reviews in flight, cap {CAP}");
+    assert!(peak >= 2, "the burst did run reviews concurrently ({peak})");
+    assert_eq!(
+        k.fake.count("create", "tokenreviews"),
+        TOKENS,
+        "one review per distinct token"
+    );
+    println!(
+        "{TOKENS} distinct tokens by TokenReview in {took:?}, at most {peak} reviews in flight"
+    );
+    // The same tokens again: from the cache.
+    k.fake.reset_counters();
+    let token = k.pod_token("prod", "web", "web-1");
+    issue(&ca, &token, None).await.unwrap();
+    issue(&ca, &token, None).await.unwrap();
+    assert_eq!(k.fake.count("create", "tokenreviews"), 1);
+    // A deleted pod's cached review is still refused (the binding check).
+    assert!(k.fake.delete("pods", "prod", "web-1"));
+    within(Duration::from_secs(10), || async {
+        issue(&ca, &token, None).await.err().map(|e| e.code())
+    })
+    .await;
+}
+
+async fn futures_clients(
+    ca: &common::procs::CaProc,
+    n: usize,
+) -> Vec<
+    workload_ca::proto::istio::istio_certificate_service_client::IstioCertificateServiceClient<
+        tonic::transport::Channel,
+    >,
+> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(ca.client().await);
+    }
+    out
+}
