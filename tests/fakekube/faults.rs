@@ -24,7 +24,9 @@ async fn injected_failures_then_recovery() {
     }
     api.list(&ListParams::default()).await.unwrap();
     // kube's client retries a 429 (after its Retry-After): one call, two requests.
-    api.create(&PostParams::default(), &secret("s", &[])).await.unwrap();
+    api.create(&PostParams::default(), &secret("s", &[]))
+        .await
+        .unwrap();
     fake.fail_next("get", "secrets", 403, 1);
     let e = status(api.get("s").await.unwrap_err());
     assert_eq!((e.code, e.reason.as_str()), (403, "Forbidden"));
@@ -39,7 +41,8 @@ async fn bad_credentials_are_401() {
     let e = status(api.list(&ListParams::default()).await.unwrap_err());
     assert_eq!((e.code, e.reason.as_str()), (401, "Unauthorized"));
     fake.add_user_token("static-token", "alice", &["devs"]);
-    let alice: Api<Secret> = Api::namespaced(fake.client_with_token("static-token").await, "default");
+    let alice: Api<Secret> =
+        Api::namespaced(fake.client_with_token("static-token").await, "default");
     alice.list(&ListParams::default()).await.unwrap();
     let last = fake.requests().pop().unwrap();
     assert_eq!(last.user, "alice");
@@ -50,7 +53,13 @@ async fn bad_credentials_are_401() {
 async fn down_drops_connections_and_watches_then_comes_back() {
     let fake = FakeKube::start().await;
     let api: Api<ConfigMap> = Api::namespaced(fake.client().await, "default");
-    let stream = api.watch(&WatchParams::default().timeout(60), &fake.resource_version().to_string()).await.unwrap();
+    let stream = api
+        .watch(
+            &WatchParams::default().timeout(60),
+            &fake.resource_version().to_string(),
+        )
+        .await
+        .unwrap();
     let mut stream = pin!(stream);
     within(10, async {
         while fake.open_watches() == 0 {
@@ -65,7 +74,13 @@ async fn down_drops_connections_and_watches_then_comes_back() {
     fake.set_down(false);
     api.list(&ListParams::default()).await.unwrap();
     // close_watches ends watches cleanly.
-    let stream = api.watch(&WatchParams::default().timeout(60), &fake.resource_version().to_string()).await.unwrap();
+    let stream = api
+        .watch(
+            &WatchParams::default().timeout(60),
+            &fake.resource_version().to_string(),
+        )
+        .await
+        .unwrap();
     let mut stream = pin!(stream);
     within(10, async {
         while fake.open_watches() == 0 {
@@ -74,13 +89,21 @@ async fn down_drops_connections_and_watches_then_comes_back() {
     })
     .await;
     fake.close_watches();
-    assert!(within(10, stream.next()).await.is_none(), "a clean end of stream");
+    assert!(
+        within(10, stream.next()).await.is_none(),
+        "a clean end of stream"
+    );
 }
 
 /// kubectl (client-go) as an independent client, when installed.
 #[tokio::test]
 async fn kubectl_drives_the_fake_through_a_kubeconfig() {
-    if std::process::Command::new("kubectl").arg("version").arg("--client").output().is_err() {
+    if std::process::Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_err()
+    {
         eprintln!("kubectl not installed: skipped");
         return;
     }
@@ -100,26 +123,56 @@ async fn kubectl_drives_the_fake_through_a_kubeconfig() {
                 .kill_on_drop(true)
                 .output();
             let out = within(60, out).await.unwrap();
-            let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
             (out.status.success(), text)
         }
     };
     let m = manifest.display().to_string();
     // The fake serves no OpenAPI documents: client-side validation off.
-    let (ok, out) = run(vec!["apply".into(), "--server-side".into(), "--validate=false".into(), "-f".into(), m.clone()]).await;
+    let (ok, out) = run(vec![
+        "apply".into(),
+        "--server-side".into(),
+        "--validate=false".into(),
+        "-f".into(),
+        m.clone(),
+    ])
+    .await;
     assert!(ok, "{out}");
-    let (ok, out) = run(vec!["get".into(), "configmap".into(), "from-kubectl".into(), "-o".into(), "jsonpath={.data.a}".into()]).await;
+    let (ok, out) = run(vec![
+        "get".into(),
+        "configmap".into(),
+        "from-kubectl".into(),
+        "-o".into(),
+        "jsonpath={.data.a}".into(),
+    ])
+    .await;
     assert!(ok && out.trim() == "1", "{out}");
-    let cm = fake.get_json("configmaps", "default", "from-kubectl").unwrap();
+    let cm = fake
+        .get_json("configmaps", "default", "from-kubectl")
+        .unwrap();
     assert_eq!(cm["metadata"]["managedFields"][0]["manager"], "kubectl");
     assert_eq!(cm["metadata"]["managedFields"][0]["operation"], "Apply");
     let (ok, out) = run(vec!["get".into(), "configmap".into(), "nope".into()]).await;
-    assert!(!ok && out.contains("configmaps \"nope\" not found"), "{out}");
+    assert!(
+        !ok && out.contains("configmaps \"nope\" not found"),
+        "{out}"
+    );
     // kubectl's typed commands (`create secret generic`) send protobuf, which
     // the fake does not speak (415); `create -f` sends JSON.
     let secret = dir.path().join("secret.json");
-    std::fs::write(&secret, r#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"k"},"stringData":{"x":"y"}}"#).unwrap();
-    let (ok, out) = run(vec!["create".into(), "--validate=false".into(), "-f".into(), secret.display().to_string()]).await;
+    std::fs::write(
+        &secret,
+        r#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"k"},"stringData":{"x":"y"}}"#,
+    )
+    .unwrap();
+    let (ok, out) = run(vec![
+        "create".into(),
+        "--validate=false".into(),
+        "-f".into(),
+        secret.display().to_string(),
+    ])
+    .await;
     assert!(ok, "{out}");
     let (ok, out) = run(vec!["delete".into(), "secret".into(), "k".into()]).await;
     assert!(ok, "{out}");

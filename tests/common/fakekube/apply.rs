@@ -86,7 +86,10 @@ fn prune(v: &mut Value, remove: &FieldSet, keep: Option<&FieldSet>, names: &mut 
             names.pop();
         } else if let Some(items) = v.as_array_mut() {
             let kind = fields::list_kind(names);
-            if let Some(it) = items.iter_mut().find(|it| fields::item_key(&kind, it).as_deref() == Some(el.as_str())) {
+            if let Some(it) = items
+                .iter_mut()
+                .find(|it| fields::item_key(&kind, it).as_deref() == Some(el.as_str()))
+            {
                 prune(it, child, keep_child, names);
             }
         }
@@ -161,14 +164,23 @@ impl Store {
         manager: &str,
         force: bool,
     ) -> Result<(Obj, bool), ApiError> {
-        if config.get("apiVersion").and_then(Value::as_str).is_none_or(str::is_empty)
-            || config.get("kind").and_then(Value::as_str).is_none_or(str::is_empty)
+        if config
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+            || config
+                .get("kind")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
         {
             return Err(ApiError::bad_request(format!(
                 "Object 'Kind' is missing in '{config}'"
             )));
         }
-        if config.pointer("/metadata/managedFields").is_some_and(|v| !v.is_null()) {
+        if config
+            .pointer("/metadata/managedFields")
+            .is_some_and(|v| !v.is_null())
+        {
             return Err(ApiError::bad_request("metadata.managedFields must be nil"));
         }
         let config = prepare_body(res, ns, config, Some(name))?;
@@ -192,7 +204,10 @@ impl Store {
         let new_set = fields::value_set(&config_t, &mut Vec::new(), true);
         let mut merged_t = merge(Some(&live_t), &config_t, &mut Vec::new());
 
-        let mut entries = live.as_ref().map(|l| fields::parse_entries(l)).unwrap_or_default();
+        let mut entries = live
+            .as_ref()
+            .map(|l| fields::parse_entries(l))
+            .unwrap_or_default();
         let api_version = res.api_version();
         let last = entries
             .iter()
@@ -217,8 +232,10 @@ impl Store {
         }
         if !conflicts.is_empty() && !force {
             conflicts.sort_by(|a, b| a.0.cmp(&b.0));
-            let list: Vec<(String, String, Vec<Vec<String>>)> =
-                conflicts.into_iter().map(|(id, p, m, _)| (id, p, m)).collect();
+            let list: Vec<(String, String, Vec<Vec<String>>)> = conflicts
+                .into_iter()
+                .map(|(id, p, m, _)| (id, p, m))
+                .collect();
             return Err(conflict_error(&list));
         }
         for e in &mut entries {
@@ -256,12 +273,22 @@ impl Store {
             None => {
                 rules::on_create(res, &mut new)?;
                 if res == Res::Pods {
-                    let sa = new.pointer("/spec/serviceAccountName").and_then(Value::as_str).unwrap_or("default");
+                    let sa = new
+                        .pointer("/spec/serviceAccountName")
+                        .and_then(Value::as_str)
+                        .unwrap_or("default");
                     if self.get(Res::ServiceAccounts, ns, sa).is_none() {
-                        return Err(ApiError::forbidden(res, name, &format!("error looking up service account {ns}/{sa}: serviceaccount \"{sa}\" not found")));
+                        return Err(ApiError::forbidden(
+                            res,
+                            name,
+                            &format!(
+                                "error looking up service account {ns}/{sa}: serviceaccount \"{sa}\" not found"
+                            ),
+                        ));
                     }
                 }
-                let name_errs = super::resources::validate_name(res.info().name_rule, name, "metadata.name");
+                let name_errs =
+                    super::resources::validate_name(res.info().name_rule, name, "metadata.name");
                 if !name_errs.is_empty() {
                     return Err(ApiError::invalid(res, name, &name_errs));
                 }
@@ -272,7 +299,13 @@ impl Store {
                 Ok((out, true))
             }
             Some(old) => {
-                for k in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"] {
+                for k in [
+                    "uid",
+                    "creationTimestamp",
+                    "deletionTimestamp",
+                    "deletionGracePeriodSeconds",
+                    "generation",
+                ] {
                     if let Some(v) = old["metadata"].get(k) {
                         new["metadata"][k] = v.clone();
                     }
@@ -297,14 +330,24 @@ impl Store {
 
 /// PatchOptions validation (ValidatePatchOptions): 422 on the
 /// `PatchOptions.meta.k8s.io` kind.
-pub fn validate_patch_options(apply: bool, field_manager: Option<&str>, force: Option<&str>) -> Result<(), ApiError> {
+pub fn validate_patch_options(
+    apply: bool,
+    field_manager: Option<&str>,
+    force: Option<&str>,
+) -> Result<(), ApiError> {
     let mut errs = Vec::new();
     if apply {
         if field_manager.is_none_or(str::is_empty) {
-            errs.push(FieldError::required("fieldManager", "is required for apply patch"));
+            errs.push(FieldError::required(
+                "fieldManager",
+                "is required for apply patch",
+            ));
         }
     } else if force.is_some() {
-        errs.push(FieldError::forbidden("force", "may not be specified for non-apply patch"));
+        errs.push(FieldError::forbidden(
+            "force",
+            "may not be specified for non-apply patch",
+        ));
     }
     if let Some(m) = field_manager
         && m.len() > 128
@@ -314,6 +357,12 @@ pub fn validate_patch_options(apply: bool, field_manager: Option<&str>, force: O
     if errs.is_empty() {
         Ok(())
     } else {
-        Err(ApiError::invalid_kind("PatchOptions.meta.k8s.io", "meta.k8s.io", "PatchOptions", "", &errs))
+        Err(ApiError::invalid_kind(
+            "PatchOptions.meta.k8s.io",
+            "meta.k8s.io",
+            "PatchOptions",
+            "",
+            &errs,
+        ))
     }
 }

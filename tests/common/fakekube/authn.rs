@@ -96,12 +96,27 @@ pub fn authenticate(
     let c = &jwt.claims;
     let token_auds: Vec<String> = match c.get("aud") {
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect(),
         _ => Vec::new(),
     };
-    let token_auds = if token_auds.is_empty() { issuer.api_audiences.clone() } else { token_auds };
-    let requested = if requested.is_empty() { issuer.api_audiences.clone() } else { requested.to_vec() };
-    let auds: Vec<String> = token_auds.iter().filter(|a| requested.contains(a)).cloned().collect();
+    let token_auds = if token_auds.is_empty() {
+        issuer.api_audiences.clone()
+    } else {
+        token_auds
+    };
+    let requested = if requested.is_empty() {
+        issuer.api_audiences.clone()
+    } else {
+        requested.to_vec()
+    };
+    let auds: Vec<String> = token_auds
+        .iter()
+        .filter(|a| requested.contains(a))
+        .cloned()
+        .collect();
     if auds.is_empty() {
         return Err(Refused::Error(format!(
             "token audiences {} is invalid for the target audiences {}",
@@ -113,7 +128,9 @@ pub fn authenticate(
     if let Some(nbf) = num("nbf")
         && now + LEEWAY < nbf
     {
-        return Err(Refused::Error("service account token is not valid yet".into()));
+        return Err(Refused::Error(
+            "service account token is not valid yet".into(),
+        ));
     }
     match num("exp") {
         Some(exp) if now - LEEWAY <= exp => {}
@@ -122,10 +139,17 @@ pub fn authenticate(
     if let Some(iat) = num("iat")
         && now + LEEWAY < iat
     {
-        return Err(Refused::Error("service account token is issued in the future".into()));
+        return Err(Refused::Error(
+            "service account token is issued in the future".into(),
+        ));
     }
     let k = c.get("kubernetes.io").cloned().unwrap_or(Value::Null);
-    let s = |p: &str| k.pointer(p).and_then(Value::as_str).unwrap_or("").to_string();
+    let s = |p: &str| {
+        k.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
     let ns = s("/namespace");
     let (sa_name, sa_uid) = (s("/serviceaccount/name"), s("/serviceaccount/uid"));
     if ns.is_empty() || sa_name.is_empty() {
@@ -143,7 +167,9 @@ pub fn authenticate(
     let invalidated = || Refused::Error("service account token has been invalidated".into());
     if k.get("secret").is_some() {
         let (name, uid) = (s("/secret/name"), s("/secret/uid"));
-        let secret = store.get_lagged(Res::Secrets, &ns, &name).ok_or_else(invalidated)?;
+        let secret = store
+            .get_lagged(Res::Secrets, &ns, &name)
+            .ok_or_else(invalidated)?;
         let live = meta_str(&secret, "uid").unwrap_or("");
         if live != uid {
             return Err(Refused::Error(format!(
@@ -155,7 +181,9 @@ pub fn authenticate(
     let has_pod = k.get("pod").is_some();
     if has_pod {
         let (name, uid) = (s("/pod/name"), s("/pod/uid"));
-        let pod = store.get_lagged(Res::Pods, &ns, &name).ok_or_else(invalidated)?;
+        let pod = store
+            .get_lagged(Res::Pods, &ns, &name)
+            .ok_or_else(invalidated)?;
         let live = meta_str(&pod, "uid").unwrap_or("");
         if live != uid {
             return Err(Refused::Error(format!(
@@ -163,15 +191,23 @@ pub fn authenticate(
             )));
         }
         if !name.is_empty() && !uid.is_empty() {
-            extra.insert("authentication.kubernetes.io/pod-name".to_string(), vec![name]);
-            extra.insert("authentication.kubernetes.io/pod-uid".to_string(), vec![uid]);
+            extra.insert(
+                "authentication.kubernetes.io/pod-name".to_string(),
+                vec![name],
+            );
+            extra.insert(
+                "authentication.kubernetes.io/pod-uid".to_string(),
+                vec![uid],
+            );
         }
     }
     if k.get("node").is_some() {
         let (name, uid) = (s("/node/name"), s("/node/uid"));
         if !has_pod {
             // A node-bound token: the node must still exist, same uid.
-            let node = store.get_lagged(Res::Nodes, "", &name).ok_or_else(invalidated)?;
+            let node = store
+                .get_lagged(Res::Nodes, "", &name)
+                .ok_or_else(invalidated)?;
             let live = meta_str(&node, "uid").unwrap_or("");
             if live != uid {
                 return Err(Refused::Error(format!(
@@ -180,13 +216,23 @@ pub fn authenticate(
             }
         }
         if !name.is_empty() {
-            extra.insert("authentication.kubernetes.io/node-name".to_string(), vec![name]);
+            extra.insert(
+                "authentication.kubernetes.io/node-name".to_string(),
+                vec![name],
+            );
             if !uid.is_empty() {
-                extra.insert("authentication.kubernetes.io/node-uid".to_string(), vec![uid]);
+                extra.insert(
+                    "authentication.kubernetes.io/node-uid".to_string(),
+                    vec![uid],
+                );
             }
         }
     }
-    if let Some(jti) = c.get("jti").and_then(Value::as_str).filter(|j| !j.is_empty()) {
+    if let Some(jti) = c
+        .get("jti")
+        .and_then(Value::as_str)
+        .filter(|j| !j.is_empty())
+    {
         extra.insert(
             "authentication.kubernetes.io/credential-id".to_string(),
             vec![format!("JTI={jti}")],
@@ -209,10 +255,13 @@ pub fn authenticate(
 
 /// The API server's token success cache (`TokenSuccessCacheTTL`, 10 s on
 /// a real kube-apiserver; 0, i.e. off, here unless a test sets it).
+/// (token, requested audiences) -> (user, audiences, cached at).
+type CacheMap = HashMap<(String, Vec<String>), (UserInfo, Vec<String>, Instant)>;
+
 #[derive(Default)]
 pub struct TokenCache {
     pub ttl: Duration,
-    entries: HashMap<(String, Vec<String>), (UserInfo, Vec<String>, Instant)>,
+    entries: CacheMap,
 }
 
 impl TokenCache {
@@ -239,24 +288,38 @@ impl TokenCache {
 
 fn string_list(v: Option<&Value>) -> Vec<String> {
     v.and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 /// The TokenReview request: `(token, audiences)`.
 pub fn parse_review(body: &Value) -> Result<(String, Vec<String>), ApiError> {
-    let token = body.pointer("/spec/token").and_then(Value::as_str).unwrap_or("");
+    let token = body
+        .pointer("/spec/token")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     if token.is_empty() {
-        return Err(ApiError::bad_request("token is required for TokenReview in authentication"));
+        return Err(ApiError::bad_request(
+            "token is required for TokenReview in authentication",
+        ));
     }
-    Ok((token.to_string(), string_list(body.pointer("/spec/audiences"))))
+    Ok((
+        token.to_string(),
+        string_list(body.pointer("/spec/audiences")),
+    ))
 }
 
 /// The TokenReview answer.
 pub fn review_response(body: &Value, result: Result<(UserInfo, Vec<String>), Refused>) -> Value {
     let spec = body.get("spec").cloned().unwrap_or(json!({}));
     let status = match result {
-        Ok((user, auds)) => json!({"authenticated": true, "user": user.to_json(), "audiences": auds}),
+        Ok((user, auds)) => {
+            json!({"authenticated": true, "user": user.to_json(), "audiences": auds})
+        }
         Err(r) => json!({"user": {}, "error": r.message()}),
     };
     json!({
@@ -269,46 +332,105 @@ pub fn review_response(body: &Value, result: Result<(UserInfo, Vec<String>), Ref
 }
 
 fn token_request_invalid(name: &str, errs: &[FieldError]) -> ApiError {
-    ApiError::invalid_kind("TokenRequest.authentication.k8s.io", "authentication.k8s.io", "TokenRequest", name, errs)
+    ApiError::invalid_kind(
+        "TokenRequest.authentication.k8s.io",
+        "authentication.k8s.io",
+        "TokenRequest",
+        name,
+        errs,
+    )
 }
 
 /// POST serviceaccounts/<name>/token (TokenREST.Create).
-pub fn token_request(store: &Store, issuer: &Issuer, ns: &str, name: &str, body: &Value) -> Result<Value, ApiError> {
-    if let Some(n) = body.pointer("/metadata/name").and_then(Value::as_str).filter(|n| !n.is_empty())
+pub fn token_request(
+    store: &Store,
+    issuer: &Issuer,
+    ns: &str,
+    name: &str,
+    body: &Value,
+) -> Result<Value, ApiError> {
+    if let Some(n) = body
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
         && n != name
     {
-        return Err(token_request_invalid(name, &[FieldError::invalid("metadata.name", n, "must match the service account name if specified")]));
+        return Err(token_request_invalid(
+            name,
+            &[FieldError::invalid(
+                "metadata.name",
+                n,
+                "must match the service account name if specified",
+            )],
+        ));
     }
-    if let Some(n) = body.pointer("/metadata/namespace").and_then(Value::as_str).filter(|n| !n.is_empty())
+    if let Some(n) = body
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
         && n != ns
     {
-        return Err(token_request_invalid(name, &[FieldError::invalid("metadata.namespace", n, "must match the service account namespace if specified")]));
+        return Err(token_request_invalid(
+            name,
+            &[FieldError::invalid(
+                "metadata.namespace",
+                n,
+                "must match the service account namespace if specified",
+            )],
+        ));
     }
     let sa = store
         .get(Res::ServiceAccounts, ns, name)
         .ok_or_else(|| ApiError::not_found(Res::ServiceAccounts, name))?;
     let sa_uid = meta_str(&sa, "uid").unwrap_or("").to_string();
-    if let Some(u) = body.pointer("/metadata/uid").and_then(Value::as_str).filter(|u| !u.is_empty())
+    if let Some(u) = body
+        .pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .filter(|u| !u.is_empty())
         && u != sa_uid
     {
-        let mut e = ApiError::new(409, "Conflict", format!(
-            "Operation cannot be fulfilled on TokenRequest.authentication.k8s.io \"{name}\": the UID in the token request ({u}) does not match the UID of the service account ({sa_uid})"
-        ));
-        e.details = Some(json!({"name": name, "group": "authentication.k8s.io", "kind": "TokenRequest"}));
+        let mut e = ApiError::new(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on TokenRequest.authentication.k8s.io \"{name}\": the UID in the token request ({u}) does not match the UID of the service account ({sa_uid})"
+            ),
+        );
+        e.details =
+            Some(json!({"name": name, "group": "authentication.k8s.io", "kind": "TokenRequest"}));
         return Err(e);
     }
     let mut auds = string_list(body.pointer("/spec/audiences"));
     if auds.is_empty() {
         auds = issuer.api_audiences.clone();
     }
-    let expiration = body.pointer("/spec/expirationSeconds").and_then(Value::as_i64).unwrap_or(3600);
+    let expiration = body
+        .pointer("/spec/expirationSeconds")
+        .and_then(Value::as_i64)
+        .unwrap_or(3600);
     if expiration < 600 {
-        return Err(token_request_invalid("", &[FieldError::invalid_raw("spec.expirationSeconds", expiration.to_string(), "may not specify a duration less than 10 minutes")]));
+        return Err(token_request_invalid(
+            "",
+            &[FieldError::invalid_raw(
+                "spec.expirationSeconds",
+                expiration.to_string(),
+                "may not specify a duration less than 10 minutes",
+            )],
+        ));
     }
     if expiration > 1 << 32 {
-        return Err(token_request_invalid("", &[FieldError::invalid_raw("spec.expirationSeconds", expiration.to_string(), "may not specify a duration larger than 2^32 seconds")]));
+        return Err(token_request_invalid(
+            "",
+            &[FieldError::invalid_raw(
+                "spec.expirationSeconds",
+                expiration.to_string(),
+                "may not specify a duration larger than 2^32 seconds",
+            )],
+        ));
     }
-    let bound = body.pointer("/spec/boundObjectRef").filter(|v| v.is_object());
+    let bound = body
+        .pointer("/spec/boundObjectRef")
+        .filter(|v| v.is_object());
     let (mut pod, mut node, mut secret) = (None, None, None);
     if let Some(r) = bound {
         let kind = r.get("kind").and_then(Value::as_str).unwrap_or("");
@@ -317,8 +439,13 @@ pub fn token_request(store: &Store, issuer: &Issuer, ns: &str, name: &str, body:
         let rname = r.get("name").and_then(Value::as_str).unwrap_or("");
         let uid = match (group, kind) {
             ("", "Pod") => {
-                let p = store.get(Res::Pods, ns, rname).ok_or_else(|| ApiError::not_found(Res::Pods, rname))?;
-                if p.pointer("/spec/serviceAccountName").and_then(Value::as_str) != Some(name) {
+                let p = store
+                    .get(Res::Pods, ns, rname)
+                    .ok_or_else(|| ApiError::not_found(Res::Pods, rname))?;
+                if p.pointer("/spec/serviceAccountName")
+                    .and_then(Value::as_str)
+                    != Some(name)
+                {
                     return Err(ApiError::bad_request(format!(
                         "cannot bind token for serviceaccount {name:?} to pod running with different serviceaccount name."
                     )));
@@ -329,13 +456,17 @@ pub fn token_request(store: &Store, issuer: &Issuer, ns: &str, name: &str, body:
                 uid
             }
             ("", "Node") => {
-                let n = store.get(Res::Nodes, "", rname).ok_or_else(|| ApiError::not_found(Res::Nodes, rname))?;
+                let n = store
+                    .get(Res::Nodes, "", rname)
+                    .ok_or_else(|| ApiError::not_found(Res::Nodes, rname))?;
                 let uid = meta_str(&n, "uid").unwrap_or("").to_string();
                 node = Some((rname.to_string(), uid.clone()));
                 uid
             }
             ("", "Secret") => {
-                let s = store.get(Res::Secrets, ns, rname).ok_or_else(|| ApiError::not_found(Res::Secrets, rname))?;
+                let s = store
+                    .get(Res::Secrets, ns, rname)
+                    .ok_or_else(|| ApiError::not_found(Res::Secrets, rname))?;
                 let uid = meta_str(&s, "uid").unwrap_or("").to_string();
                 secret = Some((rname.to_string(), uid.clone()));
                 uid
@@ -347,12 +478,19 @@ pub fn token_request(store: &Store, issuer: &Issuer, ns: &str, name: &str, body:
                 )));
             }
         };
-        if let Some(want) = r.get("uid").and_then(Value::as_str).filter(|u| !u.is_empty())
+        if let Some(want) = r
+            .get("uid")
+            .and_then(Value::as_str)
+            .filter(|u| !u.is_empty())
             && want != uid
         {
-            let mut e = ApiError::new(409, "Conflict", format!(
-                "Operation cannot be fulfilled on {kind} \"{rname}\": the UID in the bound object reference ({want}) does not match the UID in record. The object might have been deleted and then recreated"
-            ));
+            let mut e = ApiError::new(
+                409,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on {kind} \"{rname}\": the UID in the bound object reference ({want}) does not match the UID in record. The object might have been deleted and then recreated"
+                ),
+            );
             e.details = Some(json!({"name": rname, "kind": kind}));
             return Err(e);
         }
@@ -360,11 +498,21 @@ pub fn token_request(store: &Store, issuer: &Issuer, ns: &str, name: &str, body:
     let (now, _) = timefmt::now_parts();
     let (mut exp, mut warnafter) = (expiration, None);
     let kube_auds = auds.iter().all(|a| issuer.api_audiences.contains(a));
-    if issuer.extend_expiration && pod.is_some() && expiration == WARN_ONLY_EXPIRATION && kube_auds {
+    if issuer.extend_expiration && pod.is_some() && expiration == WARN_ONLY_EXPIRATION && kube_auds
+    {
         warnafter = Some(now + expiration);
         exp = EXTENDED_EXPIRATION;
     }
-    let mut claims = tokens::claims(&issuer.issuer, &sa, pod.as_deref(), node, &auds, now, now + exp, warnafter);
+    let mut claims = tokens::claims(
+        &issuer.issuer,
+        &sa,
+        pod.as_deref(),
+        node,
+        &auds,
+        now,
+        now + exp,
+        warnafter,
+    );
     if let Some((n, u)) = secret {
         claims["kubernetes.io"]["secret"] = json!({"name": n, "uid": u});
     }

@@ -298,7 +298,13 @@ pub fn value_set(v: &Value, names: &mut Vec<String>, apply: bool) -> FieldSet {
 pub fn compare(old: &Value, new: &Value) -> (FieldSet, FieldSet) {
     let mut changed = FieldSet::default();
     let mut removed = FieldSet::default();
-    cmp(Some(old), Some(new), &mut Vec::new(), &mut changed, &mut removed);
+    cmp(
+        Some(old),
+        Some(new),
+        &mut Vec::new(),
+        &mut changed,
+        &mut removed,
+    );
     (changed, removed)
 }
 
@@ -481,16 +487,35 @@ impl Entry {
 }
 
 pub fn parse_entries(obj: &Value) -> Vec<Entry> {
-    let Some(list) = obj.pointer("/metadata/managedFields").and_then(Value::as_array) else {
+    let Some(list) = obj
+        .pointer("/metadata/managedFields")
+        .and_then(Value::as_array)
+    else {
         return Vec::new();
     };
     list.iter()
         .map(|e| Entry {
-            manager: e.get("manager").and_then(Value::as_str).unwrap_or("").into(),
-            operation: e.get("operation").and_then(Value::as_str).unwrap_or("Update").into(),
-            api_version: e.get("apiVersion").and_then(Value::as_str).unwrap_or("").into(),
+            manager: e
+                .get("manager")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .into(),
+            operation: e
+                .get("operation")
+                .and_then(Value::as_str)
+                .unwrap_or("Update")
+                .into(),
+            api_version: e
+                .get("apiVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .into(),
             time: e.get("time").and_then(Value::as_str).map(String::from),
-            subresource: e.get("subresource").and_then(Value::as_str).unwrap_or("").into(),
+            subresource: e
+                .get("subresource")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .into(),
             set: FieldSet::from_json(e.get("fieldsV1").unwrap_or(&Value::Null)),
         })
         .collect()
@@ -501,13 +526,20 @@ pub fn parse_entries(obj: &Value) -> Vec<Entry> {
 pub fn store_entries(obj: &mut Value, mut entries: Vec<Entry>) {
     entries.retain(|e| !e.set.is_empty());
     entries.sort_by(|a, b| {
-        (&a.operation, &a.time, &a.manager, &a.api_version, &a.subresource).cmp(&(
-            &b.operation,
-            &b.time,
-            &b.manager,
-            &b.api_version,
-            &b.subresource,
-        ))
+        (
+            &a.operation,
+            &a.time,
+            &a.manager,
+            &a.api_version,
+            &a.subresource,
+        )
+            .cmp(&(
+                &b.operation,
+                &b.time,
+                &b.manager,
+                &b.api_version,
+                &b.subresource,
+            ))
     });
     let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) else {
         return;
@@ -560,5 +592,5 @@ pub fn record_update(
     if !me.set.is_empty() {
         out.push(me);
     }
-        out
+    out
 }

@@ -32,7 +32,10 @@ impl DeleteOptions {
     /// From a DeleteOptions body (and the query's propagationPolicy).
     pub fn parse(body: &Value, query_policy: Option<&str>) -> Result<Self, ApiError> {
         let mut o = DeleteOptions {
-            uid: body.pointer("/preconditions/uid").and_then(Value::as_str).map(String::from),
+            uid: body
+                .pointer("/preconditions/uid")
+                .and_then(Value::as_str)
+                .map(String::from),
             resource_version: body
                 .pointer("/preconditions/resourceVersion")
                 .and_then(Value::as_str)
@@ -77,9 +80,19 @@ pub struct Deleted {
 
 impl Store {
     /// DELETE of one object.
-    pub fn delete(&mut self, res: Res, ns: &str, name: &str, opts: &DeleteOptions) -> Result<Deleted, ApiError> {
+    pub fn delete(
+        &mut self,
+        res: Res,
+        ns: &str,
+        name: &str,
+        opts: &DeleteOptions,
+    ) -> Result<Deleted, ApiError> {
         let key = key_of(res, ns, name);
-        let obj = self.objects.get(&key).cloned().ok_or_else(|| ApiError::not_found(res, name))?;
+        let obj = self
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(res, name))?;
         let uid = meta_str(&obj, "uid").unwrap_or("").to_string();
         if let Some(want) = &opts.uid
             && *want != uid
@@ -87,7 +100,9 @@ impl Store {
             return Err(ApiError::conflict(
                 res,
                 name,
-                &format!("Precondition failed: UID in precondition: {want}, UID in object meta: {uid}"),
+                &format!(
+                    "Precondition failed: UID in precondition: {want}, UID in object meta: {uid}"
+                ),
             ));
         }
         let rv = meta_str(&obj, "resourceVersion").unwrap_or("").to_string();
@@ -97,7 +112,9 @@ impl Store {
             return Err(ApiError::conflict(
                 res,
                 name,
-                &format!("Precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {rv}"),
+                &format!(
+                    "Precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {rv}"
+                ),
             ));
         }
         if res == Res::Namespaces {
@@ -117,7 +134,11 @@ impl Store {
                 }
             }
             Propagation::Foreground | Propagation::Orphan => {
-                let finalizer = if policy == Propagation::Orphan { "orphan" } else { "foregroundDeletion" };
+                let finalizer = if policy == Propagation::Orphan {
+                    "orphan"
+                } else {
+                    "foregroundDeletion"
+                };
                 let mut marked = (*obj).clone();
                 marked["metadata"]["deletionTimestamp"] = json!(timefmt::now_rfc3339());
                 marked["metadata"]["deletionGracePeriodSeconds"] = json!(0);
@@ -133,7 +154,9 @@ impl Store {
                 let dependents = self.dependents_of(&uid);
                 for dep in dependents {
                     if policy == Propagation::Orphan {
-                        self.drop_owner_refs(&dep, |r| r.get("uid").and_then(Value::as_str) == Some(uid.as_str()));
+                        self.drop_owner_refs(&dep, |r| {
+                            r.get("uid").and_then(Value::as_str) == Some(uid.as_str())
+                        });
                     } else {
                         self.delete_cascading(&dep);
                     }
@@ -147,7 +170,9 @@ impl Store {
     }
 
     fn delete_cascading(&mut self, key: &Key) {
-        let Some(obj) = self.objects.get(key).cloned() else { return };
+        let Some(obj) = self.objects.get(key).cloned() else {
+            return;
+        };
         let uid = meta_str(&obj, "uid").unwrap_or("").to_string();
         for dep in self.dependents_of(&uid) {
             self.delete_cascading(&dep);
@@ -170,9 +195,14 @@ impl Store {
     }
 
     fn drop_owner_refs(&mut self, key: &Key, drop: impl Fn(&Value) -> bool) {
-        let Some(obj) = self.objects.get(key).cloned() else { return };
+        let Some(obj) = self.objects.get(key).cloned() else {
+            return;
+        };
         let mut new = (*obj).clone();
-        if let Some(refs) = new.pointer_mut("/metadata/ownerReferences").and_then(Value::as_array_mut) {
+        if let Some(refs) = new
+            .pointer_mut("/metadata/ownerReferences")
+            .and_then(Value::as_array_mut)
+        {
             refs.retain(|r| !drop(r));
         }
         self.put_existing(key.clone(), new);
@@ -188,7 +218,9 @@ impl Store {
         let owner_res = Res::from_kind(api_version, kind)?;
         let uid = r.get("uid").and_then(Value::as_str).unwrap_or("");
         let name = r.get("name").and_then(Value::as_str).unwrap_or("");
-        let Some(k) = self.uids.get(uid) else { return Some(false) };
+        let Some(k) = self.uids.get(uid) else {
+            return Some(false);
+        };
         let same_scope = !owner_res.namespaced() || k.1 == dependent.1;
         Some(k.0 == owner_res && k.2 == name && same_scope)
     }
@@ -202,9 +234,12 @@ impl Store {
             let mut deletions = Vec::new();
             let mut trims = Vec::new();
             for key in &self.owned {
-                let Some(obj) = self.objects.get(key) else { continue };
+                let Some(obj) = self.objects.get(key) else {
+                    continue;
+                };
                 let refs = owner_refs(obj);
-                let states: Vec<Option<bool>> = refs.iter().map(|r| self.owner_exists(key, r)).collect();
+                let states: Vec<Option<bool>> =
+                    refs.iter().map(|r| self.owner_exists(key, r)).collect();
                 let absent = states.iter().filter(|s| **s == Some(false)).count();
                 if absent == 0 {
                     continue;

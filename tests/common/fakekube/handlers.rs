@@ -34,7 +34,8 @@ fn bearer(headers: &http::HeaderMap) -> Option<&str> {
 pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> http::Response<Body> {
     if shared.down.load(Ordering::SeqCst) {
         let mut r = error_response(&ApiError::injected(503));
-        r.headers_mut().insert("connection", "close".parse().expect("header"));
+        r.headers_mut()
+            .insert("connection", "close".parse().expect("header"));
         return r;
     }
     let (parts, body) = req.into_parts();
@@ -53,7 +54,14 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> http::Respon
             .headers
             .get(http::header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
-            .map(|ua| ua.split('/').next().unwrap_or("").chars().take(128).collect())
+            .map(|ua| {
+                ua.split('/')
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .take(128)
+                    .collect()
+            })
             .unwrap_or_default()
     });
     let content_type = parts
@@ -62,12 +70,15 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> http::Respon
         .and_then(|v| v.to_str().ok())
         .map(|c| c.split(';').next().unwrap_or("").trim().to_string())
         .unwrap_or_default();
-    if !content_type.is_empty() && !content_type.contains("json") && !content_type.contains("yaml") {
+    if !content_type.is_empty() && !content_type.contains("json") && !content_type.contains("yaml")
+    {
         // The fake speaks JSON only (no protobuf, no CBOR).
         let e = ApiError::new(
             415,
             "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {content_type})"),
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {content_type})"
+            ),
         );
         record(&shared, Some(&user), &info, 415);
         return error_response(&e);
@@ -88,28 +99,45 @@ fn non_resource(shared: &Shared, info: &ReqInfo, method: &http::Method) -> http:
     if method != http::Method::GET {
         return text_response(405, "405: Method Not Allowed");
     }
-    let issuer = shared.issuer.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let issuer = shared
+        .issuer
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     match info.path.as_str() {
         "/openid/v1/jwks" => {
             let mut r = json_response(200, &issuer.jwks());
-            r.headers_mut().insert("content-type", "application/jwk-set+json".parse().expect("header"));
+            r.headers_mut().insert(
+                "content-type",
+                "application/jwk-set+json".parse().expect("header"),
+            );
             r
         }
-        "/.well-known/openid-configuration" => json_response(200, &issuer.discovery(&shared.jwks_uri)),
-        "/version" => json_response(200, &json!({
-            "major": "1", "minor": "37", "emulationMajor": "1", "emulationMinor": "37",
-            "gitVersion": "v1.37.0-fakekube", "gitCommit": "0000000000000000000000000000000000000000",
-            "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.25",
-            "compiler": "gc", "platform": "linux/amd64"
-        })),
+        "/.well-known/openid-configuration" => {
+            json_response(200, &issuer.discovery(&shared.jwks_uri))
+        }
+        "/version" => json_response(
+            200,
+            &json!({
+                "major": "1", "minor": "37", "emulationMajor": "1", "emulationMinor": "37",
+                "gitVersion": "v1.37.0-fakekube", "gitCommit": "0000000000000000000000000000000000000000",
+                "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.25",
+                "compiler": "gc", "platform": "linux/amd64"
+            }),
+        ),
         "/healthz" | "/livez" | "/readyz" => text_response(200, "ok"),
-        "/api" => json_response(200, &json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})),
-        "/apis" => json_response(200, &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-            {"name": "coordination.k8s.io", "versions": [{"groupVersion": "coordination.k8s.io/v1", "version": "v1"}],
-             "preferredVersion": {"groupVersion": "coordination.k8s.io/v1", "version": "v1"}},
-            {"name": "authentication.k8s.io", "versions": [{"groupVersion": "authentication.k8s.io/v1", "version": "v1"}],
-             "preferredVersion": {"groupVersion": "authentication.k8s.io/v1", "version": "v1"}},
-        ]})),
+        "/api" => json_response(
+            200,
+            &json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}),
+        ),
+        "/apis" => json_response(
+            200,
+            &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                {"name": "coordination.k8s.io", "versions": [{"groupVersion": "coordination.k8s.io/v1", "version": "v1"}],
+                 "preferredVersion": {"groupVersion": "coordination.k8s.io/v1", "version": "v1"}},
+                {"name": "authentication.k8s.io", "versions": [{"groupVersion": "authentication.k8s.io/v1", "version": "v1"}],
+                 "preferredVersion": {"groupVersion": "authentication.k8s.io/v1", "version": "v1"}},
+            ]}),
+        ),
         path => match discovery(path) {
             Some(v) => json_response(200, &v),
             None => text_response(404, "404 page not found\n"),
@@ -119,8 +147,19 @@ fn non_resource(shared: &Shared, info: &ReqInfo, method: &http::Method) -> http:
 
 /// APIResourceList for /api/v1 and /apis/<group>/<version>.
 fn discovery(path: &str) -> Option<Value> {
-    let gv = path.strip_prefix("/api/").or_else(|| path.strip_prefix("/apis/"))?;
-    let verbs = json!(["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]);
+    let gv = path
+        .strip_prefix("/api/")
+        .or_else(|| path.strip_prefix("/apis/"))?;
+    let verbs = json!([
+        "create",
+        "delete",
+        "deletecollection",
+        "get",
+        "list",
+        "patch",
+        "update",
+        "watch"
+    ]);
     let mut resources: Vec<Value> = Vec::new();
     for r in ALL {
         if r.api_version() != gv {
@@ -154,9 +193,14 @@ async fn resource_request(
     body: Incoming,
 ) -> Result<http::Response<Body>, ApiError> {
     if q.get("dryRun").is_some_and(|d| !d.is_empty()) {
-        return Err(ApiError::bad_request("dryRun is not supported by the fake API server"));
+        return Err(ApiError::bad_request(
+            "dryRun is not supported by the fake API server",
+        ));
     }
-    if info.api_group == "authentication.k8s.io" && info.api_version == "v1" && info.resource == "tokenreviews" {
+    if info.api_group == "authentication.k8s.io"
+        && info.api_version == "v1"
+        && info.resource == "tokenreviews"
+    {
         if info.verb != "create" || !info.name.is_empty() || !info.namespace.is_empty() {
             return Err(ApiError::method_not_allowed(&info.verb, "TokenReview"));
         }
@@ -184,7 +228,9 @@ async fn resource_request(
     match info.verb.as_str() {
         "get" => {
             let store = lock(&shared.store);
-            let obj = store.get(res, ns, name).ok_or_else(|| ApiError::not_found(res, name))?;
+            let obj = store
+                .get(res, ns, name)
+                .ok_or_else(|| ApiError::not_found(res, name))?;
             Ok(json_response(200, &obj))
         }
         "list" => list(shared, res, ns, q),
@@ -193,7 +239,10 @@ async fn resource_request(
             let body = parse_json(&read_body(body).await?)?;
             if sub == Some("token") {
                 let store = lock(&shared.store);
-                let issuer = shared.issuer.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let issuer = shared
+                    .issuer
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 let out = authn::token_request(&store, &issuer, ns, name, &body)?;
                 return Ok(json_response(201, &out));
             }
@@ -239,7 +288,9 @@ fn patch(
     validate_patch_options(apply, q.get("fieldManager"), q.get("force"))?;
     let body: Value = serde_json::from_slice(bytes).map_err(|e| {
         if apply {
-            ApiError::bad_request(format!("error decoding YAML: the fake API server accepts JSON apply bodies only: {e}"))
+            ApiError::bad_request(format!(
+                "error decoding YAML: the fake API server accepts JSON apply bodies only: {e}"
+            ))
         } else {
             ApiError::bad_request(format!("error decoding patch: {e}"))
         }
@@ -248,7 +299,9 @@ fn patch(
     match content_type {
         "application/apply-patch+yaml" => {
             if sub.is_some() {
-                return Err(ApiError::bad_request("the fake API server does not apply to subresources"));
+                return Err(ApiError::bad_request(
+                    "the fake API server does not apply to subresources",
+                ));
             }
             let (obj, created) = store.apply(res, ns, name, body, manager, q.flag("force"))?;
             Ok(json_response(if created { 201 } else { 200 }, &obj))
@@ -259,13 +312,16 @@ fn patch(
             Ok(json_response(200, &obj))
         }
         "application/json-patch+json" => {
-            let old = store.get(res, ns, name).ok_or_else(|| ApiError::not_found(res, name))?;
+            let old = store
+                .get(res, ns, name)
+                .ok_or_else(|| ApiError::not_found(res, name))?;
             let mut doc = (*old).clone();
-            json_patch(&mut doc, &body)?;
-            if body
-                .as_array()
-                .is_some_and(|ops| !ops.iter().any(|o| o.get("path").and_then(Value::as_str) == Some("/metadata/resourceVersion")))
-            {
+            super::patch::json_patch(&mut doc, &body)?;
+            if body.as_array().is_some_and(|ops| {
+                !ops.iter().any(|o| {
+                    o.get("path").and_then(Value::as_str) == Some("/metadata/resourceVersion")
+                })
+            }) {
                 doc["metadata"]["resourceVersion"] = json!("");
             }
             if old.pointer("/metadata/managedFields") == doc.pointer("/metadata/managedFields")
@@ -279,132 +335,58 @@ fn patch(
         _ => Err(ApiError::new(
             415,
             "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {content_type:?})"),
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {content_type:?})"
+            ),
         )),
     }
-}
-
-fn pointer_tokens(path: &str) -> Result<Vec<String>, ApiError> {
-    if path.is_empty() {
-        return Ok(Vec::new());
-    }
-    let rest = path
-        .strip_prefix('/')
-        .ok_or_else(|| ApiError::bad_request(format!("invalid JSON pointer {path:?}")))?;
-    Ok(rest.split('/').map(|t| t.replace("~1", "/").replace("~0", "~")).collect())
-}
-
-fn jp_err(msg: String) -> ApiError {
-    ApiError::new(422, "Invalid", msg)
-}
-
-fn jp_parent<'a>(doc: &'a mut Value, tokens: &[String]) -> Result<&'a mut Value, ApiError> {
-    let mut cur = doc;
-    for t in tokens {
-        cur = match cur {
-            Value::Object(m) => m.get_mut(t),
-            Value::Array(a) => t.parse::<usize>().ok().and_then(|i| a.get_mut(i)),
-            _ => None,
-        }
-        .ok_or_else(|| jp_err(format!("doc is missing path: /{}", tokens.join("/"))))?;
-    }
-    Ok(cur)
-}
-
-fn jp_remove(doc: &mut Value, path: &str) -> Result<Value, ApiError> {
-    let tokens = pointer_tokens(path)?;
-    let (last, parent) = tokens.split_last().ok_or_else(|| jp_err("cannot remove the root".into()))?;
-    let p = jp_parent(doc, parent)?;
-    match p {
-        Value::Object(m) => m.remove(last),
-        Value::Array(a) => last.parse::<usize>().ok().filter(|i| *i < a.len()).map(|i| a.remove(i)),
-        _ => None,
-    }
-    .ok_or_else(|| jp_err(format!("unable to remove nonexistent key: {last}: missing value")))
-}
-
-fn jp_add(doc: &mut Value, path: &str, value: Value) -> Result<(), ApiError> {
-    let tokens = pointer_tokens(path)?;
-    let Some((last, parent)) = tokens.split_last() else {
-        *doc = value;
-        return Ok(());
-    };
-    match jp_parent(doc, parent)? {
-        Value::Object(m) => {
-            m.insert(last.clone(), value);
-        }
-        Value::Array(a) => {
-            let i = if last == "-" {
-                a.len()
-            } else {
-                last.parse::<usize>().ok().filter(|i| *i <= a.len()).ok_or_else(|| jp_err(format!("add operation does not apply: index {last} out of bounds")))?
-            };
-            a.insert(i, value);
-        }
-        _ => return Err(jp_err(format!("add operation does not apply: doc is missing path: {path}"))),
-    }
-    Ok(())
-}
-
-/// RFC 6902.
-pub fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), ApiError> {
-    let ops = ops
-        .as_array()
-        .ok_or_else(|| ApiError::bad_request("json patch must be an array of operations"))?;
-    for op in ops {
-        let path = op.get("path").and_then(Value::as_str).unwrap_or("");
-        let value = op.get("value").cloned().unwrap_or(Value::Null);
-        match op.get("op").and_then(Value::as_str).unwrap_or("") {
-            "add" => jp_add(doc, path, value)?,
-            "remove" => {
-                jp_remove(doc, path)?;
-            }
-            "replace" => {
-                jp_remove(doc, path)?;
-                jp_add(doc, path, value)?;
-            }
-            "test" => {
-                if doc.pointer(path) != Some(&value) {
-                    return Err(jp_err(format!("testing value {path} failed: test failed")));
-                }
-            }
-            "move" => {
-                let from = op.get("from").and_then(Value::as_str).unwrap_or("");
-                let v = jp_remove(doc, from)?;
-                jp_add(doc, path, v)?;
-            }
-            "copy" => {
-                let from = op.get("from").and_then(Value::as_str).unwrap_or("");
-                let v = doc.pointer(from).cloned().ok_or_else(|| jp_err(format!("doc is missing from path: {from}")))?;
-                jp_add(doc, path, v)?;
-            }
-            other => return Err(ApiError::bad_request(format!("Unexpected kind: {other}"))),
-        }
-    }
-    Ok(())
 }
 
 /// Parses a continue token: `(resourceVersion, after (namespace, name))`.
 fn parse_continue(token: &str) -> Result<(u64, (String, String)), ApiError> {
     let bad = |why: &str| ApiError::bad_request(format!("continue key is not valid: {why}"));
-    let raw = B64URL.decode(token.trim_end_matches('=')).map_err(|_| bad("incorrect encoded start resourceVersion (version meta.k8s.io/v1)"))?;
-    let v: Value = serde_json::from_slice(&raw).map_err(|_| bad("incorrect encoded start resourceVersion (version meta.k8s.io/v1)"))?;
+    let raw = B64URL
+        .decode(token.trim_end_matches('='))
+        .map_err(|_| bad("incorrect encoded start resourceVersion (version meta.k8s.io/v1)"))?;
+    let v: Value = serde_json::from_slice(&raw)
+        .map_err(|_| bad("incorrect encoded start resourceVersion (version meta.k8s.io/v1)"))?;
     if v.get("v").and_then(Value::as_str) != Some("meta.k8s.io/v1") {
         return Err(bad("server does not recognize this encoded version"));
     }
-    let rv = v.get("rv").and_then(Value::as_u64).filter(|r| *r > 0).ok_or_else(|| bad("incorrect encoded start resourceVersion (version meta.k8s.io/v1)"))?;
-    let start = v.get("start").and_then(Value::as_str).unwrap_or("").trim_end_matches('\u{0}');
-    let (ns, name) = start.split_once('/').map(|(a, b)| (a.to_string(), b.to_string())).unwrap_or((String::new(), start.to_string()));
+    let rv = v
+        .get("rv")
+        .and_then(Value::as_u64)
+        .filter(|r| *r > 0)
+        .ok_or_else(|| bad("incorrect encoded start resourceVersion (version meta.k8s.io/v1)"))?;
+    let start = v
+        .get("start")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .trim_end_matches('\u{0}');
+    let (ns, name) = start
+        .split_once('/')
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .unwrap_or((String::new(), start.to_string()));
     Ok((rv, (ns, name)))
 }
 
 fn make_continue(rv: u64, ns: &str, name: &str) -> String {
-    let start = if ns.is_empty() { format!("{name}\u{0}") } else { format!("{ns}/{name}\u{0}") };
+    let start = if ns.is_empty() {
+        format!("{name}\u{0}")
+    } else {
+        format!("{ns}/{name}\u{0}")
+    };
     B64URL.encode(json!({"v": "meta.k8s.io/v1", "rv": rv, "start": start}).to_string())
 }
 
 fn list_options_invalid(errs: &[FieldError]) -> ApiError {
-    ApiError::invalid_kind("ListOptions.meta.k8s.io", "meta.k8s.io", "ListOptions", "", errs)
+    ApiError::invalid_kind(
+        "ListOptions.meta.k8s.io",
+        "meta.k8s.io",
+        "ListOptions",
+        "",
+        errs,
+    )
 }
 
 fn list(shared: &Shared, res: Res, ns: &str, q: &Query) -> Result<http::Response<Body>, ApiError> {
@@ -413,10 +395,16 @@ fn list(shared: &Shared, res: Res, ns: &str, q: &Query) -> Result<http::Response
     let rv = q.get("resourceVersion").unwrap_or("");
     let rv_match = q.get("resourceVersionMatch").unwrap_or("");
     if q.get("sendInitialEvents").is_some() {
-        return Err(list_options_invalid(&[FieldError::forbidden("sendInitialEvents", "sendInitialEvents is forbidden for list")]));
+        return Err(list_options_invalid(&[FieldError::forbidden(
+            "sendInitialEvents",
+            "sendInitialEvents is forbidden for list",
+        )]));
     }
     if !rv_match.is_empty() && rv.is_empty() {
-        return Err(list_options_invalid(&[FieldError::forbidden("resourceVersionMatch", "resourceVersionMatch is forbidden unless resourceVersion is provided")]));
+        return Err(list_options_invalid(&[FieldError::forbidden(
+            "resourceVersionMatch",
+            "resourceVersionMatch is forbidden unless resourceVersion is provided",
+        )]));
     }
     let limit = match q.get("limit") {
         Some(l) if !l.is_empty() => l.parse::<i64>().ok().filter(|l| *l > 0).map(|l| l as usize),
@@ -425,19 +413,27 @@ fn list(shared: &Shared, res: Res, ns: &str, q: &Query) -> Result<http::Response
     let cont = q.get("continue").filter(|c| !c.is_empty());
     let (at, after) = if let Some(c) = cont {
         if !rv.is_empty() && rv != "0" {
-            return Err(ApiError::bad_request("specifying resource version is not allowed when using continue"));
+            return Err(ApiError::bad_request(
+                "specifying resource version is not allowed when using continue",
+            ));
         }
         let (rv, after) = parse_continue(c)?;
         (ListAt::Exact(rv), Some(after))
     } else {
-        let parsed = if rv.is_empty() || rv == "0" {
-            None
-        } else {
-            Some(rv.parse::<u64>().map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv}")))?)
-        };
+        let parsed =
+            if rv.is_empty() || rv == "0" {
+                None
+            } else {
+                Some(rv.parse::<u64>().map_err(|_| {
+                    ApiError::bad_request(format!("invalid resource version: {rv}"))
+                })?)
+            };
         match (rv_match, parsed) {
             ("Exact", None) => {
-                return Err(list_options_invalid(&[FieldError::forbidden("resourceVersionMatch", "resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"")]));
+                return Err(list_options_invalid(&[FieldError::forbidden(
+                    "resourceVersionMatch",
+                    "resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"",
+                )]));
             }
             ("Exact", Some(n)) => (ListAt::Exact(n), None),
             ("" | "NotOlderThan", Some(n)) => {
@@ -449,7 +445,11 @@ fn list(shared: &Shared, res: Res, ns: &str, q: &Query) -> Result<http::Response
             }
             ("" | "NotOlderThan", None) => (ListAt::Latest, None),
             (other, _) => {
-                return Err(list_options_invalid(&[FieldError::invalid("resourceVersionMatch", other, "supported values: \"Exact\", \"NotOlderThan\"")]));
+                return Err(list_options_invalid(&[FieldError::invalid(
+                    "resourceVersionMatch",
+                    other,
+                    "supported values: \"Exact\", \"NotOlderThan\"",
+                )]));
             }
         }
     };
@@ -501,23 +501,37 @@ impl Drop for InFlight<'_> {
     }
 }
 
-async fn token_review(shared: &Arc<Shared>, body: &Value) -> Result<http::Response<Body>, ApiError> {
+async fn token_review(
+    shared: &Arc<Shared>,
+    body: &Value,
+) -> Result<http::Response<Body>, ApiError> {
     let now = shared.reviews_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     let _guard = InFlight(shared);
-    shared.max_reviews_in_flight.fetch_max(now, Ordering::SeqCst);
+    shared
+        .max_reviews_in_flight
+        .fetch_max(now, Ordering::SeqCst);
     let latency = *lock(&shared.review_latency);
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    if body.get("kind").and_then(Value::as_str).is_some_and(|k| k != "TokenReview") {
-        return Err(ApiError::bad_request("the object provided is unrecognized (must be of type TokenReview)"));
+    if body
+        .get("kind")
+        .and_then(Value::as_str)
+        .is_some_and(|k| k != "TokenReview")
+    {
+        return Err(ApiError::bad_request(
+            "the object provided is unrecognized (must be of type TokenReview)",
+        ));
     }
     let (token, auds) = authn::parse_review(body)?;
     let cached = lock(&shared.token_cache).get(&token, &auds);
     let result = match cached {
         Some(hit) => Ok(hit),
         None => {
-            let issuer = shared.issuer.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let issuer = shared
+                .issuer
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let store = lock(&shared.store);
             let r = authn::authenticate(&store, &issuer, &token, &auds, timefmt::now_secs());
             if let Ok((u, a)) = &r {

@@ -132,7 +132,8 @@ fn percent_decode(s: &str) -> String {
         match b[i] {
             b'+' => out.push(b' '),
             b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
                     Ok(v) => {
                         out.push(v);
                         i += 2;
@@ -187,7 +188,11 @@ pub fn request_info(method: &http::Method, path: &str, q: &Query) -> ReqInfo {
         verb: method.as_str().to_ascii_lowercase(),
         ..Default::default()
     };
-    let mut parts: Vec<&str> = path.trim_matches('/').split('/').filter(|p| !p.is_empty()).collect();
+    let mut parts: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .collect();
     let prefix = parts.first().copied().unwrap_or("");
     if prefix != "api" && prefix != "apis" {
         return info;
@@ -213,12 +218,10 @@ pub fn request_info(method: &http::Method, path: &str, q: &Query) -> ReqInfo {
         legacy_watch = true;
         parts.remove(0);
     }
-    if parts.first() == Some(&"namespaces") {
-        if parts.len() >= 2 {
-            info.namespace = parts[1].to_string();
-            if parts.len() > 2 && !matches!(parts[2], "status" | "finalize") {
-                parts.drain(..2);
-            }
+    if parts.first() == Some(&"namespaces") && parts.len() >= 2 {
+        info.namespace = parts[1].to_string();
+        if parts.len() > 2 && !matches!(parts[2], "status" | "finalize") {
+            parts.drain(..2);
         }
     }
     info.resource = parts.first().copied().unwrap_or("").to_string();
@@ -269,9 +272,13 @@ pub fn authenticate(shared: &Shared, token: &str) -> Option<UserInfo> {
     if let Some((u, _)) = lock(&shared.token_cache).get(token, &[]) {
         return Some(u);
     }
-    let issuer = shared.issuer.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let issuer = shared
+        .issuer
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let store = lock(&shared.store);
-    let (user, auds) = authn::authenticate(&store, &issuer, token, &[], timefmt::now_secs()).ok()?;
+    let (user, auds) =
+        authn::authenticate(&store, &issuer, token, &[], timefmt::now_secs()).ok()?;
     lock(&shared.token_cache).put(token, &[], &user, &auds);
     Some(user)
 }
@@ -326,7 +333,11 @@ pub fn record(shared: &Shared, user: Option<&UserInfo>, info: &ReqInfo, code: u1
         groups: user.map(|u| u.groups.clone()).unwrap_or_default(),
         verb: info.verb.clone(),
         api_group: info.api_group.clone(),
-        resource: if info.is_resource { info.resource.clone() } else { String::new() },
+        resource: if info.is_resource {
+            info.resource.clone()
+        } else {
+            String::new()
+        },
         subresource: info.subresource.clone(),
         namespace: info.namespace.clone(),
         name: info.name.clone(),
@@ -343,11 +354,15 @@ pub fn take_fault(shared: &Shared, info: &ReqInfo) -> Option<ApiError> {
     } else {
         format!("{}/{}", info.resource, info.subresource)
     };
-    let what = if info.is_resource { rp } else { info.path.clone() };
+    let what = if info.is_resource {
+        rp
+    } else {
+        info.path.clone()
+    };
     let mut faults = lock(&shared.faults);
-    let f = faults
-        .iter_mut()
-        .find(|f| f.remaining > 0 && f.verb == info.verb && (f.resource == what || f.resource == "*"))?;
+    let f = faults.iter_mut().find(|f| {
+        f.remaining > 0 && f.verb == info.verb && (f.resource == what || f.resource == "*")
+    })?;
     f.remaining -= 1;
     let code = f.code;
     faults.retain(|f| f.remaining > 0);
@@ -362,7 +377,11 @@ pub async fn read_body(body: Incoming) -> Result<Bytes, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?
         .to_bytes();
     if bytes.len() > 3 * 1024 * 1024 {
-        return Err(ApiError::new(413, "RequestEntityTooLarge", "Request entity too large: limit is 3145728"));
+        return Err(ApiError::new(
+            413,
+            "RequestEntityTooLarge",
+            "Request entity too large: limit is 3145728",
+        ));
     }
     Ok(bytes)
 }
@@ -371,7 +390,6 @@ pub fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
     if bytes.is_empty() {
         return Ok(Value::Null);
     }
-    serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::bad_request(format!("the object provided is unrecognized: {e}"))
-    })
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("the object provided is unrecognized: {e}")))
 }

@@ -32,6 +32,7 @@ mod fields;
 mod gc;
 mod handlers;
 mod http;
+mod patch;
 mod resources;
 mod rules;
 mod selectors;
@@ -67,6 +68,7 @@ pub const LIMITS: &str = "\
 - Garbage collection, namespace deletion and the per-namespace default ServiceAccount / kube-root-ca.crt run synchronously.
 - Lists are served from the history (exact at any resourceVersion still in it); limit is honoured even with resourceVersion=0.
 - Validation covers names, labels, Secret/ConfigMap keys, sizes, types and immutability, the pod spec's required fields and update restrictions, Lease durations; not every rule of the real validators.
+- JSON only: a protobuf or CBOR request body is refused (415), so kubectl's typed commands (e.g. `create secret generic`) fail while `create -f`/`apply` work; no OpenAPI documents (kubectl needs --validate=false).
 - Token checks use the real order and messages, but TokenReview error strings are only as close as the fake can tell (\"[invalid bearer token, ...]\").";
 
 /// Options fixed at start.
@@ -274,7 +276,8 @@ impl FakeKube {
 
     /// A client authenticated as the admin.
     pub async fn client(&self) -> kube::Client {
-        self.client_with_token(&self.shared.admin_token.clone()).await
+        self.client_with_token(&self.shared.admin_token.clone())
+            .await
     }
 
     /// A client presenting `token`.
@@ -351,15 +354,22 @@ impl FakeKube {
         let mut store = lock(&self.shared.store);
         let template = lock(&self.shared.pod_templates)[usize::from(running)].clone();
         if let Some(mut obj) = template {
-            let errs = resources::validate_name(resources::NameRule::Subdomain, name, "metadata.name");
+            let errs =
+                resources::validate_name(resources::NameRule::Subdomain, name, "metadata.name");
             assert!(errs.is_empty(), "pod name {name:?}: {}", errs[0]);
-            assert!(store.namespace_exists(ns), "pod {ns}/{name}: namespaces \"{ns}\" not found");
+            assert!(
+                store.namespace_exists(ns),
+                "pod {ns}/{name}: namespaces \"{ns}\" not found"
+            );
             assert!(
                 store.get(Res::ServiceAccounts, ns, sa).is_some(),
                 "pod {ns}/{name}: serviceaccount \"{sa}\" not found"
             );
             let key = store::key_of(Res::Pods, ns, name);
-            assert!(!store.objects.contains_key(&key), "pod {ns}/{name} already exists");
+            assert!(
+                !store.objects.contains_key(&key),
+                "pod {ns}/{name} already exists"
+            );
             let now = json!(timefmt::now_rfc3339());
             let meta = &mut obj["metadata"];
             meta["name"] = json!(name);
@@ -402,7 +412,11 @@ impl FakeKube {
     /// admission); the error is the Status the API would answer.
     pub fn create_json(&self, obj: Value) -> Result<Value, Value> {
         let res = Self::res_of(&obj);
-        let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string();
+        let ns = obj
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         lock(&self.shared.store)
             .create(res, &ns, obj, "fakekube")
             .map(|o| (*o).clone())
@@ -412,7 +426,8 @@ impl FakeKube {
     fn res_of(obj: &Value) -> Res {
         let api_version = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
         let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("");
-        Res::from_kind(api_version, kind).unwrap_or_else(|| panic!("the fake does not serve {api_version} {kind}"))
+        Res::from_kind(api_version, kind)
+            .unwrap_or_else(|| panic!("the fake does not serve {api_version} {kind}"))
     }
 
     /// The stored object (`namespace` "" for cluster-scoped resources).
@@ -439,8 +454,16 @@ impl FakeKube {
     /// value has none; bumps the resourceVersion; watchers see the event.
     pub fn put_json(&self, mut obj: Value) -> Value {
         let res = Self::res_of(&obj);
-        let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string();
-        let name = obj.pointer("/metadata/name").and_then(Value::as_str).expect("metadata.name").to_string();
+        let ns = obj
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let name = obj
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .expect("metadata.name")
+            .to_string();
         let mut store = lock(&self.shared.store);
         let key = store::key_of(res, &ns, &name);
         let out = match store.objects.get(&key).cloned() {
@@ -466,7 +489,12 @@ impl FakeKube {
     /// false when it did not exist.
     pub fn delete(&self, resource: &str, namespace: &str, name: &str) -> bool {
         lock(&self.shared.store)
-            .delete(res_named(resource), namespace, name, &gc::DeleteOptions::default())
+            .delete(
+                res_named(resource),
+                namespace,
+                name,
+                &gc::DeleteOptions::default(),
+            )
             .is_ok()
     }
 
@@ -489,7 +517,10 @@ impl FakeKube {
     }
 
     fn issuer_read(&self) -> std::sync::RwLockReadGuard<'_, tokens::Issuer> {
-        self.shared.issuer.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.shared
+            .issuer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The claims a bound token for `spec` carries (fresh jti each call).
@@ -532,13 +563,22 @@ impl FakeKube {
     pub fn rotate_signing_key(&self) -> String {
         let key = tokens::SigningKey::generate();
         let kid = key.kid.clone();
-        self.shared.issuer.write().unwrap_or_else(std::sync::PoisonError::into_inner).keys.push(key);
+        self.shared
+            .issuer
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys
+            .push(key);
         kid
     }
 
     /// Unpublishes every key but the current one.
     pub fn drop_old_keys(&self) {
-        let mut issuer = self.shared.issuer.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut issuer = self
+            .shared
+            .issuer
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = issuer.keys.len();
         issuer.keys.drain(..n - 1);
     }
@@ -618,14 +658,23 @@ impl FakeKube {
 }
 
 fn uid(obj: &Value) -> String {
-    obj.pointer("/metadata/uid").and_then(Value::as_str).expect("uid").to_string()
+    obj.pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .expect("uid")
+        .to_string()
 }
 
 fn build_shared(opts: &FakeOptions, addr: SocketAddr, ca_pem: &str) -> Shared {
-    let mut store = Store::new(opts.history_limit, ca_pem.to_string(), opts.namespace_controllers);
+    let mut store = Store::new(
+        opts.history_limit,
+        ca_pem.to_string(),
+        opts.namespace_controllers,
+    );
     for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
         let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
-        store.create(Res::Namespaces, "", obj, "kube-apiserver").expect("namespace");
+        store
+            .create(Res::Namespaces, "", obj, "kube-apiserver")
+            .expect("namespace");
     }
     let api_audiences = if opts.api_audiences.is_empty() {
         vec![opts.issuer.clone()]

@@ -273,7 +273,13 @@ impl ApiError {
 
     /// errors.NewInvalid.
     pub fn invalid(res: Res, name: &str, errs: &[FieldError]) -> Self {
-        Self::invalid_kind(&res.qualified_kind(), res.info().group, res.kind(), name, errs)
+        Self::invalid_kind(
+            &res.qualified_kind(),
+            res.info().group,
+            res.kind(),
+            name,
+            errs,
+        )
     }
 
     pub fn invalid_kind(
@@ -337,7 +343,11 @@ impl ApiError {
     }
 
     pub fn not_found_path() -> Self {
-        let mut e = Self::new(404, "NotFound", "the server could not find the requested resource");
+        let mut e = Self::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
         e.details = Some(json!({}));
         e
     }
@@ -360,9 +370,18 @@ impl ApiError {
             409 => ("Conflict", "injected: conflict"),
             410 => ("Expired", "injected: expired"),
             422 => ("Invalid", "injected: invalid"),
-            429 => ("TooManyRequests", "Too many requests, please try again later."),
-            503 => ("ServiceUnavailable", "injected: the server is currently unable to handle the request"),
-            504 => ("Timeout", "injected: the server was unable to return a response in the time allotted"),
+            429 => (
+                "TooManyRequests",
+                "Too many requests, please try again later.",
+            ),
+            503 => (
+                "ServiceUnavailable",
+                "injected: the server is currently unable to handle the request",
+            ),
+            504 => (
+                "Timeout",
+                "injected: the server was unable to return a response in the time allotted",
+            ),
             _ => ("InternalError", "Internal error occurred: injected failure"),
         };
         let mut e = Self::new(code, reason, message);
@@ -536,7 +555,11 @@ pub fn validate_name(rule: NameRule, name: &str, field: &str) -> Vec<FieldError>
     match rule {
         NameRule::Subdomain => {
             if name.len() > 253 {
-                errs.push(FieldError::invalid(field, name, "must be no more than 253 characters"));
+                errs.push(FieldError::invalid(
+                    field,
+                    name,
+                    "must be no more than 253 characters",
+                ));
             }
             if !is_dns_subdomain(name) {
                 errs.push(FieldError::invalid(field, name, SUBDOMAIN_MSG));
@@ -544,7 +567,11 @@ pub fn validate_name(rule: NameRule, name: &str, field: &str) -> Vec<FieldError>
         }
         NameRule::Label => {
             if name.len() > 63 {
-                errs.push(FieldError::invalid(field, name, "must be no more than 63 characters"));
+                errs.push(FieldError::invalid(
+                    field,
+                    name,
+                    "must be no more than 63 characters",
+                ));
             }
             if !is_label(name) {
                 errs.push(FieldError::invalid(field, name, LABEL_MSG));
@@ -558,7 +585,11 @@ pub fn validate_name(rule: NameRule, name: &str, field: &str) -> Vec<FieldError>
 pub fn validate_config_key(key: &str, field: &str) -> Vec<FieldError> {
     let mut errs = Vec::new();
     if key.len() > 253 {
-        errs.push(FieldError::invalid(field, key, "must be no more than 253 characters"));
+        errs.push(FieldError::invalid(
+            field,
+            key,
+            "must be no more than 253 characters",
+        ));
     }
     let ok = !key.is_empty()
         && key
@@ -567,7 +598,11 @@ pub fn validate_config_key(key: &str, field: &str) -> Vec<FieldError> {
     if !ok {
         errs.push(FieldError::invalid(field, key, "a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')"));
     } else if key == "." || key == ".." || key.starts_with("..") {
-        errs.push(FieldError::invalid(field, key, "must not be '.' or '..' or start with '..'"));
+        errs.push(FieldError::invalid(
+            field,
+            key,
+            "must not be '.' or '..' or start with '..'",
+        ));
     }
     errs
 }

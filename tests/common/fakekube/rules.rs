@@ -33,7 +33,8 @@ fn cannot_decode(res: Res, why: &str) -> ApiError {
 fn b64_error(s: &str) -> Option<String> {
     match B64.decode(s) {
         Ok(_) => None,
-        Err(base64::DecodeError::InvalidByte(i, _)) | Err(base64::DecodeError::InvalidLastSymbol(i, _)) => {
+        Err(base64::DecodeError::InvalidByte(i, _))
+        | Err(base64::DecodeError::InvalidLastSymbol(i, _)) => {
             Some(format!("illegal base64 data at input byte {i}"))
         }
         Err(_) => Some(format!("illegal base64 data at input byte {}", s.len())),
@@ -58,7 +59,9 @@ pub fn decode(res: Res, obj: &mut Value) -> Result<(), ApiError> {
                 }
             }
             // Convert_v1_Secret_To_core_Secret: stringData overrides data.
-            if let Some(Value::Object(sd)) = obj.as_object_mut().and_then(|m| m.remove("stringData")) {
+            if let Some(Value::Object(sd)) =
+                obj.as_object_mut().and_then(|m| m.remove("stringData"))
+            {
                 let m = obj.as_object_mut().expect("object");
                 let data = m.entry("data").or_insert_with(|| json!({}));
                 if !data.is_object() {
@@ -84,7 +87,10 @@ pub fn decode(res: Res, obj: &mut Value) -> Result<(), ApiError> {
                 for f in ["acquireTime", "renewTime"] {
                     if let Some(Value::String(t)) = spec.get(f) {
                         let Some((s, us)) = timefmt::parse(t) else {
-                            return Err(cannot_decode(res, &format!("parsing time {t:?}: cannot parse as RFC3339")));
+                            return Err(cannot_decode(
+                                res,
+                                &format!("parsing time {t:?}: cannot parse as RFC3339"),
+                            ));
                         };
                         spec.insert(f.into(), json!(timefmt::micro(s, us)));
                     }
@@ -99,7 +105,13 @@ pub fn decode(res: Res, obj: &mut Value) -> Result<(), ApiError> {
 /// Drops what Go's `omitempty` drops on the way out.
 pub fn normalize(obj: &mut Value) {
     if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
-        for k in ["labels", "annotations", "ownerReferences", "finalizers", "managedFields"] {
+        for k in [
+            "labels",
+            "annotations",
+            "ownerReferences",
+            "finalizers",
+            "managedFields",
+        ] {
             if meta.get(k).is_some_and(is_empty_or_null) {
                 meta.remove(k);
             }
@@ -140,14 +152,20 @@ fn meta_errors(obj: &Value) -> Vec<FieldError> {
             }
         }
     }
-    if let Some(anns) = obj.pointer("/metadata/annotations").and_then(Value::as_object) {
+    if let Some(anns) = obj
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+    {
         for k in anns.keys() {
             if !valid_label_key(k) {
                 errs.push(FieldError::invalid("metadata.annotations", k, "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"));
             }
         }
     }
-    if let Some(refs) = obj.pointer("/metadata/ownerReferences").and_then(Value::as_array) {
+    if let Some(refs) = obj
+        .pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+    {
         for (i, r) in refs.iter().enumerate() {
             for f in ["apiVersion", "kind", "name", "uid"] {
                 if r.get(f).and_then(Value::as_str).is_none_or(str::is_empty) {
@@ -170,7 +188,11 @@ fn meta_errors(obj: &Value) -> Vec<FieldError> {
             .filter(|r| r.get("controller").and_then(Value::as_bool) == Some(true))
             .count();
         if controllers > 1 {
-            errs.push(FieldError::invalid_raw("metadata.ownerReferences", "[...]".into(), "Only one reference can have Controller set to true"));
+            errs.push(FieldError::invalid_raw(
+                "metadata.ownerReferences",
+                "[...]".into(),
+                "Only one reference can have Controller set to true",
+            ));
         }
     }
     errs
@@ -207,21 +229,18 @@ fn secret_errors(obj: &Value) -> Vec<FieldError> {
                 }
             }
         }
-        "kubernetes.io/service-account-token" => {
+        "kubernetes.io/service-account-token"
             if obj
                 .pointer("/metadata/annotations/kubernetes.io~1service-account.name")
-                .is_none()
-            {
-                errs.push(FieldError::required(
-                    "metadata.annotations[kubernetes.io/service-account.name]",
-                    "",
-                ));
-            }
+                .is_none() =>
+        {
+            errs.push(FieldError::required(
+                "metadata.annotations[kubernetes.io/service-account.name]",
+                "",
+            ));
         }
-        "kubernetes.io/dockerconfigjson" => {
-            if !has(".dockerconfigjson") {
-                errs.push(FieldError::required("data[.dockerconfigjson]", ""));
-            }
+        "kubernetes.io/dockerconfigjson" if !has(".dockerconfigjson") => {
+            errs.push(FieldError::required("data[.dockerconfigjson]", ""));
         }
         _ => {}
     }
@@ -237,7 +256,11 @@ fn configmap_errors(obj: &Value) -> Vec<FieldError> {
         obj.get("binaryData").and_then(Value::as_object),
     ) {
         for k in d.keys().filter(|k| b.contains_key(*k)) {
-            errs.push(FieldError::invalid(&format!("data[{k}]"), k, "duplicate of key present in binaryData"));
+            errs.push(FieldError::invalid(
+                &format!("data[{k}]"),
+                k,
+                "duplicate of key present in binaryData",
+            ));
         }
     }
     if total > MAX_DATA {
@@ -253,7 +276,10 @@ fn pod_errors(obj: &Value) -> Vec<FieldError> {
             for (i, c) in cs.iter().enumerate() {
                 let name = c.get("name").and_then(Value::as_str).unwrap_or("");
                 if name.is_empty() {
-                    errs.push(FieldError::required(&format!("spec.containers[{i}].name"), ""));
+                    errs.push(FieldError::required(
+                        &format!("spec.containers[{i}].name"),
+                        "",
+                    ));
                 } else if !super::resources::is_dns_label(name) {
                     errs.extend(super::resources::validate_name(
                         super::resources::NameRule::Label,
@@ -261,8 +287,14 @@ fn pod_errors(obj: &Value) -> Vec<FieldError> {
                         &format!("spec.containers[{i}].name"),
                     ));
                 }
-                if c.get("image").and_then(Value::as_str).is_none_or(str::is_empty) {
-                    errs.push(FieldError::required(&format!("spec.containers[{i}].image"), ""));
+                if c.get("image")
+                    .and_then(Value::as_str)
+                    .is_none_or(str::is_empty)
+                {
+                    errs.push(FieldError::required(
+                        &format!("spec.containers[{i}].image"),
+                        "",
+                    ));
                 }
             }
         }
@@ -273,15 +305,27 @@ fn pod_errors(obj: &Value) -> Vec<FieldError> {
 
 fn lease_errors(obj: &Value) -> Vec<FieldError> {
     let mut errs = Vec::new();
-    if let Some(d) = obj.pointer("/spec/leaseDurationSeconds").and_then(Value::as_i64)
+    if let Some(d) = obj
+        .pointer("/spec/leaseDurationSeconds")
+        .and_then(Value::as_i64)
         && d <= 0
     {
-        errs.push(FieldError::invalid_raw("spec.leaseDurationSeconds", d.to_string(), "must be greater than 0"));
+        errs.push(FieldError::invalid_raw(
+            "spec.leaseDurationSeconds",
+            d.to_string(),
+            "must be greater than 0",
+        ));
     }
-    if let Some(t) = obj.pointer("/spec/leaseTransitions").and_then(Value::as_i64)
+    if let Some(t) = obj
+        .pointer("/spec/leaseTransitions")
+        .and_then(Value::as_i64)
         && t < 0
     {
-        errs.push(FieldError::invalid_raw("spec.leaseTransitions", t.to_string(), "must be greater than or equal to 0"));
+        errs.push(FieldError::invalid_raw(
+            "spec.leaseTransitions",
+            t.to_string(),
+            "must be greater than or equal to 0",
+        ));
     }
     errs
 }
@@ -334,7 +378,10 @@ pub fn on_create(res: Res, obj: &mut Value) -> Result<(), ApiError> {
             set_default(obj, "/spec/schedulerName", json!("default-scheduler"));
             set_default(obj, "/spec/terminationGracePeriodSeconds", json!(30));
             set_default(obj, "/spec/securityContext", json!({}));
-            if let Some(cs) = obj.pointer_mut("/spec/containers").and_then(Value::as_array_mut) {
+            if let Some(cs) = obj
+                .pointer_mut("/spec/containers")
+                .and_then(Value::as_array_mut)
+            {
                 for c in cs {
                     if c.is_object() {
                         set_default(c, "/terminationMessagePath", json!("/dev/termination-log"));
@@ -357,7 +404,12 @@ pub fn on_create(res: Res, obj: &mut Value) -> Result<(), ApiError> {
 fn pod_spec_fixed(spec: &Value) -> Value {
     let mut s = spec.clone();
     if let Some(m) = s.as_object_mut() {
-        for k in ["activeDeadlineSeconds", "tolerations", "terminationGracePeriodSeconds", "schedulingGates"] {
+        for k in [
+            "activeDeadlineSeconds",
+            "tolerations",
+            "terminationGracePeriodSeconds",
+            "schedulingGates",
+        ] {
             m.remove(k);
         }
         for list in ["containers", "initContainers"] {
@@ -375,7 +427,12 @@ fn pod_spec_fixed(spec: &Value) -> Value {
 
 /// PrepareForUpdate and ValidateUpdate. `subresource` is `Some("status")`
 /// for the status subresource: only the status moves.
-pub fn on_update(res: Res, old: &Value, new: &mut Value, subresource: Option<&str>) -> Result<(), ApiError> {
+pub fn on_update(
+    res: Res,
+    old: &Value,
+    new: &mut Value,
+    subresource: Option<&str>,
+) -> Result<(), ApiError> {
     let name = name_of(old);
     if subresource == Some("status") {
         let status = new.get("status").cloned().unwrap_or(json!({}));
@@ -408,7 +465,11 @@ pub fn on_update(res: Res, old: &Value, new: &mut Value, subresource: Option<&st
                 set_default(new, "/type", json!("Opaque"));
                 let (ot, nt) = (&old["type"], &new["type"]);
                 if ot != nt {
-                    errs.push(FieldError::invalid_raw("type", nt.to_string(), "field is immutable"));
+                    errs.push(FieldError::invalid_raw(
+                        "type",
+                        nt.to_string(),
+                        "field is immutable",
+                    ));
                 }
             }
             if old.get("immutable").and_then(Value::as_bool) == Some(true) {
@@ -429,12 +490,19 @@ pub fn on_update(res: Res, old: &Value, new: &mut Value, subresource: Option<&st
             new["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
         }
         Res::Pods => {
-            let (os, ns) = (old.get("spec").cloned().unwrap_or(json!({})), new.get("spec").cloned().unwrap_or(json!({})));
+            let (os, ns) = (
+                old.get("spec").cloned().unwrap_or(json!({})),
+                new.get("spec").cloned().unwrap_or(json!({})),
+            );
             if pod_spec_fixed(&os) != pod_spec_fixed(&ns) {
                 errs.push(FieldError::forbidden("spec", "pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)"));
             }
-            let generation = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);
-            new["metadata"]["generation"] = json!(if os != ns { generation + 1 } else { generation });
+            let generation = old
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(1);
+            new["metadata"]["generation"] =
+                json!(if os != ns { generation + 1 } else { generation });
         }
         _ => {}
     }

@@ -82,7 +82,9 @@ impl Lexer<'_> {
         let start = self.i;
         while self.i < self.s.len() {
             let c = self.s[self.i];
-            if c.is_ascii_whitespace() || matches!(c, b',' | b'=' | b'!' | b'(' | b')' | b'<' | b'>') {
+            if c.is_ascii_whitespace()
+                || matches!(c, b',' | b'=' | b'!' | b'(' | b')' | b'<' | b'>')
+            {
                 break;
             }
             self.i += 1;
@@ -104,7 +106,10 @@ impl Lexer<'_> {
 impl LabelSelector {
     pub fn parse(sel: &str) -> Result<Self, ApiError> {
         let mut reqs = Vec::new();
-        let mut lx = Lexer { s: sel.as_bytes(), i: 0 };
+        let mut lx = Lexer {
+            s: sel.as_bytes(),
+            i: 0,
+        };
         if lx.peek().is_none() {
             return Ok(Self { reqs });
         }
@@ -123,9 +128,12 @@ impl LabelSelector {
             } else if lx.eat(">") || lx.eat("<") {
                 let gt = lx.s[lx.i - 1] == b'>';
                 let v = lx.ident();
-                let n: i64 = v
-                    .parse()
-                    .map_err(|_| parse_err(sel, &format!("for 'Gt', 'Lt' operators, the value must be an integer: {v:?}")))?;
+                let n: i64 = v.parse().map_err(|_| {
+                    parse_err(
+                        sel,
+                        &format!("for 'Gt', 'Lt' operators, the value must be an integer: {v:?}"),
+                    )
+                })?;
                 (if gt { Op::Gt(n) } else { Op::Lt(n) }, String::new())
             } else {
                 let save = lx.i;
@@ -154,16 +162,29 @@ impl LabelSelector {
                             return Err(parse_err(sel, "expected ',' or ')'"));
                         }
                         if vals.is_empty() {
-                            return Err(parse_err(sel, "for 'in', 'notin' operators, values set can't be empty"));
+                            return Err(parse_err(
+                                sel,
+                                "for 'in', 'notin' operators, values set can't be empty",
+                            ));
                         }
-                        (if word == "in" { Op::In(vals) } else { Op::NotIn(vals) }, String::new())
+                        (
+                            if word == "in" {
+                                Op::In(vals)
+                            } else {
+                                Op::NotIn(vals)
+                            },
+                            String::new(),
+                        )
                     }
                     "" => {
                         lx.i = save;
                         (Op::Exists, String::new())
                     }
                     other => {
-                        return Err(parse_err(sel, &format!("found '{other}', expected: in, notin, =, ==, !=, gt, lt")));
+                        return Err(parse_err(
+                            sel,
+                            &format!("found '{other}', expected: in, notin, =, ==, !=, gt, lt"),
+                        ));
                     }
                 }
             };
@@ -177,7 +198,10 @@ impl LabelSelector {
                     lx.i += 1;
                 }
                 Some(c) => {
-                    return Err(parse_err(sel, &format!("found '{}', expected: ',' or 'end of string'", c as char)));
+                    return Err(parse_err(
+                        sel,
+                        &format!("found '{}', expected: ',' or 'end of string'", c as char),
+                    ));
                 }
             }
         }
@@ -200,8 +224,12 @@ impl LabelSelector {
                 Op::NotIn(vals) => v.is_none_or(|v| !vals.iter().any(|x| x == v)),
                 Op::Exists => v.is_some(),
                 Op::NotExists => v.is_none(),
-                Op::Gt(n) => v.and_then(|v| v.parse::<i64>().ok()).is_some_and(|x| x > *n),
-                Op::Lt(n) => v.and_then(|v| v.parse::<i64>().ok()).is_some_and(|x| x < *n),
+                Op::Gt(n) => v
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .is_some_and(|x| x > *n),
+                Op::Lt(n) => v
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .is_some_and(|x| x < *n),
             }
         })
     }
@@ -244,11 +272,21 @@ fn unescape(s: &str) -> Result<String, ApiError> {
         if c == '\\' {
             match chars.next() {
                 Some(e @ ('\\' | ',' | '=')) => out.push(e),
-                Some(e) => return Err(ApiError::bad_request(format!("invalid field selector: invalid escape sequence: \\{e}"))),
-                None => return Err(ApiError::bad_request("invalid field selector: unterminated escape sequence")),
+                Some(e) => {
+                    return Err(ApiError::bad_request(format!(
+                        "invalid field selector: invalid escape sequence: \\{e}"
+                    )));
+                }
+                None => {
+                    return Err(ApiError::bad_request(
+                        "invalid field selector: unterminated escape sequence",
+                    ));
+                }
             }
         } else if c == '=' || c == ',' {
-            return Err(ApiError::bad_request(format!("invalid field selector: unescaped {c:?} in value")));
+            return Err(ApiError::bad_request(format!(
+                "invalid field selector: unescaped {c:?} in value"
+            )));
         } else {
             out.push(c);
         }
@@ -279,7 +317,9 @@ impl FieldSelector {
                 || (field == "metadata.namespace" && res.namespaced())
                 || res.info().fields.contains(&field.as_str());
             if !supported {
-                return Err(ApiError::bad_request(format!("field label not supported: {field}")));
+                return Err(ApiError::bad_request(format!(
+                    "field label not supported: {field}"
+                )));
             }
             reqs.push((field, neq, unescape(value)?));
         }

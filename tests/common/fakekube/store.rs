@@ -80,7 +80,14 @@ pub fn new_uid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 pub fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
@@ -218,7 +225,8 @@ impl Store {
         if !self.informer_lag.is_zero() {
             let now = Instant::now();
             let lag = self.informer_lag;
-            self.deleted.retain(|_, (_, at)| now.duration_since(*at) < lag);
+            self.deleted
+                .retain(|_, (_, at)| now.duration_since(*at) < lag);
             self.deleted.insert(key.clone(), (prev.clone(), now));
         }
         self.emit(Event {
@@ -260,7 +268,13 @@ impl Store {
     }
 
     /// POST: create.
-    pub fn create(&mut self, res: Res, ns: &str, body: Value, manager: &str) -> Result<Obj, ApiError> {
+    pub fn create(
+        &mut self,
+        res: Res,
+        ns: &str,
+        body: Value,
+        manager: &str,
+    ) -> Result<Obj, ApiError> {
         self.create_with(res, ns, body, manager, |_| {})
     }
 
@@ -277,19 +291,53 @@ impl Store {
     ) -> Result<Obj, ApiError> {
         let mut obj = prepare_body(res, ns, body, None)?;
         let meta = obj["metadata"].as_object_mut().expect("metadata");
-        if meta.get("resourceVersion").and_then(Value::as_str).is_some_and(|s| !s.is_empty()) {
-            return Err(ApiError::bad_request("resourceVersion should not be set on objects to be created"));
+        if meta
+            .get("resourceVersion")
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.is_empty())
+        {
+            return Err(ApiError::bad_request(
+                "resourceVersion should not be set on objects to be created",
+            ));
         }
-        for k in ["uid", "resourceVersion", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation", "selfLink", "managedFields"] {
+        for k in [
+            "uid",
+            "resourceVersion",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+            "selfLink",
+            "managedFields",
+        ] {
             meta.remove(k);
         }
-        let name = meta.get("name").and_then(Value::as_str).unwrap_or("").to_string();
-        let generate = meta.get("generateName").and_then(Value::as_str).unwrap_or("").to_string();
+        let name = meta
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let generate = meta
+            .get("generateName")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         if name.is_empty() && generate.is_empty() {
-            return Err(ApiError::invalid(res, "", &[FieldError::required("metadata.name", "name or generateName is required")]));
+            return Err(ApiError::invalid(
+                res,
+                "",
+                &[FieldError::required(
+                    "metadata.name",
+                    "name or generateName is required",
+                )],
+            ));
         }
         let errs = if name.is_empty() {
-            validate_name(res.info().name_rule, &format!("{generate}a"), "metadata.generateName")
+            validate_name(
+                res.info().name_rule,
+                &format!("{generate}a"),
+                "metadata.generateName",
+            )
         } else {
             validate_name(res.info().name_rule, &name, "metadata.name")
         };
@@ -310,12 +358,17 @@ impl Store {
         }
         rules::on_create(res, &mut obj)?;
         if res == Res::Pods {
-            let sa = obj.pointer("/spec/serviceAccountName").and_then(Value::as_str).unwrap_or("default");
+            let sa = obj
+                .pointer("/spec/serviceAccountName")
+                .and_then(Value::as_str)
+                .unwrap_or("default");
             if self.get(Res::ServiceAccounts, ns, sa).is_none() {
                 return Err(ApiError::forbidden(
                     res,
                     &name,
-                    &format!("error looking up service account {ns}/{sa}: serviceaccount \"{sa}\" not found"),
+                    &format!(
+                        "error looking up service account {ns}/{sa}: serviceaccount \"{sa}\" not found"
+                    ),
                 ));
             }
         }
@@ -366,7 +419,14 @@ impl Store {
         if self.objects.contains_key(&key) {
             return None;
         }
-        let entries = fields::record_update(Vec::new(), &json!({}), &fields::tracked(&obj, res, None), manager, res.api_version(), "");
+        let entries = fields::record_update(
+            Vec::new(),
+            &json!({}),
+            &fields::tracked(&obj, res, None),
+            manager,
+            res.api_version(),
+            "",
+        );
         fields::store_entries(&mut obj, entries);
         Some(self.put_new(key, obj))
     }
@@ -413,7 +473,14 @@ impl Store {
         let body_managed = new.pointer("/metadata/managedFields").cloned();
         {
             let meta = new["metadata"].as_object_mut().expect("metadata");
-            for k in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation", "generateName"] {
+            for k in [
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+                "generateName",
+            ] {
                 match old["metadata"].get(k) {
                     Some(v) => meta.insert(k.into(), v.clone()),
                     None => meta.remove(k),
@@ -483,14 +550,22 @@ impl Store {
         subresource: Option<&str>,
     ) -> Result<Obj, ApiError> {
         let key = key_of(res, ns, name);
-        let old = self.objects.get(&key).cloned().ok_or_else(|| ApiError::not_found(res, name))?;
+        let old = self
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(res, name))?;
         if !patch.is_object() {
-            return Err(ApiError::bad_request("json: cannot unmarshal array into Go value of type map[string]interface {}"));
+            return Err(ApiError::bad_request(
+                "json: cannot unmarshal array into Go value of type map[string]interface {}",
+            ));
         }
         let mut merged = (*old).clone();
-        merge_patch(&mut merged, patch, strategic, &mut Vec::new());
+        super::patch::merge_patch(&mut merged, patch, strategic, &mut Vec::new());
         // A resourceVersion in the patch is a precondition.
-        if let Some(rv) = patch.pointer("/metadata/resourceVersion").and_then(Value::as_str)
+        if let Some(rv) = patch
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
             && Some(rv) != meta_str(&old, "resourceVersion")
         {
             return Err(ApiError::stale(res, name));
@@ -501,7 +576,8 @@ impl Store {
             m.remove("managedFields");
         }
         merged["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
-        self.update(res, ns, name, merged, manager, subresource).map(|(o, _)| o)
+        self.update(res, ns, name, merged, manager, subresource)
+            .map(|(o, _)| o)
     }
 
     /// A list at a state, filtered, from a start key, at most `limit`.
@@ -520,7 +596,9 @@ impl Store {
             ListAt::Latest => self.rv,
             ListAt::Exact(rv) => {
                 if rv < self.floor {
-                    return Err(ApiError::expired("The resourceVersion for the provided list is too old."));
+                    return Err(ApiError::expired(
+                        "The resourceVersion for the provided list is too old.",
+                    ));
                 }
                 if rv > self.rv {
                     return Err(too_large(rv, self.rv));
@@ -531,7 +609,11 @@ impl Store {
         let ns = ns.filter(|n| !n.is_empty() && res.namespaced());
         let lo = (res, ns.unwrap_or("").to_string(), String::new());
         let in_scope = |k: &Key| k.0 == res && ns.is_none_or(|n| k.1 == n);
-        let past_start = |k: &Key| after.as_ref().is_none_or(|(a_ns, a_name)| (&k.1, &k.2) > (a_ns, a_name));
+        let past_start = |k: &Key| {
+            after
+                .as_ref()
+                .is_none_or(|(a_ns, a_name)| (&k.1, &k.2) > (a_ns, a_name))
+        };
         let matches = |o: &Value| labels.matches(o) && fields_sel.matches(o);
         let rolled = self.history.iter().any(|e| e.rv > rv && in_scope(&e.key));
         let mut out = Vec::new();
@@ -608,7 +690,9 @@ pub fn too_large(want: u64, have: u64) -> ApiError {
         "Timeout",
         format!("Too large resource version: {want}, current: {have}"),
     );
-    e.details = Some(json!({"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}], "retryAfterSeconds": 1}));
+    e.details = Some(
+        json!({"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}], "retryAfterSeconds": 1}),
+    );
     e
 }
 
@@ -616,12 +700,19 @@ fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut b = [0u8; 5];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("random");
-    b.iter().map(|x| ALPHABET[*x as usize % ALPHABET.len()] as char).collect()
+    b.iter()
+        .map(|x| ALPHABET[*x as usize % ALPHABET.len()] as char)
+        .collect()
 }
 
 /// Checks a request body against the URL: type, apiVersion/kind, name and
 /// namespace. Fills in what the URL implies.
-pub fn prepare_body(res: Res, ns: &str, mut body: Value, url_name: Option<&str>) -> Result<Value, ApiError> {
+pub fn prepare_body(
+    res: Res,
+    ns: &str,
+    mut body: Value,
+    url_name: Option<&str>,
+) -> Result<Value, ApiError> {
     let Some(m) = body.as_object_mut() else {
         return Err(ApiError::bad_request(format!(
             "the object provided is unrecognized (must be of type {})",
@@ -679,42 +770,4 @@ pub fn prepare_body(res: Res, ns: &str, mut body: Value, url_name: Option<&str>)
         }
     }
     Ok(body)
-}
-
-/// RFC 7386, plus (when `strategic`) keyed lists merged item by item.
-pub fn merge_patch(target: &mut Value, patch: &Value, strategic: bool, names: &mut Vec<String>) {
-    let Value::Object(p) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = json!({});
-    }
-    let t = target.as_object_mut().expect("object");
-    for (k, v) in p {
-        if k.starts_with("$") {
-            continue;
-        }
-        if v.is_null() {
-            t.remove(k);
-            continue;
-        }
-        names.push(k.clone());
-        if strategic
-            && let (Value::Array(items), Some(Value::Array(cur))) = (v, t.get_mut(k))
-            && let fields::ListKind::Map(_) = fields::list_kind(names)
-        {
-            let kind = fields::list_kind(names);
-            for it in items {
-                let key = fields::item_key(&kind, it);
-                match cur.iter_mut().find(|c| key.is_some() && fields::item_key(&kind, c) == key) {
-                    Some(c) => merge_patch(c, it, strategic, names),
-                    None => cur.push(it.clone()),
-                }
-            }
-        } else {
-            merge_patch(t.entry(k.clone()).or_insert(Value::Null), v, strategic, names);
-        }
-        names.pop();
-    }
 }

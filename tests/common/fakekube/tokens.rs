@@ -171,6 +171,11 @@ impl TokenSpec {
         self.issued_at = Some(t);
         self
     }
+
+    pub fn issuer(mut self, iss: &str) -> Self {
+        self.issuer = Some(iss.into());
+        self
+    }
 }
 
 pub fn unix(t: SystemTime) -> i64 {
@@ -216,7 +221,10 @@ pub fn claims(
     if let Some(p) = pod {
         k8s.insert(
             "pod".into(),
-            reference(meta_str(p, "name").unwrap_or(""), meta_str(p, "uid").unwrap_or("")),
+            reference(
+                meta_str(p, "name").unwrap_or(""),
+                meta_str(p, "uid").unwrap_or(""),
+            ),
         );
     }
     if let Some((n, u)) = node {
@@ -240,7 +248,10 @@ pub fn claims(
 /// The node reference a pod-bound token carries (TokenREST.Create): the
 /// pod's node with its uid, or its name alone when the Node is missing.
 pub fn pod_node(store: &Store, pod: &Value) -> Option<(String, String)> {
-    let node = pod.pointer("/spec/nodeName").and_then(Value::as_str).filter(|s| !s.is_empty())?;
+    let node = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())?;
     let uid = store
         .get(Res::Nodes, "", node)
         .and_then(|n| meta_str(&n, "uid").map(String::from))
@@ -252,7 +263,12 @@ pub fn pod_node(store: &Store, pod: &Value) -> Option<(String, String)> {
 pub fn spec_claims(store: &Store, issuer: &Issuer, spec: &TokenSpec) -> Result<Value, String> {
     let sa = store
         .get(Res::ServiceAccounts, &spec.namespace, &spec.service_account)
-        .ok_or_else(|| format!("serviceaccount {}/{} does not exist", spec.namespace, spec.service_account))?;
+        .ok_or_else(|| {
+            format!(
+                "serviceaccount {}/{} does not exist",
+                spec.namespace, spec.service_account
+            )
+        })?;
     let pod = match &spec.pod {
         Some(p) => Some(
             store
@@ -267,12 +283,17 @@ pub fn spec_claims(store: &Store, issuer: &Issuer, spec: &TokenSpec) -> Result<V
             if let Some(w) = want
                 && n.as_ref().map(|x| &x.0) != Some(w)
             {
-                return Err(format!("pod {} does not run on node {w}", spec.pod.as_deref().unwrap_or("")));
+                return Err(format!(
+                    "pod {} does not run on node {w}",
+                    spec.pod.as_deref().unwrap_or("")
+                ));
             }
             n
         }
         (None, Some(n)) => {
-            let node = store.get(Res::Nodes, "", n).ok_or_else(|| format!("node {n} does not exist"))?;
+            let node = store
+                .get(Res::Nodes, "", n)
+                .ok_or_else(|| format!("node {n} does not exist"))?;
             Some((n.clone(), meta_str(&node, "uid").unwrap_or("").to_string()))
         }
         (None, None) => None,

@@ -86,7 +86,13 @@ fn bookmark(res: Res, rv: u64, initial_end: bool) -> Bytes {
 }
 
 fn invalid(errs: &[FieldError]) -> ApiError {
-    ApiError::invalid_kind("ListOptions.meta.k8s.io", "meta.k8s.io", "ListOptions", "", errs)
+    ApiError::invalid_kind(
+        "ListOptions.meta.k8s.io",
+        "meta.k8s.io",
+        "ListOptions",
+        "",
+        errs,
+    )
 }
 
 enum Start {
@@ -98,7 +104,13 @@ enum Start {
 
 /// Starts a watch; the events flow from a task until the client leaves,
 /// the timeout passes, or a test closes watches.
-pub fn serve(shared: Arc<Shared>, res: Res, ns: &str, name: &str, q: &Query) -> Result<http::Response<Body>, ApiError> {
+pub fn serve(
+    shared: Arc<Shared>,
+    res: Res,
+    ns: &str,
+    name: &str,
+    q: &Query,
+) -> Result<http::Response<Body>, ApiError> {
     let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))?;
     let mut fields = FieldSelector::parse(res, q.get("fieldSelector").unwrap_or(""))?;
     if !name.is_empty() {
@@ -114,10 +126,16 @@ pub fn serve(shared: Arc<Shared>, res: Res, ns: &str, name: &str, q: &Query) -> 
         Some(true) => {
             let mut errs = Vec::new();
             if rv_match != "NotOlderThan" {
-                errs.push(FieldError::forbidden("resourceVersionMatch", "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan"));
+                errs.push(FieldError::forbidden(
+                    "resourceVersionMatch",
+                    "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+                ));
             }
             if !bookmarks {
-                errs.push(FieldError::forbidden("allowWatchBookmarks", "sendInitialEvents requires setting allowWatchBookmarks to true"));
+                errs.push(FieldError::forbidden(
+                    "allowWatchBookmarks",
+                    "sendInitialEvents requires setting allowWatchBookmarks to true",
+                ));
             }
             if !errs.is_empty() {
                 return Err(invalid(&errs));
@@ -125,24 +143,35 @@ pub fn serve(shared: Arc<Shared>, res: Res, ns: &str, name: &str, q: &Query) -> 
         }
         Some(false) => {
             if !rv_match.is_empty() && rv_match != "NotOlderThan" {
-                return Err(invalid(&[FieldError::forbidden("resourceVersionMatch", "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan")]));
+                return Err(invalid(&[FieldError::forbidden(
+                    "resourceVersionMatch",
+                    "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+                )]));
             }
         }
         None => {
             if !rv_match.is_empty() {
-                return Err(invalid(&[FieldError::forbidden("resourceVersionMatch", "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided")]));
+                return Err(invalid(&[FieldError::forbidden(
+                    "resourceVersionMatch",
+                    "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
+                )]));
             }
         }
     }
     let parsed_rv = if rv.is_empty() || rv == "0" {
         None
     } else {
-        Some(rv.parse::<u64>().map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv}")))?)
+        Some(
+            rv.parse::<u64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv}")))?,
+        )
     };
     let start = match (send_initial, parsed_rv) {
         (Some(true), _) => Start::Initial { bookmark_end: true },
         (Some(false), None) => Start::From(u64::MAX),
-        (None, None) => Start::Initial { bookmark_end: false },
+        (None, None) => Start::Initial {
+            bookmark_end: false,
+        },
         (_, Some(n)) => Start::From(n),
     };
     let timeout = q
@@ -157,7 +186,9 @@ pub fn serve(shared: Arc<Shared>, res: Res, ns: &str, name: &str, q: &Query) -> 
         fields,
     };
     let (tx, rx) = mpsc::channel::<Bytes>(256);
-    tokio::spawn(run(shared, filter, start, parsed_rv, bookmarks, timeout, tx));
+    tokio::spawn(run(
+        shared, filter, start, parsed_rv, bookmarks, timeout, tx,
+    ));
     let stream = ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
     Ok(http::Response::builder()
         .status(200)
@@ -216,7 +247,11 @@ async fn run(
                 let items: Vec<_> = store
                     .objects
                     .iter()
-                    .filter(|(k, o)| k.0 == filter.res && filter.ns.as_ref().is_none_or(|n| k.1 == *n) && filter.matches(o))
+                    .filter(|(k, o)| {
+                        k.0 == filter.res
+                            && filter.ns.as_ref().is_none_or(|n| k.1 == *n)
+                            && filter.matches(o)
+                    })
                     .map(|(_, o)| line("ADDED", o))
                     .collect();
                 first.extend(items);
@@ -224,7 +259,10 @@ async fn run(
                 if let Some(n) = requested_rv
                     && n > store.rv
                 {
-                    first = vec![line("ERROR", &super::store::too_large(n, store.rv).to_status())];
+                    first = vec![line(
+                        "ERROR",
+                        &super::store::too_large(n, store.rv).to_status(),
+                    )];
                     cursor = u64::MAX;
                 } else if bookmark_end {
                     first.push(bookmark(filter.res, cursor, true));
@@ -233,11 +271,17 @@ async fn run(
             Start::From(u64::MAX) => cursor = store.rv,
             Start::From(n) => {
                 if n < store.floor {
-                    let e = ApiError::expired(format!("too old resource version: {n} ({})", store.floor));
+                    let e = ApiError::expired(format!(
+                        "too old resource version: {n} ({})",
+                        store.floor
+                    ));
                     first.push(line("ERROR", &e.to_status()));
                     cursor = u64::MAX;
                 } else if n > store.rv {
-                    first.push(line("ERROR", &super::store::too_large(n, store.rv).to_status()));
+                    first.push(line(
+                        "ERROR",
+                        &super::store::too_large(n, store.rv).to_status(),
+                    ));
                     cursor = u64::MAX;
                 } else {
                     cursor = n;
@@ -258,7 +302,10 @@ async fn run(
         return;
     }
     let interval = *lock(&shared.bookmark_interval);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval.max(Duration::from_millis(1)));
+    let mut ticker = tokio::time::interval_at(
+        tokio::time::Instant::now() + interval,
+        interval.max(Duration::from_millis(1)),
+    );
     loop {
         tokio::select! {
             r = changed.changed() => {
