@@ -146,7 +146,7 @@ async fn token_review_accepts_and_refuses_as_the_api_server_does() {
     assert_eq!(extra["authentication.kubernetes.io/pod-name"], ["web-0"]);
     assert_eq!(
         extra["authentication.kubernetes.io/pod-uid"],
-        [pod_uid.clone()]
+        [pod_uid.as_str()]
     );
     assert_eq!(extra["authentication.kubernetes.io/node-name"], ["node-1"]);
     assert_eq!(extra["authentication.kubernetes.io/node-uid"], [node_uid]);

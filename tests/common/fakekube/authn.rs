@@ -255,10 +255,13 @@ pub fn authenticate(
 
 /// The API server's token success cache (`TokenSuccessCacheTTL`, 10 s on
 /// a real kube-apiserver; 0, i.e. off, here unless a test sets it).
+/// (token, requested audiences) -> (user, audiences, cached at).
+type CacheMap = HashMap<(String, Vec<String>), (UserInfo, Vec<String>, Instant)>;
+
 #[derive(Default)]
 pub struct TokenCache {
     pub ttl: Duration,
-    entries: HashMap<(String, Vec<String>), (UserInfo, Vec<String>, Instant)>,
+    entries: CacheMap,
 }
 
 impl TokenCache {

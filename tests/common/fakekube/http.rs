@@ -218,12 +218,10 @@ pub fn request_info(method: &http::Method, path: &str, q: &Query) -> ReqInfo {
         legacy_watch = true;
         parts.remove(0);
     }
-    if parts.first() == Some(&"namespaces") {
-        if parts.len() >= 2 {
-            info.namespace = parts[1].to_string();
-            if parts.len() > 2 && !matches!(parts[2], "status" | "finalize") {
-                parts.drain(..2);
-            }
+    if parts.first() == Some(&"namespaces") && parts.len() >= 2 {
+        info.namespace = parts[1].to_string();
+        if parts.len() > 2 && !matches!(parts[2], "status" | "finalize") {
+            parts.drain(..2);
         }
     }
     info.resource = parts.first().copied().unwrap_or("").to_string();

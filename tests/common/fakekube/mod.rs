@@ -32,6 +32,7 @@ mod fields;
 mod gc;
 mod handlers;
 mod http;
+mod patch;
 mod resources;
 mod rules;
 mod selectors;
@@ -67,6 +68,7 @@ pub const LIMITS: &str = "\
 - Garbage collection, namespace deletion and the per-namespace default ServiceAccount / kube-root-ca.crt run synchronously.
 - Lists are served from the history (exact at any resourceVersion still in it); limit is honoured even with resourceVersion=0.
 - Validation covers names, labels, Secret/ConfigMap keys, sizes, types and immutability, the pod spec's required fields and update restrictions, Lease durations; not every rule of the real validators.
+- JSON only: a protobuf or CBOR request body is refused (415), so kubectl's typed commands (e.g. `create secret generic`) fail while `create -f`/`apply` work; no OpenAPI documents (kubectl needs --validate=false).
 - Token checks use the real order and messages, but TokenReview error strings are only as close as the fake can tell (\"[invalid bearer token, ...]\").";
 
 /// Options fixed at start.

@@ -229,21 +229,18 @@ fn secret_errors(obj: &Value) -> Vec<FieldError> {
                 }
             }
         }
-        "kubernetes.io/service-account-token" => {
+        "kubernetes.io/service-account-token"
             if obj
                 .pointer("/metadata/annotations/kubernetes.io~1service-account.name")
-                .is_none()
-            {
-                errs.push(FieldError::required(
-                    "metadata.annotations[kubernetes.io/service-account.name]",
-                    "",
-                ));
-            }
+                .is_none() =>
+        {
+            errs.push(FieldError::required(
+                "metadata.annotations[kubernetes.io/service-account.name]",
+                "",
+            ));
         }
-        "kubernetes.io/dockerconfigjson" => {
-            if !has(".dockerconfigjson") {
-                errs.push(FieldError::required("data[.dockerconfigjson]", ""));
-            }
+        "kubernetes.io/dockerconfigjson" if !has(".dockerconfigjson") => {
+            errs.push(FieldError::required("data[.dockerconfigjson]", ""));
         }
         _ => {}
     }

@@ -561,7 +561,7 @@ impl Store {
             ));
         }
         let mut merged = (*old).clone();
-        merge_patch(&mut merged, patch, strategic, &mut Vec::new());
+        super::patch::merge_patch(&mut merged, patch, strategic, &mut Vec::new());
         // A resourceVersion in the patch is a precondition.
         if let Some(rv) = patch
             .pointer("/metadata/resourceVersion")
@@ -770,50 +770,4 @@ pub fn prepare_body(
         }
     }
     Ok(body)
-}
-
-/// RFC 7386, plus (when `strategic`) keyed lists merged item by item.
-pub fn merge_patch(target: &mut Value, patch: &Value, strategic: bool, names: &mut Vec<String>) {
-    let Value::Object(p) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = json!({});
-    }
-    let t = target.as_object_mut().expect("object");
-    for (k, v) in p {
-        if k.starts_with("$") {
-            continue;
-        }
-        if v.is_null() {
-            t.remove(k);
-            continue;
-        }
-        names.push(k.clone());
-        if strategic
-            && let (Value::Array(items), Some(Value::Array(cur))) = (v, t.get_mut(k))
-            && let fields::ListKind::Map(_) = fields::list_kind(names)
-        {
-            let kind = fields::list_kind(names);
-            for it in items {
-                let key = fields::item_key(&kind, it);
-                match cur
-                    .iter_mut()
-                    .find(|c| key.is_some() && fields::item_key(&kind, c) == key)
-                {
-                    Some(c) => merge_patch(c, it, strategic, names),
-                    None => cur.push(it.clone()),
-                }
-            }
-        } else {
-            merge_patch(
-                t.entry(k.clone()).or_insert(Value::Null),
-                v,
-                strategic,
-                names,
-            );
-        }
-        names.pop();
-    }
 }

@@ -171,6 +171,11 @@ impl TokenSpec {
         self.issued_at = Some(t);
         self
     }
+
+    pub fn issuer(mut self, iss: &str) -> Self {
+        self.issuer = Some(iss.into());
+        self
+    }
 }
 
 pub fn unix(t: SystemTime) -> i64 {
