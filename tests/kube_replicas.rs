@@ -105,3 +105,116 @@ fn serial_of(der: &[u8]) -> Vec<u8> {
     let (_, cert) = X509Certificate::from_der(der).unwrap();
     cert.raw_serial().to_vec()
 }
+
+/// The manifest generation and members in the CA Secret.
+fn stored(k: &KubeCluster) -> (u64, usize) {
+    use base64::Engine;
+    let secret = k
+        .fake
+        .get_json("secrets", CA_NS, "istio-ca-secret")
+        .unwrap();
+    let text = secret["data"]["authorities.json"].as_str().unwrap();
+    let json = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    (
+        m["generation"].as_u64().unwrap(),
+        m["members"].as_array().unwrap().len(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_mid_rotation_hands_the_rest_to_another_replica() {
+    let k = KubeCluster::start().await;
+    // Rotation driven by the leader only (never due by itself here: the
+    // root lives ten years), looked at every second; a short Lease.
+    let args = [
+        "--auto-rotate",
+        "0.01",
+        "--auto-rotate-interval",
+        "1s",
+        "--lease-duration",
+        "3s",
+    ];
+    let a = k.start_ca("a", &args);
+    wait_ready(&a, READY).await;
+    let b = k.start_ca("b", &args);
+    wait_ready(&b, READY).await;
+    let leads = |ca: &common::procs::CaProc| {
+        ca.log_text()
+            .contains("leading: single-writer work runs here")
+    };
+    let (first_leader, _) = within(Duration::from_secs(10), || async {
+        match (leads(&a), leads(&b)) {
+            (true, false) => Some(0),
+            (false, true) => Some(1),
+            _ => None,
+        }
+    })
+    .await;
+    let (leader, other) = if first_leader == 0 { (a, b) } else { (b, a) };
+    let old_root = leader.root_pem();
+    let (g0, _) = stored(&k);
+
+    // Prepared through the leader, which is killed at once: before its
+    // settle window lets it activate.
+    let out = Command::new(env!("CARGO_BIN_EXE_ca"))
+        .args(["rotate-root", "prepare", "--state-dir"])
+        .arg(&leader.state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stored(&k), (g0 + 1, 2));
+    let prepared = k
+        .fake
+        .get_json("secrets", CA_NS, "istio-ca-secret")
+        .unwrap()["metadata"]["annotations"]
+        .clone();
+    leader.kill9();
+    let killed = Instant::now();
+
+    // The other replica takes the Lease and finishes: activate, retire.
+    let mut took = None;
+    while killed.elapsed() < Duration::from_secs(60) {
+        let (g, members) = stored(&k);
+        if members == 1 && g > g0 + 1 {
+            took = Some(killed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = took.unwrap_or_else(|| {
+        panic!(
+            "the rotation did not finish; stored {:?}; the other replica's log:\n{}",
+            stored(&k),
+            other.log_text()
+        )
+    });
+    println!("the rotation finished {took:?} after the leader was killed");
+    let log = other.log_text();
+    assert!(
+        log.contains("leading: single-writer work runs here"),
+        "{log}"
+    );
+    assert!(log.contains("automatic root rotation: step taken"), "{log}");
+    // Exactly prepare, activate, retire: no step twice, none lost.
+    assert_eq!(stored(&k), (g0 + 3, 1), "{prepared}");
+    let (_, _) = within(Duration::from_secs(5), || async {
+        let root = other.root_pem();
+        (roots(&root) == 1 && root != old_root).then_some(())
+    })
+    .await;
+    let token = {
+        k.workload("prod", "web", "web-1", "node-a");
+        k.pod_token("prod", "web", "web-1")
+    };
+    let chain = issue(&other, &token, None).await.unwrap();
+    assert_eq!(chain.last().unwrap().trim(), other.root_pem().trim());
+    webpki_verify(&chain);
+    assert!(killed.elapsed() < Duration::from_secs(60));
+}

@@ -106,6 +106,24 @@ impl Ledger {
         }
     }
 
+    /// The authorities it recorded leaves of.
+    pub fn authorities(&self) -> Vec<String> {
+        self.by_authority.keys().cloned().collect()
+    }
+
+    /// Takes in everything `other` recorded (another replica's ledger).
+    pub fn merge(&mut self, other: &Ledger) {
+        for (g, until) in &other.by_generation {
+            let e = self.by_generation.entry(*g).or_default();
+            *e = (*e).max(*until);
+        }
+        for (a, until) in &other.by_authority {
+            let e = self.by_authority.entry(a.clone()).or_default();
+            *e = (*e).max(*until);
+        }
+        self.longest = self.longest.max(other.longest);
+    }
+
     /// Drops what has expired.
     pub fn prune(&mut self, now: SystemTime) {
         let now = unix(now);
@@ -137,7 +155,7 @@ impl AgentView {
 }
 
 /// What the server knows when a step is asked for.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Evidence {
     pub agents: Vec<AgentView>,
     pub ledger: Ledger,
@@ -149,7 +167,73 @@ pub struct Evidence {
     pub uncounted: usize,
 }
 
+/// What the other replicas of the CA know (each keeps its own agents'
+/// reports and its own ledger), as this replica last read it.
+pub trait PeerEvidence: Send + Sync {
+    /// Every other replica's evidence, each as it published it and
+    /// whether that report is current (`false`: the replica stopped
+    /// reporting; its agents are then taken as disconnected).
+    fn peers(&self) -> Vec<(Evidence, bool)>;
+}
+
 impl Evidence {
+    /// This replica's evidence with the other replicas' folded in, as
+    /// conservatively as each gate needs: an agent known to several
+    /// replicas (it moved) is connected if it is anywhere, has confirmed
+    /// the lowest generation any current report of it says, and holds
+    /// every leaf any report says; ledgers are joined; the latest settle
+    /// window and every uncounted agent of a current report hold the
+    /// gates. A report that is not current only contributes its ledger
+    /// and those of its agents that still hold a valid leaf.
+    pub fn merge(mut self, peers: Vec<(Evidence, bool)>, now: SystemTime) -> Evidence {
+        let mut by_name: BTreeMap<String, AgentView> = BTreeMap::new();
+        let mut fold = |a: AgentView, current: bool| {
+            let a = AgentView {
+                connected: a.connected && current,
+                ..a
+            };
+            if !current && !a.leaves.values().any(|u| *u > now) {
+                return;
+            }
+            match by_name.get_mut(&a.name) {
+                None => {
+                    by_name.insert(a.name.clone(), a);
+                }
+                Some(b) => {
+                    b.acked_generation = match (a.connected, b.connected) {
+                        (true, false) => a.acked_generation,
+                        (false, true) => b.acked_generation,
+                        _ => b.acked_generation.min(a.acked_generation),
+                    };
+                    b.connected |= a.connected;
+                    for (id, until) in a.leaves {
+                        let e = b.leaves.entry(id).or_insert(until);
+                        *e = (*e).max(until);
+                    }
+                }
+            }
+        };
+        for a in std::mem::take(&mut self.agents) {
+            fold(a, true);
+        }
+        for (peer, current) in peers {
+            for a in peer.agents {
+                fold(a, current);
+            }
+            self.ledger.merge(&peer.ledger);
+            if current {
+                self.uncounted += peer.uncounted;
+                self.settle_until =
+                    match (self.settle_until, peer.settle_until.filter(|t| *t > now)) {
+                        (Some(a), Some(b)) => Some(a.max(b)),
+                        (a, b) => a.or(b),
+                    };
+            }
+        }
+        self.agents = by_name.into_values().collect();
+        self
+    }
+
     /// Agents whose proxies have ACKed `generation`, of all the agents
     /// known (a disconnected one counts until its leaves expire: it may
     /// still be serving them), and the names of those that have not.
@@ -358,5 +442,73 @@ mod tests {
                 .issued_by("a", now + Duration::from_secs(7201))
                 .is_none()
         );
+    }
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+
+    fn agent(
+        name: &str,
+        connected: bool,
+        acked: u64,
+        leaf: Option<(&str, SystemTime)>,
+    ) -> AgentView {
+        AgentView {
+            name: name.into(),
+            connected,
+            acked_generation: acked,
+            leaves: leaf.map(|(a, t)| (a.to_owned(), t)).into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn replicas_evidence_merges_conservatively() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let later = now + Duration::from_secs(600);
+        let mut own = Evidence {
+            agents: vec![
+                agent("n1", true, 5, Some(("old", later))),
+                agent("moved", false, 3, Some(("old", later))),
+            ],
+            ..Evidence::default()
+        };
+        own.ledger.record(4, "old", now, later);
+        let mut peer = Evidence {
+            agents: vec![
+                agent("moved", true, 6, Some(("new", later))),
+                agent("n2", true, 4, None),
+            ],
+            settle_until: Some(now + Duration::from_secs(5)),
+            uncounted: 2,
+            ..Evidence::default()
+        };
+        peer.ledger
+            .record(6, "new", now, later + Duration::from_secs(1));
+        // A replica that stopped: its connected agent is not connected any
+        // more; one with nothing valid is dropped; its counts do not hold.
+        let stale = Evidence {
+            agents: vec![
+                agent("gone", true, 1, Some(("old", now - Duration::from_secs(1)))),
+                agent("holding", true, 1, Some(("old", later))),
+            ],
+            settle_until: Some(later),
+            uncounted: 7,
+            ..Evidence::default()
+        };
+        let m = own.merge(vec![(peer, true), (stale, false)], now);
+        let names: Vec<&str> = m.agents.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["holding", "moved", "n1", "n2"]);
+        let moved = &m.agents[1];
+        assert!(moved.connected);
+        assert_eq!(moved.acked_generation, 6, "where it is connected now");
+        assert_eq!(moved.leaves.len(), 2, "every leaf any report says");
+        assert!(!m.agents[0].connected);
+        assert_eq!(m.uncounted, 2);
+        assert_eq!(m.settle_until, Some(now + Duration::from_secs(5)));
+        assert_eq!(m.confirmed(5).0, 2, "n1 and moved; n2 and holding behind");
+        assert!(m.ledger.issued_by("new", now).is_some());
+        assert!(m.ledger.issued_before(5, now).is_some());
     }
 }

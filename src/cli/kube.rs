@@ -70,6 +70,32 @@ pub struct KubeArgs {
     /// to retry (`Unavailable`).
     #[arg(long, env = "CA_TOKEN_REVIEW_QUEUE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub token_review_queue_timeout: Duration,
+    /// This replica's name (its pod's, through the downward API); a random
+    /// suffix is added per start, so a restarted replica's evidence is
+    /// kept apart from what it published before.
+    #[arg(long, env = "POD_NAME")]
+    pub replica_name: Option<String>,
+    /// The Lease replicas elect their leader with.
+    #[arg(long, env = "CA_LEADER_LEASE", default_value = "workload-ca-leader")]
+    pub leader_lease: String,
+    /// How long an unrenewed Lease stays its holder's (the leader renews
+    /// every duration/7.5 and steps down after 2/3 of it).
+    #[arg(long, env = "CA_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+}
+
+/// This replica's identity: its pod name (or host name) and a random suffix.
+fn replica_identity(name: Option<&str>) -> String {
+    let base = name
+        .map(str::to_owned)
+        .unwrap_or_else(super::agent::host_name);
+    let mut bytes = [0u8; 3];
+    let suffix = match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+    {
+        Ok(()) => crate::ca::bundle::hex(&bytes),
+        Err(_) => std::process::id().to_string(),
+    };
+    format!("{base}-{suffix}")
 }
 
 /// TokenReview as an authenticator: the review (cached, capped,
@@ -234,6 +260,39 @@ pub(super) async fn cluster(
             })
         },
     ];
+    // Several replicas: one leads single-writer work; rotation evidence is
+    // shared through ConfigMaps.
+    let replica = replica_identity(args.replica_name.as_deref());
+    let mut lease =
+        k8s::lease::LeaseOptions::new(&args.kube_namespace, &args.leader_lease, &replica);
+    if args.lease_duration < Duration::from_secs(3) {
+        anyhow::bail!("--lease-duration must be at least 3s");
+    }
+    lease.duration = args.lease_duration;
+    lease.renew_deadline = args.lease_duration * 2 / 3;
+    lease.retry = (args.lease_duration * 2 / 15).max(Duration::from_millis(200));
+    let (leadership, task) = k8s::lease::spawn(client.clone(), lease, tasks.signal());
+    tasks.adopt("kube-leader-election", task);
+    let peers = k8s::evidence::Peers::new(&replica);
+    tasks.adopt(
+        "kube-evidence-watch",
+        peers.spawn(client.clone(), &args.kube_namespace, tasks.signal()),
+    );
+    let (local_evidence, local_rx) = tokio::sync::watch::channel(None);
+    tasks.adopt(
+        "kube-evidence-publish",
+        k8s::evidence::spawn_publisher(
+            client.clone(),
+            &args.kube_namespace,
+            &replica,
+            local_rx,
+            peers.clone(),
+            leadership.receiver(),
+            tasks.signal(),
+        ),
+    );
+    tracing::info!(%replica, lease = %args.leader_lease, "replica of a CA on Kubernetes");
+
     Ok(Some(Cluster {
         store,
         seed,
@@ -245,5 +304,8 @@ pub(super) async fn cluster(
         ready,
         registry,
         tasks,
+        peers: Some(peers),
+        local_evidence: Some(local_evidence),
+        leader: Some(leadership.receiver()),
     }))
 }

@@ -83,6 +83,9 @@ pub struct ServerArgs {
     /// with `ca rotate-root --from`.
     #[arg(long, env = "CA_AUTO_ROTATE", default_value = "0.2")]
     pub auto_rotate: String,
+    /// How often the automatic rotation looks at the active authority.
+    #[arg(long, env = "CA_AUTO_ROTATE_INTERVAL", default_value = "60s", value_parser = parse_duration, hide = true)]
+    pub auto_rotate_interval: Duration,
     /// When an authority retires, how many leaves per second agents are
     /// asked to re-issue across the fleet (they spread their renewals).
     #[arg(long, env = "CA_REISSUE_RATE", default_value_t = 50)]
@@ -166,6 +169,7 @@ impl ServerArgs {
         Ok(ServerConfig {
             admin_socket,
             auto_rotate,
+            auto_rotate_interval: self.auto_rotate_interval,
             reissue_rate: self.reissue_rate,
             state_dir: self.state_dir.clone(),
             trust_domain: self.trust_domain.clone(),

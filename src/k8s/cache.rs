@@ -53,6 +53,8 @@ pub struct CacheOptions {
     pub page_size: u32,
     /// How long each watch request lasts before it is renewed (seconds).
     pub watch_timeout: u32,
+    /// A label selector for lists and watches (none: every object).
+    pub labels: Option<String>,
 }
 
 impl Default for CacheOptions {
@@ -62,6 +64,7 @@ impl Default for CacheOptions {
             ready_grace: Duration::from_secs(10),
             page_size: 500,
             watch_timeout: 290,
+            labels: None,
         }
     }
 }
@@ -511,14 +514,14 @@ fn sa_row(sa: ServiceAccount) -> Option<SaRow> {
 }
 
 /// What a reflector tells its cache.
-enum Change<R> {
+pub(crate) enum Change<R> {
     Reset(Vec<R>),
     Upsert(R),
     Delete { namespace: String, name: String },
     Fresh(Freshen),
 }
 
-enum Freshen {
+pub(crate) enum Freshen {
     Synced(Duration),
     Healthy,
     Broken(&'static str),
@@ -526,7 +529,7 @@ enum Freshen {
 
 /// Lists `api` and follows it with watches until `shutdown`, feeding
 /// `sink` rows made by `row` (objects it cannot use are skipped).
-async fn reflect<K, R>(
+pub(crate) async fn reflect<K, R>(
     api: Api<K>,
     kind: &'static str,
     opts: CacheOptions,
@@ -549,7 +552,7 @@ async fn reflect<K, R>(
         }
         let started = Instant::now();
         let listed = tokio::select! {
-            r = list_all(&api, opts.page_size, row) => r,
+            r = list_all(&api, opts.page_size, opts.labels.as_deref(), row) => r,
             _ = shutdown.changed() => return,
         };
         let (rows, mut version) = match listed {
@@ -574,7 +577,10 @@ async fn reflect<K, R>(
         backoff = Duration::from_millis(200);
         loop {
             // Bookmarks are on by default.
-            let params = WatchParams::default().timeout(opts.watch_timeout);
+            let mut params = WatchParams::default().timeout(opts.watch_timeout);
+            if let Some(l) = &opts.labels {
+                params = params.labels(l);
+            }
             let stream = tokio::select! {
                 r = api.watch(&params, &version) => r,
                 _ = shutdown.changed() => return,
@@ -661,6 +667,7 @@ async fn reflect<K, R>(
 async fn list_all<K, R>(
     api: &Api<K>,
     page: u32,
+    labels: Option<&str>,
     row: fn(K) -> Option<R>,
 ) -> Result<(Vec<R>, String), Error>
 where
@@ -668,6 +675,9 @@ where
 {
     let mut rows = Vec::new();
     let mut params = ListParams::default().limit(page);
+    if let Some(l) = labels {
+        params = params.labels(l);
+    }
     loop {
         let list = api
             .list(&params)

@@ -11,7 +11,9 @@
 
 pub mod cache;
 pub mod client;
+pub mod evidence;
 pub mod jwks;
+pub mod lease;
 pub mod review;
 pub mod store;
 

@@ -10,6 +10,7 @@ use super::jwt::IssuerConfig;
 use crate::ca::CaFiles;
 use crate::ca::KeyStore;
 use crate::ca::policy::{ClusterView, NodeAgents};
+use crate::ca::rotation::{Evidence, PeerEvidence};
 use crate::drain::Tasks;
 
 /// A named readiness condition: `Err(why)` while it does not hold.
@@ -43,4 +44,12 @@ pub struct Cluster {
     /// The integration's running tasks, stopped with the server's under the
     /// same deadline.
     pub tasks: Tasks,
+    /// The other replicas' rotation evidence: every rotation step is judged
+    /// on the whole fleet.
+    pub peers: Option<Arc<dyn PeerEvidence>>,
+    /// Where this replica's own evidence is published for the others.
+    pub local_evidence: Option<tokio::sync::watch::Sender<Option<Arc<Evidence>>>>,
+    /// Whether this replica leads: single-writer work (the automatic
+    /// rotation) runs only while it does. `None`: always.
+    pub leader: Option<tokio::sync::watch::Receiver<bool>>,
 }

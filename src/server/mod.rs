@@ -105,6 +105,8 @@ pub struct ServerConfig {
     /// Start a root rotation by itself when the active authority has less
     /// than this fraction of its life left; none when `None`.
     pub auto_rotate: Option<f64>,
+    /// How often the automatic rotation looks.
+    pub auto_rotate_interval: Duration,
     /// Leaves per second agents are asked to re-issue at when an
     /// authority retires.
     pub reissue_rate: u32,
@@ -275,9 +277,11 @@ pub async fn start_with(
     // What was issued to clients that do not report back, kept across
     // restarts; a crash may have lost the last seconds of it.
     let ledger_path = fleet::saved_path(&config.state_dir);
+    // A replica on Kubernetes with a fresh state directory issued nothing
+    // before: what earlier replicas issued is in their published evidence.
     let mut saved = load_fleet(
         &ledger_path,
-        ca_created,
+        ca_created || cluster.is_some(),
         &member_ids,
         generation,
         config.ttl.max_ttl,
@@ -290,7 +294,18 @@ pub async fn start_with(
     // what was saved: no gate opens until they had time to come back.
     let settle_until = now + 2 * fleet::SAVE_INTERVAL;
     let fleet = Arc::new(fleet::Fleet::new(saved, config.reissue_rate, settle_until));
-    let rotator = Arc::new(rotate::Rotator::new(live.clone(), fleet.clone(), spec));
+    let rotator = Arc::new(
+        rotate::Rotator::new(live.clone(), fleet.clone(), spec).with_replicas(
+            cluster.as_ref().and_then(|c| c.peers.clone()),
+            cluster.as_ref().and_then(|c| c.leader.clone()),
+        ),
+    );
+    if let Some(out) = cluster.as_ref().and_then(|c| c.local_evidence.clone()) {
+        tasks.adopt(
+            "evidence",
+            spawn_evidence(fleet.clone(), out, shutdown_rx.clone()),
+        );
+    }
     tasks.adopt(
         "save-fleet",
         spawn_fleet_saver(fleet.clone(), ledger_path.clone(), shutdown_rx.clone()),
@@ -305,7 +320,7 @@ pub async fn start_with(
             rotate::spawn_auto_rotation(
                 rotator.clone(),
                 fraction,
-                AUTO_ROTATION_INTERVAL,
+                config.auto_rotate_interval,
                 shutdown_rx.clone(),
             ),
         );
@@ -502,7 +517,32 @@ pub async fn start_with(
 }
 
 /// How often the automatic rotation looks at the active authority.
-const AUTO_ROTATION_INTERVAL: Duration = Duration::from_secs(60);
+pub const AUTO_ROTATION_INTERVAL: Duration = Duration::from_secs(60);
+
+/// This replica's rotation evidence, computed every second and sent to
+/// `out` when it changed (for the other replicas).
+fn spawn_evidence(
+    fleet: Arc<fleet::Fleet>,
+    out: watch::Sender<Option<Arc<ca::rotation::Evidence>>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let e = fleet.evidence(SystemTime::now());
+            out.send_if_modified(|cur| {
+                if cur.as_deref() == Some(&e) {
+                    return false;
+                }
+                *cur = Some(Arc::new(e));
+                true
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    })
+}
 
 /// The plugged-in CA of `--cacerts`, validated, with where it came from.
 fn plugged_in_seed(config: &ServerConfig) -> Result<Option<(ca::CaFiles, String)>, Error> {

@@ -207,6 +207,10 @@ pub struct Rotator {
     pub live: Arc<LiveCa>,
     pub fleet: Arc<Fleet>,
     pub spec: RootSpec,
+    /// The other replicas' evidence, merged into every gate.
+    peers: Option<Arc<dyn rotation::PeerEvidence>>,
+    /// Whether this replica leads (the automatic rotation runs only then).
+    leader: Option<watch::Receiver<bool>>,
     clock: Clock,
     /// One step at a time.
     step: tokio::sync::Mutex<()>,
@@ -218,8 +222,36 @@ impl Rotator {
             live,
             fleet,
             spec,
+            peers: None,
+            leader: None,
             clock: Arc::new(SystemTime::now),
             step: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The same, judging every gate on the other replicas' evidence too,
+    /// and rotating by itself only while `leader` says so.
+    pub fn with_replicas(
+        mut self,
+        peers: Option<Arc<dyn rotation::PeerEvidence>>,
+        leader: Option<watch::Receiver<bool>>,
+    ) -> Self {
+        self.peers = peers;
+        self.leader = leader;
+        self
+    }
+
+    /// Whether single-writer work runs here.
+    pub fn is_leader(&self) -> bool {
+        self.leader.as_ref().is_none_or(|l| *l.borrow())
+    }
+
+    /// What every gate is judged on: this replica's fleet, and the others'.
+    pub fn evidence(&self, now: SystemTime) -> rotation::Evidence {
+        let own = self.fleet.evidence(now);
+        match &self.peers {
+            Some(p) => own.merge(p.peers(), now),
+            None => own,
         }
     }
 
@@ -265,7 +297,7 @@ impl Rotator {
             Step::Activate => {
                 let next = current.activate(now).map_err(Error::from)?;
                 if !force {
-                    rotation::check_activate(&current, &self.fleet.evidence(now), now).map_err(
+                    rotation::check_activate(&current, &self.evidence(now), now).map_err(
                         |missing| StepError::Gated {
                             step: "activate",
                             missing,
@@ -277,7 +309,7 @@ impl Rotator {
             Step::Retire => {
                 let next = current.retire().map_err(Error::from)?;
                 if !force {
-                    rotation::check_retire(&current, &self.fleet.evidence(now), now).map_err(
+                    rotation::check_retire(&current, &self.evidence(now), now).map_err(
                         |missing| StepError::Gated {
                             step: "retire",
                             missing,
@@ -304,7 +336,7 @@ impl Rotator {
         let now = (self.clock)();
         status_of(
             &self.live.current(),
-            &self.fleet.evidence(now),
+            &self.evidence(now),
             self.fleet.agents(),
             now,
         )
@@ -373,8 +405,23 @@ pub fn spawn_auto_rotation(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut fleet = rotator.fleet.subscribe();
+        let mut leader = rotator.leader.clone();
         let mut last_wait: Vec<String> = Vec::new();
         loop {
+            if !rotator.is_leader() {
+                // Another replica drives rotations; wait to lead.
+                let changed = async {
+                    match leader.as_mut() {
+                        Some(l) => l.changed().await.is_ok(),
+                        None => false,
+                    }
+                };
+                tokio::select! {
+                    ok = changed => if !ok { return },
+                    _ = shutdown.changed() => return,
+                }
+                continue;
+            }
             let set = rotator.live.current();
             let now = (rotator.clock)();
             let step = Step::next_for(&set);
@@ -412,8 +459,15 @@ pub fn spawn_auto_rotation(
                     }
                 }
             }
+            // Mid-rotation with other replicas, their agents' confirmations
+            // arrive through their reports: look again soon.
+            let wait = if due && rotator.peers.is_some() {
+                interval.min(PEER_RECHECK)
+            } else {
+                interval
+            };
             tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(wait) => {}
                 // Agents confirming: look again soon, mid-rotation only, a
                 // burst of reports taken as one.
                 r = fleet.changed(), if due => {
@@ -426,6 +480,10 @@ pub fn spawn_auto_rotation(
         }
     })
 }
+
+/// How often the automatic rotation looks at a rotation in progress when
+/// other replicas' evidence counts.
+const PEER_RECHECK: Duration = Duration::from_secs(2);
 
 /// How long the automatic rotation lets agents' reports pile up before it
 /// looks at them.

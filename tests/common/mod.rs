@@ -52,6 +52,7 @@ pub fn config(state_dir: &Path) -> ServerConfig {
         limits: workload_ca::limits::ServerLimits::default(),
         admin_socket: Some(state_dir.join("admin.sock")),
         auto_rotate: None,
+        auto_rotate_interval: workload_ca::server::AUTO_ROTATION_INTERVAL,
         reissue_rate: 50,
     }
 }

@@ -1,0 +1,405 @@
+//! Rotation evidence shared between replicas.
+//!
+//! Each replica knows only the agents whose bundle watch it serves and the
+//! leaves it issued itself, but a rotation step must be judged on the
+//! whole fleet. So every replica publishes what it knows (the agents it
+//! counts, with their confirmed generation and leaves, and its ledger of
+//! leaves issued to other clients) in its own ConfigMap,
+//! `workload-ca-evidence-<replica>` labelled [`LABEL`], rewritten when it
+//! changes (at most every [`MIN_WRITE_GAP`]) and at least every
+//! [`HEARTBEAT`]; and every replica watches all of them. A step taken on
+//! any replica is judged on its own evidence merged with the others'
+//! ([`crate::ca::rotation::Evidence::merge`]).
+//!
+//! A report not rewritten for [`STALE_AFTER`] belongs to a replica that
+//! stopped: its agents are taken as disconnected (they count until their
+//! leaves expire) and its ledger still counts. The leader deletes such a
+//! report once nothing in it is still valid.
+//!
+//! Not checked: the reports are trusted as written (anyone who may write
+//! ConfigMaps in the CA's namespace can hold a gate shut, or open one by
+//! deleting a report; RBAC must keep that to the CA).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Client;
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::cache::{CacheOptions, Change, Freshen, reflect};
+use crate::ca::rotation::{AgentView, Evidence, Ledger, PeerEvidence};
+
+/// The label every evidence ConfigMap carries.
+pub const LABEL: &str = "workload-ca.io/rotation-evidence";
+/// The data key of a report.
+pub const KEY: &str = "evidence.json";
+/// How often a replica rewrites its report even when nothing changed.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// A report older than this is from a replica that stopped.
+pub const STALE_AFTER: Duration = Duration::from_secs(45);
+/// The shortest time between two writes of a report.
+pub const MIN_WRITE_GAP: Duration = Duration::from_millis(500);
+/// A report's largest size: a ConfigMap holds 1 MiB. Beyond it the report
+/// says only that it overflowed, which holds every gate.
+const MAX_REPORT_BYTES: usize = 900 * 1024;
+
+#[derive(Serialize, Deserialize, Default)]
+struct Report {
+    replica: String,
+    /// When it was written (Unix seconds).
+    written: u64,
+    settle_until: Option<u64>,
+    uncounted: usize,
+    agents: Vec<AgentRow>,
+    ledger: Ledger,
+}
+
+#[derive(Serialize, Deserialize)]
+struct AgentRow {
+    name: String,
+    connected: bool,
+    acked: u64,
+    leaves: BTreeMap<String, u64>,
+}
+
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn time(s: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(s)
+}
+
+impl Report {
+    fn of(replica: &str, e: &Evidence, now: SystemTime) -> Self {
+        Self {
+            replica: replica.to_owned(),
+            written: secs(now),
+            settle_until: e.settle_until.map(secs),
+            uncounted: e.uncounted,
+            agents: e
+                .agents
+                .iter()
+                .map(|a| AgentRow {
+                    name: a.name.clone(),
+                    connected: a.connected,
+                    acked: a.acked_generation,
+                    leaves: a
+                        .leaves
+                        .iter()
+                        .map(|(k, v)| (k.clone(), secs(*v)))
+                        .collect(),
+                })
+                .collect(),
+            ledger: e.ledger.clone(),
+        }
+    }
+
+    /// What it says; a report of a replica that stopped also counts the
+    /// leaves that replica may have issued after its last write (within
+    /// [`MIN_WRITE_GAP`] plus a second of its evidence loop), as living as
+    /// long as the longest it recorded.
+    fn evidence_as(&self, current: bool) -> Evidence {
+        let mut e = self.evidence();
+        if !current {
+            let ids: Vec<String> = e.ledger.authorities();
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let lost_until = time(self.written) + MIN_WRITE_GAP + Duration::from_secs(1);
+            e.ledger.assume_lost(&ids, lost_until, Duration::ZERO);
+        }
+        e
+    }
+
+    fn evidence(&self) -> Evidence {
+        Evidence {
+            agents: self
+                .agents
+                .iter()
+                .map(|a| AgentView {
+                    name: a.name.clone(),
+                    connected: a.connected,
+                    acked_generation: a.acked,
+                    leaves: a
+                        .leaves
+                        .iter()
+                        .map(|(k, v)| (k.clone(), time(*v)))
+                        .collect(),
+                })
+                .collect(),
+            ledger: self.ledger.clone(),
+            settle_until: self.settle_until.map(time),
+            uncounted: self.uncounted,
+        }
+    }
+
+    /// Nothing in it is valid any more.
+    fn spent(&self, now: SystemTime) -> bool {
+        let mut ledger = self.ledger.clone();
+        ledger.prune(now);
+        ledger == Ledger::default()
+            && self
+                .agents
+                .iter()
+                .all(|a| a.leaves.values().all(|u| time(*u) <= now))
+    }
+}
+
+/// The ConfigMap name of a replica's report.
+pub fn report_name(replica: &str) -> String {
+    let clean: String = replica
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let mut name = format!("workload-ca-evidence-{}", clean.trim_matches('-'));
+    name.truncate(253);
+    name.trim_end_matches('-').to_owned()
+}
+
+/// The other replicas' reports, as last seen through the watch.
+pub struct Peers {
+    own: String,
+    reports: RwLock<HashMap<String, Report>>,
+}
+
+impl Peers {
+    /// Reports of every replica but `replica`.
+    pub fn new(replica: &str) -> Arc<Self> {
+        Arc::new(Self {
+            own: report_name(replica),
+            reports: RwLock::default(),
+        })
+    }
+
+    /// Watches the reports in `namespace` until `shutdown`.
+    pub fn spawn(
+        self: &Arc<Self>,
+        client: Client,
+        namespace: &str,
+        shutdown: watch::Receiver<bool>,
+    ) -> JoinHandle<()> {
+        let api: Api<ConfigMap> = Api::namespaced(client, namespace);
+        let opts = CacheOptions {
+            labels: Some(LABEL.to_owned()),
+            ..CacheOptions::default()
+        };
+        let this = self.clone();
+        tokio::spawn(reflect(api, "evidence", opts, shutdown, row, move |c| {
+            this.apply(c)
+        }))
+    }
+
+    fn apply(&self, change: Change<(String, Report)>) {
+        let Ok(mut reports) = self.reports.write() else {
+            return;
+        };
+        match change {
+            Change::Reset(rows) => *reports = rows.into_iter().collect(),
+            Change::Upsert((name, r)) => {
+                reports.insert(name, r);
+            }
+            Change::Delete { name, .. } => {
+                reports.remove(&name);
+            }
+            Change::Fresh(Freshen::Broken(reason)) => {
+                tracing::warn!(
+                    reason,
+                    "the rotation evidence watch is broken; peers' reports may be old"
+                );
+            }
+            Change::Fresh(_) => {}
+        }
+    }
+
+    /// Names of reports that are stale and hold nothing valid.
+    fn spent(&self, now: SystemTime) -> Vec<String> {
+        self.reports
+            .read()
+            .map(|r| {
+                r.iter()
+                    .filter(|(name, rep)| {
+                        **name != self.own
+                            && now.duration_since(time(rep.written)).unwrap_or_default()
+                                > STALE_AFTER
+                            && rep.spent(now)
+                    })
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn row(cm: ConfigMap) -> Option<(String, Report)> {
+    let name = cm.metadata.name?;
+    let text = cm.data?.remove(KEY)?;
+    match serde_json::from_str::<Report>(&text) {
+        Ok(r) => Some((name, r)),
+        Err(e) => {
+            tracing::warn!(configmap = %name, error = %e, "unreadable rotation evidence report; ignored");
+            None
+        }
+    }
+}
+
+impl PeerEvidence for Peers {
+    fn peers(&self) -> Vec<(Evidence, bool)> {
+        let now = SystemTime::now();
+        self.reports
+            .read()
+            .map(|r| {
+                r.iter()
+                    .filter(|(name, _)| **name != self.own)
+                    .map(|(_, rep)| {
+                        let age = now.duration_since(time(rep.written)).unwrap_or_default();
+                        let current = age <= STALE_AFTER;
+                        (rep.evidence_as(current), current)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Publishes this replica's evidence (from `local`) as its report until
+/// `shutdown`; while `leader` is true, also deletes spent reports of
+/// replicas that stopped.
+pub fn spawn_publisher(
+    client: Client,
+    namespace: &str,
+    replica: &str,
+    mut local: watch::Receiver<Option<Arc<Evidence>>>,
+    peers: Arc<Peers>,
+    leader: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let api: Api<ConfigMap> = Api::namespaced(client, namespace);
+    let name = report_name(replica);
+    let replica = replica.to_owned();
+    tokio::spawn(async move {
+        let mut last_written: Option<(Arc<Evidence>, tokio::time::Instant)> = None;
+        loop {
+            tokio::select! {
+                r = local.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(HEARTBEAT) => {}
+                _ = shutdown.changed() => return,
+            }
+            let Some(evidence) = local.borrow_and_update().clone() else {
+                continue;
+            };
+            let now = SystemTime::now();
+            let due = match &last_written {
+                None => true,
+                Some((e, at)) => *e != evidence || at.elapsed() >= HEARTBEAT,
+            };
+            if due {
+                match write(&api, &name, &Report::of(&replica, &evidence, now)).await {
+                    Ok(()) => last_written = Some((evidence, tokio::time::Instant::now())),
+                    Err(e) => {
+                        tracing::warn!(configmap = %name, error = %e, "publishing rotation evidence failed")
+                    }
+                }
+            }
+            if *leader.borrow() {
+                for spent in peers.spent(now) {
+                    match api.delete(&spent, &DeleteParams::default()).await {
+                        Ok(_) => {
+                            tracing::info!(configmap = %spent, "deleted the spent evidence of a replica that stopped")
+                        }
+                        Err(kube::Error::Api(s)) if s.code == 404 => {}
+                        Err(e) => {
+                            tracing::warn!(configmap = %spent, error = %e, "deleting spent evidence failed")
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(MIN_WRITE_GAP) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    })
+}
+
+async fn write(api: &Api<ConfigMap>, name: &str, report: &Report) -> Result<(), kube::Error> {
+    let mut text = serde_json::to_string(report).unwrap_or_default();
+    if text.len() > MAX_REPORT_BYTES {
+        // Too many agents for one report: say so, which holds every gate.
+        let overflow = Report {
+            replica: report.replica.clone(),
+            written: report.written,
+            settle_until: report.settle_until,
+            uncounted: report.uncounted + report.agents.len(),
+            agents: Vec::new(),
+            ledger: report.ledger.clone(),
+        };
+        text = serde_json::to_string(&overflow).unwrap_or_default();
+    }
+    let cm = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(
+                [
+                    (LABEL.to_owned(), "true".to_owned()),
+                    (
+                        "app.kubernetes.io/managed-by".to_owned(),
+                        "workload-ca".to_owned(),
+                    ),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        data: Some([(KEY.to_owned(), text)].into()),
+        ..Default::default()
+    };
+    match api.replace(name, &PostParams::default(), &cm).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            api.create(&PostParams::default(), &cm).await.map(|_| ())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_round_trip_and_names_are_valid() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut ledger = Ledger::default();
+        ledger.record(3, "abc", now, now + Duration::from_secs(60));
+        let e = Evidence {
+            agents: vec![AgentView {
+                name: "node-a".into(),
+                connected: true,
+                acked_generation: 4,
+                leaves: [("abc".to_owned(), now + Duration::from_secs(30))].into(),
+            }],
+            ledger,
+            settle_until: Some(now),
+            uncounted: 1,
+        };
+        let r = Report::of("ca-7d9f-x", &e, now);
+        let back: Report = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back.evidence(), e);
+        assert!(!back.spent(now));
+        assert!(back.spent(now + Duration::from_secs(61)));
+        assert_eq!(report_name("CA_7d9f.X"), "workload-ca-evidence-ca-7d9f-x");
+    }
+}
