@@ -147,12 +147,26 @@ async fn envoy_serves_mtls_with_the_agents_certificate_and_roots() {
         "{metrics}"
     );
 
-    // Without a client certificate from our CA, Envoy refuses.
+    // Without a client certificate from our CA, Envoy refuses. The client
+    // trusts our roots, so the refusal is Envoy's, not the client's.
     let other_ca = TestServer::start().await;
-    let stranger = client_for(&other_ca, None).await;
+    let (key, chain) = other_ca.issue("test", "client", 0).await;
+    let stranger = tls_client(
+        &ca.root_pem(),
+        &chain[..chain.len() - 1].concat(),
+        &key,
+        Some(WEB),
+    );
     assert!(
         mtls_get(&stranger, addr).await.is_err(),
         "a client from another CA is refused"
+    );
+    // Listener stats are named after the configured address (port 0).
+    assert_eq!(
+        envoy
+            .stat("listener.127.0.0.1_0.ssl.fail_verify_error")
+            .await,
+        1
     );
     agent.shutdown().await;
 }

@@ -296,6 +296,43 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_naming_another_identity_is_refused() {
+        use crate::ca::{Authority, KeyAlgorithm, PrivateKey, check_csr};
+        use crate::identity::TrustDomain;
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let now = SystemTime::now();
+        let files =
+            Authority::generate_root(&td, KeyAlgorithm::EcdsaP256, Duration::from_secs(3600), now)
+                .unwrap();
+        let ca = Authority::from_files(&files, &td, now).unwrap();
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(key.key_pair())
+            .unwrap()
+            .pem()
+            .unwrap();
+        let web = SpiffeId::parse("spiffe://cluster.local/ns/prod/sa/web").unwrap();
+        let db = SpiffeId::parse("spiffe://cluster.local/ns/prod/sa/db").unwrap();
+        let chain = ca
+            .sign_leaf(
+                &check_csr(csr.as_bytes()).unwrap(),
+                &web,
+                Duration::from_secs(600),
+                now,
+            )
+            .unwrap()
+            .chain;
+        check_names(&chain, &web).expect("the identity asked for");
+        let e = check_names(&chain, &db).unwrap_err().to_string();
+        assert!(
+            e.contains("asked for spiffe://cluster.local/ns/prod/sa/db")
+                && e.contains("names spiffe://cluster.local/ns/prod/sa/web"),
+            "{e}"
+        );
+        assert!(matches!(check_names(&[], &web), Err(Error::BadResponse(_))));
+    }
+
+    #[test]
     fn expired_tokens_are_never_sent() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");

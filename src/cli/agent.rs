@@ -234,3 +234,66 @@ pub(super) async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     agent.shutdown().await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command};
+
+    fn agent(extra: &[&str]) -> anyhow::Result<crate::agent::AgentConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let sockets = dir.path().join("sds");
+        let mut argv = vec![
+            "ca",
+            "agent",
+            "--ops-listen",
+            "off",
+            "--socket-dir",
+            sockets.to_str().unwrap(),
+        ];
+        argv.extend_from_slice(extra);
+        let Command::Agent(args) = Cli::try_parse_from(&argv).unwrap().command else {
+            panic!("not agent")
+        };
+        args.to_config()
+    }
+
+    #[test]
+    fn an_identity_needs_the_node_token() {
+        let web = "web=spiffe://cluster.local/ns/prod/sa/web";
+        let e = agent(&["--workload", web]).unwrap_err().to_string();
+        assert!(e.contains(web) && e.contains("needs --node-token"), "{e}");
+
+        let config = agent(&[
+            "--node-token",
+            "/run/node-token",
+            "--workload",
+            web,
+            "--workload",
+            "db=/t/db",
+        ])
+        .unwrap();
+        let [w, d] = &config.workloads[..] else {
+            panic!("{:?}", config.workloads)
+        };
+        assert_eq!(w.token_file, std::path::Path::new("/run/node-token"));
+        assert_eq!(
+            w.identity.as_ref().map(|i| i.as_str()),
+            Some("spiffe://cluster.local/ns/prod/sa/web")
+        );
+        assert_eq!(d.token_file, std::path::Path::new("/t/db"));
+        assert!(d.identity.is_none(), "a token file keeps its own identity");
+
+        for bad in [
+            "web=spiffe://cluster.local/ns/prod",
+            "web=spiffe://cluster.local/other/path",
+            "web=spiffe://Bad Domain/ns/prod/sa/web",
+        ] {
+            let e = agent(&["--node-token", "/run/node-token", "--workload", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(bad.split_once('=').unwrap().1), "{bad}: {e}");
+        }
+    }
+}

@@ -364,6 +364,25 @@ impl AgentProc {
         workloads: &[(&str, String)],
         args: &[&str],
     ) -> Self {
+        Self::start_with(ca_addr, root_pem, |dir, cmd| {
+            for (name, token) in workloads {
+                let path = dir.join(format!("{name}.token"));
+                std::fs::write(&path, token).unwrap();
+                cmd.arg("--workload")
+                    .arg(format!("{name}={}", path.display()));
+            }
+            cmd.args(args);
+        })
+    }
+
+    /// Starts `ca agent` against the CA at `ca_addr` trusting `root_pem`;
+    /// `setup` adds the flags of its mode, and may write files (tokens)
+    /// into the agent's private directory, which it is given.
+    pub fn start_with(
+        ca_addr: SocketAddr,
+        root_pem: &str,
+        setup: impl FnOnce(&Path, &mut Command),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root.pem");
         std::fs::write(&root, root_pem).unwrap();
@@ -382,19 +401,18 @@ impl AgentProc {
         .arg("--socket-dir")
         .arg(&socket_dir)
         .args(["--ops-listen", "127.0.0.1:0"]);
-        for (name, token) in workloads {
-            let path = dir.path().join(format!("{name}.token"));
-            std::fs::write(&path, token).unwrap();
-            cmd.arg("--workload")
-                .arg(format!("{name}={}", path.display()));
-        }
+        setup(dir.path(), &mut cmd);
         let mut child = cmd
-            .args(args)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
         let banner = read_banner(&mut child, "metrics");
+        assert!(
+            banner.iter().any(|l| l.contains("metrics")),
+            "the agent did not start: {banner:?}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         Self {
             ops: addr_after(&banner, "metrics"),
             child,
@@ -402,6 +420,11 @@ impl AgentProc {
             log,
             _dir: dir,
         }
+    }
+
+    /// The agent's private directory (its root file, tokens, log).
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
     }
 
     pub fn pid(&self) -> u32 {

@@ -93,3 +93,88 @@ impl SotwStream {
         self.send(names, &r.version_info, &r.nonce, None).await;
     }
 }
+
+/// What an agent's SDS socket serves now.
+pub struct Served {
+    /// As a `cert_chain` is laid out for the independent verifiers: one
+    /// certificate per element (leaf first), the `ROOTCA` roots last.
+    pub chain: Vec<String>,
+    /// The leaf's serial, hex without separators (the agent's version).
+    pub serial: String,
+}
+
+/// FetchSecrets of `default` and `ROOTCA` on `socket`, answered within
+/// `wait`; the served key must be the leaf's.
+pub async fn served(socket: &std::path::Path, wait: Duration) -> Result<Served, String> {
+    use prost::Message;
+    use workload_ca::proto::envoy::config::core::v3::data_source::Specifier;
+    use workload_ca::proto::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
+    use x509_parser::prelude::FromDer;
+    let path = socket.to_owned();
+    let endpoint = tonic::transport::Endpoint::try_from("http://[::]:50051").unwrap();
+    let connect = endpoint.connect_with_connector(tower::service_fn(move |_| {
+        let path = path.clone();
+        async move {
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                tokio::net::UnixStream::connect(path).await?,
+            ))
+        }
+    }));
+    let channel = tokio::time::timeout(wait, connect)
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut client = SecretDiscoveryServiceClient::new(channel);
+    let call = client.fetch_secrets(DiscoveryRequest {
+        resource_names: vec!["default".into(), "ROOTCA".into()],
+        ..Default::default()
+    });
+    let resp = tokio::time::timeout(wait, call)
+        .await
+        .map_err(|_| format!("no answer within {wait:?}"))?
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    let inline = |d: &Option<workload_ca::proto::envoy::config::core::v3::DataSource>| match d
+        .as_ref()
+        .and_then(|d| d.specifier.as_ref())
+    {
+        Some(Specifier::InlineBytes(b)) => String::from_utf8(b.clone()).unwrap(),
+        other => panic!("not inline bytes: {other:?}"),
+    };
+    let (mut chain, mut roots, mut key) = (None, None, None);
+    for any in &resp.resources {
+        let s = Secret::decode(any.value.as_slice()).unwrap();
+        match (s.name.as_str(), s.r#type) {
+            ("default", Some(secret::Type::TlsCertificate(t))) => {
+                chain = Some(inline(&t.certificate_chain));
+                key = Some(inline(&t.private_key));
+            }
+            ("ROOTCA", Some(secret::Type::ValidationContext(v))) => {
+                roots = Some(inline(&v.trusted_ca));
+            }
+            (name, other) => panic!("unexpected secret {name}: {other:?}"),
+        }
+    }
+    let (chain, roots, key) = (
+        chain.ok_or("no default")?,
+        roots.ok_or("no ROOTCA")?,
+        key.ok_or("no key")?,
+    );
+    let mut out: Vec<String> = super::ders(&chain)
+        .iter()
+        .map(|d| workload_ca::ca::bundle::to_pem("CERTIFICATE", d))
+        .collect();
+    let leaf = super::ders(&chain).remove(0);
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&leaf).unwrap();
+    let key = PrivateKey::from_pem(&key).unwrap();
+    assert_eq!(
+        cert.public_key().subject_public_key.data.as_ref(),
+        key.public_key_raw(),
+        "the served key is the leaf's"
+    );
+    out.push(roots);
+    Ok(Served {
+        chain: out,
+        serial: cert.raw_serial_as_string().replace(':', ""),
+    })
+}
