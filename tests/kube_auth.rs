@@ -274,3 +274,62 @@ async fn futures_clients(
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_issuer_key_is_fetched_when_a_token_names_it() {
+    let k = KubeCluster::start().await;
+    k.workload("prod", "web", "web-1", "node-a");
+    let ca = k.start_ca("ca", &[]);
+    wait_ready(&ca, READY).await;
+    let old = k.pod_token("prod", "web", "web-1");
+    issue(&ca, &old, None).await.expect("the first key");
+    // The cluster rotates its service-account signing key: new tokens name
+    // a key id the CA has not seen; it fetches the JWKS again at once
+    // (the refresh period is minutes).
+    k.fake.rotate_signing_key();
+    k.fake.reset_counters();
+    let new = k.pod_token("prod", "web", "web-1");
+    let (_, took) = within(Duration::from_secs(15), || async {
+        issue(&ca, &new, None).await.ok()
+    })
+    .await;
+    println!("a token of a rotated issuer key was accepted {took:?} after the rotation");
+    let fetches = k
+        .fake
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/openid/v1/jwks")
+        .count();
+    assert!((1..=2).contains(&fetches), "{fetches} JWKS fetches");
+    issue(&ca, &old, None)
+        .await
+        .expect("the old key still verifies");
+    // Once the old key is gone from the JWKS (and the CA refetched it),
+    // its tokens are refused.
+    k.fake.drop_old_keys();
+    let forged_kid = {
+        let mut c = k.fake.token_claims(
+            &TokenSpec::new("prod", "web")
+                .pod("web-1")
+                .audiences(&["istio-ca"]),
+        );
+        c["jti"] = "x".into();
+        k.fake.sign_claims_untrusted(&c)
+    };
+    // An unknown key id pokes a refetch (at most one per 10 s).
+    let _ = issue(&ca, &forged_kid, None).await;
+    let start = std::time::Instant::now();
+    while issue(&ca, &old, None).await.is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(25),
+            "the old key's token is still accepted; JWKS fetches: {:?}\n{}",
+            k.fake
+                .requests()
+                .iter()
+                .filter(|r| r.path == "/openid/v1/jwks")
+                .count(),
+            ca.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -101,20 +101,23 @@ impl ClusterIssuer {
         let tx = self.tx.clone();
         let stale = self.stale.clone();
         tokio::spawn(async move {
-            let mut last = tokio::time::Instant::now();
+            // The fetch at start does not count: a key rotated just after
+            // it is fetched at the first token that names it.
+            let mut last: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(period) => {}
                     _ = stale.notified() => {
-                        let next = last + MIN_REFETCH_GAP;
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(next) => {}
-                            _ = shutdown.changed() => return,
+                        if let Some(next) = last.map(|l| l + MIN_REFETCH_GAP) {
+                            tokio::select! {
+                                _ = tokio::time::sleep_until(next) => {}
+                                _ = shutdown.changed() => return,
+                            }
                         }
                     }
                     _ = shutdown.changed() => return,
                 }
-                last = tokio::time::Instant::now();
+                last = Some(tokio::time::Instant::now());
                 match get_text(&client, JWKS_PATH).await {
                     Ok(text) => {
                         tx.send_if_modified(|cur| {

@@ -34,10 +34,19 @@ impl KubeCluster {
         fake.create_node("node-b");
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
-        let token = fake.mint_token(
-            TokenSpec::new(CA_NS, "workload-ca").lifetime(Duration::from_secs(3 * 3600)),
+        // The CA's own credential: a static token for its service account
+        // (in a cluster the kubelet keeps its projected token fresh; a
+        // minted one would die with the signing key in key-rotation tests).
+        let token = "workload-ca-test-credential";
+        fake.add_user_token(
+            token,
+            "system:serviceaccount:istio-system:workload-ca",
+            &[
+                "system:serviceaccounts",
+                "system:serviceaccounts:istio-system",
+            ],
         );
-        fake.write_kubeconfig(&kubeconfig, &token);
+        fake.write_kubeconfig(&kubeconfig, token);
         Self {
             fake,
             dir,
