@@ -58,6 +58,9 @@ pub trait ClusterView: Send + Sync {
     /// Whether a pod of service account `namespace/service_account` is
     /// scheduled on `node`.
     fn runs_on_node(&self, node: &str, namespace: &str, service_account: &str) -> bool;
+    /// Whether a pod of service account `namespace/service_account` is
+    /// running anywhere.
+    fn runs_anywhere(&self, namespace: &str, service_account: &str) -> bool;
 }
 
 /// Why a caller was refused. Each has a stable [`Refusal::metric_label`].
@@ -108,6 +111,10 @@ pub enum Refusal {
         requested: String,
         trust_domain: String,
     },
+    #[error(
+        "no pod of service account {namespace}/{name} is running: its certificate is not renewed"
+    )]
+    NoRunningPod { namespace: String, name: String },
 }
 
 impl Refusal {
@@ -124,6 +131,7 @@ impl Refusal {
             Self::NoCallerNode => "no_caller_node",
             Self::NotOnNode { .. } => "not_on_node",
             Self::BadRequested { .. } => "bad_requested_identity",
+            Self::NoRunningPod { .. } => "no_running_pod",
         }
     }
 
@@ -183,6 +191,33 @@ pub fn check_binding(facts: &TokenFacts, view: &dyn ClusterView) -> Result<(), R
                 runs_as: pod.service_account,
             });
         }
+    }
+    Ok(())
+}
+
+/// A renewal with a current certificate, on Kubernetes: the certificate
+/// proves only that its holder once had the identity; the identity's
+/// service account must still exist and a pod of it still run, or a stolen
+/// certificate (or one a node agent got for a pod that has left its node)
+/// would renew forever after the workload is gone.
+///
+/// # Errors
+/// Why the renewal is refused.
+pub fn check_renewal(namespace: &str, name: &str, view: &dyn ClusterView) -> Result<(), Refusal> {
+    if !view.synced() {
+        return Err(Refusal::NotSynced);
+    }
+    if view.service_account_uid(namespace, name).is_none() {
+        return Err(Refusal::ServiceAccountGone {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        });
+    }
+    if !view.runs_anywhere(namespace, name) {
+        return Err(Refusal::NoRunningPod {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        });
     }
     Ok(())
 }
@@ -335,6 +370,11 @@ mod tests {
             self.pods.iter().any(|((n, _), p)| {
                 n == ns && p.service_account == sa && p.node.as_deref() == Some(node)
             })
+        }
+        fn runs_anywhere(&self, ns: &str, sa: &str) -> bool {
+            self.pods
+                .iter()
+                .any(|((n, _), p)| n == ns && p.service_account == sa)
         }
     }
 
@@ -521,6 +561,29 @@ mod tests {
         assert_eq!(
             run(&ztunnel, Some(&stale), Some(web), &trusted),
             Err(Refusal::NoCallerNode)
+        );
+    }
+
+    #[test]
+    fn a_renewal_needs_its_account_and_a_running_pod_of_it() {
+        let v = cluster();
+        assert_eq!(check_renewal("default", "web", &v), Ok(()));
+        let v = v.with_sa("default", "idle", "sa-9");
+        assert_eq!(
+            check_renewal("default", "idle", &v)
+                .unwrap_err()
+                .metric_label(),
+            "no_running_pod"
+        );
+        assert_eq!(
+            check_renewal("default", "gone", &v)
+                .unwrap_err()
+                .metric_label(),
+            "service_account_gone"
+        );
+        assert_eq!(
+            check_renewal("default", "web", &View::default()),
+            Err(Refusal::NotSynced)
         );
     }
 

@@ -106,6 +106,13 @@ impl Ledger {
         }
     }
 
+    /// Whether nothing it recorded is valid at `now`.
+    pub fn is_spent(&self, now: SystemTime) -> bool {
+        let now = unix(now);
+        self.by_generation.values().all(|u| *u <= now)
+            && self.by_authority.values().all(|u| *u <= now)
+    }
+
     /// The authorities it recorded leaves of.
     pub fn authorities(&self) -> Vec<String> {
         self.by_authority.keys().cloned().collect()
@@ -165,6 +172,9 @@ pub struct Evidence {
     /// Agents connected but not counted (the CA's caps on agents): no gate
     /// opens while there are any.
     pub uncounted: usize,
+    /// Why the evidence is incomplete (another replica's cannot be read):
+    /// no gate opens while there is any.
+    pub blocked: Vec<String>,
 }
 
 /// What the other replicas of the CA know (each keeps its own agents'
@@ -174,6 +184,10 @@ pub trait PeerEvidence: Send + Sync {
     /// whether that report is current (`false`: the replica stopped
     /// reporting; its agents are then taken as disconnected).
     fn peers(&self) -> Vec<(Evidence, bool)>;
+    /// Why the peers' evidence cannot be relied on now (not read yet, its
+    /// watch broken, this replica's own report not published): every
+    /// gate stays shut while there is any reason.
+    fn blocking(&self) -> Vec<String>;
 }
 
 impl Evidence {
@@ -259,6 +273,7 @@ impl Evidence {
             })
             .into_iter()
             .collect();
+        out.extend(self.blocked.iter().cloned());
         if self.uncounted > 0 {
             out.push(format!(
                 "{} connected agents are not counted (too many agents known to the CA); their proxies cannot confirm",

@@ -273,7 +273,7 @@ pub(super) async fn cluster(
     lease.retry = (args.lease_duration * 2 / 15).max(Duration::from_millis(200));
     let (leadership, task) = k8s::lease::spawn(client.clone(), lease, tasks.signal());
     tasks.adopt("kube-leader-election", task);
-    let peers = k8s::evidence::Peers::new(&replica);
+    let peers = k8s::evidence::Peers::new(&replica, args.kube_cache_max_stale);
     tasks.adopt(
         "kube-evidence-watch",
         peers.spawn(client.clone(), &args.kube_namespace, tasks.signal()),

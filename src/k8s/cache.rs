@@ -148,14 +148,27 @@ struct Pods {
     by_name: HashMap<Key, PodEntry>,
     /// node -> (namespace, service account) -> running pods.
     on_node: HashMap<Arc<str>, HashMap<Key, u32>>,
+    /// (namespace, service account) -> running pods, on any node.
+    running: HashMap<Key, u32>,
 }
 
 impl Pods {
     fn index(&mut self, key: &Key, e: &PodEntry, add: bool) {
-        let (Some(node), true) = (&e.node, e.running) else {
+        if !e.running {
+            return;
+        }
+        let sa_key = (key.0.clone(), e.service_account.clone());
+        if add {
+            *self.running.entry(sa_key.clone()).or_default() += 1;
+        } else if let Some(n) = self.running.get_mut(&sa_key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.running.remove(&sa_key);
+            }
+        }
+        let Some(node) = &e.node else {
             return;
         };
-        let sa_key = (key.0.clone(), e.service_account.clone());
         if add {
             *self
                 .on_node
@@ -463,6 +476,13 @@ impl ClusterView for ClusterCache {
         });
         self.count("serviceaccounts", found.is_some());
         found
+    }
+
+    fn runs_anywhere(&self, namespace: &str, service_account: &str) -> bool {
+        self.pods.read().is_ok_and(|p| {
+            let key: Key = (Arc::from(namespace), Arc::from(service_account));
+            p.running.contains_key(&key)
+        })
     }
 
     fn runs_on_node(&self, node: &str, namespace: &str, service_account: &str) -> bool {

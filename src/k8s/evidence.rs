@@ -102,17 +102,29 @@ impl Report {
         }
     }
 
-    /// What it says; a report of a replica that stopped also counts the
-    /// leaves that replica may have issued after its last write (within
-    /// [`MIN_WRITE_GAP`] plus a second of its evidence loop), as living as
-    /// long as the longest it recorded.
-    fn evidence_as(&self, current: bool) -> Evidence {
+    /// What it says; a report of a replica that stopped writing also
+    /// counts the leaves that replica may have issued since: it may have
+    /// lost only the API server and kept signing from its caches for up to
+    /// `max_stale` after its last write, with the authorities it knew,
+    /// leaves as long-lived as the longest it recorded (or, with an empty
+    /// ledger, as its agents' leaves had left).
+    fn evidence_as(&self, current: bool, max_stale: Duration) -> Evidence {
         let mut e = self.evidence();
         if !current {
-            let ids: Vec<String> = e.ledger.authorities();
+            let written = time(self.written);
+            let mut ids: Vec<String> = e.ledger.authorities();
+            let mut agent_life = Duration::ZERO;
+            for a in &e.agents {
+                for (id, until) in &a.leaves {
+                    if !ids.contains(id) {
+                        ids.push(id.clone());
+                    }
+                    agent_life = agent_life.max(until.duration_since(written).unwrap_or_default());
+                }
+            }
             let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-            let lost_until = time(self.written) + MIN_WRITE_GAP + Duration::from_secs(1);
-            e.ledger.assume_lost(&ids, lost_until, Duration::ZERO);
+            let lost_until = written + max_stale + MIN_WRITE_GAP + Duration::from_secs(1);
+            e.ledger.assume_lost(&ids, lost_until, agent_life);
         }
         e
     }
@@ -136,14 +148,13 @@ impl Report {
             ledger: self.ledger.clone(),
             settle_until: self.settle_until.map(time),
             uncounted: self.uncounted,
+            blocked: Vec::new(),
         }
     }
 
     /// Nothing in it is valid any more.
     fn spent(&self, now: SystemTime) -> bool {
-        let mut ledger = self.ledger.clone();
-        ledger.prune(now);
-        ledger == Ledger::default()
+        self.ledger.is_spent(now)
             && self
                 .agents
                 .iter()
@@ -173,14 +184,25 @@ pub fn report_name(replica: &str) -> String {
 pub struct Peers {
     own: String,
     reports: RwLock<HashMap<String, Report>>,
+    /// How long a replica cut off from the API server may keep signing
+    /// (its caches' `max_stale`).
+    max_stale: Duration,
+    /// The first list is in.
+    synced: std::sync::atomic::AtomicBool,
+    /// Since when the watch has been failing, if it is.
+    broken_since: std::sync::Mutex<Option<SystemTime>>,
 }
 
 impl Peers {
-    /// Reports of every replica but `replica`.
-    pub fn new(replica: &str) -> Arc<Self> {
+    /// Reports of every replica but `replica`, whose replicas may sign for
+    /// `max_stale` after losing the API server.
+    pub fn new(replica: &str, max_stale: Duration) -> Arc<Self> {
         Arc::new(Self {
             own: report_name(replica),
             reports: RwLock::default(),
+            max_stale,
+            synced: std::sync::atomic::AtomicBool::new(false),
+            broken_since: std::sync::Mutex::new(None),
         })
     }
 
@@ -256,6 +278,38 @@ fn row(cm: ConfigMap) -> Option<(String, Report)> {
 }
 
 impl PeerEvidence for Peers {
+    fn blocking(&self) -> Vec<String> {
+        let now = SystemTime::now();
+        let mut out = Vec::new();
+        if !self.synced.load(std::sync::atomic::Ordering::Acquire) {
+            out.push("the other replicas' rotation evidence has not been read yet".to_owned());
+        }
+        if let Ok(b) = self.broken_since.lock()
+            && let Some(since) = *b
+        {
+            out.push(format!(
+                "the watch of the other replicas' rotation evidence has been broken for {} s",
+                now.duration_since(since).unwrap_or_default().as_secs()
+            ));
+        }
+        let own_age = self.reports.read().ok().and_then(|r| {
+            r.get(&self.own)
+                .map(|rep| now.duration_since(time(rep.written)).unwrap_or_default())
+        });
+        match own_age {
+            None => out.push(
+                "this replica's own rotation evidence is not published yet (the other replicas cannot see its agents)"
+                    .to_owned(),
+            ),
+            Some(age) if age > 2 * HEARTBEAT + MIN_WRITE_GAP => out.push(format!(
+                "this replica's own rotation evidence was last published {} s ago",
+                age.as_secs()
+            )),
+            Some(_) => {}
+        }
+        out
+    }
+
     fn peers(&self) -> Vec<(Evidence, bool)> {
         let now = SystemTime::now();
         self.reports
@@ -266,7 +320,7 @@ impl PeerEvidence for Peers {
                     .map(|(_, rep)| {
                         let age = now.duration_since(time(rep.written)).unwrap_or_default();
                         let current = age <= STALE_AFTER;
-                        (rep.evidence_as(current), current)
+                        (rep.evidence_as(current, self.max_stale), current)
                     })
                     .collect()
             })
@@ -394,6 +448,7 @@ mod tests {
             ledger,
             settle_until: Some(now),
             uncounted: 1,
+            blocked: Vec::new(),
         };
         let r = Report::of("ca-7d9f-x", &e, now);
         let back: Report = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();

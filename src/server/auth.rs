@@ -18,7 +18,7 @@ use x509_parser::prelude::FromDer;
 
 use crate::ca::AuthoritySet;
 use crate::ca::bundle::{single_spiffe_id, verify_path};
-use crate::ca::policy::{Refusal, TokenFacts};
+use crate::ca::policy::{ClusterView, Refusal, TokenFacts, check_renewal};
 use crate::identity::{SpiffeId, TrustDomain};
 
 /// Why a presented credential was not accepted. Logged, never sent.
@@ -100,13 +100,21 @@ impl AuthChain {
     }
 
     /// The first success, or every reason for failure (empty when the caller
-    /// presented no credential at all).
+    /// presented no credential at all). A binding refusal (the cluster no
+    /// longer backs the identity) stops the chain.
     pub async fn authenticate(&self, ctx: &AuthContext<'_>) -> Result<Caller, Vec<AuthError>> {
         let mut reasons = Vec::new();
         for a in &self.0 {
             match a.authenticate(ctx).await {
                 Ok(Some(caller)) => return Ok(caller),
                 Ok(None) => {}
+                // A credential whose identity the cluster no longer backs
+                // ends the chain: another credential of the same caller
+                // must not stand in for it.
+                Err(e @ AuthError::Binding(_)) => {
+                    reasons.push(e);
+                    return Err(reasons);
+                }
                 Err(e) => reasons.push(e),
             }
         }
@@ -166,11 +174,24 @@ pub fn bearer_token(metadata: &MetadataMap) -> Result<Option<&str>, AuthError> {
 /// moment of the request.
 pub struct ClientCertAuthenticator {
     authorities: watch::Receiver<Arc<AuthoritySet>>,
+    /// On Kubernetes: a renewal needs its service account and a running
+    /// pod of it ([`crate::ca::policy::check_renewal`]).
+    cluster: Option<Arc<dyn ClusterView>>,
 }
 
 impl ClientCertAuthenticator {
     pub fn new(authorities: watch::Receiver<Arc<AuthoritySet>>) -> Self {
-        Self { authorities }
+        Self {
+            authorities,
+            cluster: None,
+        }
+    }
+
+    /// Renewals checked against the cluster as `view` sees it.
+    #[must_use]
+    pub fn with_cluster(mut self, view: Option<Arc<dyn ClusterView>>) -> Self {
+        self.cluster = view;
+        self
     }
 
     fn check(
@@ -205,6 +226,15 @@ impl ClientCertAuthenticator {
             .map_err(|e| AuthError::Cert(format!("unparsable: {e}")))?;
         let id = single_spiffe_id(&cert).map_err(AuthError::Cert)?;
         check_workload_id(&id, authorities.trust_domain()).map_err(AuthError::Cert)?;
+        if let (Some(view), Some((ns, sa))) = (&self.cluster, id.service_account()) {
+            check_renewal(ns, sa, view.as_ref()).map_err(|r| {
+                if r.is_transient() {
+                    AuthError::Unavailable(r.to_string())
+                } else {
+                    AuthError::Binding(r)
+                }
+            })?;
+        }
         // The presented lifetime, less the backdate every leaf of ours
         // carries: a renewal is never longer-lived than what it renews.
         let validity = cert.validity();

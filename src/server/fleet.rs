@@ -369,6 +369,7 @@ impl Fleet {
             ledger,
             settle_until: Some(self.settle_until).filter(|t| now < *t),
             uncounted: inner.streams.values().filter(|s| s.refused).count(),
+            blocked: Vec::new(),
         }
     }
 

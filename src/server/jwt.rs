@@ -412,7 +412,10 @@ impl JwtAuthenticator {
             method: "jwt",
             detail: format!("iss={} pod={}", peer(iss), peer(pod)),
             max_ttl: None,
-            facts: Some(facts),
+            // Only what was checked against the cluster may be used to
+            // judge impersonation (a node claim of another issuer's token
+            // says nothing about this cluster's nodes).
+            facts: issuer.cluster.is_some().then_some(facts),
         })
     }
 }

@@ -381,7 +381,10 @@ pub async fn start_with(
     if let Some(c) = &cluster {
         chain.extend(c.authenticators.iter().cloned());
     }
-    chain.push(Arc::new(ClientCertAuthenticator::new(authority_rx.clone())));
+    chain.push(Arc::new(
+        ClientCertAuthenticator::new(authority_rx.clone())
+            .with_cluster(cluster.as_ref().map(|c| c.view.clone())),
+    ));
     let auth = AuthChain::new(chain);
 
     let listener = TcpListener::bind(config.listen)

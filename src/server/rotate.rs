@@ -250,7 +250,11 @@ impl Rotator {
     pub fn evidence(&self, now: SystemTime) -> rotation::Evidence {
         let own = self.fleet.evidence(now);
         match &self.peers {
-            Some(p) => own.merge(p.peers(), now),
+            Some(p) => {
+                let mut e = own.merge(p.peers(), now);
+                e.blocked.extend(p.blocking());
+                e
+            }
             None => own,
         }
     }

@@ -421,12 +421,16 @@ impl TokenReviewer {
     /// ([`ReviewError::is_unavailable`]).
     pub async fn review(&self, token: &str) -> Result<TokenFacts, ReviewError> {
         let m = &self.inner.metrics;
+        let now = (self.inner.clock)()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let bad = if token.is_empty() {
             Some("empty")
         } else if token.len() > MAX_TOKEN_BYTES {
             Some("larger than 16 KiB")
         } else {
-            None
+            implausible(token, &self.inner.options.audiences, now)
         };
         if let Some(why) = bad {
             let e = ReviewError::BadToken(why);
@@ -757,7 +761,7 @@ impl Metrics {
 
 mod answer;
 mod cache;
-use answer::{digest, judge, sanitize, token_exp};
+use answer::{digest, implausible, judge, sanitize, token_exp};
 use cache::Cache;
 #[cfg(test)]
 mod tests;

@@ -10,12 +10,20 @@ use super::*;
 /// The wall clock at the start of every test, in Unix seconds.
 const NOW: u64 = 1_800_000_000;
 
-/// A JWT-shaped token, distinct per `tag`, with `exp` when given.
+/// A JWT-shaped service-account token for our audience, distinct per
+/// `tag`, expiring at `exp` (default: in an hour).
 fn jwt(tag: &str, exp: Option<u64>) -> String {
-    let claims = match exp {
-        Some(exp) => json!({ "sub": tag, "exp": exp }),
-        None => json!({ "sub": tag }),
-    };
+    jwt_claims(
+        tag,
+        json!({
+            "sub": format!("system:serviceaccount:prod:{tag}"),
+            "aud": ["istio-ca"],
+            "exp": exp.unwrap_or(NOW + 3600),
+        }),
+    )
+}
+
+fn jwt_claims(tag: &str, claims: serde_json::Value) -> String {
     format!(
         "{}.{}.sig-{tag}",
         URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256"}"#),
@@ -342,7 +350,11 @@ async fn empty_or_oversized_tokens_are_not_sent() {
         assert_eq!(e.metric_label(), "bad_token");
         assert!(!e.is_unavailable());
     }
-    assert!(r.review(&"a".repeat(MAX_TOKEN_BYTES)).await.is_ok());
+    // Exactly at the bound: a plausible token padded to 16 KiB is sent.
+    let base = jwt("pad", None);
+    let padded = format!("{base}{}", "a".repeat(MAX_TOKEN_BYTES - base.len()));
+    assert_eq!(padded.len(), MAX_TOKEN_BYTES);
+    assert!(r.review(&padded).await.is_ok());
     assert_eq!(backend.calls(), 1);
 }
 
@@ -367,37 +379,56 @@ async fn an_accepted_token_is_cached_until_its_exp_less_the_margin() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_accepted_token_is_cached_at_most_the_ceiling_and_briefly_without_exp() {
+async fn an_accepted_token_is_cached_at_most_the_ceiling_and_implausible_ones_never_reviewed() {
     let backend = Arc::new(Scripted::accepting());
     let (r, _) = reviewer(&backend, ReviewOptions::default());
     let long = jwt("long", Some(NOW + 86_400));
-    let no_exp = jwt("no-exp", None);
-    let opaque = "not-a-jwt".to_owned();
-    let bad_exp = format!(
-        "{}.{}.s",
-        URL_SAFE_NO_PAD.encode("{}"),
-        URL_SAFE_NO_PAD.encode(r#"{"exp":"tomorrow"}"#)
-    );
-    for t in [&long, &no_exp, &opaque, &bad_exp] {
-        r.review(t).await.unwrap();
-    }
-    assert_eq!(backend.calls(), 4);
-    tokio::time::advance(Duration::from_secs(59)).await;
-    for t in [&long, &no_exp, &opaque, &bad_exp] {
-        r.review(t).await.unwrap();
-    }
-    assert_eq!(backend.calls(), 4);
-    tokio::time::advance(Duration::from_secs(2)).await;
-    for t in [&no_exp, &opaque, &bad_exp] {
-        r.review(t).await.unwrap();
-    }
-    assert_eq!(backend.calls(), 7, "60 s without a readable exp");
-    tokio::time::advance(Duration::from_secs(299 - 61)).await;
     r.review(&long).await.unwrap();
-    assert_eq!(backend.calls(), 7);
+    assert_eq!(backend.calls(), 1);
+    tokio::time::advance(Duration::from_secs(299)).await;
+    r.review(&long).await.unwrap();
+    assert_eq!(backend.calls(), 1);
     tokio::time::advance(Duration::from_secs(2)).await;
     r.review(&long).await.unwrap();
-    assert_eq!(backend.calls(), 8, "at most 5 minutes whatever the exp");
+    assert_eq!(backend.calls(), 2, "at most 5 minutes whatever the exp");
+
+    // What cannot pass a review costs none: no exp, an unreadable exp,
+    // not a JWT, not a service account, another audience, expired.
+    let sa = |t: &str| format!("system:serviceaccount:prod:{t}");
+    let implausible = [
+        jwt_claims("no-exp", json!({"sub": sa("x"), "aud": ["istio-ca"]})),
+        jwt_claims(
+            "bad-exp",
+            json!({"sub": sa("x"), "aud": ["istio-ca"], "exp": "tomorrow"}),
+        ),
+        "not-a-jwt".to_owned(),
+        jwt_claims(
+            "user",
+            json!({"sub": "alice", "aud": ["istio-ca"], "exp": NOW + 60}),
+        ),
+        jwt_claims(
+            "aud",
+            json!({"sub": sa("x"), "aud": ["vault"], "exp": NOW + 60}),
+        ),
+        jwt_claims(
+            "aud-str",
+            json!({"sub": sa("x"), "aud": "istio-ca", "exp": NOW + 600_000}),
+        ),
+        jwt_claims(
+            "old",
+            json!({"sub": sa("x"), "aud": ["istio-ca"], "exp": NOW - 1}),
+        ),
+    ];
+    for (i, t) in implausible.iter().enumerate() {
+        let e = r.review(t).await;
+        // A lone string audience is still ours (RFC 7519 allows it).
+        if i == 5 {
+            assert!(e.is_ok(), "{e:?}");
+            continue;
+        }
+        assert_eq!(e.unwrap_err().metric_label(), "bad_token", "{i}");
+    }
+    assert_eq!(backend.calls(), 3, "only the plausible token was reviewed");
 }
 
 #[tokio::test(start_paused = true)]
