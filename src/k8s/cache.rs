@@ -18,6 +18,16 @@
 //! tokens are refused as *unavailable* (callers retry) rather than judged
 //! against a picture that old.
 //!
+//! An API server that goes silent (its host gone, a partition: no FIN, no
+//! RST) fails no request by itself (the client's read timeout, longer than
+//! a watch lasts, is only the last resort). So a watch that brings neither an event nor a bookmark for its own timeout
+//! plus [`WATCH_IDLE_MARGIN`] (the server ends every watch at its timeout)
+//! counts as broken since the last thing it brought, and a list page or a
+//! watch that does not start within [`CacheOptions::request_timeout`]
+//! fails. A silent API server is therefore noticed within about
+//! `watch_timeout` + 5 s, and `max_stale` is counted from the last word
+//! heard from it.
+//!
 //! Not checked here: nodes (a token's node claim is taken as signed), and
 //! anything the API server does not tell a watcher (a pod deleted and its
 //! deletion not yet delivered is still "there" for the watch's latency,
@@ -51,10 +61,17 @@ pub struct CacheOptions {
     pub ready_grace: Duration,
     /// Objects per page of a list.
     pub page_size: u32,
-    /// How long each watch request lasts before it is renewed (seconds).
+    /// How long each watch request lasts before it is renewed (seconds);
+    /// also how long a silent API server can go unnoticed (plus
+    /// [`WATCH_IDLE_MARGIN`]). Keep it below the client's read timeout
+    /// ([`super::client::ClientOptions::read_timeout`]), or a quiet watch
+    /// fails as a dead one.
     pub watch_timeout: u32,
     /// A label selector for lists and watches (none: every object).
     pub labels: Option<String>,
+    /// How long a list page, or the start of a watch, may take before it
+    /// counts as failed.
+    pub request_timeout: Duration,
 }
 
 impl Default for CacheOptions {
@@ -63,7 +80,8 @@ impl Default for CacheOptions {
             max_stale: Duration::from_secs(300),
             ready_grace: Duration::from_secs(10),
             page_size: 500,
-            watch_timeout: 290,
+            watch_timeout: 60,
+            request_timeout: Duration::from_secs(30),
             labels: None,
         }
     }
@@ -71,6 +89,11 @@ impl Default for CacheOptions {
 
 /// Longest back-off between attempts to list or watch.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How long past its own timeout a watch may bring nothing (no event, no
+/// bookmark, not its end) before it is taken as broken (kube-runtime's
+/// watcher allows the same).
+pub const WATCH_IDLE_MARGIN: Duration = Duration::from_secs(5);
 
 /// How one cache's watch is doing.
 #[derive(Default)]
@@ -91,6 +114,14 @@ impl Freshness {
     fn broken(&self) {
         if let Ok(mut b) = self.broken_since.lock() {
             b.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Broken since `since` (the last word from the API server), unless
+    /// already broken earlier.
+    fn broken_since(&self, since: Instant) {
+        if let Ok(mut b) = self.broken_since.lock() {
+            *b = Some(b.map_or(since, |earlier| earlier.min(since)));
         }
     }
 
@@ -394,6 +425,13 @@ impl ClusterCache {
                     .with_label_values(&[kind, reason])
                     .inc();
             }
+            Freshen::Silent(since) => {
+                f.broken_since(since);
+                self.metrics
+                    .restarts
+                    .with_label_values(&[kind, "idle"])
+                    .inc();
+            }
         }
         let fresh = f.fresh_within(self.opts.ready_grace);
         self.metrics
@@ -545,6 +583,9 @@ pub(crate) enum Freshen {
     Synced(Duration),
     Healthy,
     Broken(&'static str),
+    /// The watch brought nothing for too long; the instant is the last
+    /// time it brought anything.
+    Silent(Instant),
 }
 
 /// Lists `api` and follows it with watches until `shutdown`, feeding
@@ -572,7 +613,7 @@ pub(crate) async fn reflect<K, R>(
         }
         let started = Instant::now();
         let listed = tokio::select! {
-            r = list_all(&api, opts.page_size, opts.labels.as_deref(), row) => r,
+            r = list_all(&api, opts.page_size, opts.labels.as_deref(), opts.request_timeout, row) => r,
             _ = shutdown.changed() => return,
         };
         let (rows, mut version) = match listed {
@@ -595,6 +636,11 @@ pub(crate) async fn reflect<K, R>(
             "watch cache synced"
         );
         backoff = Duration::from_millis(200);
+        let idle = Duration::from_secs(u64::from(opts.watch_timeout)) + WATCH_IDLE_MARGIN;
+        // After a watch that went silent, a new one must bring something
+        // (an event, a bookmark, its end) before the cache counts as
+        // healthy again: its start alone proves nothing.
+        let mut was_silent = false;
         loop {
             // Bookmarks are on by default.
             let mut params = WatchParams::default().timeout(opts.watch_timeout);
@@ -602,16 +648,25 @@ pub(crate) async fn reflect<K, R>(
                 params = params.labels(l);
             }
             let stream = tokio::select! {
-                r = api.watch(&params, &version) => r,
+                r = tokio::time::timeout(opts.request_timeout, api.watch(&params, &version)) => r,
                 _ = shutdown.changed() => return,
             };
             let stream = match stream {
-                Ok(s) => s,
-                Err(kube::Error::Api(s)) if s.code == 410 => {
+                Ok(Ok(s)) => s,
+                Err(_) => {
+                    tracing::warn!(kind, timeout = ?opts.request_timeout, "the watch did not start in time; retrying");
+                    sink(Change::Fresh(Freshen::Broken("watch")));
+                    let d = wait(&mut backoff);
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => continue,
+                        _ = shutdown.changed() => return,
+                    }
+                }
+                Ok(Err(kube::Error::Api(s))) if s.code == 410 => {
                     sink(Change::Fresh(Freshen::Broken("expired")));
                     continue 'relist;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(kind, error = %e, "watch failed; retrying");
                     sink(Change::Fresh(Freshen::Broken("watch")));
                     let d = wait(&mut backoff);
@@ -621,14 +676,30 @@ pub(crate) async fn reflect<K, R>(
                     }
                 }
             };
-            sink(Change::Fresh(Freshen::Healthy));
+            if !was_silent {
+                sink(Change::Fresh(Freshen::Healthy));
+            }
             backoff = Duration::from_millis(200);
             let mut stream = std::pin::pin!(stream);
+            let mut heard = Instant::now();
             loop {
                 let event = tokio::select! {
-                    e = stream.next() => e,
+                    e = tokio::time::timeout(idle, stream.next()) => e,
                     _ = shutdown.changed() => return,
                 };
+                let Ok(event) = event else {
+                    // Not even the end the server owes us at its timeout:
+                    // the connection is dead without having failed.
+                    tracing::warn!(kind, idle = ?idle, "the watch brought nothing, not even its end; renewing it");
+                    sink(Change::Fresh(Freshen::Silent(heard)));
+                    was_silent = true;
+                    break;
+                };
+                heard = Instant::now();
+                if was_silent && matches!(event, None | Some(Ok(_))) {
+                    was_silent = false;
+                    sink(Change::Fresh(Freshen::Healthy));
+                }
                 let Some(event) = event else {
                     // The watch's own timeout: renew it from where it was.
                     break;
@@ -688,6 +759,7 @@ async fn list_all<K, R>(
     api: &Api<K>,
     page: u32,
     labels: Option<&str>,
+    timeout: Duration,
     row: fn(K) -> Option<R>,
 ) -> Result<(Vec<R>, String), Error>
 where
@@ -699,9 +771,12 @@ where
         params = params.labels(l);
     }
     loop {
-        let list = api
-            .list(&params)
+        let list = tokio::time::timeout(timeout, api.list(&params))
             .await
+            .map_err(|_| Error::Invalid {
+                what: "listing for a watch cache".into(),
+                reason: format!("no answer within {timeout:?}"),
+            })?
             .map_err(|e| Error::api("listing for a watch cache", e))?;
         rows.extend(list.items.into_iter().filter_map(row));
         match list.metadata.continue_.filter(|c| !c.is_empty()) {
@@ -715,83 +790,5 @@ where
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn row(ns: &str, name: &str, uid: &str, sa: &str, node: &str, running: bool) -> PodRow {
-        PodRow {
-            namespace: ns.into(),
-            name: name.into(),
-            uid: uid.into(),
-            service_account: sa.into(),
-            node: Some(node.into()),
-            running,
-        }
-    }
-
-    #[test]
-    fn the_node_index_follows_moves_finishes_and_deletions() {
-        let mut p = Pods::default();
-        p.upsert(row("a", "web-1", "u1", "web", "n1", true));
-        p.upsert(row("a", "web-2", "u2", "web", "n1", true));
-        let on = |p: &Pods, node: &str| {
-            p.on_node
-                .get(node)
-                .and_then(|m| m.get(&(Arc::from("a"), Arc::from("web"))))
-                .copied()
-        };
-        assert_eq!(on(&p, "n1"), Some(2));
-        p.remove("a", "web-1");
-        assert_eq!(on(&p, "n1"), Some(1));
-        // Finished pods vouch for nothing on their node.
-        p.upsert(row("a", "web-2", "u2", "web", "n1", false));
-        assert_eq!(on(&p, "n1"), None);
-        assert!(p.on_node.is_empty());
-        // Recreated elsewhere under the same name.
-        p.upsert(row("a", "web-2", "u3", "web", "n2", true));
-        assert_eq!(on(&p, "n2"), Some(1));
-        assert_eq!(p.by_name.len(), 1);
-        p.reset(vec![row("a", "x", "u4", "web", "n3", true)]);
-        assert_eq!(on(&p, "n2"), None);
-        assert_eq!(on(&p, "n3"), Some(1));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_broken_watch_is_tolerated_for_a_while_then_refused() {
-        let registry = Registry::new();
-        let opts = CacheOptions {
-            max_stale: Duration::from_secs(60),
-            ready_grace: Duration::from_secs(5),
-            ..CacheOptions::default()
-        };
-        let cache = ClusterCache::new(opts, &registry).unwrap();
-        assert!(!cache.synced());
-        assert!(cache.ready().is_err());
-        cache.apply_pods(Change::Reset(vec![row("a", "p", "u", "web", "n", true)]));
-        cache.apply_pods(Change::Fresh(Freshen::Synced(Duration::ZERO)));
-        cache.apply_sas(Change::Reset(vec![SaRow {
-            namespace: "a".into(),
-            name: "web".into(),
-            uid: "s".into(),
-        }]));
-        assert!(!cache.synced(), "both kinds must have synced");
-        cache.apply_sas(Change::Fresh(Freshen::Synced(Duration::ZERO)));
-        assert!(cache.synced());
-        assert!(cache.ready().is_ok());
-        assert_eq!(cache.service_account_uid("a", "web").as_deref(), Some("s"));
-        assert!(cache.runs_on_node("n", "a", "web"));
-
-        cache.apply_pods(Change::Fresh(Freshen::Broken("watch")));
-        tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(
-            cache.ready().is_err(),
-            "readiness turns false after the grace"
-        );
-        assert!(cache.synced(), "lookups still answer");
-        tokio::time::advance(Duration::from_secs(60)).await;
-        assert!(!cache.synced(), "past max_stale the cache is not used");
-        cache.apply_pods(Change::Fresh(Freshen::Healthy));
-        assert!(cache.synced() && cache.ready().is_ok());
-        assert_eq!(cache.lookups(), (1, 0));
-    }
-}
+#[path = "cache_tests.rs"]
+mod tests;

@@ -15,7 +15,12 @@
 //! - the API server's own back-pressure obeyed: 429 (API Priority and
 //!   Fairness) and 503/504 are retried with back-off, honouring
 //!   `Retry-After` (kube's server-aware retry policy);
-//! - connect and write timeouts, so a vanished API server is noticed.
+//! - connect, write and read timeouts, so a vanished API server is
+//!   noticed: one that goes silent (its host gone, a partition: no FIN, no
+//!   RST) fails no request by itself, and a request sent on a pooled
+//!   connection to it would wait forever. The read timeout is longer than
+//!   any watch we run lasts (they are renewed every 60 s, and the server
+//!   ends each one), so only a dead connection reaches it.
 //!
 //! TokenReview, when chosen, has its own concurrency cap and queue
 //! ([`super::review`]).
@@ -37,10 +42,17 @@ pub struct ClientOptions {
     pub max_in_flight: usize,
     /// How long to wait for a connection.
     pub connect_timeout: Duration,
+    /// How long a response (a watch's stream included) may bring no byte
+    /// before the request fails. Must exceed every watch's own timeout.
+    pub read_timeout: Duration,
 }
 
 /// Requests in flight to the API server, by default.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 32;
+
+/// [`ClientOptions::read_timeout`] by default: the watches' 60 s, plus a
+/// margin.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(75);
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -48,6 +60,7 @@ impl Default for ClientOptions {
             kubeconfig: None,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             connect_timeout: Duration::from_secs(10),
+            read_timeout: DEFAULT_READ_TIMEOUT,
         }
     }
 }
@@ -70,6 +83,7 @@ pub async fn config(opts: &ClientOptions) -> Result<kube::Config, Error> {
             .map_err(|e| Error::Config(e.to_string()))?,
     };
     config.connect_timeout = Some(opts.connect_timeout);
+    config.read_timeout = Some(opts.read_timeout);
     config.default_retry = true;
     Ok(config)
 }

@@ -75,7 +75,9 @@
 //! - That the watch is current when it reports nothing: a connection that
 //!   dies without an error is noticed by the watcher's idle timeout (the
 //!   60 s server-side watch timeout plus 5 s) and the reconnect that
-//!   follows; until then the copy may be that much behind.
+//!   follows (which the client's read timeout bounds, see
+//!   [`super::client`]); until then the copy may be that much behind, and
+//!   the store still counts as live.
 //! - Whether the Secret was deleted: a server that saw its Secret go keeps
 //!   its set in memory and logs it, but a restart then starts a new CA.
 //! - Copies of the keys in request and response bodies and in kube's types
