@@ -101,12 +101,21 @@ impl LiveCa {
         let current = self.current();
         // Polled every few seconds: the generation first, the whole set
         // (every key file read and validated) only when it moved.
-        if self
-            .store
-            .generation()
-            .await?
-            .is_none_or(|g| g <= current.generation())
-        {
+        let stored_generation = self.store.generation().await?;
+        let Some(stored_generation) = stored_generation else {
+            // The store was emptied behind our back (the CA Secret deleted):
+            // put back what every part of the server is using, rather than
+            // let the next replica to start make an unrelated root.
+            if self.store.swap(None, &current.to_stored()).await? {
+                tracing::error!(
+                    store = %self.store.describe(),
+                    generation = current.generation(),
+                    "the stored authorities were deleted; restored them from memory"
+                );
+            }
+            return Ok(false);
+        };
+        if stored_generation <= current.generation() {
             return Ok(false);
         }
         let Some(stored) = self.store.load().await? else {
@@ -114,6 +123,19 @@ impl LiveCa {
         };
         if stored.generation <= current.generation() {
             return Ok(false);
+        }
+        // A successor shares an authority with what it follows (every step
+        // keeps the active one, or the one it activates); a set with none
+        // in common is another CA (a root made after the store was wiped),
+        // never followed silently.
+        let ids: Vec<&str> = current.members().iter().map(|m| m.authority.id()).collect();
+        if !stored.members.iter().any(|m| ids.contains(&m.id.as_str())) {
+            return Err(Error::Config(format!(
+                "the stored authorities (generation {}) share no authority with the ones in use: \
+                 another CA replaced this one in {}; not following it (restart this server to take it)",
+                stored.generation,
+                self.store.describe()
+            )));
         }
         let set = AuthoritySet::from_stored(&stored, current.trust_domain(), now)?;
         tracing::info!(
