@@ -333,3 +333,48 @@ async fn a_rotated_issuer_key_is_fetched_when_a_token_names_it() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_renews_only_while_its_account_has_a_running_pod() {
+    let k = KubeCluster::start().await;
+    k.workload("prod", "web", "web-1", "node-a");
+    let ca = k.start_ca("ca", &[]);
+    wait_ready(&ca, READY).await;
+    let token = k.pod_token("prod", "web", "web-1");
+    let (key, csr) = common::key_and_csr(workload_ca::ca::KeyAlgorithm::EcdsaP256, None);
+    let chain = common::request(&mut ca.client().await, &csr, Some(&token), 3600)
+        .await
+        .unwrap();
+    let renew = |chain: Vec<String>, key: String| {
+        let ca = &ca;
+        async move {
+            let pem = chain[..chain.len() - 1].join("");
+            let channel = common::tls_channel(ca.grpc, &ca.root_pem(), Some((&pem, &key)))
+                .await
+                .unwrap();
+            let mut client = workload_ca::proto::istio::istio_certificate_service_client::IstioCertificateServiceClient::new(channel);
+            let (_k, csr) = common::key_and_csr(workload_ca::ca::KeyAlgorithm::EcdsaP256, None);
+            common::request(&mut client, &csr, None, 0).await
+        }
+    };
+    let renewed = renew(chain.clone(), key.clone())
+        .await
+        .expect("renewal while the pod runs");
+    assert_eq!(
+        leaf_ids(&renewed),
+        ["spiffe://cluster.local/ns/prod/sa/web"]
+    );
+    // The pod gone (the account stays): the certificate no longer renews,
+    // and a bearer token refused for its binding is not rescued by it.
+    assert!(k.fake.delete("pods", "prod", "web-1"));
+    let (code, _) = within(Duration::from_secs(10), || {
+        let (chain, key) = (chain.clone(), key.clone());
+        async move { renew(chain, key).await.err().map(|e| e.code()) }
+    })
+    .await;
+    assert_eq!(code, Code::Unauthenticated);
+    let n = ca
+        .metric("workload_ca_auth_refusals_total{reason=\"no_running_pod\"}")
+        .await;
+    assert!(n >= 1.0, "{n}");
+}

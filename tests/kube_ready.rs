@@ -36,7 +36,7 @@ const READY: Duration = Duration::from_secs(30);
 const GRACE: Duration = Duration::from_secs(10);
 /// Slack for the caches to notice and for the poll.
 const SLACK: Duration = Duration::from_secs(5);
-const SECRET_WATCH_DOWN: &str = "the CA Secret's watch is not live";
+const SECRET_WATCH_DOWN: &str = "the CA Secret's watch has not been live";
 const CACHE_DOWN: &str = "watch cache is not synced";
 
 async fn readyz(ca: &common::procs::CaProc) -> (u16, String) {
@@ -56,7 +56,8 @@ async fn a_replica_without_its_api_server_is_not_ready_but_keeps_signing_from_it
 
     k.fake.set_down(true);
     let down = Instant::now();
-    // The CA Secret's watch is lost at once, and says so first.
+    // The CA Secret's watch and the caches are lost at once; readiness
+    // says so after their 10 s grace.
     let (body, _) = within(GRACE + SLACK, || async {
         let (code, body) = readyz(&ca).await;
         (code != 200).then_some(body)

@@ -84,6 +84,9 @@ pub struct KubeArgs {
     pub lease_duration: Duration,
 }
 
+/// How long the CA Secret's watch may be down before readiness turns false.
+const STORE_WATCH_GRACE: Duration = Duration::from_secs(10);
+
 /// This replica's identity: its pod name (or host name) and a random suffix.
 fn replica_identity(name: Option<&str>) -> String {
     let base = name
@@ -250,12 +253,27 @@ pub(super) async fn cluster(
             Arc::new(move || cache.ready())
         },
         {
+            // A watch renewed after a compaction or an API-server restart
+            // is down for a moment on every replica at once: tolerated for
+            // the caches' grace, so the Service is not emptied by a blip.
             let store = store.clone();
+            let down_since = std::sync::Mutex::new(None::<std::time::Instant>);
             Arc::new(move || {
+                let Ok(mut since) = down_since.lock() else {
+                    return Err("readiness state unavailable".into());
+                };
                 if store.watch_live() {
+                    *since = None;
+                    return Ok(());
+                }
+                let t = *since.get_or_insert_with(std::time::Instant::now);
+                if t.elapsed() < STORE_WATCH_GRACE {
                     Ok(())
                 } else {
-                    Err("the CA Secret's watch is not live".into())
+                    Err(format!(
+                        "the CA Secret's watch has not been live for {} s",
+                        t.elapsed().as_secs()
+                    ))
                 }
             })
         },

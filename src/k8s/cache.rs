@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use super::slim::{SlimPod as Pod, SlimServiceAccount as ServiceAccount};
 use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use kube::core::ObjectMeta;
 use kube::{Client, Resource};
@@ -547,8 +547,8 @@ fn names(meta: &ObjectMeta) -> Option<(String, String, String)> {
 
 fn pod_row(pod: Pod) -> Option<PodRow> {
     let (namespace, name, uid) = names(&pod.metadata)?;
-    let spec = pod.spec.unwrap_or_default();
-    let phase = pod.status.and_then(|s| s.phase);
+    let spec = pod.spec;
+    let phase = pod.status.phase;
     Some(PodRow {
         namespace,
         name,

@@ -241,8 +241,33 @@ impl Peers {
                     reason,
                     "the rotation evidence watch is broken; peers' reports may be old"
                 );
+                self.set_broken(Some(SystemTime::now()));
             }
-            Change::Fresh(_) => {}
+            Change::Fresh(Freshen::Silent(_)) => {
+                tracing::warn!(
+                    "the rotation evidence watch went silent; peers' reports may be old"
+                );
+                self.set_broken(Some(SystemTime::now()));
+            }
+            Change::Fresh(Freshen::Synced(_)) => {
+                self.synced
+                    .store(true, std::sync::atomic::Ordering::Release);
+                self.set_broken(None);
+            }
+            Change::Fresh(Freshen::Healthy) => self.set_broken(None),
+        }
+    }
+
+    /// Marks the watch broken since `since` (kept if already broken), or
+    /// healthy.
+    fn set_broken(&self, since: Option<SystemTime>) {
+        if let Ok(mut b) = self.broken_since.lock() {
+            match since {
+                Some(t) => {
+                    b.get_or_insert(t);
+                }
+                None => *b = None,
+            }
         }
     }
 
@@ -456,5 +481,46 @@ mod tests {
         assert!(!back.spent(now));
         assert!(back.spent(now + Duration::from_secs(61)));
         assert_eq!(report_name("CA_7d9f.X"), "workload-ca-evidence-ca-7d9f-x");
+    }
+
+    #[test]
+    fn gates_are_held_until_peers_are_read_and_this_replicas_own_report_is_out() {
+        let peers = Peers::new("ca-a", Duration::from_secs(300));
+        let now = SystemTime::now();
+        let blocking = peers.blocking();
+        assert_eq!(blocking.len(), 2, "{blocking:?}");
+        let own = Report::of("ca-a", &Evidence::default(), now);
+        peers.apply(Change::Reset(vec![(report_name("ca-a"), own)]));
+        assert_eq!(peers.blocking().len(), 1, "not synced yet");
+        peers.apply(Change::Fresh(Freshen::Synced(Duration::ZERO)));
+        assert_eq!(peers.blocking(), Vec::<String>::new());
+        peers.apply(Change::Fresh(Freshen::Broken("watch")));
+        assert_eq!(peers.blocking().len(), 1, "a broken watch holds the gates");
+        peers.apply(Change::Fresh(Freshen::Healthy));
+        assert!(peers.blocking().is_empty());
+        // An old own report: the others cannot see this replica's agents.
+        let old = Report::of("ca-a", &Evidence::default(), now - Duration::from_secs(60));
+        peers.apply(Change::Upsert((report_name("ca-a"), old)));
+        assert_eq!(peers.blocking().len(), 1);
+        // A peer that stopped writing: taken as disconnected, and assumed to
+        // have signed for max_stale after its last report.
+        let mut ledger = Ledger::default();
+        let then = now - Duration::from_secs(600);
+        ledger.record(3, "old", then, then + Duration::from_secs(3600));
+        let stale = Report::of(
+            "ca-b",
+            &Evidence {
+                ledger,
+                ..Evidence::default()
+            },
+            then,
+        );
+        peers.apply(Change::Upsert((report_name("ca-b"), stale)));
+        let got = peers.peers();
+        assert_eq!(got.len(), 1);
+        let (e, current) = &got[0];
+        assert!(!current);
+        let until = e.ledger.issued_by("old", now).unwrap();
+        assert!(until >= then + Duration::from_secs(300 + 3600), "{until:?}");
     }
 }

@@ -15,6 +15,7 @@ pub mod evidence;
 pub mod jwks;
 pub mod lease;
 pub mod review;
+pub mod slim;
 pub mod store;
 
 /// What can go wrong talking to the Kubernetes API.
