@@ -28,6 +28,16 @@ pub enum State {
 }
 
 impl State {
+    /// Where its roots come in the trust bundle: active, then prepared,
+    /// then retiring.
+    pub fn bundle_rank(self) -> u8 {
+        match self {
+            Self::Active => 0,
+            Self::Prepared => 1,
+            Self::Retiring => 2,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Prepared => "prepared",
@@ -104,11 +114,7 @@ impl AuthoritySet {
         // The bundle: active roots first, then prepared, then retiring;
         // each root once.
         let mut ordered: Vec<&Member> = members.iter().collect();
-        ordered.sort_by_key(|m| match m.state {
-            State::Active => 0,
-            State::Prepared => 1,
-            State::Retiring => 2,
-        });
+        ordered.sort_by_key(|m| m.state.bundle_rank());
         let mut roots: Vec<Cert> = Vec::new();
         for m in ordered {
             for r in m.authority.roots().roots() {

@@ -215,6 +215,24 @@ pub(crate) struct ManifestMember {
     pub(crate) since: u64,
 }
 
+impl Manifest {
+    /// The manifest of `stored` (its files are kept beside it).
+    pub(crate) fn of(stored: &Stored) -> Self {
+        Self {
+            generation: stored.generation,
+            members: stored
+                .members
+                .iter()
+                .map(|m| ManifestMember {
+                    id: m.id.clone(),
+                    state: m.state.as_str().to_owned(),
+                    since: m.since,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// The CA's authorities in a local directory (`<state-dir>/ca`).
 ///
 /// A directory written before rotation existed (the four files directly in
@@ -415,18 +433,7 @@ impl DirStore {
             dir.create(&m.files)?;
         }
         // 2. The manifest: the swap happens at this rename.
-        let manifest = Manifest {
-            generation: next.generation,
-            members: next
-                .members
-                .iter()
-                .map(|m| ManifestMember {
-                    id: m.id.clone(),
-                    state: m.state.as_str().to_owned(),
-                    since: m.since,
-                })
-                .collect(),
-        };
+        let manifest = Manifest::of(next);
         let text = serde_json::to_string_pretty(&manifest)
             .map_err(|e| self.err(format!("encoding {MANIFEST}: {e}")))?;
         crash_point("members-written");

@@ -106,8 +106,8 @@ use crate::ca::authorities::State;
 use crate::ca::authority::authority_id;
 use crate::ca::bundle::{Cert, parse_pem_certs};
 use crate::ca::keystore::{
-    DEFAULT_POLL_INTERVAL, KeyStore, MANIFEST, Manifest, ManifestMember, StoreFuture, Stored,
-    StoredMember, parse_state, valid_id,
+    DEFAULT_POLL_INTERVAL, KeyStore, MANIFEST, Manifest, StoreFuture, Stored, StoredMember,
+    parse_state, valid_id,
 };
 use crate::ca::store::{CA_CERT, CA_KEY, CERT_CHAIN, CaFiles, FILES, ROOT_CERT};
 
@@ -650,11 +650,7 @@ fn istio_view(stored: &Stored) -> Result<CaFiles, String> {
     };
     // As `AuthoritySet`'s bundle: active, prepared, retiring; each root once.
     let mut ordered: Vec<&StoredMember> = stored.members.iter().collect();
-    ordered.sort_by_key(|m| match m.state {
-        State::Active => 0,
-        State::Prepared => 1,
-        State::Retiring => 2,
-    });
+    ordered.sort_by_key(|m| m.state.bundle_rank());
     let mut roots: Vec<Cert> = Vec::new();
     for m in ordered {
         let certs = parse_pem_certs(&m.files.root_cert)
@@ -688,18 +684,7 @@ fn encode(next: &Stored) -> Result<Data, String> {
             data.insert(member_key(&m.id, file), bytes(v));
         }
     }
-    let manifest = Manifest {
-        generation: next.generation,
-        members: next
-            .members
-            .iter()
-            .map(|m| ManifestMember {
-                id: m.id.clone(),
-                state: m.state.as_str().to_owned(),
-                since: m.since,
-            })
-            .collect(),
-    };
+    let manifest = Manifest::of(next);
     let json =
         serde_json::to_string_pretty(&manifest).map_err(|e| format!("encoding {MANIFEST}: {e}"))?;
     data.insert(MANIFEST.to_owned(), bytes(&json));
