@@ -713,7 +713,7 @@ async fn part2() {
     );
     println!(
         "the same list from this process: {pages} pages, {} of JSON: {raw_ms:.0} ms as text (the fake serving), \
-         {typed_ms:.0} ms decoded as k8s_openapi Pods (what the server's cache does)",
+         {typed_ms:.0} ms decoded as k8s_openapi Pods (the server decodes only what its checks read)",
         mib(bytes as f64 / 1024.0)
     );
     drop(follower);
