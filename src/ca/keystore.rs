@@ -91,6 +91,14 @@ pub trait KeyStore: Send + Sync {
     fn poll_interval(&self) -> Duration {
         DEFAULT_POLL_INTERVAL
     }
+
+    /// Whether a running server puts its authorities back when the store is
+    /// found empty (a deleted Kubernetes Secret, which the next replica to
+    /// start would otherwise fill with an unrelated root). A local
+    /// directory is not: its removal is an operator's deliberate act.
+    fn restore_when_wiped(&self) -> bool {
+        false
+    }
 }
 
 impl AuthoritySet {

@@ -426,7 +426,9 @@ fn unix(t: SystemTime) -> u64 {
 }
 
 fn from_unix(s: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(s)
+    SystemTime::UNIX_EPOCH
+        .checked_add(Duration::from_secs(s))
+        .unwrap_or(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX)) * 64)
 }
 
 #[cfg(test)]

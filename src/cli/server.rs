@@ -130,6 +130,11 @@ impl ServerArgs {
             bail!("certificate lifetimes must be positive");
         }
         let ops_listen = parse_ops(&self.ops_listen)?;
+        if self.kube.kube && (self.dev || !self.jwt_issuers.is_empty()) {
+            bail!(
+                "--dev and --jwt-issuer cannot be combined with --kube: their tokens would not be checked against the cluster (pods, service accounts, nodes)"
+            );
+        }
         if self.kube.kube && self.cacerts.is_some() {
             bail!(
                 "--cacerts is a directory; with --kube a plugged-in CA comes from Secret {} (--cacerts-secret)",

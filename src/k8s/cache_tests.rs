@@ -13,7 +13,29 @@ fn row(ns: &str, name: &str, uid: &str, sa: &str, node: &str, running: bool) -> 
         service_account: sa.into(),
         node: Some(node.into()),
         running,
+        deleted_at: None,
     }
+}
+
+#[test]
+fn a_pod_being_deleted_vouches_for_a_minute_and_never_for_its_node() {
+    let cache = ClusterCache::new(CacheOptions::default(), &Registry::new()).unwrap();
+    let now = std::time::SystemTime::now();
+    let mut terminating = row("a", "t", "u1", "web", "n1", false);
+    terminating.deleted_at = Some(now - Duration::from_secs(30));
+    let mut stuck = row("a", "s", "u2", "web", "n1", false);
+    stuck.deleted_at = Some(now - Duration::from_secs(61));
+    cache.apply_pods(Change::Reset(vec![terminating, stuck]));
+    assert!(
+        cache.pod("a", "t").is_some(),
+        "within the API server's leeway"
+    );
+    assert!(
+        cache.pod("a", "s").is_none(),
+        "deleted more than a minute ago"
+    );
+    assert!(!cache.runs_on_node("n1", "a", "web"));
+    assert!(!cache.runs_anywhere("a", "web"));
 }
 
 #[test]

@@ -73,8 +73,11 @@ fn secs(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// A time read from a report: saturating, whatever a ConfigMap holds.
 fn time(s: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(s)
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(s))
+        .unwrap_or(UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX)) * 64)
 }
 
 impl Report {
@@ -153,8 +156,10 @@ impl Report {
     }
 
     /// Nothing in it is valid any more.
-    fn spent(&self, now: SystemTime) -> bool {
-        self.ledger.is_spent(now)
+    /// Nothing in it is valid any more, counting what a stopped replica
+    /// is assumed to have signed after it (see [`Report::evidence_as`]).
+    fn spent(&self, now: SystemTime, max_stale: Duration) -> bool {
+        self.evidence_as(false, max_stale).ledger.is_spent(now)
             && self
                 .agents
                 .iter()
@@ -281,7 +286,7 @@ impl Peers {
                         **name != self.own
                             && now.duration_since(time(rep.written)).unwrap_or_default()
                                 > STALE_AFTER
-                            && rep.spent(now)
+                            && rep.spent(now, self.max_stale)
                     })
                     .map(|(n, _)| n.clone())
                     .collect()
@@ -478,8 +483,13 @@ mod tests {
         let r = Report::of("ca-7d9f-x", &e, now);
         let back: Report = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back.evidence(), e);
-        assert!(!back.spent(now));
-        assert!(back.spent(now + Duration::from_secs(61)));
+        assert!(!back.spent(now, Duration::ZERO));
+        assert!(back.spent(now + Duration::from_secs(62), Duration::ZERO));
+        assert!(
+            !back.spent(now + Duration::from_secs(62), Duration::from_secs(300)),
+            "what a stopped replica may have signed since counts"
+        );
+        assert!(time(u64::MAX) > now, "no overflow on a corrupt value");
         assert_eq!(report_name("CA_7d9f.X"), "workload-ca-evidence-ca-7d9f-x");
     }
 

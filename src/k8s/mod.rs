@@ -14,6 +14,7 @@ pub mod client;
 pub mod evidence;
 pub mod jwks;
 pub mod lease;
+mod reflect;
 pub mod review;
 pub mod slim;
 pub mod store;

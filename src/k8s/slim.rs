@@ -16,6 +16,7 @@ struct Meta {
     namespace: Option<String>,
     uid: Option<String>,
     resource_version: Option<String>,
+    deletion_timestamp: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }
 
 fn slim_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
@@ -25,6 +26,7 @@ fn slim_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
         namespace: m.namespace,
         uid: m.uid,
         resource_version: m.resource_version,
+        deletion_timestamp: m.deletion_timestamp,
         ..ObjectMeta::default()
     })
 }
@@ -116,6 +118,7 @@ mod tests {
         let json = serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": "web-1", "namespace": "prod", "uid": "u1", "resourceVersion": "42",
+                          "deletionTimestamp": "2026-11-30T06:00:00Z",
                           "labels": {"app": "web"}, "managedFields": [{"manager": "x"}]},
             "spec": {"serviceAccountName": "web", "nodeName": "node-a",
                      "containers": [{"name": "c", "image": "i", "env": [{"name": "A", "value": "B"}]}]},
@@ -126,6 +129,7 @@ mod tests {
         assert_eq!(p.metadata.uid.as_deref(), Some("u1"));
         assert_eq!(p.metadata.resource_version.as_deref(), Some("42"));
         assert!(p.metadata.labels.is_none());
+        assert!(p.metadata.deletion_timestamp.is_some());
         assert_eq!(p.spec.node_name.as_deref(), Some("node-a"));
         assert_eq!(p.status.phase.as_deref(), Some("Running"));
         let bare: SlimPod =

@@ -382,6 +382,10 @@ impl Drop for WatchGuard {
 }
 
 impl KeyStore for SecretStore {
+    fn restore_when_wiped(&self) -> bool {
+        true
+    }
+
     fn describe(&self) -> String {
         format!("secret {}/{}", self.namespace, self.name)
     }

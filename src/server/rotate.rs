@@ -29,6 +29,9 @@ pub struct LiveCa {
     /// One writer at a time in this process (the store's lock covers the
     /// others).
     write: tokio::sync::Mutex<()>,
+    /// Why the stored authorities and the ones in use have parted (the
+    /// store went back, or holds another CA): readiness is false meanwhile.
+    diverged: std::sync::Mutex<Option<String>>,
 }
 
 impl LiveCa {
@@ -37,6 +40,7 @@ impl LiveCa {
             tx: watch::channel(Arc::new(set)).0,
             store,
             write: tokio::sync::Mutex::new(()),
+            diverged: std::sync::Mutex::new(None),
         }
     }
 
@@ -46,6 +50,28 @@ impl LiveCa {
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<AuthoritySet>> {
         self.tx.subscribe()
+    }
+
+    /// Ready unless the store and the authorities in use have parted.
+    ///
+    /// # Errors
+    /// Why they parted.
+    pub fn check_in_step(&self) -> Result<(), String> {
+        match self.diverged.lock() {
+            Ok(d) => d.clone().map_or(Ok(()), Err),
+            Err(_) => Err("the CA state lock is poisoned".into()),
+        }
+    }
+
+    fn set_diverged(&self, why: Option<String>) {
+        if let Ok(mut d) = self.diverged.lock() {
+            if let Some(w) = &why
+                && d.as_deref() != Some(w.as_str())
+            {
+                tracing::error!(store = %self.store.describe(), "{w}");
+            }
+            *d = why;
+        }
     }
 
     /// How often [`LiveCa::follow`] should run: the store's own answer.
@@ -106,6 +132,13 @@ impl LiveCa {
             // The store was emptied behind our back (the CA Secret deleted):
             // put back what every part of the server is using, rather than
             // let the next replica to start make an unrelated root.
+            if !self.store.restore_when_wiped() {
+                self.set_diverged(Some(format!(
+                    "the stored authorities are gone from {}; this server keeps signing with the ones in memory",
+                    self.store.describe()
+                )));
+                return Ok(false);
+            }
             if self.store.swap(None, &current.to_stored()).await? {
                 tracing::error!(
                     store = %self.store.describe(),
@@ -115,7 +148,17 @@ impl LiveCa {
             }
             return Ok(false);
         };
-        if stored_generation <= current.generation() {
+        if stored_generation < current.generation() {
+            // Restored from an older backup, replaced, or re-created by
+            // another replica after a wipe: not ours to follow backwards.
+            self.set_diverged(Some(format!(
+                "the stored authorities went back to generation {stored_generation} while this server uses {}; \
+                 not following (restart it to take the stored ones, or restore the newer ones)",
+                current.generation()
+            )));
+            return Ok(false);
+        }
+        if stored_generation == current.generation() {
             return Ok(false);
         }
         let Some(stored) = self.store.load().await? else {
@@ -130,12 +173,14 @@ impl LiveCa {
         // never followed silently.
         let ids: Vec<&str> = current.members().iter().map(|m| m.authority.id()).collect();
         if !stored.members.iter().any(|m| ids.contains(&m.id.as_str())) {
-            return Err(Error::Config(format!(
+            let why = format!(
                 "the stored authorities (generation {}) share no authority with the ones in use: \
                  another CA replaced this one in {}; not following it (restart this server to take it)",
                 stored.generation,
                 self.store.describe()
-            )));
+            );
+            self.set_diverged(Some(why.clone()));
+            return Err(Error::Config(why));
         }
         let set = AuthoritySet::from_stored(&stored, current.trust_domain(), now)?;
         tracing::info!(
@@ -143,6 +188,7 @@ impl LiveCa {
             "the stored authorities changed outside this server; following"
         );
         self.tx.send_replace(Arc::new(set));
+        self.set_diverged(None);
         Ok(true)
     }
 }
