@@ -229,7 +229,7 @@ impl AgentBundle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ca::{Authority, KeyAlgorithm, PrivateKey, check_csr};
+    use crate::ca::{Authority, check_csr};
     use crate::identity::SpiffeId;
 
     fn authority() -> Authority {
@@ -237,12 +237,7 @@ mod tests {
     }
 
     fn leaf(authority: &Authority) -> Vec<u8> {
-        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
-        let csr = rcgen::CertificateParams::default()
-            .serialize_request(key.key_pair())
-            .unwrap()
-            .pem()
-            .unwrap();
+        let csr = crate::ca::testing::csr_pem();
         authority
             .sign_leaf(
                 &check_csr(csr.as_bytes()).unwrap(),

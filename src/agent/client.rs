@@ -297,20 +297,10 @@ mod tests {
 
     #[test]
     fn an_answer_naming_another_identity_is_refused() {
-        use crate::ca::{Authority, KeyAlgorithm, PrivateKey, check_csr};
-        use crate::identity::TrustDomain;
-        let td = TrustDomain::new("cluster.local").unwrap();
+        use crate::ca::check_csr;
         let now = SystemTime::now();
-        let files =
-            Authority::generate_root(&td, KeyAlgorithm::EcdsaP256, Duration::from_secs(3600), now)
-                .unwrap();
-        let ca = Authority::from_files(&files, &td, now).unwrap();
-        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
-        let csr = rcgen::CertificateParams::default()
-            .serialize_request(key.key_pair())
-            .unwrap()
-            .pem()
-            .unwrap();
+        let ca = crate::ca::testing::authority("cluster.local", 3600);
+        let csr = crate::ca::testing::csr_pem();
         let web = SpiffeId::parse("spiffe://cluster.local/ns/prod/sa/web").unwrap();
         let db = SpiffeId::parse("spiffe://cluster.local/ns/prod/sa/db").unwrap();
         let chain = ca

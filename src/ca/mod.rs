@@ -62,6 +62,16 @@ pub(crate) mod testing {
     use super::{Authority, KeyAlgorithm};
     use crate::identity::TrustDomain;
 
+    /// A CSR (PEM) for a fresh P-256 key, empty subject, no SAN.
+    pub fn csr_pem() -> String {
+        let key = super::PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        rcgen::CertificateParams::default()
+            .serialize_request(key.key_pair())
+            .unwrap()
+            .pem()
+            .unwrap()
+    }
+
     /// A fresh self-signed P-256 authority for `td`, valid for `secs`.
     pub fn authority(td: &str, secs: u64) -> Authority {
         let td = TrustDomain::new(td).unwrap();
