@@ -127,28 +127,21 @@ impl Authenticator for ReviewAuthenticator {
                     AuthError::Token(why)
                 }
             })?;
-            check_binding(&facts, self.view.as_ref()).map_err(|r| {
-                if r.is_transient() {
-                    AuthError::Unavailable(r.to_string())
-                } else {
-                    AuthError::Binding(r)
-                }
-            })?;
+            check_binding(&facts, self.view.as_ref()).map_err(AuthError::from)?;
             let identity = SpiffeId::for_service_account(
                 &self.trust_domain,
                 &facts.namespace,
                 &facts.service_account,
             )
             .map_err(|e| AuthError::Token(e.to_string()))?;
-            let pod = facts
-                .pod
-                .as_ref()
-                .map(|p| p.name.clone())
-                .unwrap_or_default();
+            let detail = format!(
+                "pod={}",
+                crate::logsafe::peer(facts.pod.as_ref().map_or("", |p| p.name.as_str()))
+            );
             Ok(Some(Caller {
                 identity,
                 method: "tokenreview",
-                detail: format!("pod={}", crate::logsafe::peer(&pod)),
+                detail,
                 max_ttl: None,
                 facts: Some(facts),
             }))

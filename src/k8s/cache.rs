@@ -35,7 +35,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -319,7 +319,9 @@ pub struct ClusterCache {
     sas_fresh: Freshness,
     opts: CacheOptions,
     metrics: CacheMetrics,
-    lookups: [AtomicU64; 2],
+    /// `workload_ca_kube_cache_lookups_total` for pods hit, pods miss,
+    /// service accounts hit, service accounts miss.
+    lookups: [prometheus::IntCounter; 4],
 }
 
 impl ClusterCache {
@@ -328,14 +330,21 @@ impl ClusterCache {
     /// # Errors
     /// [`Error::Config`] if its metrics cannot be registered.
     pub fn new(opts: CacheOptions, registry: &Registry) -> Result<Arc<Self>, Error> {
+        let metrics = CacheMetrics::register(registry)?;
         Ok(Arc::new(Self {
             pods: RwLock::default(),
             service_accounts: RwLock::default(),
             pods_fresh: Freshness::default(),
             sas_fresh: Freshness::default(),
             opts,
-            metrics: CacheMetrics::register(registry)?,
-            lookups: [AtomicU64::new(0), AtomicU64::new(0)],
+            lookups: [
+                ("pods", "hit"),
+                ("pods", "miss"),
+                ("serviceaccounts", "hit"),
+                ("serviceaccounts", "miss"),
+            ]
+            .map(|(kind, result)| metrics.lookups.with_label_values(&[kind, result])),
+            metrics,
         }))
     }
 
@@ -481,20 +490,15 @@ impl ClusterCache {
         self.len() == (0, 0)
     }
 
-    /// Lookups answered so far: (hits, misses).
+    /// Lookups answered so far, of both kinds: (hits, misses).
     pub fn lookups(&self) -> (u64, u64) {
-        (
-            self.lookups[0].load(Ordering::Relaxed),
-            self.lookups[1].load(Ordering::Relaxed),
-        )
+        let [ph, pm, sh, sm] = &self.lookups;
+        (ph.get() + sh.get(), pm.get() + sm.get())
     }
 
-    fn count(&self, kind: &str, hit: bool) {
-        self.lookups[usize::from(!hit)].fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .lookups
-            .with_label_values(&[kind, if hit { "hit" } else { "miss" }])
-            .inc();
+    /// Counts a lookup (the counters are resolved once, not per call).
+    fn count(&self, pods: bool, hit: bool) {
+        self.lookups[usize::from(!pods) * 2 + usize::from(!hit)].inc();
     }
 }
 
@@ -517,7 +521,7 @@ impl ClusterView for ClusterCache {
                     node: e.node.as_ref().map(|n| n.to_string()),
                 })
         });
-        self.count("pods", found.is_some());
+        self.count(true, found.is_some());
         found
     }
 
@@ -526,7 +530,7 @@ impl ClusterView for ClusterCache {
             let key: Key = (Arc::from(namespace), Arc::from(name));
             s.get(&key).map(|u| u.to_string())
         });
-        self.count("serviceaccounts", found.is_some());
+        self.count(false, found.is_some());
         found
     }
 

@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 
 use super::*;
+use std::sync::atomic::AtomicU64;
 
 fn row(ns: &str, name: &str, uid: &str, sa: &str, node: &str, running: bool) -> PodRow {
     PodRow {

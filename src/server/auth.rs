@@ -38,6 +38,18 @@ pub enum AuthError {
     Binding(Refusal),
 }
 
+/// A refusal by the cluster: transient ones (caches not synced) are worth
+/// a retry; the others are binding refusals, which end the chain.
+impl From<Refusal> for AuthError {
+    fn from(r: Refusal) -> Self {
+        if r.is_transient() {
+            Self::Unavailable(r.to_string())
+        } else {
+            Self::Binding(r)
+        }
+    }
+}
+
 impl AuthError {
     /// A short, stable label for metrics.
     pub fn metric_label(&self) -> &'static str {
@@ -227,13 +239,7 @@ impl ClientCertAuthenticator {
         let id = single_spiffe_id(&cert).map_err(AuthError::Cert)?;
         check_workload_id(&id, authorities.trust_domain()).map_err(AuthError::Cert)?;
         if let (Some(view), Some((ns, sa))) = (&self.cluster, id.service_account()) {
-            check_renewal(ns, sa, view.as_ref()).map_err(|r| {
-                if r.is_transient() {
-                    AuthError::Unavailable(r.to_string())
-                } else {
-                    AuthError::Binding(r)
-                }
-            })?;
+            check_renewal(ns, sa, view.as_ref()).map_err(AuthError::from)?;
         }
         // The presented lifetime, less the backdate every leaf of ours
         // carries: a renewal is never longer-lived than what it renews.

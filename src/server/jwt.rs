@@ -246,13 +246,20 @@ impl JwtAuthenticator {
                         None => std::future::pending::<()>().await,
                     }
                 };
-                tokio::select! {
-                    _ = tokio::time::sleep(period) => {}
-                    _ = changed => {}
+                // A tick re-reads files and URLs; a published document is
+                // taken when (and only when) it changes.
+                let published_changed = tokio::select! {
+                    _ = tokio::time::sleep(period) => false,
+                    _ = changed => true,
                     _ = shutdown.changed() => return,
-                }
+                };
                 for issuer in &this.issuers {
-                    if matches!(issuer.config.keys, KeySource::Static(_)) {
+                    let due = match issuer.config.keys {
+                        KeySource::Static(_) => false,
+                        KeySource::Published { .. } => published_changed,
+                        KeySource::File(_) | KeySource::Url(_) => !published_changed,
+                    };
+                    if !due {
                         continue;
                     }
                     if let Err(e) = issuer.refresh().await {
@@ -396,13 +403,7 @@ impl JwtAuthenticator {
                         .into(),
                 ));
             }
-            check_binding(&facts, view.as_ref()).map_err(|r| {
-                if r.is_transient() {
-                    AuthError::Unavailable(r.to_string())
-                } else {
-                    AuthError::Binding(r)
-                }
-            })?;
+            check_binding(&facts, view.as_ref()).map_err(AuthError::from)?;
         }
         let identity = SpiffeId::for_service_account(&self.trust_domain, ns, sa)
             .map_err(|e| bad(e.to_string()))?;

@@ -81,14 +81,16 @@ impl IstioCertificateService for CaService {
         let claims_agent = request.metadata().contains_key(AGENT_HEADER);
         let body = request.into_inner();
         let requested = impersonation(&body);
-        let trust_domain = self.authority.borrow().trust_domain().clone();
+        // One snapshot for the whole call: signing never holds the watch's
+        // lock.
+        let authorities = self.authority.borrow().clone();
         let identity = match authorize(
             &caller.identity,
             caller.facts.as_ref(),
             requested,
             &self.node_agents,
             self.cluster.as_deref(),
-            &trust_domain,
+            authorities.trust_domain(),
         ) {
             Ok(identity) => identity,
             Err(refusal) => {
@@ -112,8 +114,6 @@ impl IstioCertificateService for CaService {
             .resolve_capped(body.validity_duration, caller.max_ttl)
             .and_then(|ttl| check_pem_csr(&body.csr).map(|csr| (ttl, csr)))
             .and_then(|(ttl, csr)| {
-                // A snapshot: signing never holds the watch's lock.
-                let authorities = self.authority.borrow().clone();
                 authorities
                     .sign_leaf(&csr, &identity, ttl, now)
                     .map(|issued| {
