@@ -140,6 +140,34 @@ pub fn check_csr(input: &[u8]) -> Result<CheckedCsr, Error> {
     })
 }
 
+/// A bare public key (DER SubjectPublicKeyInfo), for requests whose proof
+/// of possession was checked elsewhere (a PodCertificateRequest: the API
+/// server verified it). The key checks of [`check_csr`] apply; nothing
+/// else is asked for.
+///
+/// # Errors
+/// [`Error::CsrTooLarge`], [`Error::CsrMalformed`], [`Error::CsrKeyType`].
+pub fn check_public_key(spki_der: &[u8]) -> Result<CheckedCsr, Error> {
+    if spki_der.len() > MAX_CSR_BYTES {
+        return Err(Error::CsrTooLarge {
+            size: spki_der.len(),
+            max: MAX_CSR_BYTES,
+        });
+    }
+    let (rest, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki_der)
+        .map_err(|e| Error::CsrMalformed(format!("not a SubjectPublicKeyInfo: {e}")))?;
+    if !rest.is_empty() {
+        return Err(Error::CsrMalformed(
+            "trailing bytes after the public key".into(),
+        ));
+    }
+    Ok(CheckedCsr {
+        key: key_kind(&spki)?,
+        spki_der: spki.raw.to_vec(),
+        requested_uris: Vec::new(),
+    })
+}
+
 fn decode_pem_or_der(input: &[u8]) -> Result<Vec<u8>, Error> {
     let trimmed = input.trim_ascii_start();
     if !trimmed.starts_with(b"-----BEGIN") {

@@ -13,6 +13,11 @@
 //! - *retire* is safe once nothing still presents a leaf of the retiring
 //!   authority: no agent reports one, and no leaf it issued to another
 //!   client is still valid.
+//! - Copies of the bundle the CA keeps itself (Kubernetes Secrets and
+//!   ConfigMaps, a ClusterTrustBundle: [`Copies`]) hold both gates until
+//!   every one of them holds what the set of the gate's generation calls
+//!   for, and then for as long as their readers take to see a change (the
+//!   kubelet's sync of mounted volumes).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -161,6 +166,94 @@ impl AgentView {
     }
 }
 
+/// Copies of the trust bundle the CA keeps itself (Kubernetes Secrets
+/// `istio.<sa>`, ConfigMaps `istio-ca-root-cert`, a ClusterTrustBundle), as
+/// their writer last counted them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Copies {
+    /// What they are, for messages (`Secrets istio.<sa>`).
+    pub kind: String,
+    /// Whether this report is from their writer (the leader). A replica
+    /// that would write them but does not now reports only that they
+    /// exist: with no writer's report, no gate opens.
+    pub writer: bool,
+    /// The authority-set generation they were counted against.
+    pub generation: u64,
+    /// How many there should be.
+    pub total: usize,
+    /// How many hold exactly what the set of `generation` calls for (its
+    /// bundle; for a certificate, one from its active authority).
+    pub current: usize,
+    /// Since when every one is current at `generation`; `None` while some
+    /// are not.
+    pub settled_since: Option<SystemTime>,
+    /// How long after a change their readers may still see the old one
+    /// (a mounted Secret or ConfigMap: the kubelet's sync period).
+    pub propagation: Duration,
+    /// Some of those that are not current, for messages (at most
+    /// [`Copies::MAX_BEHIND`]).
+    pub behind: Vec<String>,
+}
+
+/// Counts one kind of copies now (for a replica's evidence).
+pub type CopyCounter = std::sync::Arc<dyn Fn(SystemTime) -> Copies + Send + Sync>;
+
+impl Copies {
+    /// How many names [`Copies::behind`] lists.
+    pub const MAX_BEHIND: usize = 10;
+
+    /// A report from a replica that does not write them now.
+    pub fn not_writing(kind: &str) -> Self {
+        Self {
+            kind: kind.to_owned(),
+            writer: false,
+            generation: 0,
+            total: 0,
+            current: 0,
+            settled_since: None,
+            propagation: Duration::ZERO,
+            behind: Vec::new(),
+        }
+    }
+
+    /// Whether every copy holds generation `generation` (or later) and
+    /// its readers have had time to see it; otherwise what is missing.
+    pub fn check(&self, generation: u64, now: SystemTime) -> Result<(), String> {
+        if !self.writer {
+            return Err(format!(
+                "no replica is writing the {} now (no leader?); their state is unknown",
+                self.kind
+            ));
+        }
+        if self.generation < generation || self.current < self.total {
+            let mut why = format!(
+                "{} of {} {} hold bundle generation {generation}",
+                if self.generation < generation {
+                    0
+                } else {
+                    self.current
+                },
+                self.total,
+                self.kind
+            );
+            if !self.behind.is_empty() {
+                why.push_str(&format!("; behind: {}", shorten(&self.behind)));
+            }
+            return Err(why);
+        }
+        match self.settled_since {
+            Some(t) if t + self.propagation <= now => Ok(()),
+            Some(t) => Err(format!(
+                "the {} hold bundle generation {generation} since {}; their readers may see it only by {}",
+                self.kind,
+                rfc3339(t),
+                rfc3339(t + self.propagation)
+            )),
+            None => Err(format!("the {} are not all current yet", self.kind)),
+        }
+    }
+}
+
 /// What the server knows when a step is asked for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Evidence {
@@ -175,6 +268,9 @@ pub struct Evidence {
     /// Why the evidence is incomplete (another replica's cannot be read):
     /// no gate opens while there is any.
     pub blocked: Vec<String>,
+    /// Copies of the bundle the CA keeps itself: every writer's report, and
+    /// a non-writer's for each kind no writer reported.
+    pub copies: Vec<Copies>,
 }
 
 /// What the other replicas of the CA know (each keeps its own agents'
@@ -236,6 +332,7 @@ impl Evidence {
             }
             self.ledger.merge(&peer.ledger);
             if current {
+                self.copies.extend(peer.copies);
                 self.uncounted += peer.uncounted;
                 self.settle_until =
                     match (self.settle_until, peer.settle_until.filter(|t| *t > now)) {
@@ -245,7 +342,34 @@ impl Evidence {
             }
         }
         self.agents = by_name.into_values().collect();
+        // Every writer's count is judged (two during a change of leader:
+        // both must agree); a kind no writer reports stays as unknown.
+        let written: Vec<String> = self
+            .copies
+            .iter()
+            .filter(|c| c.writer)
+            .map(|c| c.kind.clone())
+            .collect();
+        let mut unknown: Vec<String> = Vec::new();
+        self.copies.retain(|c| {
+            if c.writer {
+                return true;
+            }
+            if written.contains(&c.kind) || unknown.contains(&c.kind) {
+                return false;
+            }
+            unknown.push(c.kind.clone());
+            true
+        });
         self
+    }
+
+    /// What the copies of the bundle the CA keeps lack for `generation`.
+    fn copies_missing(&self, generation: u64, now: SystemTime) -> Vec<String> {
+        self.copies
+            .iter()
+            .filter_map(|c| c.check(generation, now).err())
+            .collect()
     }
 
     /// Agents whose proxies have ACKed `generation`, of all the agents
@@ -303,6 +427,7 @@ pub fn check_activate(
     }
     let since = prepared_generation(set);
     let mut missing: Vec<String> = evidence.settling();
+    missing.extend(evidence.copies_missing(since, now));
     let (ok, of, behind) = evidence.confirmed(since);
     if !behind.is_empty() {
         missing.push(format!(
@@ -345,6 +470,9 @@ pub fn check_retire(
         ]);
     }
     let mut missing: Vec<String> = evidence.settling();
+    // The copies' certificates are re-signed by the active authority at
+    // the activation's generation.
+    missing.extend(evidence.copies_missing(set.generation(), now));
     for id in &retiring {
         let holders: Vec<String> = evidence
             .agents
@@ -527,5 +655,98 @@ mod merge_tests {
         assert_eq!(m.confirmed(5).0, 2, "n1 and moved; n2 and holding behind");
         assert!(m.ledger.issued_by("new", now).is_some());
         assert!(m.ledger.issued_before(5, now).is_some());
+    }
+}
+
+#[cfg(test)]
+mod copies_tests {
+    use super::*;
+
+    fn copies(writer: bool, generation: u64, current: usize, since: Option<SystemTime>) -> Copies {
+        Copies {
+            kind: "Secrets istio.<sa>".into(),
+            writer,
+            generation,
+            total: 3,
+            current,
+            settled_since: since,
+            propagation: Duration::from_secs(60),
+            behind: if current < 3 {
+                vec!["ns/istio.a".into()]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    #[test]
+    fn copies_hold_a_gate_until_current_and_propagated() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let early = now - Duration::from_secs(30);
+        let long_ago = now - Duration::from_secs(61);
+        let behind = copies(true, 5, 2, None).check(5, now).unwrap_err();
+        assert!(
+            behind.contains("2 of 3") && behind.contains("ns/istio.a"),
+            "{behind}"
+        );
+        let old = copies(true, 4, 3, Some(long_ago))
+            .check(5, now)
+            .unwrap_err();
+        assert!(
+            old.contains("0 of 3"),
+            "counted at an older generation: {old}"
+        );
+        let fresh = copies(true, 5, 3, Some(early)).check(5, now).unwrap_err();
+        assert!(fresh.contains("readers may see it only by"), "{fresh}");
+        copies(true, 5, 3, Some(long_ago)).check(5, now).unwrap();
+        copies(true, 6, 3, Some(long_ago)).check(5, now).unwrap();
+        let nobody = Copies::not_writing("Secrets istio.<sa>")
+            .check(5, now)
+            .unwrap_err();
+        assert!(nobody.contains("no replica is writing"), "{nobody}");
+    }
+
+    #[test]
+    fn merged_copies_keep_every_writer_and_unknown_kinds_block() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let long_ago = now - Duration::from_secs(600);
+        let own = Evidence {
+            copies: vec![
+                Copies::not_writing("Secrets istio.<sa>"),
+                Copies::not_writing("ConfigMaps"),
+            ],
+            ..Evidence::default()
+        };
+        let leader = Evidence {
+            copies: vec![copies(true, 5, 3, Some(long_ago))],
+            ..Evidence::default()
+        };
+        let old_leader = Evidence {
+            copies: vec![copies(true, 5, 1, None)],
+            ..Evidence::default()
+        };
+        // A stopped replica's counts are not judged.
+        let stopped = Evidence {
+            copies: vec![copies(true, 1, 0, None)],
+            ..Evidence::default()
+        };
+        let m = own
+            .clone()
+            .merge(vec![(leader.clone(), true), (stopped, false)], now);
+        let kinds: Vec<(&str, bool)> = m
+            .copies
+            .iter()
+            .map(|c| (c.kind.as_str(), c.writer))
+            .collect();
+        assert_eq!(kinds, [("ConfigMaps", false), ("Secrets istio.<sa>", true)]);
+        assert_eq!(
+            m.copies_missing(5, now).len(),
+            1,
+            "ConfigMaps: nobody writes them"
+        );
+        let m = own.merge(vec![(leader, true), (old_leader, true)], now);
+        let missing = m.copies_missing(5, now);
+        assert_eq!(missing.len(), 2, "{missing:?}");
+        assert!(missing.iter().any(|m| m.contains("1 of 3")), "{missing:?}");
     }
 }

@@ -82,6 +82,13 @@ pub struct KubeArgs {
     /// every duration/7.5 and steps down after 2/3 of it).
     #[arg(long, env = "CA_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
+    /// How long after the CA rewrites a copy of the trust bundle (a mounted
+    /// Secret or ConfigMap, a ClusterTrustBundle) its readers may still see
+    /// the old one: the kubelet's sync of mounted volumes plus the
+    /// workload's reload. Rotation gates wait this long after the last copy
+    /// is rewritten.
+    #[arg(long, env = "CA_BUNDLE_PROPAGATION", default_value = "90s", value_parser = parse_duration)]
+    pub bundle_propagation: Duration,
 }
 
 /// How long the CA Secret's watch may be down before readiness turns false.
@@ -304,6 +311,10 @@ pub(super) async fn cluster(
     );
     tracing::info!(%replica, lease = %args.leader_lease, "replica of a CA on Kubernetes");
 
+    // Work that signs through the running CA, single-writer under the
+    // Lease: each returns the counters of the bundle copies it keeps.
+    let controllers: Vec<crate::server::cluster::Controller> = Vec::new();
+
     Ok(Some(Cluster {
         store,
         seed,
@@ -318,5 +329,6 @@ pub(super) async fn cluster(
         peers: Some(peers),
         local_evidence: Some(local_evidence),
         leader: Some(leadership.receiver()),
+        controllers,
     }))
 }

@@ -473,6 +473,26 @@ fn print_status(ca: &Ca, s: &RotationStatus) {
         }
         Ca::Offline(..) => say!("agents         : not connected (no server answers)"),
     }
+    for c in &s.copies {
+        if c.writer {
+            say!(
+                "{:<15}: {} of {} hold generation {}{}",
+                c.kind,
+                if c.generation >= s.generation {
+                    c.current
+                } else {
+                    0
+                },
+                c.total,
+                s.generation,
+                c.settled_since
+                    .map(|t| format!(", all since {}", crate::ca::rotation::rfc3339(t)))
+                    .unwrap_or_default()
+            );
+        } else {
+            say!("{:<15}: not counted (no replica writes them now)", c.kind);
+        }
+    }
     if let Some(until) = &s.other_clients_until {
         say!(
             "other clients  : may hold an older bundle until {until} (they learn it at their next request)"

@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::cache::{CacheOptions, Change, Freshen, reflect};
-use crate::ca::rotation::{AgentView, Evidence, Ledger, PeerEvidence};
+use crate::ca::rotation::{AgentView, Copies, Evidence, Ledger, PeerEvidence};
 
 /// The label every evidence ConfigMap carries.
 pub const LABEL: &str = "workload-ca.io/rotation-evidence";
@@ -57,6 +57,10 @@ struct Report {
     uncounted: usize,
     agents: Vec<AgentRow>,
     ledger: Ledger,
+    /// The copies of the bundle this replica counts (reports of replicas
+    /// from before they existed have none).
+    #[serde(default)]
+    copies: Vec<Copies>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -102,6 +106,7 @@ impl Report {
                 })
                 .collect(),
             ledger: e.ledger.clone(),
+            copies: e.copies.clone(),
         }
     }
 
@@ -152,6 +157,7 @@ impl Report {
             settle_until: self.settle_until.map(time),
             uncounted: self.uncounted,
             blocked: Vec::new(),
+            copies: self.copies.clone(),
         }
     }
 
@@ -429,6 +435,7 @@ async fn write(api: &Api<ConfigMap>, name: &str, report: &Report) -> Result<(), 
             uncounted: report.uncounted + report.agents.len(),
             agents: Vec::new(),
             ledger: report.ledger.clone(),
+            copies: report.copies.clone(),
         };
         text = serde_json::to_string(&overflow).unwrap_or_default();
     }
@@ -479,6 +486,16 @@ mod tests {
             settle_until: Some(now),
             uncounted: 1,
             blocked: Vec::new(),
+            copies: vec![Copies {
+                kind: "ConfigMaps istio-ca-root-cert".into(),
+                writer: true,
+                generation: 4,
+                total: 9,
+                current: 8,
+                settled_since: None,
+                propagation: Duration::from_secs(90),
+                behind: vec!["default".into()],
+            }],
         };
         let r = Report::of("ca-7d9f-x", &e, now);
         let back: Report = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();

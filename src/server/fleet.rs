@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::ca::AuthoritySet;
 use crate::ca::bundle::verify_path;
-use crate::ca::rotation::{AgentView, Evidence, Ledger};
+use crate::ca::rotation::{AgentView, Copies, CopyCounter, Evidence, Ledger};
 use crate::proto::workloadca::AgentReport;
 
 /// Longest agent name kept (longer ones are cut).
@@ -214,6 +214,18 @@ pub struct Fleet {
     /// Until then, gates stay closed: agents the CA did not know before a
     /// restart have time to reconnect.
     settle_until: SystemTime,
+    /// Who counts the copies of the bundle the CA keeps itself.
+    counters: std::sync::RwLock<Counters>,
+}
+
+/// The copy counters of [`Fleet::count_copies`].
+#[derive(Default)]
+struct Counters(Vec<CopyCounter>);
+
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} copy counters", self.0.len())
+    }
 }
 
 /// One agent, for `status`.
@@ -240,7 +252,27 @@ impl Fleet {
             changed: watch::channel(0).0,
             reissue_rate: reissue_rate.max(1),
             settle_until,
+            counters: std::sync::RwLock::default(),
         }
+    }
+
+    /// Counts copies of the bundle in every evidence from now on.
+    pub fn count_copies(&self, counter: CopyCounter) {
+        self.counters
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .push(counter);
+    }
+
+    fn copies(&self, now: SystemTime) -> Vec<Copies> {
+        self.counters
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .iter()
+            .map(|c| c(now))
+            .collect()
     }
 
     /// The state, even after a panic while it was held: what it holds is
@@ -370,6 +402,7 @@ impl Fleet {
             settle_until: Some(self.settle_until).filter(|t| now < *t),
             uncounted: inner.streams.values().filter(|s| s.refused).count(),
             blocked: Vec::new(),
+            copies: self.copies(now),
         }
     }
 

@@ -6,6 +6,7 @@ pub mod bundlewatch;
 pub mod cluster;
 pub mod devissuer;
 pub mod fleet;
+mod issuer;
 pub mod jwt;
 pub mod jwt_crypto;
 pub mod metrics;
@@ -213,7 +214,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, Error> {
 /// As [`start`].
 pub async fn start_with(
     config: ServerConfig,
-    cluster: Option<cluster::Cluster>,
+    mut cluster: Option<cluster::Cluster>,
 ) -> Result<Running, Error> {
     jwt_crypto::install();
     std::fs::DirBuilder::new()
@@ -300,6 +301,25 @@ pub async fn start_with(
             cluster.as_ref().and_then(|c| c.leader.clone()),
         ),
     );
+    // The cluster's controllers sign through the live CA and count their
+    // copies of the bundle in this replica's evidence.
+    let controllers = cluster
+        .as_mut()
+        .map(|c| std::mem::take(&mut c.controllers))
+        .unwrap_or_default();
+    if !controllers.is_empty() {
+        let issuer: Arc<dyn ca::LeafIssuer> = Arc::new(issuer::CaIssuer {
+            live: live.clone(),
+            fleet: fleet.clone(),
+            ttl: config.ttl,
+            metrics: metrics.clone(),
+        });
+        for start in controllers {
+            for counter in start(issuer.clone(), &mut tasks) {
+                fleet.count_copies(counter);
+            }
+        }
+    }
     if let Some(out) = cluster.as_ref().and_then(|c| c.local_evidence.clone()) {
         tasks.adopt(
             "evidence",

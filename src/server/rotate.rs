@@ -219,6 +219,10 @@ pub struct RotationStatus {
     /// Until when leaves issued to clients that are not our agents may
     /// still carry an older bundle (they learn it at their next request).
     pub other_clients_until: Option<String>,
+    /// The copies of the bundle the CA keeps itself (Kubernetes Secrets,
+    /// ConfigMaps, a ClusterTrustBundle), as their writer counted them.
+    #[serde(default)]
+    pub copies: Vec<rotation::Copies>,
     /// What the next step is, and whether its gate is open.
     pub next_step: Option<String>,
     pub blocked_by: Vec<String>,
@@ -460,6 +464,7 @@ pub fn status_of(
             .ledger
             .issued_before(set.generation(), now)
             .map(rfc3339),
+        copies: evidence.copies.clone(),
         next_step: Some(step.as_str().to_owned()),
         blocked_by,
     }

@@ -166,7 +166,7 @@ fn impersonation(req: &IstioCertificateRequest) -> Option<&str> {
     }
 }
 
-fn humantime(t: SystemTime) -> String {
+pub(crate) fn humantime(t: SystemTime) -> String {
     time::OffsetDateTime::from(t)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()

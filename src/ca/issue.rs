@@ -1,0 +1,58 @@
+//! What work running beside the server (a Kubernetes secret-mode
+//! controller, a PodCertificateRequest signer) may ask of the running CA:
+//! its live authority set, its lifetimes, and leaves signed and accounted
+//! for exactly as the server's own.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::{AuthoritySet, CheckedCsr, Error, Issued, TtlPolicy};
+use crate::identity::SpiffeId;
+
+/// How a rotation learns of a leaf issued through [`LeafIssuer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tracked {
+    /// In the issuance ledger: gates wait until it expires (the holder
+    /// learns a new bundle only from its next certificate).
+    Ledger,
+    /// By its writer's [`super::rotation::Copies`]: the caller rewrites
+    /// it when the bundle changes and counts it.
+    Copies,
+}
+
+/// A leaf signed through [`LeafIssuer::issue`].
+#[derive(Clone, Debug)]
+pub struct LeafFor {
+    pub issued: Issued,
+    /// The generation of the set that signed it (its bundle is the chain's
+    /// last element).
+    pub generation: u64,
+    /// The id of the authority that signed it.
+    pub authority: String,
+}
+
+/// The running CA, as work beside the server sees it.
+pub trait LeafIssuer: Send + Sync {
+    /// The live authority set: its bundle and generation, followed as it
+    /// changes (never a copy taken at start).
+    fn authorities(&self) -> tokio::sync::watch::Receiver<Arc<AuthoritySet>>;
+
+    /// The server's leaf lifetimes.
+    fn ttl(&self) -> TtlPolicy;
+
+    /// Signs a leaf naming `id` for `key`, with the active authority of
+    /// the live set, logs it (with `via`), counts it in the server's
+    /// metrics, and accounts for it as `tracked` says.
+    ///
+    /// # Errors
+    /// As [`AuthoritySet::sign_leaf`].
+    fn issue(
+        &self,
+        key: &CheckedCsr,
+        id: &SpiffeId,
+        ttl: Duration,
+        now: SystemTime,
+        via: &'static str,
+        tracked: Tracked,
+    ) -> Result<LeafFor, Error>;
+}
