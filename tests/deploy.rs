@@ -106,6 +106,33 @@ fn check_cli(c: &Container, sub: &str, errors: &mut Vec<String>) {
     }
 }
 
+/// `ca server` started with the container's environment (downward API
+/// values made up, listeners on loopback, no cluster to reach) gets past
+/// its flags and fails only at the Kubernetes client.
+fn server_accepts_env(c: &Container) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ca"));
+    cmd.args(c.args.clone().unwrap_or_default()).env_clear();
+    for e in c.env.iter().flatten() {
+        cmd.env(
+            &e.name,
+            e.value.clone().unwrap_or_else(|| "from-the-pod".into()),
+        );
+    }
+    let out = cmd
+        .env("CA_LISTEN", "127.0.0.1:0")
+        .env("CA_OPS_LISTEN", "off")
+        .env("CA_STATE_DIR", dir.path())
+        .env("CA_KUBECONFIG", dir.path().join("no-kubeconfig"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() || !err.contains("the Kubernetes client") {
+        return Err(format!("{}{err}", String::from_utf8_lossy(&out.stdout)));
+    }
+    Ok(())
+}
+
 fn hardened(what: &str, pod: &PodSpec, c: &Container, errors: &mut Vec<String>) {
     let sc = c.security_context.clone().unwrap_or_default();
     let psc = pod.security_context.clone().unwrap_or_default();
@@ -193,6 +220,11 @@ fn overlays_agree_with_themselves_and_the_binary() {
             err("CA_KUBE, CA_LISTEN, CA_OPS_LISTEN".into());
         }
         check_cli(ca, "server", &mut errors);
+        if let Err(e) = server_accepts_env(ca) {
+            errors.push(format!(
+                "{overlay}: `ca server` with the CA's environment: {e}"
+            ));
+        }
         hardened(&format!("{overlay} CA"), &pod, ca, &mut errors);
         let pdb_ok = objs.iter().any(|o| match o {
             Object::PodDisruptionBudget(p) => {
