@@ -1,0 +1,328 @@
+//! Scenarios that drive every code path of `ca server --kube` that calls
+//! the API server, each on a fresh fake cluster (`KubeCluster`, the CA as
+//! `system:serviceaccount:istio-system:workload-ca`). The fake logs every
+//! request; the test checks the CA's against the RBAC of deploy/.
+//!
+//! A new controller adds its scenario to [`SCENARIOS`] (and its rules to
+//! deploy/ca/rbac.yaml): a rule no scenario uses fails the test.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::fakekube::RequestRecord;
+use crate::common::kubeca::{CA_NS, KubeCluster, issue, wait_ready, within};
+use crate::common::procs::{AgentProc, CaProc, fetch_default};
+use crate::common::sds::SotwStream;
+
+/// The CA's user in the scenarios (KubeCluster's credential).
+pub const CA_USER: &str = "system:serviceaccount:istio-system:workload-ca";
+/// The node agent's service account in the scenarios.
+pub const AGENT_SA: &str = "workload-ca-agent";
+pub const AGENT_USER: &str = "system:serviceaccount:istio-system:workload-ca-agent";
+
+const READY: Duration = Duration::from_secs(30);
+
+type Run = for<'a> fn(&'a Env) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
+
+pub struct Scenario {
+    pub name: &'static str,
+    pub run: Run,
+}
+
+/// Every scenario; each one's API calls are checked.
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "two replicas: JWKS, leader election and release, evidence, node agent, rotation",
+        run: |e| Box::pin(replicas(e)),
+    },
+    Scenario {
+        name: "--token-review",
+        run: |e| Box::pin(token_review(e)),
+    },
+    Scenario {
+        name: "plugged-in cacerts Secret",
+        run: |e| Box::pin(plugged_in(e)),
+    },
+];
+
+/// A scenario's cluster and what it scraped.
+pub struct Env {
+    pub k: KubeCluster,
+    /// Metric sample names seen on the CAs' and agents' /metrics.
+    pub ca_metrics: Mutex<BTreeSet<String>>,
+    pub agent_metrics: Mutex<BTreeSet<String>>,
+}
+
+/// The sample names of a Prometheus text page.
+pub async fn metric_names(ops: SocketAddr) -> BTreeSet<String> {
+    let (code, body) = crate::common::http_get(ops, "/metrics").await;
+    assert_eq!(code, 200, "/metrics: {body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits (at most 20 s) until `ops`'s /metrics has a sample of `name`.
+async fn wait_metric(ops: SocketAddr, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !metric_names(ops).await.contains(name) {
+        assert!(Instant::now() < deadline, "no {name} on {ops} within 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Env {
+    async fn scrape_ca(&self, ca: &CaProc) {
+        let names = metric_names(ca.ops).await;
+        self.ca_metrics.lock().unwrap().extend(names);
+    }
+
+    async fn scrape_agent(&self, agent: &AgentProc) {
+        let names = metric_names(agent.ops).await;
+        self.agent_metrics.lock().unwrap().extend(names);
+    }
+}
+
+/// What all scenarios did: the fake's log of each, and the metric names.
+pub struct Outcome {
+    pub requests: Vec<RequestRecord>,
+    pub ca_metrics: BTreeSet<String>,
+    pub agent_metrics: BTreeSet<String>,
+}
+
+pub async fn run_all() -> Outcome {
+    let mut out = Outcome {
+        requests: Vec::new(),
+        ca_metrics: BTreeSet::new(),
+        agent_metrics: BTreeSet::new(),
+    };
+    for s in SCENARIOS {
+        let started = Instant::now();
+        let env = Env {
+            k: KubeCluster::start().await,
+            ca_metrics: Mutex::default(),
+            agent_metrics: Mutex::default(),
+        };
+        (s.run)(&env).await;
+        let log = env.k.fake.requests();
+        println!(
+            "scenario {:?}: {} API requests in {:?}",
+            s.name,
+            log.len(),
+            started.elapsed()
+        );
+        out.requests.extend(log);
+        out.ca_metrics.extend(env.ca_metrics.into_inner().unwrap());
+        out.agent_metrics
+            .extend(env.agent_metrics.into_inner().unwrap());
+    }
+    out
+}
+
+/// SIGTERM, and the exit awaited (bounded): an orderly stop, which releases
+/// the Lease.
+fn stop(mut ca: CaProc) {
+    let status = Command::new("kill")
+        .args(["-TERM", &ca.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ca.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the CA did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn leads(ca: &CaProc) -> bool {
+    ca.log_text()
+        .contains("leading: single-writer work runs here")
+}
+
+async fn replicas(e: &Env) {
+    let k = &e.k;
+    k.workload("prod", "web", "web-1", "node-a");
+    // The node agent: its account and its own pod on node-a.
+    k.workload(CA_NS, AGENT_SA, "agent-node-a", "node-a");
+    // A report of a replica that stopped long ago, nothing valid in it:
+    // the leader deletes it.
+    let spent = "workload-ca-evidence-gone-0a0a0a";
+    k.fake.put_json(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": spent, "namespace": CA_NS,
+                     "labels": {"workload-ca.io/rotation-evidence": "true"}},
+        "data": {"evidence.json": json!({
+            "replica": "gone-0a0a0a", "written": 1_000_000_000u64, "settle_until": null,
+            "uncounted": 0, "agents": [],
+            "ledger": {"by_generation": {}, "by_authority": {}, "longest": 0}
+        }).to_string()}
+    }));
+    let trusted = format!("{CA_NS}/{AGENT_SA}");
+    let args = [
+        "--trusted-node-accounts",
+        trusted.as_str(),
+        "--lease-duration",
+        "3s",
+    ];
+    let a = k.start_ca("a", &args);
+    let b = k.start_ca("b", &args);
+    wait_ready(&a, READY).await;
+    wait_ready(&b, READY).await;
+
+    // Tokens checked locally (JWKS) against the watch caches.
+    let token = k.pod_token("prod", "web", "web-1");
+    issue(&a, &token, None)
+        .await
+        .expect("a workload's certificate");
+    issue(&b, &token, None)
+        .await
+        .expect("a workload's certificate");
+    assert!(issue(&a, "not-a-token", None).await.is_err());
+    // A workload is no node agent.
+    assert!(
+        issue(&a, &token, Some("spiffe://cluster.local/ns/prod/sa/db"))
+            .await
+            .is_err()
+    );
+
+    // The node agent asks for web's identity with its own token.
+    let agent_token = k.fake.mint_token(
+        crate::common::fakekube::TokenSpec::new(CA_NS, AGENT_SA)
+            .pod("agent-node-a")
+            .audiences(&["istio-ca"]),
+    );
+    let agent = AgentProc::start_with(a.grpc, &a.root_pem(), |dir, cmd| {
+        let path = dir.join("node-token");
+        std::fs::write(&path, &agent_token).unwrap();
+        cmd.arg("--node-token")
+            .arg(&path)
+            .args(["--workload", "web=spiffe://cluster.local/ns/prod/sa/web"]);
+    });
+    agent.wait_ready().await;
+    fetch_default(&agent.socket("web")).await;
+
+    // A rotation step through one replica's admin socket: the CA Secret is
+    // updated, the other replica follows through its watch.
+    let out = Command::new(env!("CARGO_BIN_EXE_ca"))
+        .args(["rotate-root", "prepare", "--state-dir"])
+        .arg(&a.state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "prepare: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    within(Duration::from_secs(10), || async {
+        (b.root_pem().matches("BEGIN CERTIFICATE").count() == 2).then_some(())
+    })
+    .await;
+
+    // Evidence published by both, the spent report deleted by the leader.
+    within(Duration::from_secs(30), || async {
+        let cms = k.fake.list_json("configmaps", CA_NS);
+        let reports = cms
+            .iter()
+            .filter(|c| {
+                c["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("workload-ca-evidence-"))
+            })
+            .count();
+        let gone = k.fake.get_json("configmaps", CA_NS, spent).is_none();
+        (gone && reports == 2).then_some(())
+    })
+    .await;
+
+    // A proxy that rejects what it was sent (an SDS NACK).
+    {
+        use workload_ca::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+        let channel = crate::common::unix_channel(&agent.socket("web")).await;
+        let mut stream = SotwStream::open(&mut SecretDiscoveryServiceClient::new(channel)).await;
+        stream.send(&["default"], "", "", None).await;
+        let r = stream.recv().await.expect("a response");
+        stream
+            .send(&["default"], "", &r.nonce, Some("rejected by the test"))
+            .await;
+        wait_metric(agent.ops, "workload_ca_agent_sds_nacks_total").await;
+    }
+    // An identity the CA refuses (no pod of it on the node): the agent's
+    // failures and retries.
+    let refused = AgentProc::start_with(a.grpc, &a.root_pem(), |dir, cmd| {
+        let path = dir.join("node-token");
+        std::fs::write(&path, &agent_token).unwrap();
+        cmd.arg("--node-token")
+            .arg(&path)
+            .args(["--workload", "db=spiffe://cluster.local/ns/prod/sa/db"]);
+    });
+    wait_metric(refused.ops, "workload_ca_agent_csr_retries_total").await;
+    wait_metric(refused.ops, "workload_ca_agent_csr_failures_total").await;
+    e.scrape_agent(&refused).await;
+    // Watches that fall behind a compaction are restarted (and counted).
+    k.fake.compact();
+    k.fake.close_watches();
+    wait_metric(a.ops, "workload_ca_kube_watch_restarts_total").await;
+
+    e.scrape_agent(&agent).await;
+    e.scrape_ca(&a).await;
+    e.scrape_ca(&b).await;
+    drop(agent);
+    // The leader stops in order: it releases the Lease.
+    let (_, _) = within(Duration::from_secs(10), || async {
+        (leads(&a) || leads(&b)).then_some(())
+    })
+    .await;
+    let (leader, other) = if leads(&a) { (a, b) } else { (b, a) };
+    stop(leader);
+    stop(other);
+}
+
+async fn token_review(e: &Env) {
+    let k = &e.k;
+    k.workload("prod", "web", "web-1", "node-a");
+    let ca = k.start_ca("tr", &["--token-review"]);
+    wait_ready(&ca, READY).await;
+    let token = k.pod_token("prod", "web", "web-1");
+    issue(&ca, &token, None).await.expect("reviewed and issued");
+    assert!(issue(&ca, "not-a-token", None).await.is_err());
+    e.scrape_ca(&ca).await;
+    stop(ca);
+}
+
+async fn plugged_in(e: &Env) {
+    let k = &e.k;
+    let dir = tempfile::tempdir().unwrap();
+    crate::common::cacerts::make_cacerts(dir.path(), false);
+    let file = |n: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(dir.path().join(n)).unwrap())
+    };
+    k.fake
+        .create_json(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "cacerts", "namespace": CA_NS},
+            "data": {
+                "ca-cert.pem": file("ca-cert.pem"), "ca-key.pem": file("ca-key.pem"),
+                "root-cert.pem": file("root-cert.pem"), "cert-chain.pem": file("cert-chain.pem"),
+            }
+        }))
+        .expect("the cacerts Secret");
+    let ca = k.start_ca("plugged", &[]);
+    wait_ready(&ca, READY).await;
+    let root = std::fs::read_to_string(dir.path().join("root-cert.pem")).unwrap();
+    assert!(
+        ca.root_pem().contains(root.trim()),
+        "the CA seeded from cacerts"
+    );
+    e.scrape_ca(&ca).await;
+    stop(ca);
+}
