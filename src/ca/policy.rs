@@ -228,7 +228,8 @@ pub fn check_renewal(namespace: &str, name: &str, view: &dyn ClusterView) -> Res
 pub struct NodeAgents(Vec<(String, String)>);
 
 impl NodeAgents {
-    /// From `namespace/name` entries.
+    /// From `namespace/name` entries; empty entries (an empty
+    /// environment variable) name nobody.
     ///
     /// # Errors
     /// An entry that is not `namespace/name`.
@@ -236,6 +237,9 @@ impl NodeAgents {
         let mut out = Vec::new();
         for e in entries {
             let e = e.as_ref().trim();
+            if e.is_empty() {
+                continue;
+            }
             match e.split_once('/') {
                 Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
                     out.push((ns.to_owned(), sa.to_owned()));
@@ -590,8 +594,10 @@ mod tests {
     #[test]
     fn node_account_entries_must_be_namespace_and_name() {
         assert!(NodeAgents::parse(&["a/b", " istio-system/ztunnel "]).is_ok());
-        for bad in ["a", "/b", "a/", "a/b/c", ""] {
+        for bad in ["a", "/b", "a/", "a/b/c", " / "] {
             assert!(NodeAgents::parse(&[bad]).is_err(), "{bad}");
         }
+        // An empty environment variable: nobody.
+        assert!(NodeAgents::parse(&["", " "]).unwrap().is_empty());
     }
 }
