@@ -174,9 +174,13 @@ impl<C: CaClient> CertManager<C> {
     ) -> (Self, CertWatch) {
         let (cert_tx, cert) = watch::channel(None);
         let roots = bundle.subscribe();
+        let name = name.into();
+        // Every series from the start: a dashboard shows 0, not a gap.
+        metrics.csr_failures.with_label_values(&[&name]);
+        metrics.csr_retries.with_label_values(&[&name]);
         (
             Self {
-                name: name.into(),
+                name,
                 client,
                 policy,
                 cert_tx,

@@ -118,6 +118,22 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Every [`Refusal::metric_label`], so metrics can show each at 0
+    /// from the start.
+    pub const METRIC_LABELS: &'static [&'static str] = &[
+        "not_synced",
+        "pod_gone",
+        "pod_recreated",
+        "pod_service_account",
+        "service_account_gone",
+        "service_account_recreated",
+        "not_trusted_node",
+        "no_caller_node",
+        "not_on_node",
+        "bad_requested_identity",
+        "no_running_pod",
+    ];
+
     /// A short, stable label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -589,6 +605,59 @@ mod tests {
             check_renewal("default", "web", &View::default()),
             Err(Refusal::NotSynced)
         );
+    }
+
+    #[test]
+    fn every_refusal_label_is_listed() {
+        let s = || String::from("x");
+        let all = [
+            Refusal::NotSynced,
+            Refusal::PodGone {
+                namespace: s(),
+                name: s(),
+            },
+            Refusal::PodRecreated {
+                namespace: s(),
+                name: s(),
+                token: s(),
+                current: s(),
+            },
+            Refusal::PodServiceAccount {
+                namespace: s(),
+                name: s(),
+                token: s(),
+                runs_as: s(),
+            },
+            Refusal::ServiceAccountGone {
+                namespace: s(),
+                name: s(),
+            },
+            Refusal::ServiceAccountRecreated {
+                namespace: s(),
+                name: s(),
+                token: s(),
+                current: s(),
+            },
+            Refusal::NotTrustedNode {
+                caller: s(),
+                requested: s(),
+            },
+            Refusal::NoCallerNode,
+            Refusal::NotOnNode {
+                requested: s(),
+                node: s(),
+            },
+            Refusal::BadRequested {
+                requested: s(),
+                trust_domain: s(),
+            },
+            Refusal::NoRunningPod {
+                namespace: s(),
+                name: s(),
+            },
+        ];
+        let labels: Vec<&str> = all.iter().map(Refusal::metric_label).collect();
+        assert_eq!(labels, Refusal::METRIC_LABELS);
     }
 
     #[test]

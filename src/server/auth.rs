@@ -51,6 +51,14 @@ impl From<Refusal> for AuthError {
 }
 
 impl AuthError {
+    /// Every [`AuthError::metric_label`] (a binding refusal is labelled by
+    /// its [`Refusal`]), so metrics can show each at 0 from the start.
+    pub fn metric_labels() -> impl Iterator<Item = &'static str> {
+        ["token", "certificate", "unavailable"]
+            .into_iter()
+            .chain(Refusal::METRIC_LABELS.iter().copied())
+    }
+
     /// A short, stable label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {

@@ -88,6 +88,13 @@ impl Metrics {
             "Authenticated callers refused the identity they asked for, by reason.",
             "reason",
         )?;
+        // Every reason from the start: a dashboard shows 0, not a gap.
+        for l in super::auth::AuthError::metric_labels() {
+            auth_refusals.with_label_values(&[l]);
+        }
+        for l in crate::ca::policy::Refusal::METRIC_LABELS {
+            identity_refusals.with_label_values(&[l]);
+        }
         let impersonations = counter(
             "workload_ca_impersonations_total",
             "Certificates issued to a trusted node agent for a pod on its node.",
