@@ -451,35 +451,22 @@ fn as_overlay(log: &[common::fakekube::RequestRecord], ns: &str, sa: &str) -> Ve
     let user = format!("system:serviceaccount:{ns}:{sa}");
     log.iter()
         .filter(|r| r.user == CA_USER)
-        .map(|r| {
-            let mut name = r.name.clone();
-            // The CA watches its Secret with fieldSelector=metadata.name=
-            // istio-ca-secret (k8s::store), which the API server's request
-            // info turns into the name RBAC checks; the fake does not
-            // record the query, so the test supplies the name.
-            if r.resource == "secrets"
-                && name.is_empty()
-                && matches!(r.verb.as_str(), "list" | "watch")
-            {
-                name = "istio-ca-secret".into();
-            }
-            rbac::Request {
-                user: user.clone(),
-                groups: vec![
-                    "system:serviceaccounts".into(),
-                    format!("system:serviceaccounts:{ns}"),
-                ],
-                verb: r.verb.clone(),
-                api_group: r.api_group.clone(),
-                resource: r.resource_path_or_empty(),
-                namespace: if r.namespace == scenarios_ns() {
-                    ns.to_owned()
-                } else {
-                    r.namespace.clone()
-                },
-                name,
-                path: r.path.clone(),
-            }
+        .map(|r| rbac::Request {
+            user: user.clone(),
+            groups: vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{ns}"),
+            ],
+            verb: r.verb.clone(),
+            api_group: r.api_group.clone(),
+            resource: r.resource_path_or_empty(),
+            namespace: if r.namespace == scenarios_ns() {
+                ns.to_owned()
+            } else {
+                r.namespace.clone()
+            },
+            name: r.name.clone(),
+            path: r.path.clone(),
         })
         .collect()
 }
