@@ -62,6 +62,24 @@ impl fmt::Debug for Peer<'_> {
 /// Control characters (C0, DEL, C1), line and paragraph separators, and
 /// bidirectional overrides, which can make a log line read differently from
 /// what it holds.
+/// Text for a terminal: every control and bidi character but the line
+/// break escaped, so what a peer sent (an agent's name, a replica's
+/// report) cannot move the cursor or rewrite what an operator reads.
+pub fn terminal(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(|c| c != '\n' && needs_escape(c)) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if c != '\n' && needs_escape(c) {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn needs_escape(c: char) -> bool {
     c.is_control()
         || matches!(
@@ -159,6 +177,16 @@ macro_rules! peer_warn {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn terminal_text_keeps_lines_and_escapes_the_rest() {
+        assert!(matches!(
+            terminal("a\nb"),
+            std::borrow::Cow::Borrowed("a\nb")
+        ));
+        let shown = terminal("agent\x1b[2J\r\u{202e}x\ny");
+        assert_eq!(shown, "agent\\u{1b}[2J\\u{d}\\u{202e}x\ny");
+    }
 
     #[test]
     fn escapes_and_truncates() {

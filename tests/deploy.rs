@@ -14,7 +14,7 @@ mod rbac;
 #[path = "deploy/scenarios.rs"]
 mod scenarios;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use serde_json::Value;
@@ -444,6 +444,11 @@ fn dashboard_metrics(dashboard: &Value) -> BTreeSet<String> {
         .collect()
 }
 
+/// (resource, verb) whose object names are not known in advance (a
+/// replica's evidence report is named after its pod), so a rule for them
+/// cannot list resourceNames.
+const DYNAMIC_NAMES: &[(&str, &str)] = &[("configmaps", "update"), ("configmaps", "delete")];
+
 /// Requests as the overlay's CA would make them: the scenarios' CA
 /// (istio-system/workload-ca) mapped to the overlay's namespace and
 /// service account.
@@ -540,12 +545,37 @@ async fn rbac_allows_exactly_the_ca_calls_and_the_dashboard_metrics_exist() {
         let requests = as_overlay(&outcome.requests, &ns, &sa);
         let mut used = BTreeSet::new();
         let mut forbidden = BTreeSet::new();
+        // Elements for any name, and whether a request without a name used
+        // them: one only ever used for named objects could be narrowed.
+        let mut any_name_uses: BTreeMap<rbac::Element, bool> = BTreeMap::new();
         for r in &requests {
-            let allowing = rbac.allowing(r);
-            if allowing.is_empty() {
+            let credited = rbac.credited(r);
+            if credited.is_empty() {
                 forbidden.insert(r.describe());
             }
-            used.extend(allowing);
+            for e in &credited {
+                if e.url.is_empty() && e.resource_name.is_empty() {
+                    *any_name_uses.entry(e.clone()).or_default() |= r.name.is_empty();
+                }
+            }
+            used.extend(credited);
+        }
+        for (e, unnamed_use) in &any_name_uses {
+            let dynamic = DYNAMIC_NAMES
+                .iter()
+                .any(|(res, verb)| e.resource == *res && e.verb == *verb);
+            if !unnamed_use && !dynamic {
+                errors.push(format!(
+                    "{overlay}: {e:?} allows any name, but every use named its object: add resourceNames"
+                ));
+            }
+        }
+        // Only the CA's own account is bound to anything.
+        let bound = rbac.bound_accounts();
+        if bound != BTreeSet::from([format!("{ns}/{sa}")]) {
+            errors.push(format!(
+                "{overlay}: bindings name {bound:?}; only the CA's {ns}/{sa} may be bound"
+            ));
         }
         for f in forbidden {
             errors.push(format!(

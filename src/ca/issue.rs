@@ -42,7 +42,12 @@ pub trait LeafIssuer: Send + Sync {
 
     /// Signs a leaf naming `id` for `key`, with the active authority of
     /// the live set, logs it (with `via`), counts it in the server's
-    /// metrics, and accounts for it as `tracked` says.
+    /// metrics, and accounts for it as `tracked` says. `ttl` is cut to the
+    /// server's maximum; zero means the server's default.
+    ///
+    /// [`Tracked::Copies`] is only for a caller whose copy counter (given
+    /// back from its `Controller`) covers the leaf and rewrites it when the
+    /// bundle changes; anything else is [`Tracked::Ledger`].
     ///
     /// # Errors
     /// As [`AuthoritySet::sign_leaf`].

@@ -331,6 +331,13 @@ impl Evidence {
                 fold(a, current);
             }
             self.ledger.merge(&peer.ledger);
+            if !current {
+                // A replica that stopped reporting may have been the only
+                // one counting a kind: it stays expected, unknown unless a
+                // current writer counts it.
+                self.copies
+                    .extend(peer.copies.iter().map(|c| Copies::not_writing(&c.kind)));
+            }
             if current {
                 self.copies.extend(peer.copies);
                 self.uncounted += peer.uncounted;
@@ -725,11 +732,18 @@ mod copies_tests {
             copies: vec![copies(true, 5, 1, None)],
             ..Evidence::default()
         };
-        // A stopped replica's counts are not judged.
+        // A stopped replica's counts are not judged, but its kinds stay
+        // expected.
         let stopped = Evidence {
             copies: vec![copies(true, 1, 0, None)],
             ..Evidence::default()
         };
+        let alone = Evidence::default().merge(vec![(stopped.clone(), false)], now);
+        assert_eq!(
+            alone.copies,
+            vec![Copies::not_writing("Secrets istio.<sa>")]
+        );
+        assert_eq!(alone.copies_missing(5, now).len(), 1);
         let m = own
             .clone()
             .merge(vec![(leader.clone(), true), (stopped, false)], now);

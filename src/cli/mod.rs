@@ -7,7 +7,12 @@
 macro_rules! say {
     ($($arg:tt)*) => {{
         use std::io::Write;
-        let _ = writeln!(std::io::stdout(), $($arg)*);
+        // What a peer sent may be in it: no terminal escapes get through.
+        let _ = writeln!(
+            std::io::stdout(),
+            "{}",
+            $crate::logsafe::terminal(&format!($($arg)*))
+        );
     }};
 }
 

@@ -40,7 +40,12 @@ impl LeafIssuer for CaIssuer {
         tracked: Tracked,
     ) -> Result<LeafFor, ca::Error> {
         let set = self.live.current();
-        let ttl = ttl.min(self.ttl.max_ttl);
+        // Zero asks for the default, as `validity_duration <= 0` does.
+        let ttl = if ttl.is_zero() {
+            self.ttl.default_ttl
+        } else {
+            ttl.min(self.ttl.max_ttl)
+        };
         match set.sign_leaf(key, id, ttl, now) {
             Ok(issued) => {
                 let (generation, authority) = (set.generation(), set.active().id().to_owned());

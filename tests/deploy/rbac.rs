@@ -201,6 +201,7 @@ impl Rbac {
     pub fn from_objects(objs: &[Object]) -> Self {
         let mut roles: BTreeMap<String, Vec<PolicyRule>> = BTreeMap::new();
         let mut defined = BTreeMap::new();
+        let mut problems_early = Vec::new();
         for o in objs {
             match o {
                 Object::Role(r) => {
@@ -217,13 +218,24 @@ impl Rbac {
                         "ClusterRole/{}",
                         r.metadata.name.clone().unwrap_or_default()
                     );
+                    // Aggregation hands these rules to other roles (or
+                    // others' rules to this one): nothing here checks that.
+                    let aggregates = r
+                        .metadata
+                        .labels
+                        .iter()
+                        .flatten()
+                        .any(|(k, _)| k.starts_with("rbac.authorization.k8s.io/aggregate-to-"));
+                    if aggregates || r.aggregation_rule.is_some() {
+                        problems_early.push(format!("{key}: aggregation is not allowed"));
+                    }
                     roles.insert(key.clone(), r.rules.clone().unwrap_or_default());
                     defined.insert(key, false);
                 }
                 _ => {}
             }
         }
-        let mut problems = Vec::new();
+        let mut problems = problems_early;
         let mut grants = Vec::new();
         let mut bind = |kind: &str,
                         name: &str,
@@ -247,6 +259,16 @@ impl Rbac {
                     }
                 },
             };
+            // Only service accounts: a group or user subject hands the
+            // CA's rights to whoever else is in it.
+            for s in &subjects {
+                if s.kind != "ServiceAccount" {
+                    problems.push(format!(
+                        "{kind}/{name}: binds {} {:?}; only service accounts may be bound",
+                        s.kind, s.name
+                    ));
+                }
+            }
             let source = format!("{key} via {kind}/{name}");
             let cluster = ns.is_none();
             grants.push(Grant {
@@ -297,6 +319,16 @@ impl Rbac {
         })
     }
 
+    /// Every service account any binding names, as `ns/name`.
+    pub fn bound_accounts(&self) -> BTreeSet<String> {
+        self.grants
+            .iter()
+            .flat_map(|g| g.subjects.iter())
+            .filter(|s| s.kind == "ServiceAccount")
+            .map(|s| format!("{}/{}", s.namespace.as_deref().unwrap_or(""), s.name))
+            .collect()
+    }
+
     /// Every element granted to `user` (in `groups`).
     pub fn elements_of(&self, user: &str, groups: &[String]) -> BTreeSet<Element> {
         self.grants
@@ -316,6 +348,19 @@ impl Rbac {
                 Some(ns) => !r.resource.is_empty() && r.namespace == *ns,
             })
             .flat_map(|g| g.elements.iter().filter(|e| e.matches(r)).cloned())
+            .collect()
+    }
+
+    /// The elements credited with allowing `r`: for a request naming an
+    /// object, those naming it when there are any (so an element for any
+    /// name is not counted as used by a request a narrower one covers).
+    pub fn credited(&self, r: &Request) -> Vec<Element> {
+        let all = self.allowing(r);
+        if r.name.is_empty() || !all.iter().any(|e| e.resource_name == r.name) {
+            return all;
+        }
+        all.into_iter()
+            .filter(|e| e.resource_name == r.name)
             .collect()
     }
 }
