@@ -378,3 +378,59 @@ async fn a_certificate_renews_only_while_its_account_has_a_running_pod() {
         .await;
     assert!(n >= 1.0, "{n}");
 }
+
+/// Taking over an Istio install's CA: its Secret stays in istio-system
+/// while the CA, its Lease and its replica reports live in a namespace of
+/// their own, which nothing else writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_secret_may_live_in_another_namespace_than_the_ca() {
+    let k = KubeCluster::start().await;
+    k.fake.create_namespace("workload-ca");
+    k.workload("prod", "web", "web-1", "node-a");
+    let ca = k.start_ca_in("ca", "workload-ca", &["--ca-secret-namespace", CA_NS]);
+    wait_ready(&ca, READY).await;
+    let chain = issue(&ca, &k.pod_token("prod", "web", "web-1"), None)
+        .await
+        .expect("a bound token is accepted");
+    webpki_verify(&chain);
+    let secret = k
+        .fake
+        .get_json("secrets", CA_NS, "istio-ca-secret")
+        .expect("the CA Secret is in istio-system");
+    let root = String::from_utf8(
+        base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            secret["data"]["root-cert.pem"].as_str().unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        chain.last().unwrap().trim(),
+        root.trim(),
+        "signed with that Secret's CA"
+    );
+    assert!(
+        k.fake
+            .get_json("secrets", "workload-ca", "istio-ca-secret")
+            .is_none()
+    );
+    within(Duration::from_secs(10), || async {
+        k.fake
+            .get_json("leases", "workload-ca", "workload-ca-leader")
+    })
+    .await;
+    assert!(
+        k.fake
+            .get_json("leases", CA_NS, "workload-ca-leader")
+            .is_none()
+    );
+    let reports = k.fake.list_json("configmaps", "workload-ca");
+    assert!(
+        reports.iter().any(|c| c["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("workload-ca-evidence-")),
+        "the replica report is in the CA's namespace"
+    );
+}

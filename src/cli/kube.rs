@@ -29,9 +29,15 @@ pub struct KubeArgs {
     /// pod's own service account).
     #[arg(long, env = "CA_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// Namespace of the CA's Secrets and Lease.
+    /// Namespace of the CA's Lease and replica reports (and of its
+    /// Secrets unless `--ca-secret-namespace` says otherwise).
     #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
     pub kube_namespace: String,
+    /// Namespace of `--ca-secret` and `--cacerts-secret` when not the CA's
+    /// own: taking over an Istio install's CA (`istio-system`) while the
+    /// CA, its Lease and reports live in a namespace nobody else writes.
+    #[arg(long, env = "CA_SECRET_NAMESPACE")]
+    pub ca_secret_namespace: Option<String>,
     /// Secret holding the CA's authorities (Istio's self-signed layout at
     /// the top level, plus the rotation state).
     #[arg(long, env = "CA_SECRET", default_value = "istio-ca-secret")]
@@ -232,20 +238,19 @@ pub(super) async fn cluster(
         })
     };
 
+    let secret_ns = args
+        .ca_secret_namespace
+        .as_deref()
+        .unwrap_or(&args.kube_namespace);
     let store = Arc::new(k8s::store::SecretStore::new(
         client.clone(),
-        &args.kube_namespace,
+        secret_ns,
         &args.ca_secret,
     ));
     tasks.adopt("kube-ca-secret-watch", store.spawn_watch(tasks.signal()));
-    let seed = k8s::store::read_cacerts(&client, &args.kube_namespace, &args.cacerts_secret)
+    let seed = k8s::store::read_cacerts(&client, secret_ns, &args.cacerts_secret)
         .await
-        .with_context(|| {
-            format!(
-                "reading Secret {}/{}",
-                args.kube_namespace, args.cacerts_secret
-            )
-        })?;
+        .with_context(|| format!("reading Secret {}/{}", secret_ns, args.cacerts_secret))?;
 
     let ready: Vec<ReadyCheck> = vec![
         {
@@ -318,7 +323,7 @@ pub(super) async fn cluster(
     Ok(Some(Cluster {
         store,
         seed,
-        seed_from: format!("Secret {}/{}", args.kube_namespace, args.cacerts_secret),
+        seed_from: format!("Secret {}/{}", secret_ns, args.cacerts_secret),
         view: cache,
         issuer: issuer_config,
         authenticators,

@@ -56,13 +56,18 @@ impl KubeCluster {
 
     /// `ca server --kube` on its own state directory `name`.
     pub fn start_ca(&self, name: &str, args: &[&str]) -> CaProc {
+        self.start_ca_in(name, CA_NS, args)
+    }
+
+    /// The same, in namespace `ns` (its Lease and replica reports).
+    pub fn start_ca_in(&self, name: &str, ns: &str, args: &[&str]) -> CaProc {
         let kc = self.kubeconfig.to_str().unwrap().to_owned();
         let mut all = vec![
             "--kube",
             "--kubeconfig",
             kc.as_str(),
             "--kube-namespace",
-            CA_NS,
+            ns,
         ];
         all.extend_from_slice(args);
         CaProc::start_plain(&self.dir.path().join(name), &all, &[])
