@@ -6,8 +6,17 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::{AuthoritySet, CheckedCsr, Error, Issued, TtlPolicy};
+use super::rotation::CopyCounter;
+use super::{AuthoritySet, CheckedCsr, Error, Issued, PrivateKey, TtlPolicy};
 use crate::identity::SpiffeId;
+
+/// Work that needs the running CA (a secret-mode controller, a
+/// PodCertificateRequest signer): started once the CA is up, with its
+/// tasks adopted into the server's (stopped under the same deadline);
+/// returns the counters of the bundle copies it keeps, which every
+/// rotation gate then waits for.
+pub type Controller =
+    Box<dyn FnOnce(Arc<dyn LeafIssuer>, &mut crate::drain::Tasks) -> Vec<CopyCounter> + Send>;
 
 /// How a rotation learns of a leaf issued through [`LeafIssuer`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,5 +68,22 @@ pub trait LeafIssuer: Send + Sync {
         now: SystemTime,
         via: &'static str,
         tracked: Tracked,
+    ) -> Result<LeafFor, Error>;
+
+    /// Signs a TLS server certificate for `dns_names` and `key` (for a
+    /// component that presents our chain but does not ask for it, such as
+    /// istiod's serving certificate), with the active authority. Tracked
+    /// as [`Tracked::Copies`]: only for a caller whose copy counter covers
+    /// it.
+    ///
+    /// # Errors
+    /// As [`super::Authority::sign_serving`].
+    fn issue_serving(
+        &self,
+        key: &PrivateKey,
+        dns_names: &[String],
+        ttl: Duration,
+        now: SystemTime,
+        via: &'static str,
     ) -> Result<LeafFor, Error>;
 }

@@ -95,6 +95,12 @@ pub struct KubeArgs {
     /// is rewritten.
     #[arg(long, env = "CA_BUNDLE_PROPAGATION", default_value = "90s", value_parser = parse_duration)]
     pub bundle_propagation: Duration,
+    /// Keep a `kubernetes.io/tls` Secret with a serving certificate for
+    /// these DNS names (`NAMESPACE/NAME=DNS[,DNS...]`, repeatable), e.g.
+    /// istiod's when this CA replaces Istio's:
+    /// `istio-system/istiod-tls=istiod.istio-system.svc`.
+    #[arg(long, env = "CA_SERVING_SECRETS", value_delimiter = ';')]
+    pub serving_secret: Vec<k8s::serving::ServingSecret>,
 }
 
 /// How long the CA Secret's watch may be down before readiness turns false.
@@ -318,7 +324,16 @@ pub(super) async fn cluster(
 
     // Work that signs through the running CA, single-writer under the
     // Lease: each returns the counters of the bundle copies it keeps.
-    let controllers: Vec<crate::server::cluster::Controller> = Vec::new();
+    let mut controllers: Vec<crate::server::cluster::Controller> = Vec::new();
+    for spec in &args.serving_secret {
+        controllers.push(k8s::serving::controller(
+            client.clone(),
+            spec.clone(),
+            leadership.receiver(),
+            Duration::ZERO,
+            args.bundle_propagation,
+        ));
+    }
 
     Ok(Some(Cluster {
         store,

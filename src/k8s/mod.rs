@@ -16,6 +16,7 @@ pub mod jwks;
 pub mod lease;
 mod reflect;
 pub mod review;
+pub mod serving;
 pub mod slim;
 pub mod store;
 

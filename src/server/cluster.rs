@@ -9,20 +9,14 @@ use super::auth::Authenticator;
 use super::jwt::IssuerConfig;
 use crate::ca::CaFiles;
 use crate::ca::KeyStore;
-use crate::ca::LeafIssuer;
 use crate::ca::policy::{ClusterView, NodeAgents};
-use crate::ca::rotation::{CopyCounter, Evidence, PeerEvidence};
+use crate::ca::rotation::{Evidence, PeerEvidence};
 use crate::drain::Tasks;
 
 /// A named readiness condition: `Err(why)` while it does not hold.
 pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
-/// Work that needs the running CA (a secret-mode controller, a
-/// PodCertificateRequest signer): started once the CA is up, with its
-/// tasks adopted into the server's (stopped under the same deadline);
-/// returns the counters of the bundle copies it keeps, which every
-/// rotation gate then waits for.
-pub type Controller = Box<dyn FnOnce(Arc<dyn LeafIssuer>, &mut Tasks) -> Vec<CopyCounter> + Send>;
+pub use crate::ca::issue::Controller;
 
 /// The parts of a cluster integration the server uses.
 pub struct Cluster {

@@ -10,7 +10,9 @@ use tokio::sync::watch;
 use super::fleet::Fleet;
 use super::metrics::Metrics;
 use super::rotate::LiveCa;
-use crate::ca::{self, AuthoritySet, CheckedCsr, LeafFor, LeafIssuer, Tracked, TtlPolicy};
+use crate::ca::{
+    self, AuthoritySet, CheckedCsr, LeafFor, LeafIssuer, PrivateKey, Tracked, TtlPolicy,
+};
 use crate::identity::SpiffeId;
 
 /// [`LeafIssuer`] over the server's live CA.
@@ -40,12 +42,7 @@ impl LeafIssuer for CaIssuer {
         tracked: Tracked,
     ) -> Result<LeafFor, ca::Error> {
         let set = self.live.current();
-        // Zero asks for the default, as `validity_duration <= 0` does.
-        let ttl = if ttl.is_zero() {
-            self.ttl.default_ttl
-        } else {
-            ttl.min(self.ttl.max_ttl)
-        };
+        let ttl = self.lifetime(ttl);
         match set.sign_leaf(key, id, ttl, now) {
             Ok(issued) => {
                 let (generation, authority) = (set.generation(), set.active().id().to_owned());
@@ -70,6 +67,54 @@ impl LeafIssuer for CaIssuer {
                 tracing::warn!(identity = %id, via, error = %e, "certificate refused");
                 Err(e)
             }
+        }
+    }
+
+    fn issue_serving(
+        &self,
+        key: &PrivateKey,
+        dns_names: &[String],
+        ttl: Duration,
+        now: SystemTime,
+        via: &'static str,
+    ) -> Result<LeafFor, ca::Error> {
+        let set = self.live.current();
+        let ttl = self.lifetime(ttl);
+        match set.active().sign_serving(key, dns_names, &[], ttl, now) {
+            Ok(mut issued) => {
+                // The whole bundle last, as every chain the server hands out.
+                if let Some(last) = issued.chain.last_mut() {
+                    set.bundle_pem().clone_into(last);
+                }
+                self.metrics.success_cert_issuance.inc();
+                tracing::info!(
+                    dns = ?dns_names, via, serial = %issued.serial_hex,
+                    not_after = %super::service::humantime(issued.not_after),
+                    "serving certificate issued"
+                );
+                Ok(LeafFor {
+                    issued,
+                    generation: set.generation(),
+                    authority: set.active().id().to_owned(),
+                })
+            }
+            Err(e) => {
+                super::status::count(&self.metrics, &e);
+                tracing::warn!(dns = ?dns_names, via, error = %e, "serving certificate refused");
+                Err(e)
+            }
+        }
+    }
+}
+
+impl CaIssuer {
+    /// Zero asks for the default, as `validity_duration <= 0` does; never
+    /// beyond the maximum.
+    fn lifetime(&self, ttl: Duration) -> Duration {
+        if ttl.is_zero() {
+            self.ttl.default_ttl
+        } else {
+            ttl.min(self.ttl.max_ttl)
         }
     }
 }
