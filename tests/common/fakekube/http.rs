@@ -251,17 +251,18 @@ pub fn request_info(method: &http::Method, path: &str, q: &Query) -> ReqInfo {
     };
     // RequestInfoFactory: a list or watch whose field selector requires
     // metadata.name is authorized as a request for that name.
-    if matches!(info.verb.as_str(), "list" | "watch") && info.name.is_empty() {
-        if let Some(name) = q.get("fieldSelector").and_then(|sel| {
+    if matches!(info.verb.as_str(), "list" | "watch")
+        && info.name.is_empty()
+        && let Some(name) = q.get("fieldSelector").and_then(|sel| {
             sel.split(',').find_map(|term| {
                 let term = term.trim();
                 term.strip_prefix("metadata.name==")
                     .or_else(|| term.strip_prefix("metadata.name="))
                     .filter(|n| !n.is_empty() && !n.contains('/') && *n != "." && *n != "..")
             })
-        }) {
-            info.name = name.to_string();
-        }
+        })
+    {
+        info.name = name.to_string();
     }
     info
 }
