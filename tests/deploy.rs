@@ -452,7 +452,12 @@ const DYNAMIC_NAMES: &[(&str, &str)] = &[("configmaps", "update"), ("configmaps"
 /// Requests as the overlay's CA would make them: the scenarios' CA
 /// (istio-system/workload-ca) mapped to the overlay's namespace and
 /// service account.
-fn as_overlay(log: &[common::fakekube::RequestRecord], ns: &str, sa: &str) -> Vec<rbac::Request> {
+fn as_overlay(
+    log: &[common::fakekube::RequestRecord],
+    ns: &str,
+    sa: &str,
+    secret_ns: &str,
+) -> Vec<rbac::Request> {
     let user = format!("system:serviceaccount:{ns}:{sa}");
     log.iter()
         .filter(|r| r.user == CA_USER)
@@ -465,7 +470,9 @@ fn as_overlay(log: &[common::fakekube::RequestRecord], ns: &str, sa: &str) -> Ve
             verb: r.verb.clone(),
             api_group: r.api_group.clone(),
             resource: r.resource_path_or_empty(),
-            namespace: if r.namespace == scenarios_ns() {
+            namespace: if r.namespace == scenarios_ns() && r.resource == "secrets" {
+                secret_ns.to_owned()
+            } else if r.namespace == scenarios_ns() {
                 ns.to_owned()
             } else {
                 r.namespace.clone()
@@ -520,10 +527,15 @@ async fn rbac_allows_exactly_the_ca_calls_and_the_dashboard_metrics_exist() {
             ));
         }
     }
-    let calls: BTreeSet<String> = as_overlay(&outcome.requests, "istio-system", "workload-ca")
-        .iter()
-        .map(rbac::Request::describe)
-        .collect();
+    let calls: BTreeSet<String> = as_overlay(
+        &outcome.requests,
+        "istio-system",
+        "workload-ca",
+        "istio-system",
+    )
+    .iter()
+    .map(rbac::Request::describe)
+    .collect();
     println!(
         "the CA's API calls:\n  {}",
         calls.iter().cloned().collect::<Vec<_>>().join("\n  ")
@@ -542,7 +554,29 @@ async fn rbac_allows_exactly_the_ca_calls_and_the_dashboard_metrics_exist() {
             .unwrap_or_default();
         let rbac = rbac::Rbac::from_objects(&objs);
         errors.extend(rbac.problems.iter().map(|p| format!("{overlay}: {p}")));
-        let requests = as_overlay(&outcome.requests, &ns, &sa);
+        let env = |name: &str| {
+            dep.spec
+                .template
+                .spec
+                .as_ref()
+                .and_then(|p| p.containers.first())
+                .and_then(|c| c.env.as_ref())
+                .and_then(|env| env.iter().find(|v| v.name == name))
+                .and_then(|v| v.value.clone())
+        };
+        let secret_ns = env("CA_SECRET_NAMESPACE").unwrap_or_else(|| ns.clone());
+        let serving = env("CA_SERVING_SECRETS").unwrap_or_default();
+        // The serving Secret's calls count only where the overlay keeps it.
+        let log: Vec<_> = outcome
+            .requests
+            .iter()
+            .filter(|r| {
+                r.name != scenarios::SERVING_SECRET
+                    || serving.contains(&format!("/{}=", scenarios::SERVING_SECRET))
+            })
+            .cloned()
+            .collect();
+        let requests = as_overlay(&log, &ns, &sa, &secret_ns);
         let mut used = BTreeSet::new();
         let mut forbidden = BTreeSet::new();
         // Elements for any name, and whether a request without a name used

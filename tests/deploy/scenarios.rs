@@ -50,7 +50,14 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "plugged-in cacerts Secret",
         run: |e| Box::pin(plugged_in(e)),
     },
+    Scenario {
+        name: "--serving-secret (istiod's certificate)",
+        run: |e| Box::pin(serving_secret(e)),
+    },
 ];
+
+/// The serving Secret of [`serving_secret`]: the istio overlay's.
+pub const SERVING_SECRET: &str = "istiod-tls";
 
 /// A scenario's cluster and what it scraped.
 pub struct Env {
@@ -323,6 +330,29 @@ async fn plugged_in(e: &Env) {
         ca.root_pem().contains(root.trim()),
         "the CA seeded from cacerts"
     );
+    e.scrape_ca(&ca).await;
+    stop(ca);
+}
+
+async fn serving_secret(e: &Env) {
+    let k = &e.k;
+    let spec = format!("{CA_NS}/{SERVING_SECRET}=istiod.istio-system.svc");
+    let ca = k.start_ca("serving", &["--serving-secret", &spec]);
+    wait_ready(&ca, READY).await;
+    within(Duration::from_secs(20), || async {
+        k.fake.get_json("secrets", CA_NS, SERVING_SECRET)
+    })
+    .await;
+    // Edited: read again and rewritten.
+    let mut edited = k.fake.get_json("secrets", CA_NS, SERVING_SECRET).unwrap();
+    edited["data"]["ca.crt"] = json!("");
+    k.fake.put_json(edited);
+    within(Duration::from_secs(20), || async {
+        k.fake
+            .get_json("secrets", CA_NS, SERVING_SECRET)
+            .filter(|s| s["data"]["ca.crt"] != "")
+    })
+    .await;
     e.scrape_ca(&ca).await;
     stop(ca);
 }
