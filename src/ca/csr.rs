@@ -161,11 +161,58 @@ pub fn check_public_key(spki_der: &[u8]) -> Result<CheckedCsr, Error> {
             "trailing bytes after the public key".into(),
         ));
     }
+    let key = key_kind(&spki)?;
+    validate_key(&spki, key)?;
     Ok(CheckedCsr {
-        key: key_kind(&spki)?,
+        key,
         spki_der: spki.raw.to_vec(),
         requested_uris: Vec::new(),
     })
+}
+
+/// What a signature check would have shown of a key: an EC point on its
+/// curve, an RSA key with an odd modulus and an odd exponent of at least 3
+/// (an exponent of 1 would make its holder's signatures forgeable). Not
+/// checked: that an Ed25519 key is a valid point (ring has no call for it;
+/// such a key only harms its holder, who cannot sign with it).
+fn validate_key(
+    spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>,
+    key: KeyKind,
+) -> Result<(), Error> {
+    use ring::agreement;
+    let ec = |alg: &'static agreement::Algorithm| {
+        // An ECDH agreement with a throwaway key refuses any point not on
+        // the curve.
+        let rng = ring::rand::SystemRandom::new();
+        let mine = agreement::EphemeralPrivateKey::generate(alg, &rng)
+            .map_err(|_| Error::Key("the system random source failed".into()))?;
+        let peer = agreement::UnparsedPublicKey::new(alg, spki.subject_public_key.data.as_ref());
+        agreement::agree_ephemeral(mine, &peer, |_| ())
+            .map_err(|_| Error::CsrKeyType("EC public key is not a point on its curve".into()))
+    };
+    match key {
+        KeyKind::EcdsaP256 => ec(&agreement::ECDH_P256),
+        KeyKind::EcdsaP384 => ec(&agreement::ECDH_P384),
+        KeyKind::Ed25519 => Ok(()),
+        KeyKind::Rsa(_) => {
+            let Ok(PublicKey::RSA(rsa)) = spki.parsed() else {
+                return Err(Error::CsrKeyType("malformed RSA public key".into()));
+            };
+            let odd = |n: &[u8]| n.last().is_some_and(|b| b & 1 == 1);
+            let e = rsa
+                .exponent
+                .iter()
+                .skip_while(|b| **b == 0)
+                .collect::<Vec<_>>();
+            if !odd(rsa.modulus) || !odd(rsa.exponent) || (e.len() == 1 && *e[0] < 3) {
+                return Err(Error::CsrKeyType(
+                    "RSA public key with an even modulus or an exponent that is even or below 3"
+                        .into(),
+                ));
+            }
+            Ok(())
+        }
+    }
 }
 
 fn decode_pem_or_der(input: &[u8]) -> Result<Vec<u8>, Error> {
@@ -259,6 +306,46 @@ fn modulus_bits(modulus: &[u8]) -> usize {
 mod tests {
     use super::*;
     use crate::ca::keys::{KeyAlgorithm, PrivateKey};
+
+    #[test]
+    fn bare_public_keys_are_checked_as_a_signature_would() {
+        for alg in [
+            KeyAlgorithm::EcdsaP256,
+            KeyAlgorithm::EcdsaP384,
+            KeyAlgorithm::Ed25519,
+            KeyAlgorithm::Rsa2048,
+        ] {
+            let spki = PrivateKey::generate(alg).unwrap().spki_der();
+            let checked = check_public_key(&spki).unwrap();
+            assert_eq!(checked.spki_der(), spki.as_slice());
+            assert!(checked.requested_uris().is_empty());
+        }
+        // A P-256 point moved off the curve (same length, same prefix).
+        let mut off = PrivateKey::generate(KeyAlgorithm::EcdsaP256)
+            .unwrap()
+            .spki_der();
+        let last = off.len() - 1;
+        off[last] ^= 1;
+        let e = check_public_key(&off).unwrap_err().to_string();
+        assert!(e.contains("not a point on its curve"), "{e}");
+        // RSA with exponent 1, or even: refused.
+        use rsa::pkcs8::EncodePublicKey;
+        use rsa::traits::PublicKeyParts;
+        let good = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).unwrap();
+        let n = good.to_public_key().n().clone();
+        for e in [1u32, 3 * 2] {
+            let weak = rsa::RsaPublicKey::new_unchecked(n.clone(), e.into());
+            let der = weak.to_public_key_der().unwrap();
+            let err = check_public_key(der.as_bytes()).unwrap_err().to_string();
+            assert!(err.contains("exponent"), "e={e}: {err}");
+        }
+        assert!(check_public_key(b"\x30\x03junk").is_err());
+        let mut trailing = PrivateKey::generate(KeyAlgorithm::Ed25519)
+            .unwrap()
+            .spki_der();
+        trailing.push(0);
+        assert!(check_public_key(&trailing).is_err());
+    }
 
     pub(crate) fn csr_pem(key: &PrivateKey, uris: &[&str]) -> String {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
