@@ -89,6 +89,8 @@ pub struct KubeArgs {
     /// is rewritten.
     #[arg(long, env = "CA_BUNDLE_PROPAGATION", default_value = "90s", value_parser = parse_duration)]
     pub bundle_propagation: Duration,
+    #[command(flatten)]
+    pub secret_mode: super::kube_secrets::SecretModeArgs,
 }
 
 /// How long the CA Secret's watch may be down before readiness turns false.
@@ -313,7 +315,17 @@ pub(super) async fn cluster(
 
     // Work that signs through the running CA, single-writer under the
     // Lease: each returns the counters of the bundle copies it keeps.
-    let controllers: Vec<crate::server::cluster::Controller> = Vec::new();
+    let mut controllers: Vec<crate::server::cluster::Controller> = Vec::new();
+    controllers.extend(super::kube_secrets::controllers(
+        &args.secret_mode,
+        super::kube_secrets::Context {
+            client: &client,
+            leader: leadership.receiver(),
+            registry: &registry,
+            propagation: args.bundle_propagation,
+            replica: &replica,
+        },
+    )?);
 
     Ok(Some(Cluster {
         store,
