@@ -77,8 +77,14 @@ fn check_secret(fake: &FakeKube, s: &Value, bundle: &str, openssl: bool) {
     let ns = s["metadata"]["namespace"].as_str().unwrap();
     let name = s["metadata"]["name"].as_str().unwrap();
     let sa = name.strip_prefix("istio.").unwrap();
-    assert_eq!(s["metadata"]["annotations"]["istio.io/service-account.name"], sa);
-    assert_eq!(s["metadata"]["labels"]["workload-ca.io/managed-by"], "workload-ca");
+    assert_eq!(
+        s["metadata"]["annotations"]["istio.io/service-account.name"],
+        sa
+    );
+    assert_eq!(
+        s["metadata"]["labels"]["workload-ca.io/managed-by"],
+        "workload-ca"
+    );
     let account = fake.get_json("serviceaccounts", ns, sa).unwrap();
     let owner = &s["metadata"]["ownerReferences"][0];
     assert_eq!(owner["kind"], "ServiceAccount");
@@ -86,7 +92,11 @@ fn check_secret(fake: &FakeKube, s: &Value, bundle: &str, openssl: bool) {
     assert_eq!(owner["uid"], account["metadata"]["uid"]);
     assert_eq!(b64(&s["data"]["root-cert.pem"]), bundle, "{ns}/{name}");
     let chain = chain_of(s);
-    assert_eq!(chain.len(), 2, "leaf alone in cert-chain.pem (a root CA signs)");
+    assert_eq!(
+        chain.len(),
+        2,
+        "leaf alone in cert-chain.pem (a root CA signs)"
+    );
     webpki_verify(&chain);
     if openssl {
         openssl_verify(&chain);
@@ -111,11 +121,7 @@ fn bundle_of(ca: &CaProc) -> String {
 async fn all_secrets_hold(fake: &FakeKube, n: usize, bundle: &str, limit: Duration) -> Duration {
     let (_, took) = within(limit, || async {
         let s = secrets(fake);
-        (s.len() == n
-            && s
-                .iter()
-                .all(|s| b64(&s["data"]["root-cert.pem"]) == bundle))
-        .then_some(())
+        (s.len() == n && s.iter().all(|s| b64(&s["data"]["root-cert.pem"]) == bundle)).then_some(())
     })
     .await;
     took
@@ -151,10 +157,12 @@ async fn secrets_for_every_account_repaired_recreated_and_foreign_ones_left_alon
     populate(&k.fake);
     // A foreign istio.<sa> Secret and istiod's ConfigMap, there first.
     k.fake
-        .create_json(json!({"apiVersion": "v1", "kind": "Secret", "type": "istio.io/key-and-cert",
+        .create_json(
+            json!({"apiVersion": "v1", "kind": "Secret", "type": "istio.io/key-and-cert",
             "metadata": {"name": "istio.app-7", "namespace": "mesh-1",
                          "annotations": {"istio.io/service-account.name": "app-7"}},
-            "data": {"key.pem": "", "cert-chain.pem": "", "root-cert.pem": ""}}))
+            "data": {"key.pem": "", "cert-chain.pem": "", "root-cert.pem": ""}}),
+        )
         .unwrap();
     k.fake
         .create_json(json!({"apiVersion": "v1", "kind": "ConfigMap",
@@ -184,8 +192,18 @@ async fn secrets_for_every_account_repaired_recreated_and_foreign_ones_left_alon
         }
         check_secret(&k.fake, s, &bundle, i % 10 == 0);
     }
-    assert!(k.fake.list_json("secrets", "plain").iter().all(|s| s["type"] != "istio.io/key-and-cert"));
-    assert!(k.fake.list_json("secrets", "kube-system").iter().all(|s| s["type"] != "istio.io/key-and-cert"));
+    assert!(
+        k.fake
+            .list_json("secrets", "plain")
+            .iter()
+            .all(|s| s["type"] != "istio.io/key-and-cert")
+    );
+    assert!(
+        k.fake
+            .list_json("secrets", "kube-system")
+            .iter()
+            .all(|s| s["type"] != "istio.io/key-and-cert")
+    );
     // The foreign Secret is untouched, and an Event names it.
     let foreign = k.fake.get_json("secrets", "mesh-1", "istio.app-7").unwrap();
     assert_eq!(foreign["data"]["key.pem"], "");
@@ -215,15 +233,26 @@ async fn secrets_for_every_account_repaired_recreated_and_foreign_ones_left_alon
             .then_some(())
     })
     .await;
-    let istiod = k.fake.get_json("configmaps", "mesh-3", "istio-ca-root-cert").unwrap();
+    let istiod = k
+        .fake
+        .get_json("configmaps", "mesh-3", "istio-ca-root-cert")
+        .unwrap();
     assert_eq!(istiod["data"]["root-cert.pem"], "istiod's root");
-    assert!(k.fake.get_json("configmaps", "plain", "istio-ca-root-cert").is_none());
-    assert!(k.fake.get_json("configmaps", "kube-system", "istio-ca-root-cert").is_none());
-    within(Duration::from_secs(10), || async {
+    assert!(
         k.fake
-            .list_json("events", "mesh-3")
-            .into_iter()
-            .find(|e| e["involvedObject"]["name"] == "istio-ca-root-cert" && e["reason"] == "ConfigMapNotOwned")
+            .get_json("configmaps", "plain", "istio-ca-root-cert")
+            .is_none()
+    );
+    assert!(
+        k.fake
+            .get_json("configmaps", "kube-system", "istio-ca-root-cert")
+            .is_none()
+    );
+    within(Duration::from_secs(10), || async {
+        k.fake.list_json("events", "mesh-3").into_iter().find(|e| {
+            e["involvedObject"]["name"] == "istio-ca-root-cert"
+                && e["reason"] == "ConfigMapNotOwned"
+        })
     })
     .await;
 
@@ -246,19 +275,33 @@ async fn secrets_for_every_account_repaired_recreated_and_foreign_ones_left_alon
 
     // Tampered with: repaired (a key that is not the leaf's, a wrong
     // root bundle, a wrong annotation).
-    let other_key = workload_ca::ca::PrivateKey::generate(workload_ca::ca::KeyAlgorithm::EcdsaP256).unwrap();
+    let other_key =
+        workload_ca::ca::PrivateKey::generate(workload_ca::ca::KeyAlgorithm::EcdsaP256).unwrap();
     let b = |t: &str| base64::engine::general_purpose::STANDARD.encode(t);
     for (name, field, value) in [
-        ("istio.app-4", "/data/key.pem", json!(b(&other_key.to_pem()))),
-        ("istio.app-5", "/data/root-cert.pem", json!(b(&common::authority().roots().pem()))),
-        ("istio.app-6", "/metadata/annotations/istio.io~1service-account.name", json!("app-9")),
+        (
+            "istio.app-4",
+            "/data/key.pem",
+            json!(b(&other_key.to_pem())),
+        ),
+        (
+            "istio.app-5",
+            "/data/root-cert.pem",
+            json!(b(&common::authority().roots().pem())),
+        ),
+        (
+            "istio.app-6",
+            "/metadata/annotations/istio.io~1service-account.name",
+            json!("app-9"),
+        ),
     ] {
         let mut s = k.fake.get_json("secrets", "mesh-2", name).unwrap();
         *s.pointer_mut(field).unwrap() = value;
         k.fake.put_json(s);
         let (fixed, took) = within(Duration::from_secs(10), || async {
             let s = k.fake.get_json("secrets", "mesh-2", name)?;
-            (s["metadata"]["annotations"]["istio.io/service-account.name"] == name.trim_start_matches("istio.")
+            (s["metadata"]["annotations"]["istio.io/service-account.name"]
+                == name.trim_start_matches("istio.")
                 && b64(&s["data"]["root-cert.pem"]) == bundle
                 && workload_ca::ca::PrivateKey::from_pem(&b64(&s["data"]["key.pem"]))
                     .is_ok_and(|k| k.spki_der() == leaf_facts(&chain_of(&s)[0]).spki))
@@ -269,7 +312,10 @@ async fn secrets_for_every_account_repaired_recreated_and_foreign_ones_left_alon
         check_secret(&k.fake, &fixed, &bundle, true);
     }
     // A ConfigMap tampered with or deleted: repaired.
-    let mut cm = k.fake.get_json("configmaps", "mesh-0", "istio-ca-root-cert").unwrap();
+    let mut cm = k
+        .fake
+        .get_json("configmaps", "mesh-0", "istio-ca-root-cert")
+        .unwrap();
     cm["data"]["root-cert.pem"] = json!("garbage");
     k.fake.put_json(cm);
     assert!(k.fake.delete("configmaps", "mesh-1", "istio-ca-root-cert"));
@@ -288,9 +334,17 @@ async fn secrets_for_every_account_repaired_recreated_and_foreign_ones_left_alon
     // A deleted account takes its Secret with it (garbage collection),
     // and it is not written again.
     assert!(k.fake.delete("serviceaccounts", "mesh-3", "app-0"));
-    assert!(k.fake.get_json("secrets", "mesh-3", "istio.app-0").is_none());
+    assert!(
+        k.fake
+            .get_json("secrets", "mesh-3", "istio.app-0")
+            .is_none()
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(k.fake.get_json("secrets", "mesh-3", "istio.app-0").is_none());
+    assert!(
+        k.fake
+            .get_json("secrets", "mesh-3", "istio.app-0")
+            .is_none()
+    );
     within(Duration::from_secs(10), || async {
         (gauge(&ca, "secrets", "total").await == 198.0).then_some(())
     })
@@ -356,12 +410,18 @@ async fn a_root_rotation_rewrites_every_copy_before_each_gate_opens() {
     // At once: the gate is held by the copies still behind.
     let (ok, text) = rotate(&ca, "activate");
     assert!(!ok, "activate must wait for the copies: {text}");
-    assert!(text.contains("Secrets istio.<sa> hold bundle generation"), "{text}");
+    assert!(
+        text.contains("Secrets istio.<sa> hold bundle generation"),
+        "{text}"
+    );
     let (_, status) = rotate(&ca, "status");
     println!("{status}");
     assert!(status.contains("Secrets istio.<sa>: "), "{status}");
     assert!(status.contains(" of 200 hold generation"), "{status}");
-    assert!(status.contains("ConfigMaps istio-ca-root-cert: "), "{status}");
+    assert!(
+        status.contains("ConfigMaps istio-ca-root-cert: "),
+        "{status}"
+    );
 
     let refusals = step_when_open(&ca, "activate", Duration::from_secs(60)).await;
     println!("activate refused {} times first", refusals.len());
@@ -379,7 +439,10 @@ async fn a_root_rotation_rewrites_every_copy_before_each_gate_opens() {
         webpki_verify(&chain_of(&s));
     }
     for ns in MESH {
-        let cm = k.fake.get_json("configmaps", ns, "istio-ca-root-cert").unwrap();
+        let cm = k
+            .fake
+            .get_json("configmaps", ns, "istio-ca-root-cert")
+            .unwrap();
         assert!(ders(cm["data"]["root-cert.pem"].as_str().unwrap()).contains(&new_root));
     }
 
@@ -446,14 +509,20 @@ async fn a_new_leader_resumes_without_rewriting_valid_secrets() {
             .count()
     };
     let before = writes(&k);
-    assert!(before >= 204, "200 Secrets and 4 ConfigMaps were written: {before}");
+    assert!(
+        before >= 204,
+        "200 Secrets and 4 ConfigMaps were written: {before}"
+    );
     leader.kill9();
     let killed = Instant::now();
     within(Duration::from_secs(20), || async {
         (leads(&other) && gauge(&other, "secrets", "current").await == 200.0).then_some(())
     })
     .await;
-    println!("the other replica counted 200 current Secrets {:?} after the kill", killed.elapsed());
+    println!(
+        "the other replica counted 200 current Secrets {:?} after the kill",
+        killed.elapsed()
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(writes(&k), before, "no valid Secret or ConfigMap rewritten");
     // And it does write: a deleted Secret comes back.

@@ -133,7 +133,10 @@ pub(super) fn controllers(
             for (name, task) in copier.spawn_watches(dirty.clone(), tasks.signal()) {
                 tasks.adopt(name, task);
             }
-            tasks.adopt("secret-mode-scope", ring_on_change(scope, dirty.clone(), tasks.signal()));
+            tasks.adopt(
+                "secret-mode-scope",
+                ring_on_change(scope, dirty.clone(), tasks.signal()),
+            );
             let engine = Engine::new(
                 copier,
                 dirty,
@@ -156,7 +159,10 @@ pub(super) fn controllers(
             let dirty = Arc::new(Notify::new());
             let (name, task) = copier.spawn_watch(dirty.clone(), tasks.signal());
             tasks.adopt(name, task);
-            tasks.adopt("root-configmap-scope", ring_on_change(scope, dirty.clone(), tasks.signal()));
+            tasks.adopt(
+                "root-configmap-scope",
+                ring_on_change(scope, dirty.clone(), tasks.signal()),
+            );
             let engine = Engine::new(
                 copier,
                 dirty,

@@ -273,6 +273,8 @@ const RESCAN_WHILE_BUSY: Duration = Duration::from_secs(1);
 
 /// Keys waiting for a retry, with their next attempt and failure count.
 type Backoff = HashMap<Key, (Instant, u32)>;
+/// Objects to write, in order.
+type Queue<W> = VecDeque<(Key, W)>;
 
 impl<C: Copier> Engine<C> {
     pub fn new(
@@ -330,11 +332,7 @@ impl<C: Copier> Engine<C> {
     }
 
     /// Runs until `shutdown`: passes while `leader` says this replica leads.
-    pub async fn run(
-        self,
-        mut leader: watch::Receiver<bool>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    pub async fn run(self, mut leader: watch::Receiver<bool>, mut shutdown: watch::Receiver<bool>) {
         loop {
             while !*leader.borrow_and_update() {
                 tokio::select! {
@@ -366,8 +364,8 @@ impl<C: Copier> Engine<C> {
         let mut progress = Progress::new(C::LABEL, self.opts.progress_every);
         loop {
             let busy = !queue.is_empty();
-            let due = need_scan
-                && (!busy || last_scan.is_none_or(|t| t.elapsed() >= RESCAN_WHILE_BUSY));
+            let due =
+                need_scan && (!busy || last_scan.is_none_or(|t| t.elapsed() >= RESCAN_WHILE_BUSY));
             if due {
                 need_scan = false;
                 last_scan = Some(Instant::now());
@@ -508,7 +506,7 @@ impl<C: Copier> Engine<C> {
         &self,
         inflight: &HashSet<Key>,
         backoff: &Backoff,
-    ) -> Option<(VecDeque<(Key, C::Want)>, Option<Instant>)> {
+    ) -> Option<(Queue<C::Want>, Option<Instant>)> {
         let wanted = self.copier.wanted()?;
         let set = self.authorities.borrow().clone();
         let now = SystemTime::now();
@@ -635,7 +633,13 @@ impl Progress {
         let kind = self.kind;
         if pending == 0 && current == total {
             if self.was_pending {
-                tracing::info!(kind, total, generation, written = self.written, "copies: all {total} current");
+                tracing::info!(
+                    kind,
+                    total,
+                    generation,
+                    written = self.written,
+                    "copies: all {total} current"
+                );
                 self.was_pending = false;
             }
             return;

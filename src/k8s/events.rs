@@ -36,11 +36,14 @@ struct Report {
     message: String,
 }
 
+/// When each (kind, object, reason) was last reported.
+type Sent = HashMap<(&'static str, Key, &'static str), Instant>;
+
 /// Sends Events; cheap to clone.
 #[derive(Clone)]
 pub struct Recorder {
     tx: Option<mpsc::Sender<Report>>,
-    sent: Arc<Mutex<HashMap<(&'static str, Key, &'static str), Instant>>>,
+    sent: Arc<Mutex<Sent>>,
 }
 
 impl Recorder {
@@ -195,7 +198,13 @@ mod tests {
         };
         let e = build(&r, "ca-1", chrono_now());
         assert_eq!(e.metadata.namespace.as_deref(), Some("prod"));
-        assert!(e.metadata.name.as_deref().unwrap().starts_with("istio.web."));
+        assert!(
+            e.metadata
+                .name
+                .as_deref()
+                .unwrap()
+                .starts_with("istio.web.")
+        );
         assert_eq!(e.involved_object.namespace.as_deref(), Some("prod"));
         assert_eq!(e.involved_object.kind.as_deref(), Some("Secret"));
         assert_eq!(e.involved_object.uid.as_deref(), Some("u-1"));

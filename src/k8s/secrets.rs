@@ -209,7 +209,9 @@ fn secret_row(secret: Secret) -> Option<(Key, Seen<SecretFacts>)> {
 /// `fraction` of its life, and at least 10 minutes (at most half the
 /// remaining lifetime, for short ones) before it expires.
 pub fn refresh_at(not_before: SystemTime, not_after: SystemTime, fraction: f64) -> SystemTime {
-    let life = not_after.duration_since(not_before).unwrap_or(Duration::ZERO);
+    let life = not_after
+        .duration_since(not_before)
+        .unwrap_or(Duration::ZERO);
     let at = not_before + life.mul_f64(fraction.clamp(0.05, 0.95));
     let margin = Duration::from_secs(600).min(life / 2);
     at.min(not_after.checked_sub(margin).unwrap_or(not_before))
@@ -433,7 +435,10 @@ fn build(
             [
                 (KEY_PEM.to_owned(), ByteString(key_pem.as_bytes().to_vec())),
                 (CHAIN_PEM.to_owned(), ByteString(chain_pem.into_bytes())),
-                (ROOT_PEM.to_owned(), ByteString(bundle_pem.as_bytes().to_vec())),
+                (
+                    ROOT_PEM.to_owned(),
+                    ByteString(bundle_pem.as_bytes().to_vec()),
+                ),
             ]
             .into(),
         ),

@@ -30,7 +30,14 @@ fn written(set: &AuthoritySet, sa: &str, now: SystemTime) -> Secret {
         .sign_leaf(&checked, &id, Duration::from_secs(3600), now)
         .unwrap();
     let chain = issued.chain[..issued.chain.len() - 1].concat();
-    let mut s = build(&key(), &account(), &k.to_pem(), chain, set.bundle_pem(), None);
+    let mut s = build(
+        &key(),
+        &account(),
+        &k.to_pem(),
+        chain,
+        set.bundle_pem(),
+        None,
+    );
     s.metadata.uid = Some("secret-uid".into());
     s.metadata.resource_version = Some("10".into());
     s
@@ -86,14 +93,21 @@ fn tampered_secrets_are_rewritten() {
     let good = written(&set, "web", now);
     let other_key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
     let other_root = authority(TD, 86_400);
-    let cases: Vec<(&str, Box<dyn Fn(&mut Secret)>)> = vec![
+    type Tamper<'a> = Box<dyn Fn(&mut Secret) + 'a>;
+    let cases: Vec<(&str, Tamper<'_>)> = vec![
         (
             "key.pem does not match the certificate",
             Box::new(|s| set_data(s, KEY_PEM, &other_key.to_pem())),
         ),
         (
             "malformed key.pem",
-            Box::new(|s| set_data(s, KEY_PEM, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")),
+            Box::new(|s| {
+                set_data(
+                    s,
+                    KEY_PEM,
+                    "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+                )
+            }),
         ),
         (
             "malformed cert-chain.pem",
@@ -129,10 +143,7 @@ fn tampered_secrets_are_rewritten() {
                     .insert(SA_ANNOTATION.into(), "db".into());
             }),
         ),
-        (
-            "annotation",
-            Box::new(|s| s.metadata.annotations = None),
-        ),
+        ("annotation", Box::new(|s| s.metadata.annotations = None)),
         ("type", Box::new(|s| s.type_ = Some("Opaque".into()))),
         (
             "owner",
@@ -140,10 +151,7 @@ fn tampered_secrets_are_rewritten() {
                 s.metadata.owner_references.as_mut().unwrap()[0].uid = "an-old-account".into();
             }),
         ),
-        (
-            "owner",
-            Box::new(|s| s.metadata.owner_references = None),
-        ),
+        ("owner", Box::new(|s| s.metadata.owner_references = None)),
     ];
     for (why, tamper) in cases {
         let mut s = good.clone();
@@ -163,10 +171,7 @@ fn tampered_secrets_are_rewritten() {
     // Not labelled as ours: foreign, whatever it holds.
     let mut theirs = good.clone();
     theirs.metadata.labels = None;
-    assert!(matches!(
-        verdict(&theirs, &set, now),
-        Judgement::Foreign(_)
-    ));
+    assert!(matches!(verdict(&theirs, &set, now), Judgement::Foreign(_)));
     // The untouched one is current.
     assert!(matches!(
         verdict(&good, &set, now),
@@ -235,6 +240,9 @@ fn refresh_points() {
     );
     // Short leaves: at most half their life before expiry.
     let short = Duration::from_secs(120);
-    assert_eq!(refresh_at(t0, t0 + short, 0.9), t0 + Duration::from_secs(60));
+    assert_eq!(
+        refresh_at(t0, t0 + short, 0.9),
+        t0 + Duration::from_secs(60)
+    );
     assert_eq!(refresh_at(t0, t0, 0.5), t0);
 }

@@ -59,17 +59,14 @@ async fn legacy_events_are_validated_and_selected_like_the_real_server() {
     );
     assert_eq!(e.code, 422);
     assert!(
-        e.message
-            .contains("involvedObject.namespace: Invalid value: \"default\": does not match event.namespace"),
+        e.message.contains(
+            "involvedObject.namespace: Invalid value: \"default\": does not match event.namespace"
+        ),
         "{}",
         e.message
     );
     // A cluster-scoped involved object: only in "default" (or no namespace).
-    let e = status(
-        prod.create(&pp, &event("x2", None, "R"))
-            .await
-            .unwrap_err(),
-    );
+    let e = status(prod.create(&pp, &event("x2", None, "R")).await.unwrap_err());
     assert_eq!(e.code, 422, "{}", e.message);
     let default: Api<Event> = Api::namespaced(client.clone(), "default");
     default
@@ -92,7 +89,12 @@ async fn legacy_events_are_validated_and_selected_like_the_real_server() {
     new_style.event_time = Some(MicroTime(k8s_openapi::jiff::Timestamp::now()));
     let e = status(prod.create(&pp, &new_style).await.unwrap_err());
     assert_eq!(e.code, 422);
-    for missing in ["reportingComponent", "reportingInstance", "action", "reason"] {
+    for missing in [
+        "reportingComponent",
+        "reportingInstance",
+        "action",
+        "reason",
+    ] {
         assert!(
             e.message.contains(&format!("{missing}: Required value")),
             "{missing}: {}",

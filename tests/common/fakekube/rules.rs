@@ -363,11 +363,7 @@ fn event_errors(obj: &Value) -> Vec<FieldError> {
         } else if !valid_label_key(controller) {
             errs.push(FieldError::invalid("reportingComponent", controller, "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')"));
         }
-        for (field, limit) in [
-            ("reportingInstance", 128),
-            ("action", 128),
-            ("reason", 128),
-        ] {
+        for (field, limit) in [("reportingInstance", 128), ("action", 128), ("reason", 128)] {
             let v = s(&format!("/{field}"));
             if v.is_empty() {
                 errs.push(FieldError::required(field, ""));
@@ -389,7 +385,11 @@ fn event_errors(obj: &Value) -> Vec<FieldError> {
         }
     }
     if !super::resources::is_dns_subdomain(ns) {
-        errs.push(FieldError::invalid("namespace", ns, super::resources::SUBDOMAIN_MSG));
+        errs.push(FieldError::invalid(
+            "namespace",
+            ns,
+            super::resources::SUBDOMAIN_MSG,
+        ));
     }
     errs
 }
