@@ -405,8 +405,12 @@ async fn a_root_rotation_rewrites_every_copy_before_each_gate_opens() {
 
     let (ok, text) = rotate(&ca, "prepare");
     assert!(ok, "{text}");
-    let prepared = bundle_of(&ca);
-    assert_eq!(prepared.matches("BEGIN CERTIFICATE").count(), 2);
+    // The served bundle file follows the store within moments.
+    let (prepared, _) = within(Duration::from_secs(5), || async {
+        let b = bundle_of(&ca);
+        (b.matches("BEGIN CERTIFICATE").count() == 2).then_some(b)
+    })
+    .await;
     // At once: the gate is held by the copies still behind.
     let (ok, text) = rotate(&ca, "activate");
     assert!(!ok, "activate must wait for the copies: {text}");
@@ -453,8 +457,11 @@ async fn a_root_rotation_rewrites_every_copy_before_each_gate_opens() {
         "retire was held by the Secrets at least once: {refusals:?}"
     );
     let new_only = workload_ca::ca::bundle::to_pem("CERTIFICATE", &new_root);
-    let final_bundle = bundle_of(&ca);
-    assert_eq!(final_bundle.trim(), new_only.trim());
+    let (final_bundle, _) = within(Duration::from_secs(5), || async {
+        let b = bundle_of(&ca);
+        (b.trim() == new_only.trim()).then_some(b)
+    })
+    .await;
     all_secrets_hold(&k.fake, 200, &final_bundle, Duration::from_secs(30)).await;
     for (i, s) in secrets(&k.fake).iter().enumerate() {
         check_secret(&k.fake, s, &final_bundle, i % 20 == 0);
