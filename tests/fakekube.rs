@@ -8,6 +8,8 @@ mod common;
 mod apply;
 #[path = "fakekube/crud.rs"]
 mod crud;
+#[path = "fakekube/events.rs"]
+mod events;
 #[path = "fakekube/faults.rs"]
 mod faults;
 #[path = "fakekube/gc.rs"]

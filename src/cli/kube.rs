@@ -101,6 +101,8 @@ pub struct KubeArgs {
     /// `istio-system/istiod-tls=istiod.istio-system.svc`.
     #[arg(long, env = "CA_SERVING_SECRETS", value_delimiter = ';')]
     pub serving_secret: Vec<k8s::serving::ServingSecret>,
+    #[command(flatten)]
+    pub secret_mode: super::kube_secrets::SecretModeArgs,
 }
 
 /// How long the CA Secret's watch may be down before readiness turns false.
@@ -334,6 +336,16 @@ pub(super) async fn cluster(
             args.bundle_propagation,
         ));
     }
+    controllers.extend(super::kube_secrets::controllers(
+        &args.secret_mode,
+        super::kube_secrets::Context {
+            client: &client,
+            leader: leadership.receiver(),
+            registry: &registry,
+            propagation: args.bundle_propagation,
+            replica: &replica,
+        },
+    )?);
 
     Ok(Some(Cluster {
         store,

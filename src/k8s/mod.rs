@@ -20,6 +20,14 @@ pub mod serving;
 pub mod slim;
 pub mod store;
 
+// Copies of the CA's material in the cluster (secret mode, root ConfigMaps).
+pub mod copies;
+pub mod events;
+pub mod pace;
+pub mod rootcm;
+pub mod scope;
+pub mod secrets;
+
 /// What can go wrong talking to the Kubernetes API.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

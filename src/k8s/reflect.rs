@@ -57,7 +57,7 @@ pub(crate) async fn reflect<K, R>(
         }
         let started = Instant::now();
         let listed = tokio::select! {
-            r = list_all(&api, opts.page_size, opts.labels.as_deref(), opts.request_timeout, row) => r,
+            r = list_all(&api, &opts, row) => r,
             _ = shutdown.changed() => return,
         };
         let (rows, mut version) = match listed {
@@ -91,6 +91,9 @@ pub(crate) async fn reflect<K, R>(
             let mut params = WatchParams::default().timeout(opts.watch_timeout);
             if let Some(l) = &opts.labels {
                 params = params.labels(l);
+            }
+            if let Some(f) = &opts.fields {
+                params = params.fields(f);
             }
             let stream = tokio::select! {
                 r = tokio::time::timeout(opts.request_timeout, api.watch(&params, &version)) => r,
@@ -217,18 +220,20 @@ pub(crate) async fn reflect<K, R>(
 /// and the list's resourceVersion.
 async fn list_all<K, R>(
     api: &Api<K>,
-    page: u32,
-    labels: Option<&str>,
-    timeout: Duration,
+    opts: &CacheOptions,
     row: fn(K) -> Option<R>,
 ) -> Result<(Vec<R>, String), Error>
 where
     K: Resource + Clone + Debug + serde::de::DeserializeOwned,
 {
+    let timeout = opts.request_timeout;
     let mut rows = Vec::new();
-    let mut params = ListParams::default().limit(page);
-    if let Some(l) = labels {
+    let mut params = ListParams::default().limit(opts.page_size);
+    if let Some(l) = &opts.labels {
         params = params.labels(l);
+    }
+    if let Some(f) = &opts.fields {
+        params = params.fields(f);
     }
     loop {
         let list = tokio::time::timeout(timeout, api.list(&params))

@@ -8,7 +8,7 @@
 //! child process) does not stall it.
 //!
 //! Served: core v1 `namespaces`, `nodes`, `serviceaccounts` (+ `token`),
-//! `secrets`, `configmaps`, `pods` (+ `status`), `coordination.k8s.io/v1`
+//! `secrets`, `configmaps`, `pods` (+ `status`), `events`, `coordination.k8s.io/v1`
 //! `leases`, `authentication.k8s.io/v1` `tokenreviews`, and the issuer
 //! discovery documents. Verbs, errors (as `Status`), watches, paging,
 //! selectors, server-side apply, garbage collection and service-account
@@ -69,6 +69,7 @@ pub const LIMITS: &str = "\
 - Lists are served from the history (exact at any resourceVersion still in it); limit is honoured even with resourceVersion=0.
 - Validation covers names, labels, Secret/ConfigMap keys, sizes, types and immutability, the pod spec's required fields and update restrictions, Lease durations; not every rule of the real validators.
 - JSON only: a protobuf or CBOR request body is refused (415), so kubectl's typed commands (e.g. `create secret generic`) fail while `create -f`/`apply` work; no OpenAPI documents (kubectl needs --validate=false).
+- core/v1 Events are validated as the real server does for that version (legacyValidateEvent only, names as path segments); there is no events.k8s.io API, no TTL (events are never deleted by age) and no count aggregation.
 - Token checks use the real order and messages, but TokenReview error strings are only as close as the fake can tell (\"[invalid bearer token, ...]\").";
 
 /// Options fixed at start.

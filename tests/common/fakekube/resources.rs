@@ -14,6 +14,7 @@ pub enum Res {
     ConfigMaps,
     Pods,
     Leases,
+    Events,
 }
 
 /// How `metadata.name` is validated.
@@ -23,6 +24,8 @@ pub enum NameRule {
     Subdomain,
     /// RFC 1123 label (namespaces).
     Label,
+    /// Only a valid path segment (core/v1 events: ValidatePathSegmentName).
+    PathSegment,
 }
 
 pub struct Info {
@@ -41,7 +44,7 @@ pub struct Info {
     pub fields: &'static [&'static str],
 }
 
-pub const ALL: [Res; 7] = [
+pub const ALL: [Res; 8] = [
     Res::Namespaces,
     Res::Nodes,
     Res::ServiceAccounts,
@@ -49,6 +52,7 @@ pub const ALL: [Res; 7] = [
     Res::ConfigMaps,
     Res::Pods,
     Res::Leases,
+    Res::Events,
 ];
 
 impl Res {
@@ -127,6 +131,30 @@ impl Res {
                     "status.phase",
                     "status.podIP",
                     "status.nominatedNodeName",
+                ],
+            },
+            // pkg/registry/core/event/strategy.go: ToSelectableFields.
+            Res::Events => &Info {
+                plural: "events",
+                kind: "Event",
+                group: "",
+                version: "v1",
+                namespaced: true,
+                delete_returns_object: false,
+                status_subresource: false,
+                name_rule: NameRule::PathSegment,
+                fields: &[
+                    "involvedObject.kind",
+                    "involvedObject.namespace",
+                    "involvedObject.name",
+                    "involvedObject.uid",
+                    "involvedObject.apiVersion",
+                    "involvedObject.resourceVersion",
+                    "involvedObject.fieldPath",
+                    "reason",
+                    "reportingComponent",
+                    "source",
+                    "type",
                 ],
             },
             Res::Leases => &Info {
@@ -528,7 +556,7 @@ impl std::fmt::Display for FieldError {
     }
 }
 
-const SUBDOMAIN_MSG: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')";
+pub const SUBDOMAIN_MSG: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')";
 const LABEL_MSG: &str = "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')";
 
 fn is_label(s: &str) -> bool {
@@ -563,6 +591,25 @@ pub fn validate_name(rule: NameRule, name: &str, field: &str) -> Vec<FieldError>
             }
             if !is_dns_subdomain(name) {
                 errs.push(FieldError::invalid(field, name, SUBDOMAIN_MSG));
+            }
+        }
+        NameRule::PathSegment => {
+            // apimachinery/pkg/api/validation/path: ValidatePathSegmentName.
+            if name == "." || name == ".." {
+                errs.push(FieldError::invalid(
+                    field,
+                    name,
+                    &format!("may not be '{name}'"),
+                ));
+            }
+            for bad in ["/", "%"] {
+                if name.contains(bad) {
+                    errs.push(FieldError::invalid(
+                        field,
+                        name,
+                        &format!("may not contain '{bad}'"),
+                    ));
+                }
             }
         }
         NameRule::Label => {

@@ -330,6 +330,70 @@ fn lease_errors(obj: &Value) -> Vec<FieldError> {
     errs
 }
 
+/// pkg/apis/core/validation/events.go: legacyValidateEvent, the only
+/// validation core/v1 applies to Events (create and update).
+fn event_errors(obj: &Value) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    let s = |p: &str| obj.pointer(p).and_then(Value::as_str).unwrap_or("");
+    let ns = s("/metadata/namespace");
+    let involved_ns = s("/involvedObject/namespace");
+    let mismatch = || {
+        FieldError::invalid(
+            "involvedObject.namespace",
+            involved_ns,
+            "does not match event.namespace",
+        )
+    };
+    let event_time = obj.get("eventTime").is_some_and(|t| !t.is_null());
+    if !event_time {
+        if involved_ns.is_empty() {
+            if !ns.is_empty() && ns != "default" {
+                errs.push(mismatch());
+            }
+        } else if ns != involved_ns {
+            errs.push(mismatch());
+        }
+    } else {
+        if involved_ns.is_empty() && ns != "default" && ns != "kube-system" {
+            errs.push(mismatch());
+        }
+        let controller = s("/reportingComponent");
+        if controller.is_empty() {
+            errs.push(FieldError::required("reportingComponent", ""));
+        } else if !valid_label_key(controller) {
+            errs.push(FieldError::invalid("reportingComponent", controller, "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')"));
+        }
+        for (field, limit) in [("reportingInstance", 128), ("action", 128), ("reason", 128)] {
+            let v = s(&format!("/{field}"));
+            if v.is_empty() {
+                errs.push(FieldError::required(field, ""));
+            }
+            if v.len() > limit {
+                errs.push(FieldError::invalid(
+                    field,
+                    "",
+                    &format!("can have at most {limit} characters"),
+                ));
+            }
+        }
+        if s("/message").len() > 1024 {
+            errs.push(FieldError::invalid(
+                "message",
+                "",
+                "can have at most 1024 characters",
+            ));
+        }
+    }
+    if !super::resources::is_dns_subdomain(ns) {
+        errs.push(FieldError::invalid(
+            "namespace",
+            ns,
+            super::resources::SUBDOMAIN_MSG,
+        ));
+    }
+    errs
+}
+
 fn validate(res: Res, obj: &Value) -> Result<(), ApiError> {
     let mut errs = meta_errors(obj);
     errs.extend(match res {
@@ -337,6 +401,7 @@ fn validate(res: Res, obj: &Value) -> Result<(), ApiError> {
         Res::ConfigMaps => configmap_errors(obj),
         Res::Pods => pod_errors(obj),
         Res::Leases => lease_errors(obj),
+        Res::Events => event_errors(obj),
         _ => Vec::new(),
     });
     if errs.is_empty() {

@@ -347,6 +347,12 @@ impl FieldSelector {
 
 /// The string a field selector compares, with the registry's defaults.
 pub fn field_value(obj: &Value, field: &str) -> String {
+    // Events: `source` is source.component.
+    let field = if field == "source" {
+        "source.component"
+    } else {
+        field
+    };
     let ptr = format!("/{}", field.replace('.', "/"));
     match obj.pointer(&ptr) {
         Some(Value::String(s)) => s.clone(),
