@@ -14,6 +14,8 @@ pub enum Res {
     ConfigMaps,
     Pods,
     Leases,
+    PodCertificateRequests,
+    ClusterTrustBundles,
 }
 
 /// How `metadata.name` is validated.
@@ -23,6 +25,9 @@ pub enum NameRule {
     Subdomain,
     /// RFC 1123 label (namespaces).
     Label,
+    /// Checked by the resource's own validation (ClusterTrustBundles:
+    /// `<signer with / as :>:<subdomain>`).
+    Custom,
 }
 
 pub struct Info {
@@ -41,7 +46,7 @@ pub struct Info {
     pub fields: &'static [&'static str],
 }
 
-pub const ALL: [Res; 7] = [
+pub const ALL: [Res; 9] = [
     Res::Namespaces,
     Res::Nodes,
     Res::ServiceAccounts,
@@ -49,6 +54,8 @@ pub const ALL: [Res; 7] = [
     Res::ConfigMaps,
     Res::Pods,
     Res::Leases,
+    Res::PodCertificateRequests,
+    Res::ClusterTrustBundles,
 ];
 
 impl Res {
@@ -140,6 +147,29 @@ impl Res {
                 name_rule: NameRule::Subdomain,
                 fields: &[],
             },
+            // Stored as v1; v1beta1 is a view (see `certificates`).
+            Res::PodCertificateRequests => &Info {
+                plural: "podcertificaterequests",
+                kind: "PodCertificateRequest",
+                group: "certificates.k8s.io",
+                version: "v1",
+                namespaced: true,
+                delete_returns_object: false,
+                status_subresource: true,
+                name_rule: NameRule::Subdomain,
+                fields: &["spec.signerName", "spec.podName", "spec.nodeName"],
+            },
+            Res::ClusterTrustBundles => &Info {
+                plural: "clustertrustbundles",
+                kind: "ClusterTrustBundle",
+                group: "certificates.k8s.io",
+                version: "v1",
+                namespaced: false,
+                delete_returns_object: false,
+                status_subresource: false,
+                name_rule: NameRule::Custom,
+                fields: &["spec.signerName"],
+            },
         }
     }
 
@@ -159,6 +189,7 @@ impl Res {
     pub fn api_version(self) -> &'static str {
         match self {
             Res::Leases => "coordination.k8s.io/v1",
+            Res::PodCertificateRequests | Res::ClusterTrustBundles => "certificates.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -577,6 +608,7 @@ pub fn validate_name(rule: NameRule, name: &str, field: &str) -> Vec<FieldError>
                 errs.push(FieldError::invalid(field, name, LABEL_MSG));
             }
         }
+        NameRule::Custom => {}
     }
     errs
 }
