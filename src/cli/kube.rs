@@ -89,6 +89,8 @@ pub struct KubeArgs {
     /// is rewritten.
     #[arg(long, env = "CA_BUNDLE_PROPAGATION", default_value = "90s", value_parser = parse_duration)]
     pub bundle_propagation: Duration,
+    #[command(flatten)]
+    pub pcr: super::kube_pcr::PcrArgs,
 }
 
 /// How long the CA Secret's watch may be down before readiness turns false.
@@ -172,13 +174,14 @@ pub(super) async fn cluster(
     }
     let node_agents = NodeAgents::parse(&args.trusted_node_accounts)
         .map_err(|e| anyhow::anyhow!("--trusted-node-accounts: {e}"))?;
-    let client = k8s::client::client(&k8s::client::ClientOptions {
+    let client_opts = k8s::client::ClientOptions {
         kubeconfig: args.kubeconfig.clone(),
         max_in_flight: args.kube_max_in_flight,
         ..Default::default()
-    })
-    .await
-    .context("the Kubernetes client")?;
+    };
+    let client = k8s::client::client(&client_opts)
+        .await
+        .context("the Kubernetes client")?;
     let registry = prometheus::Registry::new();
     let mut tasks = Tasks::new();
 
@@ -313,7 +316,20 @@ pub(super) async fn cluster(
 
     // Work that signs through the running CA, single-writer under the
     // Lease: each returns the counters of the bundle copies it keeps.
-    let controllers: Vec<crate::server::cluster::Controller> = Vec::new();
+    let mut controllers: Vec<crate::server::cluster::Controller> = Vec::new();
+    controllers.extend(
+        super::kube_pcr::controllers(
+            &args.pcr,
+            &client_opts,
+            client.clone(),
+            trust_domain,
+            args.bundle_propagation,
+            leadership.receiver(),
+            &registry,
+        )
+        .await
+        .context("the PodCertificateRequest signer / ClusterTrustBundle publisher")?,
+    );
 
     Ok(Some(Cluster {
         store,

@@ -14,6 +14,7 @@ macro_rules! say {
 pub mod agent;
 pub mod dev;
 pub mod kube;
+pub mod kube_pcr;
 pub mod limits;
 pub mod rotate;
 pub mod server;

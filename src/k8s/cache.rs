@@ -69,6 +69,8 @@ pub struct CacheOptions {
     pub watch_timeout: u32,
     /// A label selector for lists and watches (none: every object).
     pub labels: Option<String>,
+    /// A field selector for lists and watches (none: every object).
+    pub fields: Option<String>,
     /// How long a list page, or the start of a watch, may take before it
     /// counts as failed.
     pub request_timeout: Duration,
@@ -83,6 +85,7 @@ impl Default for CacheOptions {
             watch_timeout: 60,
             request_timeout: Duration::from_secs(30),
             labels: None,
+            fields: None,
         }
     }
 }

@@ -11,13 +11,16 @@
 
 pub mod cache;
 pub mod client;
+pub mod discovery;
 pub mod evidence;
 pub mod jwks;
 pub mod lease;
+pub mod pcr;
 mod reflect;
 pub mod review;
 pub mod slim;
 pub mod store;
+pub mod trustbundle;
 
 /// What can go wrong talking to the Kubernetes API.
 #[derive(Debug, thiserror::Error)]

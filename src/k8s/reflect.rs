@@ -57,7 +57,7 @@ pub(crate) async fn reflect<K, R>(
         }
         let started = Instant::now();
         let listed = tokio::select! {
-            r = list_all(&api, opts.page_size, opts.labels.as_deref(), opts.request_timeout, row) => r,
+            r = list_all(&api, opts.page_size, (opts.labels.as_deref(), opts.fields.as_deref()), opts.request_timeout, row) => r,
             _ = shutdown.changed() => return,
         };
         let (rows, mut version) = match listed {
@@ -91,6 +91,9 @@ pub(crate) async fn reflect<K, R>(
             let mut params = WatchParams::default().timeout(opts.watch_timeout);
             if let Some(l) = &opts.labels {
                 params = params.labels(l);
+            }
+            if let Some(f) = &opts.fields {
+                params = params.fields(f);
             }
             let stream = tokio::select! {
                 r = tokio::time::timeout(opts.request_timeout, api.watch(&params, &version)) => r,
@@ -218,7 +221,7 @@ pub(crate) async fn reflect<K, R>(
 async fn list_all<K, R>(
     api: &Api<K>,
     page: u32,
-    labels: Option<&str>,
+    (labels, fields): (Option<&str>, Option<&str>),
     timeout: Duration,
     row: fn(K) -> Option<R>,
 ) -> Result<(Vec<R>, String), Error>
@@ -229,6 +232,9 @@ where
     let mut params = ListParams::default().limit(page);
     if let Some(l) = labels {
         params = params.labels(l);
+    }
+    if let Some(f) = fields {
+        params = params.fields(f);
     }
     loop {
         let list = tokio::time::timeout(timeout, api.list(&params))
