@@ -13,7 +13,7 @@
 //! The fake, the clients and the CA share the machine's cores.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(unused_imports, dead_code)]
+#[allow(unused_imports)]
 #[allow(
     clippy::type_complexity,
     clippy::collapsible_if,
