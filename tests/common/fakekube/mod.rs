@@ -44,6 +44,7 @@ mod selectors;
 mod store;
 mod timefmt;
 mod tokens;
+mod trustbundles;
 mod watch;
 
 use std::collections::{BTreeMap, HashMap};
