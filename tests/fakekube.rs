@@ -6,6 +6,8 @@ mod common;
 
 #[path = "fakekube/apply.rs"]
 mod apply;
+#[path = "fakekube/certificates.rs"]
+mod certificates;
 #[path = "fakekube/crud.rs"]
 mod crud;
 #[path = "fakekube/events.rs"]

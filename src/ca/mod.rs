@@ -18,6 +18,11 @@ use std::time::Duration;
 
 pub use authorities::{AuthoritySet, Member, State as AuthorityState};
 pub use authority::{Authority, CLOCK_SKEW_BACKDATE, Issued, TtlPolicy};
+
+/// Where in a leaf's lifetime its holder starts renewing it by default:
+/// the node agent's `--rotation-fraction` and a PodCertificateRequest's
+/// `beginRefreshAt` (Istio's agent and SPIRE renew at half too).
+pub const ROTATION_FRACTION: f64 = 0.5;
 pub use bundle::{Cert, TrustBundle};
 pub use csr::{CheckedCsr, check_csr, check_pem_csr, check_public_key};
 pub use issue::{LeafFor, LeafIssuer, Tracked};

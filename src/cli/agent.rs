@@ -73,7 +73,7 @@ pub struct RotationArgs {
     #[arg(long, env = "CA_CERT_TTL", default_value = "0", value_parser = parse_duration)]
     pub cert_ttl: Duration,
     /// Renew after this fraction of the lifetime (0.1 to 0.95).
-    #[arg(long, default_value_t = 0.5, value_parser = parse_rotation_fraction)]
+    #[arg(long, default_value_t = crate::ca::ROTATION_FRACTION, value_parser = parse_rotation_fraction)]
     pub rotation_fraction: f64,
     /// Relative jitter on the renewal point (0.1 = +-10%; at most 0.5).
     #[arg(long, default_value_t = 0.1, value_parser = parse_jitter)]

@@ -103,6 +103,8 @@ pub struct KubeArgs {
     pub serving_secret: Vec<k8s::serving::ServingSecret>,
     #[command(flatten)]
     pub secret_mode: super::kube_secrets::SecretModeArgs,
+    #[command(flatten)]
+    pub pcr: super::kube_pcr::PcrArgs,
 }
 
 /// How long the CA Secret's watch may be down before readiness turns false.
@@ -186,13 +188,14 @@ pub(super) async fn cluster(
     }
     let node_agents = NodeAgents::parse(&args.trusted_node_accounts)
         .map_err(|e| anyhow::anyhow!("--trusted-node-accounts: {e}"))?;
-    let client = k8s::client::client(&k8s::client::ClientOptions {
+    let client_opts = k8s::client::ClientOptions {
         kubeconfig: args.kubeconfig.clone(),
         max_in_flight: args.kube_max_in_flight,
         ..Default::default()
-    })
-    .await
-    .context("the Kubernetes client")?;
+    };
+    let client = k8s::client::client(&client_opts)
+        .await
+        .context("the Kubernetes client")?;
     let registry = prometheus::Registry::new();
     let mut tasks = Tasks::new();
 
@@ -346,6 +349,19 @@ pub(super) async fn cluster(
             replica: &replica,
         },
     )?);
+    controllers.extend(
+        super::kube_pcr::controllers(
+            &args.pcr,
+            &client_opts,
+            client.clone(),
+            trust_domain,
+            args.bundle_propagation,
+            leadership.receiver(),
+            &registry,
+        )
+        .await
+        .context("the PodCertificateRequest signer / ClusterTrustBundle publisher")?,
+    );
 
     Ok(Some(Cluster {
         store,

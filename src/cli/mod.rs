@@ -19,6 +19,7 @@ macro_rules! say {
 pub mod agent;
 pub mod dev;
 pub mod kube;
+pub mod kube_pcr;
 pub mod kube_secrets;
 pub mod limits;
 pub mod rotate;

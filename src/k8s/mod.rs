@@ -11,14 +11,17 @@
 
 pub mod cache;
 pub mod client;
+pub mod discovery;
 pub mod evidence;
 pub mod jwks;
 pub mod lease;
+pub mod pcr;
 mod reflect;
 pub mod review;
 pub mod serving;
 pub mod slim;
 pub mod store;
+pub mod trustbundle;
 
 // Copies of the CA's material in the cluster (secret mode, root ConfigMaps).
 pub mod copies;

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use super::apply::validate_patch_options;
 use super::authn;
+use super::certificates;
 use super::gc::DeleteOptions;
 use super::http::{
     Body, Query, ReqInfo, Shared, authenticate, error_response, json_response, lock, parse_json,
@@ -129,15 +130,33 @@ fn non_resource(shared: &Shared, info: &ReqInfo, method: &http::Method) -> http:
             200,
             &json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}),
         ),
-        "/apis" => json_response(
-            200,
-            &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-                {"name": "coordination.k8s.io", "versions": [{"groupVersion": "coordination.k8s.io/v1", "version": "v1"}],
-                 "preferredVersion": {"groupVersion": "coordination.k8s.io/v1", "version": "v1"}},
-                {"name": "authentication.k8s.io", "versions": [{"groupVersion": "authentication.k8s.io/v1", "version": "v1"}],
-                 "preferredVersion": {"groupVersion": "authentication.k8s.io/v1", "version": "v1"}},
-            ]}),
-        ),
+        "/apis" => json_response(200, &{
+            let mut groups = vec![
+                json!({"name": "coordination.k8s.io", "versions": [{"groupVersion": "coordination.k8s.io/v1", "version": "v1"}],
+                     "preferredVersion": {"groupVersion": "coordination.k8s.io/v1", "version": "v1"}}),
+                json!({"name": "authentication.k8s.io", "versions": [{"groupVersion": "authentication.k8s.io/v1", "version": "v1"}],
+                     "preferredVersion": {"groupVersion": "authentication.k8s.io/v1", "version": "v1"}}),
+            ];
+            if let Some(mut g) = certificates::api_group(shared.cert_versions) {
+                if let Some(m) = g.as_object_mut() {
+                    m.remove("kind");
+                    m.remove("apiVersion");
+                }
+                groups.push(g);
+            }
+            json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+        }),
+        "/apis/certificates.k8s.io" => match certificates::api_group(shared.cert_versions) {
+            Some(g) => json_response(200, &g),
+            None => text_response(404, "404 page not found\n"),
+        },
+        path if path.starts_with("/apis/certificates.k8s.io/") => {
+            let version = path.trim_start_matches("/apis/certificates.k8s.io/");
+            match certificates::resources(shared.cert_versions, version) {
+                Some(v) => json_response(200, &v),
+                None => text_response(404, "404 page not found\n"),
+            }
+        }
         path => match discovery(path) {
             Some(v) => json_response(200, &v),
             None => text_response(404, "404 page not found\n"),
@@ -207,8 +226,15 @@ async fn resource_request(
         let body = parse_json(&read_body(body).await?)?;
         return token_review(shared, &body).await;
     }
-    let res = Res::from_plural(&info.api_group, &info.api_version, &info.resource)
-        .ok_or_else(ApiError::not_found_path)?;
+    let res = if info.api_group == certificates::GROUP {
+        certificates::resolve(shared.cert_versions, &info.api_version, &info.resource)
+    } else {
+        Res::from_plural(&info.api_group, &info.api_version, &info.resource)
+    }
+    .ok_or_else(ApiError::not_found_path)?;
+    // What this version shows of a stored object.
+    let version = info.api_version.as_str();
+    let out = |o: &Value| certificates::view(res, version, o);
     let ns = info.namespace.as_str();
     let namespace_request = res == Res::Namespaces;
     if !res.namespaced() && !ns.is_empty() && !namespace_request {
@@ -217,7 +243,9 @@ async fn resource_request(
     let sub = info.subresource.as_str();
     let sub = match (res, sub) {
         (_, "") => None,
-        (Res::Pods | Res::Nodes | Res::Namespaces, "status") => Some("status"),
+        (Res::Pods | Res::Nodes | Res::Namespaces | Res::PodCertificateRequests, "status") => {
+            Some("status")
+        }
         (Res::ServiceAccounts, "token") => Some("token"),
         _ => return Err(ApiError::not_found_path()),
     };
@@ -231,10 +259,10 @@ async fn resource_request(
             let obj = store
                 .get(res, ns, name)
                 .ok_or_else(|| ApiError::not_found(res, name))?;
-            Ok(json_response(200, &obj))
+            Ok(json_response(200, &out(&obj)))
         }
-        "list" => list(shared, res, ns, q),
-        "watch" => super::watch::serve(shared.clone(), res, ns, name, q),
+        "list" => list(shared, res, version, ns, q),
+        "watch" => super::watch::serve(shared.clone(), res, version, ns, name, q),
         "create" => {
             let body = parse_json(&read_body(body).await?)?;
             if sub == Some("token") {
@@ -249,24 +277,39 @@ async fn resource_request(
             if !name.is_empty() {
                 return Err(ApiError::method_not_allowed("create", res.kind()));
             }
+            let mut body = body;
+            certificates::intake(res, version, &mut body, None);
             let obj = lock(&shared.store).create(res, ns, body, manager_or_empty(manager))?;
-            Ok(json_response(201, &obj))
+            Ok(json_response(201, &out(&obj)))
         }
         "update" => {
-            let body = parse_json(&read_body(body).await?)?;
-            let (obj, created) = lock(&shared.store).update(res, ns, name, body, manager, sub)?;
-            Ok(json_response(if created { 201 } else { 200 }, &obj))
+            let mut body = parse_json(&read_body(body).await?)?;
+            let mut store = lock(&shared.store);
+            let old = store.get(res, ns, name);
+            certificates::intake(res, version, &mut body, old.as_deref());
+            let (obj, created) = store.update(res, ns, name, body, manager, sub)?;
+            Ok(json_response(if created { 201 } else { 200 }, &out(&obj)))
         }
         "patch" => {
             let bytes = read_body(body).await?;
-            patch(shared, res, ns, name, sub, q, manager, content_type, &bytes)
+            patch(
+                shared,
+                (res, version),
+                ns,
+                name,
+                sub,
+                q,
+                manager,
+                content_type,
+                &bytes,
+            )
         }
         "delete" => {
             let bytes = read_body(body).await?;
             let body = parse_json(&bytes)?;
             let opts = DeleteOptions::parse(&body, q.get("propagationPolicy"))?;
-            let out = lock(&shared.store).delete(res, ns, name, &opts)?;
-            Ok(json_response(200, &out.body))
+            let deleted = lock(&shared.store).delete(res, ns, name, &opts)?;
+            Ok(json_response(200, &out(&deleted.body)))
         }
         verb => Err(ApiError::method_not_allowed(verb, res.kind())),
     }
@@ -275,7 +318,7 @@ async fn resource_request(
 #[allow(clippy::too_many_arguments)]
 fn patch(
     shared: &Shared,
-    res: Res,
+    (res, version): (Res, &str),
     ns: &str,
     name: &str,
     sub: Option<&str>,
@@ -286,7 +329,7 @@ fn patch(
 ) -> Result<http::Response<Body>, ApiError> {
     let apply = content_type == "application/apply-patch+yaml";
     validate_patch_options(apply, q.get("fieldManager"), q.get("force"))?;
-    let body: Value = serde_json::from_slice(bytes).map_err(|e| {
+    let mut body: Value = serde_json::from_slice(bytes).map_err(|e| {
         if apply {
             ApiError::bad_request(format!(
                 "error decoding YAML: the fake API server accepts JSON apply bodies only: {e}"
@@ -303,13 +346,18 @@ fn patch(
                     "the fake API server does not apply to subresources",
                 ));
             }
+            let old = store.get(res, ns, name);
+            certificates::intake(res, version, &mut body, old.as_deref());
             let (obj, created) = store.apply(res, ns, name, body, manager, q.flag("force"))?;
-            Ok(json_response(if created { 201 } else { 200 }, &obj))
+            Ok(json_response(
+                if created { 201 } else { 200 },
+                &certificates::view(res, version, &obj),
+            ))
         }
         "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
             let strategic = content_type.starts_with("application/strategic");
             let obj = store.patch_merge(res, ns, name, &body, strategic, manager, sub)?;
-            Ok(json_response(200, &obj))
+            Ok(json_response(200, &certificates::view(res, version, &obj)))
         }
         "application/json-patch+json" => {
             let old = store
@@ -330,7 +378,7 @@ fn patch(
                 m.remove("managedFields");
             }
             let (obj, _) = store.update(res, ns, name, doc, manager, sub)?;
-            Ok(json_response(200, &obj))
+            Ok(json_response(200, &certificates::view(res, version, &obj)))
         }
         _ => Err(ApiError::new(
             415,
@@ -389,7 +437,13 @@ fn list_options_invalid(errs: &[FieldError]) -> ApiError {
     )
 }
 
-fn list(shared: &Shared, res: Res, ns: &str, q: &Query) -> Result<http::Response<Body>, ApiError> {
+fn list(
+    shared: &Shared,
+    res: Res,
+    version: &str,
+    ns: &str,
+    q: &Query,
+) -> Result<http::Response<Body>, ApiError> {
     let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))?;
     let fields = FieldSelector::parse(res, q.get("fieldSelector").unwrap_or(""))?;
     let rv = q.get("resourceVersion").unwrap_or("");
@@ -469,7 +523,16 @@ fn list(shared: &Shared, res: Res, ns: &str, q: &Query) -> Result<http::Response
     if let Some(r) = page.remaining {
         meta["remainingItemCount"] = json!(r);
     }
-    Ok(json_response(200, &list_body(res, meta, &page.items)))
+    let mut body = list_body(res, meta, &page.items);
+    if certificates::is_cert(res) {
+        body["apiVersion"] = json!(format!("{}/{version}", certificates::GROUP));
+        if let Some(items) = body["items"].as_array_mut() {
+            for i in items.iter_mut() {
+                *i = certificates::view(res, version, i);
+            }
+        }
+    }
+    Ok(json_response(200, &body))
 }
 
 /// A list body; items without apiVersion/kind, as the real server sends them.

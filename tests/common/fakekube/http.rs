@@ -89,6 +89,8 @@ pub struct Shared {
     /// The seeding helper's pods, (Pending, Running), once created fully.
     pub pod_templates: Mutex<[Option<Value>; 2]>,
     pub jwks_uri: String,
+    /// The certificates.k8s.io versions served.
+    pub cert_versions: super::certificates::CertVersions,
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

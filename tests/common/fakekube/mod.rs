@@ -9,8 +9,10 @@
 //!
 //! Served: core v1 `namespaces`, `nodes`, `serviceaccounts` (+ `token`),
 //! `secrets`, `configmaps`, `pods` (+ `status`), `events`, `coordination.k8s.io/v1`
-//! `leases`, `authentication.k8s.io/v1` `tokenreviews`, and the issuer
-//! discovery documents. Verbs, errors (as `Status`), watches, paging,
+//! `leases`, `authentication.k8s.io/v1` `tokenreviews`,
+//! `certificates.k8s.io` `podcertificaterequests` (+ `status`) and
+//! `clustertrustbundles` at v1 and/or v1beta1 ([`certificates`]), and the
+//! issuer discovery documents. Verbs, errors (as `Status`), watches, paging,
 //! selectors, server-side apply, garbage collection and service-account
 //! tokens follow the real API server; what does not is listed in
 //! [`LIMITS`].
@@ -28,10 +30,13 @@
 
 mod apply;
 mod authn;
+mod certcrypto;
+pub mod certificates;
 mod fields;
 mod gc;
 mod handlers;
 mod http;
+pub mod kubelet;
 mod patch;
 mod resources;
 mod rules;
@@ -39,6 +44,7 @@ mod selectors;
 mod store;
 mod timefmt;
 mod tokens;
+mod trustbundles;
 mod watch;
 
 use std::collections::{BTreeMap, HashMap};
@@ -70,7 +76,8 @@ pub const LIMITS: &str = "\
 - Validation covers names, labels, Secret/ConfigMap keys, sizes, types and immutability, the pod spec's required fields and update restrictions, Lease durations; not every rule of the real validators.
 - JSON only: a protobuf or CBOR request body is refused (415), so kubectl's typed commands (e.g. `create secret generic`) fail while `create -f`/`apply` work; no OpenAPI documents (kubectl needs --validate=false).
 - core/v1 Events are validated as the real server does for that version (legacyValidateEvent only, names as path segments); there is no events.k8s.io API, no TTL (events are never deleted by age) and no count aggregation.
-- Token checks use the real order and messages, but TokenReview error strings are only as close as the fake can tell (\"[invalid bearer token, ...]\").";
+- Token checks use the real order and messages, but TokenReview error strings are only as close as the fake can tell (\"[invalid bearer token, ...]\").
+- certificates.k8s.io: no RBAC, so neither the `sign` (status writes) nor the `attest` (ClusterTrustBundles with a signer name) check on `signers`, and no node restriction on PodCertificateRequest creation (the pod, its node and its service account are not looked up). The stub PKCS#10 request is checked for parsing, signature and key type only (not for an empty subject or extensions); messages of the stub path and of user-annotation keys are the fake's own where the real text was not at hand. A main-resource update of a legacy (pkixPublicKey) request through v1 keeps the v1beta1-only fields (the real server would lose them in conversion). ClusterTrustBundle updates re-parse an unchanged trustBundle. Public keys are compared as DER bytes (Go compares them as keys). No kube-controller-manager: PodCertificateRequests are never cleaned up.";
 
 /// Options fixed at start.
 #[derive(Clone, Debug)]
@@ -89,6 +96,9 @@ pub struct FakeOptions {
     pub namespace_controllers: bool,
     /// `--service-account-extend-token-expiration`.
     pub extend_token_expiration: bool,
+    /// Which versions of certificates.k8s.io (PodCertificateRequests,
+    /// ClusterTrustBundles) are served.
+    pub certificates: certificates::CertVersions,
 }
 
 impl Default for FakeOptions {
@@ -100,6 +110,7 @@ impl Default for FakeOptions {
             history_limit: 100_000,
             namespace_controllers: true,
             extend_token_expiration: true,
+            certificates: certificates::CertVersions::BOTH,
         }
     }
 }
@@ -411,7 +422,20 @@ impl FakeKube {
 
     /// Creates any served object as a POST would (validation, defaulting,
     /// admission); the error is the Status the API would answer.
-    pub fn create_json(&self, obj: Value) -> Result<Value, Value> {
+    pub fn create_json(&self, mut obj: Value) -> Result<Value, Value> {
+        let version = obj
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .and_then(|v| v.strip_prefix("certificates.k8s.io/"))
+            .map(String::from);
+        if let Some(v) = version {
+            let res = Res::from_kind(
+                "certificates.k8s.io/v1",
+                obj.get("kind").and_then(Value::as_str).unwrap_or(""),
+            )
+            .expect("a certificates.k8s.io kind");
+            certificates::intake(res, &v, &mut obj, None);
+        }
         let res = Self::res_of(&obj);
         let ns = obj
             .pointer("/metadata/namespace")
@@ -707,6 +731,7 @@ fn build_shared(opts: &FakeOptions, addr: SocketAddr, ca_pem: &str) -> Shared {
         bookmark_interval: Mutex::new(opts.bookmark_interval),
         pod_templates: Mutex::new([None, None]),
         jwks_uri: format!("https://{addr}/openid/v1/jwks"),
+        cert_versions: opts.certificates,
     }
 }
 

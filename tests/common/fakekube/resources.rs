@@ -15,6 +15,8 @@ pub enum Res {
     Pods,
     Leases,
     Events,
+    PodCertificateRequests,
+    ClusterTrustBundles,
 }
 
 /// How `metadata.name` is validated.
@@ -26,6 +28,9 @@ pub enum NameRule {
     Label,
     /// Only a valid path segment (core/v1 events: ValidatePathSegmentName).
     PathSegment,
+    /// Checked by the resource's own validation (ClusterTrustBundles:
+    /// `<signer with / as :>:<subdomain>`).
+    Custom,
 }
 
 pub struct Info {
@@ -44,7 +49,7 @@ pub struct Info {
     pub fields: &'static [&'static str],
 }
 
-pub const ALL: [Res; 8] = [
+pub const ALL: [Res; 10] = [
     Res::Namespaces,
     Res::Nodes,
     Res::ServiceAccounts,
@@ -53,6 +58,8 @@ pub const ALL: [Res; 8] = [
     Res::Pods,
     Res::Leases,
     Res::Events,
+    Res::PodCertificateRequests,
+    Res::ClusterTrustBundles,
 ];
 
 impl Res {
@@ -168,6 +175,29 @@ impl Res {
                 name_rule: NameRule::Subdomain,
                 fields: &[],
             },
+            // Stored as v1; v1beta1 is a view (see `certificates`).
+            Res::PodCertificateRequests => &Info {
+                plural: "podcertificaterequests",
+                kind: "PodCertificateRequest",
+                group: "certificates.k8s.io",
+                version: "v1",
+                namespaced: true,
+                delete_returns_object: false,
+                status_subresource: true,
+                name_rule: NameRule::Subdomain,
+                fields: &["spec.signerName", "spec.podName", "spec.nodeName"],
+            },
+            Res::ClusterTrustBundles => &Info {
+                plural: "clustertrustbundles",
+                kind: "ClusterTrustBundle",
+                group: "certificates.k8s.io",
+                version: "v1",
+                namespaced: false,
+                delete_returns_object: false,
+                status_subresource: false,
+                name_rule: NameRule::Custom,
+                fields: &["spec.signerName"],
+            },
         }
     }
 
@@ -187,6 +217,7 @@ impl Res {
     pub fn api_version(self) -> &'static str {
         match self {
             Res::Leases => "coordination.k8s.io/v1",
+            Res::PodCertificateRequests | Res::ClusterTrustBundles => "certificates.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -624,6 +655,7 @@ pub fn validate_name(rule: NameRule, name: &str, field: &str) -> Vec<FieldError>
                 errs.push(FieldError::invalid(field, name, LABEL_MSG));
             }
         }
+        NameRule::Custom => {}
     }
     errs
 }

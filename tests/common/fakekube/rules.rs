@@ -402,6 +402,7 @@ fn validate(res: Res, obj: &Value) -> Result<(), ApiError> {
         Res::Pods => pod_errors(obj),
         Res::Leases => lease_errors(obj),
         Res::Events => event_errors(obj),
+        Res::ClusterTrustBundles => super::certificates::ctb_errors(obj, None),
         _ => Vec::new(),
     });
     if errs.is_empty() {
@@ -460,6 +461,13 @@ pub fn on_create(res: Res, obj: &mut Value) -> Result<(), ApiError> {
             obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
             obj["metadata"]["generation"] = json!(1);
         }
+        Res::PodCertificateRequests => {
+            super::certificates::pcr_prepare_create(obj);
+            let errs = super::certificates::pcr_create_errors(obj);
+            if !errs.is_empty() {
+                return Err(ApiError::invalid(res, &name_of(obj), &errs));
+            }
+        }
         _ => {}
     }
     validate(res, obj)
@@ -504,6 +512,14 @@ pub fn on_update(
         let meta = new.get("metadata").cloned();
         *new = old.clone();
         new["status"] = status;
+        if res == Res::PodCertificateRequests {
+            // ResetObjectMetaForStatus: labels and annotations stay.
+            let errs = super::certificates::pcr_status_errors(old, new, timefmt::now_secs());
+            if !errs.is_empty() {
+                return Err(ApiError::invalid(res, &name, &errs));
+            }
+            return validate(res, new);
+        }
         if let Some(Value::Object(m)) = meta {
             for k in ["labels", "annotations"] {
                 if let Some(v) = m.get(k) {
@@ -548,6 +564,13 @@ pub fn on_update(
                     }
                 }
             }
+        }
+        Res::PodCertificateRequests => {
+            errs.extend(super::certificates::pcr_update_errors(old, new));
+        }
+        Res::ClusterTrustBundles => {
+            // The rest (name, bundle) is checked as on create.
+            errs.extend(super::certificates::ctb_update_errors(old, new));
         }
         Res::Namespaces => {
             new["spec"] = old.get("spec").cloned().unwrap_or(json!({}));

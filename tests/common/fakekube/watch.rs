@@ -31,6 +31,8 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
 
 struct Filter {
     res: Res,
+    /// The version watched (what `certificates::view` shows).
+    version: String,
     ns: Option<String>,
     labels: LabelSelector,
     fields: FieldSelector,
@@ -43,6 +45,13 @@ impl Filter {
 
     fn matches(&self, obj: &Value) -> bool {
         self.labels.matches(obj) && self.fields.matches(obj)
+    }
+
+    fn line(&self, kind: &str, obj: &Value) -> Bytes {
+        line(
+            kind,
+            &super::certificates::view(self.res, &self.version, obj),
+        )
     }
 
     /// cacheWatcher.convertToWatchEvent.
@@ -74,14 +83,18 @@ fn line(kind: &str, obj: &Value) -> Bytes {
     Bytes::from(s)
 }
 
-fn bookmark(res: Res, rv: u64, initial_end: bool) -> Bytes {
+fn bookmark(res: Res, version: &str, rv: u64, initial_end: bool) -> Bytes {
     let mut meta = json!({"resourceVersion": rv.to_string(), "creationTimestamp": null});
     if initial_end {
         meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
     }
     line(
         "BOOKMARK",
-        &json!({"kind": res.kind(), "apiVersion": res.api_version(), "metadata": meta}),
+        &super::certificates::view(
+            res,
+            version,
+            &json!({"kind": res.kind(), "apiVersion": res.api_version(), "metadata": meta}),
+        ),
     )
 }
 
@@ -107,6 +120,7 @@ enum Start {
 pub fn serve(
     shared: Arc<Shared>,
     res: Res,
+    version: &str,
     ns: &str,
     name: &str,
     q: &Query,
@@ -181,6 +195,7 @@ pub fn serve(
         .unwrap_or(DEFAULT_TIMEOUT);
     let filter = Filter {
         res,
+        version: version.to_string(),
         ns: (!ns.is_empty()).then(|| ns.to_string()),
         labels,
         fields,
@@ -217,7 +232,7 @@ fn drain(store: &Store, filter: &Filter, cursor: &mut u64) -> Option<Vec<Bytes>>
         .history
         .range(from..)
         .filter_map(|e| filter.convert(e))
-        .map(|(k, o)| line(k, &o))
+        .map(|(k, o)| filter.line(k, &o))
         .collect();
     *cursor = store.rv;
     Some(out)
@@ -252,7 +267,7 @@ async fn run(
                             && filter.ns.as_ref().is_none_or(|n| k.1 == *n)
                             && filter.matches(o)
                     })
-                    .map(|(_, o)| line("ADDED", o))
+                    .map(|(_, o)| filter.line("ADDED", o))
                     .collect();
                 first.extend(items);
                 cursor = store.rv;
@@ -265,7 +280,7 @@ async fn run(
                     )];
                     cursor = u64::MAX;
                 } else if bookmark_end {
-                    first.push(bookmark(filter.res, cursor, true));
+                    first.push(bookmark(filter.res, &filter.version, cursor, true));
                 }
             }
             Start::From(u64::MAX) => cursor = store.rv,
@@ -338,7 +353,7 @@ async fn run(
                         return;
                     }
                 }
-                if tx.send(bookmark(filter.res, cursor, false)).await.is_err() {
+                if tx.send(bookmark(filter.res, &filter.version, cursor, false)).await.is_err() {
                     return;
                 }
             }
