@@ -513,6 +513,7 @@ async fn the_trust_bundle_holds_a_prepared_root_before_activation() {
     let ca = k.start_ca(
         "a",
         &[
+            "--pod-certificates",
             "--cluster-trust-bundle",
             "--bundle-propagation",
             "2s",
@@ -521,6 +522,28 @@ async fn the_trust_bundle_holds_a_prepared_root_before_activation() {
         ],
     );
     wait_ready(&ca, READY).await;
+    // A pod certificate of the first authority: its pod takes roots from
+    // the ClusterTrustBundle, so it holds retirement only, not activation.
+    let client = k.fake.client().await;
+    let key = KubeletKey::generate(KeyType::EcdsaP256);
+    let pod = PodRef::new("shop", "before-rotation", "web");
+    let early = create(
+        &client,
+        "v1",
+        SIGNER,
+        &pod,
+        &key,
+        &RequestOptions::default(),
+    )
+    .await;
+    answered(
+        &k,
+        std::slice::from_ref(&early),
+        Duration::from_secs(20),
+        &ca,
+    )
+    .await;
+    assert_eq!(condition(&pcr(&k, &early)).unwrap().0, "Issued");
     let (first, _) = within(Duration::from_secs(15), || async {
         ctb(&k).map(|c| c["spec"]["trustBundle"].as_str().unwrap().to_string())
     })
@@ -616,4 +639,15 @@ async fn the_trust_bundle_holds_a_prepared_root_before_activation() {
         .filter(|r| r.resource == "clustertrustbundles" && r.verb == "update" && r.code == 500)
         .count();
     assert_eq!(failed, 4, "the injected failures were met");
+    // The pod certificate of the retiring authority holds retirement.
+    let out = rotate("retire");
+    let why = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "retired under a valid pod certificate"
+    );
+    assert!(
+        why.contains("issued to clients that are not workload-ca agents are valid until"),
+        "{why}"
+    );
 }

@@ -27,6 +27,11 @@ pub enum Tracked {
     /// By its writer's [`super::rotation::Copies`]: the caller rewrites
     /// it when the bundle changes and counts it.
     Copies,
+    /// In the issuance ledger for *retire* only: its holder takes its roots
+    /// from a copy of the bundle this CA keeps and counts (a pod
+    /// certificate's from the ClusterTrustBundle), so activation need not
+    /// wait for it; the retiring root stays until it expires.
+    RetireOnly,
 }
 
 /// A leaf signed through [`LeafIssuer::issue`].

@@ -60,6 +60,24 @@ impl Ledger {
         self.longest = self.longest.max(until.saturating_sub(unix(issued)));
     }
 
+    /// Records a leaf of `authority` that holds only retirement (its holder
+    /// learns bundles from a counted copy, not from its certificate).
+    pub fn record_for_retire(
+        &mut self,
+        authority: &str,
+        issued: SystemTime,
+        not_after: SystemTime,
+    ) {
+        let until = unix(not_after);
+        match self.by_authority.get_mut(authority) {
+            Some(a) => *a = (*a).max(until),
+            None => {
+                self.by_authority.insert(authority.to_owned(), until);
+            }
+        }
+        self.longest = self.longest.max(until.saturating_sub(unix(issued)));
+    }
+
     /// Until when a leaf issued before generation `generation` may be valid.
     pub fn issued_before(&self, generation: u64, now: SystemTime) -> Option<SystemTime> {
         let now = unix(now);
@@ -569,6 +587,16 @@ fn from_unix(s: u64) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leaf_recorded_for_retire_holds_retire_only() {
+        let now = SystemTime::now();
+        let mut ledger = Ledger::default();
+        ledger.record_for_retire("old", now, now + Duration::from_secs(3600));
+        assert!(ledger.issued_before(u64::MAX, now).is_none());
+        assert!(ledger.issued_by("old", now).is_some());
+        assert!(!ledger.is_spent(now));
+    }
 
     #[test]
     fn what_a_crash_may_have_lost_counts_against_every_gate() {

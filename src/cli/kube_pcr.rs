@@ -73,6 +73,14 @@ pub(super) async fn controllers(
             max_in_flight: args.pcr_max_in_flight.max(1),
             max_age: args.pcr_max_age,
             refresh_fraction: crate::ca::ROTATION_FRACTION,
+            // Pods that mount the published ClusterTrustBundle learn a new
+            // root from it, and its counter holds activation until it has
+            // it: their leaves need hold only retirement.
+            tracked: if args.cluster_trust_bundle {
+                crate::ca::Tracked::RetireOnly
+            } else {
+                crate::ca::Tracked::Ledger
+            },
         };
         let leader = leader.clone();
         out.push(Box::new(move |issuer, tasks| {

@@ -90,6 +90,10 @@ pub struct SignerOptions {
     pub max_age: Duration,
     /// Where in the lifetime `beginRefreshAt` falls.
     pub refresh_fraction: f64,
+    /// How rotations account for the leaves: [`Tracked::RetireOnly`] when
+    /// this CA publishes the ClusterTrustBundle pods take their roots from
+    /// (its copy counter holds activation), else [`Tracked::Ledger`].
+    pub tracked: Tracked,
 }
 
 /// A request, as the signer reads it.
@@ -643,7 +647,7 @@ impl Signer {
             Decision::Issue { id, key, ttl } => {
                 match self
                     .issuer
-                    .issue(&key, &id, ttl, now, "pod-certificate", Tracked::Ledger)
+                    .issue(&key, &id, ttl, now, "pod-certificate", self.opts.tracked)
                 {
                     Ok(leaf) => match issued_status(&leaf, &id, self.opts.refresh_fraction, now) {
                         Ok(s) => Answer::Status(s, "issued", "Issued"),

@@ -297,6 +297,14 @@ impl Fleet {
         self.changed.subscribe()
     }
 
+    /// A leaf that holds only retirement (see `ca::Tracked::RetireOnly`).
+    pub fn record_for_retire(&self, authority: &str, issued: SystemTime, not_after: SystemTime) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.ledger.record_for_retire(authority, issued, not_after);
+            inner.dirty = true;
+        }
+    }
+
     /// A leaf issued to a client that is not one of our agents.
     pub fn record_issued(
         &self,

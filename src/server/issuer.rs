@@ -46,9 +46,16 @@ impl LeafIssuer for CaIssuer {
         match set.sign_leaf(key, id, ttl, now) {
             Ok(issued) => {
                 let (generation, authority) = (set.generation(), set.active().id().to_owned());
-                if tracked == Tracked::Ledger {
-                    self.fleet
-                        .record_issued(generation, &authority, now, issued.not_after);
+                match tracked {
+                    Tracked::Ledger => {
+                        self.fleet
+                            .record_issued(generation, &authority, now, issued.not_after);
+                    }
+                    Tracked::RetireOnly => {
+                        self.fleet
+                            .record_for_retire(&authority, now, issued.not_after);
+                    }
+                    Tracked::Copies => {}
                 }
                 self.metrics.success_cert_issuance.inc();
                 tracing::info!(
