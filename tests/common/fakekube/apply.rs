@@ -293,9 +293,9 @@ impl Store {
                     return Err(ApiError::invalid(res, name, &name_errs));
                 }
                 fields::store_entries(&mut new, entries);
-                let out = self.put_new(key, new);
+                let out = self.put_new(key.clone(), new);
                 self.after_create(res, name);
-                self.collect_garbage();
+                self.collect_garbage_for(&key);
                 Ok((out, true))
             }
             Some(old) => {
@@ -320,8 +320,8 @@ impl Store {
                 if new == *old {
                     return Ok((old, false));
                 }
-                let out = self.put_existing(key, new);
-                self.collect_garbage();
+                let out = self.put_existing(key.clone(), new);
+                self.collect_garbage_for(&key);
                 Ok((out, false))
             }
         }

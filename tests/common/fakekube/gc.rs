@@ -225,6 +225,25 @@ impl Store {
         Some(k.0 == owner_res && k.2 == name && same_scope)
     }
 
+    /// The garbage collector after `key` was written: nothing else changed,
+    /// so only its own owner references can be absent (a full pass after
+    /// every write would make each write cost as much as all owned
+    /// objects).
+    pub fn collect_garbage_for(&mut self, key: &Key) {
+        if !self.owned.contains(key) {
+            return;
+        }
+        let Some(obj) = self.objects.get(key) else {
+            return;
+        };
+        let absent = owner_refs(obj)
+            .iter()
+            .any(|r| self.owner_exists(key, r) == Some(false));
+        if absent {
+            self.collect_garbage();
+        }
+    }
+
     /// One pass of the garbage collector until nothing is left to do:
     /// dependents none of whose owners exist are deleted (background), and
     /// references to absent owners are removed from dependents that still

@@ -386,9 +386,9 @@ impl Store {
             "",
         );
         fields::store_entries(&mut obj, entries);
-        let out = self.put_new(key, obj);
+        let out = self.put_new(key.clone(), obj);
         self.after_create(res, &name);
-        self.collect_garbage();
+        self.collect_garbage_for(&key);
         Ok(out)
     }
 
@@ -532,7 +532,7 @@ impl Store {
             return Ok(old.clone());
         }
         let out = self.put_existing(key.clone(), new);
-        self.collect_garbage();
+        self.collect_garbage_for(&key);
         Ok(out)
     }
 
