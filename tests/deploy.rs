@@ -23,7 +23,13 @@ use manifests::{KUSTOMIZATIONS, Object, env_field, env_value, render};
 use scenarios::{AGENT_USER, CA_USER};
 
 /// The overlays that deploy a CA (and whose RBAC is checked).
-const CA_OVERLAYS: &[&str] = &["overlays/standalone", "overlays/ca-only", "overlays/istio"];
+const CA_OVERLAYS: &[&str] = &[
+    "overlays/standalone",
+    "overlays/ca-only",
+    "overlays/istio",
+    "overlays/secret-mode",
+    "overlays/token-review",
+];
 /// The user the tests set the fake cluster up with (excluded from checks).
 const ADMIN_USER: &str = "kubernetes-admin";
 
@@ -444,10 +450,45 @@ fn dashboard_metrics(dashboard: &Value) -> BTreeSet<String> {
         .collect()
 }
 
+/// The authorization checks the API server makes beside a request, which
+/// the log does not show: writing a PodCertificateRequest's status needs
+/// `sign`, and writing a ClusterTrustBundle with a signer name needs
+/// `attest`, on `certificates.k8s.io/signers` named by the signer.
+fn implied_signer_checks(requests: &[rbac::Request]) -> Vec<rbac::Request> {
+    requests
+        .iter()
+        .filter_map(|r| {
+            let verb = match (r.resource.as_str(), r.verb.as_str()) {
+                ("podcertificaterequests/status", "update" | "patch") => "sign",
+                ("clustertrustbundles", "create" | "update" | "patch") => "attest",
+                _ => return None,
+            };
+            Some(rbac::Request {
+                verb: verb.into(),
+                api_group: "certificates.k8s.io".into(),
+                resource: "signers".into(),
+                namespace: String::new(),
+                name: scenarios::SIGNER.into(),
+                path: String::new(),
+                ..r.clone()
+            })
+        })
+        .collect()
+}
+
 /// (resource, verb) whose object names are not known in advance (a
 /// replica's evidence report is named after its pod), so a rule for them
 /// cannot list resourceNames.
-const DYNAMIC_NAMES: &[(&str, &str)] = &[("configmaps", "update"), ("configmaps", "delete")];
+const DYNAMIC_NAMES: &[(&str, &str)] = &[
+    ("configmaps", "update"),
+    ("configmaps", "delete"),
+    // istio.<sa>, per service account.
+    ("secrets", "get"),
+    ("secrets", "update"),
+    ("secrets", "delete"),
+    // Each pod's request.
+    ("podcertificaterequests/status", "update"),
+];
 
 /// Requests as the overlay's CA would make them: the scenarios' CA
 /// (istio-system/workload-ca) mapped to the overlay's namespace and
@@ -466,6 +507,7 @@ fn as_overlay(
             groups: vec![
                 "system:serviceaccounts".into(),
                 format!("system:serviceaccounts:{ns}"),
+                "system:authenticated".into(),
             ],
             verb: r.verb.clone(),
             api_group: r.api_group.clone(),
@@ -507,13 +549,11 @@ async fn rbac_allows_exactly_the_ca_calls_and_the_dashboard_metrics_exist() {
     let mut errors = Vec::new();
 
     // Who called the API at all: the CA, and the tests' own setup user.
-    let by_ca = outcome
-        .requests
-        .iter()
-        .filter(|r| r.user == CA_USER)
-        .count();
+    let all: Vec<common::fakekube::RequestRecord> =
+        outcome.requests.iter().map(|(_, r)| r.clone()).collect();
+    let by_ca = all.iter().filter(|r| r.user == CA_USER).count();
     assert!(by_ca > 0, "the scenarios logged no request by the CA");
-    for r in &outcome.requests {
+    for r in &all {
         if r.user != CA_USER && r.user != ADMIN_USER {
             errors.push(format!(
                 "an API request by {:?}: {} {}",
@@ -527,15 +567,10 @@ async fn rbac_allows_exactly_the_ca_calls_and_the_dashboard_metrics_exist() {
             ));
         }
     }
-    let calls: BTreeSet<String> = as_overlay(
-        &outcome.requests,
-        "istio-system",
-        "workload-ca",
-        "istio-system",
-    )
-    .iter()
-    .map(rbac::Request::describe)
-    .collect();
+    let calls: BTreeSet<String> = as_overlay(&all, "istio-system", "workload-ca", "istio-system")
+        .iter()
+        .map(rbac::Request::describe)
+        .collect();
     println!(
         "the CA's API calls:\n  {}",
         calls.iter().cloned().collect::<Vec<_>>().join("\n  ")
@@ -565,18 +600,19 @@ async fn rbac_allows_exactly_the_ca_calls_and_the_dashboard_metrics_exist() {
                 .and_then(|v| v.value.clone())
         };
         let secret_ns = env("CA_SECRET_NAMESPACE").unwrap_or_else(|| ns.clone());
-        let serving = env("CA_SERVING_SECRETS").unwrap_or_default();
-        // The serving Secret's calls count only where the overlay keeps it.
+        // A scenario's calls count only where the overlay turns its
+        // feature on.
+        let on = |feature: &Option<&str>| {
+            feature.is_none_or(|f| env(f).is_some_and(|v| !v.is_empty() && v != "false"))
+        };
         let log: Vec<_> = outcome
             .requests
             .iter()
-            .filter(|r| {
-                r.name != scenarios::SERVING_SECRET
-                    || serving.contains(&format!("/{}=", scenarios::SERVING_SECRET))
-            })
-            .cloned()
+            .filter(|(feature, _)| on(feature))
+            .map(|(_, r)| r.clone())
             .collect();
-        let requests = as_overlay(&log, &ns, &sa, &secret_ns);
+        let mut requests = as_overlay(&log, &ns, &sa, &secret_ns);
+        requests.extend(implied_signer_checks(&requests));
         let mut used = BTreeSet::new();
         let mut forbidden = BTreeSet::new();
         // Elements for any name, and whether a request without a name used

@@ -34,7 +34,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::watch;
 
 use super::Error;
-use super::store::{MANAGED_BY, MANAGED_BY_LABEL};
+use super::secrets::{MANAGED_BY as MANAGED_BY_LABEL, MANAGER as MANAGED_BY};
 use crate::ca::bundle::{parse_pem_certs, verify_path};
 use crate::ca::issue::Controller;
 use crate::ca::rotation::{Copies, CopyCounter};

@@ -23,6 +23,9 @@ pub const KUSTOMIZATIONS: &[&str] = &[
     "overlays/ca-only",
     "overlays/istio",
     "overlays/monitoring",
+    "overlays/secret-mode",
+    "overlays/token-review",
+    "ca-secret",
 ];
 
 pub fn deploy_dir() -> PathBuf {

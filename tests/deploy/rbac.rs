@@ -118,6 +118,29 @@ pub struct Rbac {
 /// The built-in ClusterRoles deploy/ may bind (see the module doc).
 pub fn builtin_cluster_role(name: &str) -> Option<Vec<PolicyRule>> {
     match name {
+        // Bound to system:authenticated in every cluster (a default
+        // binding; see `Rbac::from_objects`).
+        "system:discovery" => Some(vec![PolicyRule {
+            non_resource_urls: Some(
+                [
+                    "/api",
+                    "/api/*",
+                    "/apis",
+                    "/apis/*",
+                    "/healthz",
+                    "/livez",
+                    "/openapi",
+                    "/openapi/*",
+                    "/readyz",
+                    "/version",
+                    "/version/",
+                ]
+                .map(String::from)
+                .to_vec(),
+            ),
+            verbs: vec!["get".into()],
+            ..Default::default()
+        }]),
         "system:service-account-issuer-discovery" => Some(vec![PolicyRule {
             non_resource_urls: Some(vec![
                 "/.well-known/openid-configuration".into(),
@@ -295,6 +318,23 @@ impl Rbac {
                 ),
                 _ => {}
             }
+        }
+        // The cluster's own default binding every authenticated client
+        // has: API discovery.
+        if let Some(rules) = builtin_cluster_role("system:discovery") {
+            let source =
+                "ClusterRole/system:discovery via ClusterRoleBinding/system:discovery (built in)";
+            grants.push(Grant {
+                subjects: vec![Subject {
+                    kind: "Group".into(),
+                    name: "system:authenticated".into(),
+                    api_group: Some("rbac.authorization.k8s.io".into()),
+                    namespace: None,
+                }],
+                namespace: None,
+                // Its wildcards are the cluster's, not ours to judge.
+                elements: elements(source, &rules, true, &mut Vec::new()),
+            });
         }
         for (role, bound) in &defined {
             if !*bound {

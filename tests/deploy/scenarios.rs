@@ -33,6 +33,9 @@ type Run = for<'a> fn(&'a Env) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
 
 pub struct Scenario {
     pub name: &'static str,
+    /// The CA environment variable that turns on what it exercises; its
+    /// calls count only for overlays that set it. `None`: always on.
+    pub feature: Option<&'static str>,
     pub run: Run,
 }
 
@@ -40,21 +43,49 @@ pub struct Scenario {
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "two replicas: JWKS, leader election and release, evidence, node agent, rotation",
+        feature: None,
         run: |e| Box::pin(replicas(e)),
     },
     Scenario {
         name: "--token-review",
+        feature: Some("CA_TOKEN_REVIEW"),
         run: |e| Box::pin(token_review(e)),
     },
     Scenario {
         name: "plugged-in cacerts Secret",
+        feature: None,
         run: |e| Box::pin(plugged_in(e)),
     },
     Scenario {
         name: "--serving-secret (istiod's certificate)",
+        feature: Some("CA_SERVING_SECRETS"),
         run: |e| Box::pin(serving_secret(e)),
     },
+    Scenario {
+        name: "secret mode (istio.<sa> Secrets, Events)",
+        feature: Some("CA_SECRET_MODE_NAMESPACES"),
+        run: |e| Box::pin(secret_mode(e)),
+    },
+    Scenario {
+        name: "root ConfigMaps (istio-ca-root-cert, Events)",
+        feature: Some("CA_ROOT_CONFIGMAP_NAMESPACES"),
+        run: |e| Box::pin(root_configmaps(e)),
+    },
+    Scenario {
+        name: "PodCertificateRequest signer",
+        feature: Some("CA_POD_CERTIFICATES"),
+        run: |e| Box::pin(pod_certificates(e)),
+    },
+    Scenario {
+        name: "ClusterTrustBundle publisher",
+        feature: Some("CA_CLUSTER_TRUST_BUNDLE"),
+        run: |e| Box::pin(trust_bundle(e)),
+    },
 ];
+
+/// The signer name of the PodCertificateRequest and ClusterTrustBundle
+/// scenarios (the CA's default).
+pub const SIGNER: &str = "workload-ca.io/spiffe";
 
 /// The serving Secret of [`serving_secret`]: the istio overlay's.
 pub const SERVING_SECRET: &str = "istiod-tls";
@@ -101,7 +132,8 @@ impl Env {
 
 /// What all scenarios did: the fake's log of each, and the metric names.
 pub struct Outcome {
-    pub requests: Vec<RequestRecord>,
+    /// Every request, with the feature of the scenario that made it.
+    pub requests: Vec<(Option<&'static str>, RequestRecord)>,
     pub ca_metrics: BTreeSet<String>,
     pub agent_metrics: BTreeSet<String>,
 }
@@ -127,7 +159,7 @@ pub async fn run_all() -> Outcome {
             log.len(),
             started.elapsed()
         );
-        out.requests.extend(log);
+        out.requests.extend(log.into_iter().map(|r| (s.feature, r)));
         out.ca_metrics.extend(env.ca_metrics.into_inner().unwrap());
         out.agent_metrics
             .extend(env.agent_metrics.into_inner().unwrap());
@@ -351,6 +383,163 @@ async fn serving_secret(e: &Env) {
         k.fake
             .get_json("secrets", CA_NS, SERVING_SECRET)
             .filter(|s| s["data"]["ca.crt"] != "")
+    })
+    .await;
+    e.scrape_ca(&ca).await;
+    stop(ca);
+}
+
+/// Waits until `f` holds (20 s at most).
+async fn until(what: &str, f: impl Fn() -> bool) {
+    println!("  waiting until {what}");
+    within(Duration::from_secs(20), || async { f().then_some(()) }).await;
+}
+
+async fn secret_mode(e: &Env) {
+    let k = &e.k;
+    k.workload("shop", "web", "web-1", "node-a");
+    // Someone else's istio.<sa>: left alone, an Event says so.
+    k.fake.create_service_account("shop", "legacy");
+    k.fake
+        .create_json(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "istio.legacy", "namespace": "shop"},
+            "type": "istio.io/key-and-cert", "data": {}
+        }))
+        .unwrap();
+    // Ours, but of another type (which cannot be changed): deleted and
+    // written again.
+    k.fake.create_service_account("shop", "db");
+    k.fake
+        .create_json(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "istio.db", "namespace": "shop",
+                         "labels": {"workload-ca.io/managed-by": "workload-ca"}},
+            "type": "Opaque", "data": {}
+        }))
+        .unwrap();
+    let ca = k.start_ca("secrets", &["--secret-mode-namespaces", "*"]);
+    wait_ready(&ca, READY).await;
+    until("istio.web is written", || {
+        k.fake.get_json("secrets", "shop", "istio.web").is_some()
+    })
+    .await;
+    until("istio.db is rewritten with its type", || {
+        k.fake
+            .get_json("secrets", "shop", "istio.db")
+            .is_some_and(|s| s["type"] == "istio.io/key-and-cert")
+    })
+    .await;
+    until("an Event names the foreign Secret", || {
+        !k.fake.list_json("events", "shop").is_empty()
+    })
+    .await;
+    // Deleted: written again; edited: repaired.
+    k.fake.delete("secrets", "shop", "istio.web");
+    until("istio.web is recreated", || {
+        k.fake.get_json("secrets", "shop", "istio.web").is_some()
+    })
+    .await;
+    let mut edited = k.fake.get_json("secrets", "shop", "istio.web").unwrap();
+    edited["data"]["root-cert.pem"] = json!("");
+    k.fake.put_json(edited);
+    until("istio.web is repaired", || {
+        k.fake
+            .get_json("secrets", "shop", "istio.web")
+            .is_some_and(|s| s["data"]["root-cert.pem"] != "")
+    })
+    .await;
+    e.scrape_ca(&ca).await;
+    stop(ca);
+}
+
+async fn root_configmaps(e: &Env) {
+    let k = &e.k;
+    k.fake.create_namespace("shop");
+    // istiod's: left alone, an Event says so.
+    k.fake.create_namespace("mesh");
+    k.fake
+        .create_json(json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "istio-ca-root-cert", "namespace": "mesh",
+                         "labels": {"istio.io/config": "true"}},
+            "data": {"root-cert.pem": "istiod's"}
+        }))
+        .unwrap();
+    let ca = k.start_ca("roots", &["--root-configmap-namespaces", "*"]);
+    wait_ready(&ca, READY).await;
+    until("shop's istio-ca-root-cert is written", || {
+        k.fake
+            .get_json("configmaps", "shop", "istio-ca-root-cert")
+            .is_some()
+    })
+    .await;
+    until("an Event names istiod's ConfigMap", || {
+        !k.fake.list_json("events", "mesh").is_empty()
+    })
+    .await;
+    let mut edited = k
+        .fake
+        .get_json("configmaps", "shop", "istio-ca-root-cert")
+        .unwrap();
+    edited["data"]["root-cert.pem"] = json!("edited");
+    k.fake.put_json(edited);
+    until("shop's istio-ca-root-cert is repaired", || {
+        k.fake
+            .get_json("configmaps", "shop", "istio-ca-root-cert")
+            .is_some_and(|c| c["data"]["root-cert.pem"] != "edited")
+    })
+    .await;
+    e.scrape_ca(&ca).await;
+    stop(ca);
+}
+
+async fn pod_certificates(e: &Env) {
+    use crate::common::fakekube::kubelet::{self, KeyType, KubeletKey, PodRef, RequestOptions};
+    let k = &e.k;
+    k.fake.create_namespace("shop");
+    let ca = k.start_ca("pcr", &["--pod-certificates"]);
+    wait_ready(&ca, READY).await;
+    let key = KubeletKey::generate(KeyType::EcdsaP256);
+    let pod = PodRef::new("shop", "web-1", "web");
+    let created = k
+        .fake
+        .create_json(kubelet::request(
+            "v1",
+            SIGNER,
+            &pod,
+            &key,
+            &RequestOptions::default(),
+        ))
+        .expect("a PodCertificateRequest");
+    let name = created["metadata"]["name"].as_str().unwrap().to_owned();
+    until("the request is answered", || {
+        k.fake
+            .get_json("podcertificaterequests", "shop", &name)
+            .is_some_and(|o| o["status"]["conditions"].is_array())
+    })
+    .await;
+    e.scrape_ca(&ca).await;
+    stop(ca);
+}
+
+async fn trust_bundle(e: &Env) {
+    let k = &e.k;
+    let ca = k.start_ca("ctb", &["--cluster-trust-bundle"]);
+    wait_ready(&ca, READY).await;
+    let name = "workload-ca.io:spiffe:primary";
+    until("the ClusterTrustBundle is published", || {
+        k.fake.get_json("clustertrustbundles", "", name).is_some()
+    })
+    .await;
+    let mut edited = k.fake.get_json("clustertrustbundles", "", name).unwrap();
+    edited["spec"]["trustBundle"] = json!(crate::common::authority().roots().pem());
+    k.fake.put_json(edited);
+    let root = ca.root_pem();
+    until("the ClusterTrustBundle is repaired", || {
+        k.fake
+            .get_json("clustertrustbundles", "", name)
+            .is_some_and(|c| c["spec"]["trustBundle"].as_str() == Some(root.as_str()))
     })
     .await;
     e.scrape_ca(&ca).await;
