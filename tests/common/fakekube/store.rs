@@ -532,7 +532,7 @@ impl Store {
             return Ok(old.clone());
         }
         let out = self.put_existing(key.clone(), new);
-        self.collect_garbage_for(&key);
+        self.collect_garbage_for(key);
         Ok(out)
     }
 
