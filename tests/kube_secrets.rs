@@ -217,8 +217,10 @@ async fn secrets_for_every_account_repaired_recreated_and_foreign_ones_left_alon
     .await;
     assert_eq!(event["reason"], "SecretNotOwned");
     assert_eq!(event["involvedObject"]["kind"], "Secret");
+    // Counted, and not current: it does not hold the live bundle, so it
+    // would hold a root rotation (its readers would not learn the root).
     assert_eq!(gauge(&ca, "secrets", "foreign").await, 1.0);
-    assert_eq!(gauge(&ca, "secrets", "total").await, 199.0);
+    assert_eq!(gauge(&ca, "secrets", "total").await, 200.0);
     assert_eq!(gauge(&ca, "secrets", "current").await, 199.0);
 
     // ConfigMaps: ours in three namespaces, istiod's left alone.
@@ -346,9 +348,19 @@ async fn secrets_for_every_account_repaired_recreated_and_foreign_ones_left_alon
             .is_none()
     );
     within(Duration::from_secs(10), || async {
-        (gauge(&ca, "secrets", "total").await == 198.0).then_some(())
+        (gauge(&ca, "secrets", "total").await == 199.0).then_some(())
     })
     .await;
+
+    // A namespace leaves the selector: its Secrets (ours, still mounted)
+    // are no longer rewritten but still counted, so a rotation waits for
+    // them (until they hold its bundle or someone deletes them).
+    let mut ns = k.fake.get_json("namespaces", "", "mesh-2").unwrap();
+    ns["metadata"]["labels"] = json!({});
+    k.fake.put_json(ns);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(gauge(&ca, "secrets", "total").await, 199.0);
+    assert_eq!(gauge(&ca, "secrets", "current").await, 198.0);
     common::procs::assert_log_safe(&ca.log_text(), "text");
     assert!(!ca.log_text().contains("PRIVATE KEY"), "no key in the log");
 }

@@ -57,6 +57,9 @@ pub struct Seen<F> {
 pub struct Observed<F> {
     map: HashMap<Key, Seen<F>>,
     synced: bool,
+    /// Known only from a write's answer, not (yet) from the watch: such an
+    /// entry may outlive the object (deleted before the answer came).
+    unconfirmed: HashSet<Key>,
 }
 
 impl<F> Default for Observed<F> {
@@ -64,6 +67,7 @@ impl<F> Default for Observed<F> {
         Self {
             map: HashMap::new(),
             synced: false,
+            unconfirmed: HashSet::new(),
         }
     }
 }
@@ -78,11 +82,31 @@ impl<F> Observed<F> {
     pub fn reset(&mut self, rows: Vec<(Key, Seen<F>)>) {
         self.map = rows.into_iter().collect();
         self.synced = true;
+        self.unconfirmed.clear();
+    }
+
+    /// What a write's answer brought (see [`Observed::upsert`]), until the
+    /// watch confirms it.
+    pub fn note_written(&mut self, key: Key, seen: Seen<F>) {
+        if !self.map.contains_key(&key) {
+            self.unconfirmed.insert(key.clone());
+        }
+        self.upsert_inner(key, seen);
+    }
+
+    /// Whether the watch has shown the object (not only a write's answer).
+    pub fn confirmed(&self, key: &Key) -> bool {
+        !self.unconfirmed.contains(key)
     }
 
     /// Takes in what the watch (or a write's answer) brought, unless what
     /// is held is already newer.
     pub fn upsert(&mut self, key: Key, seen: Seen<F>) {
+        self.unconfirmed.remove(&key);
+        self.upsert_inner(key, seen);
+    }
+
+    fn upsert_inner(&mut self, key: Key, seen: Seen<F>) {
         match self.map.get(&key) {
             Some(old)
                 if old.uid == seen.uid && older(&seen.resource_version, &old.resource_version) => {}
@@ -93,7 +117,14 @@ impl<F> Observed<F> {
     }
 
     pub fn remove(&mut self, namespace: &str, name: &str) {
-        self.map.remove(&(Arc::from(namespace), Arc::from(name)));
+        let key = (Arc::from(namespace), Arc::from(name));
+        self.unconfirmed.remove(&key);
+        self.map.remove(&key);
+    }
+
+    /// Every object seen.
+    pub fn iter(&self) -> impl Iterator<Item = (&Key, &Seen<F>)> {
+        self.map.iter()
     }
 
     pub fn get(&self, key: &Key) -> Option<&Seen<F>> {
@@ -164,6 +195,14 @@ pub trait Copier: Send + Sync + 'static {
 
     /// The watch's verdicts.
     fn observed(&self) -> &Shared<Self::Facts>;
+
+    /// Whether the object is labelled as ours.
+    fn ours(&self, facts: &Self::Facts) -> bool;
+
+    /// Whether an object that is not ours (see [`Judgement::Foreign`])
+    /// holds what `set` calls for anyway (its bundle): otherwise it holds
+    /// the rotation gates, since its readers would not trust the new root.
+    fn foreign_current(&self, seen: Option<&Seen<Self::Facts>>, set: &AuthoritySet) -> bool;
 
     /// How `seen` compares with what `set` calls for at `now`.
     fn judge(
@@ -478,7 +517,7 @@ impl<C: Copier> Engine<C> {
                     .observed()
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .upsert(k, seen);
+                    .note_written(k, seen);
             }
             Written::Conflict => {
                 self.metrics.wrote(C::LABEL, "conflict");
@@ -537,6 +576,12 @@ impl<C: Copier> Engine<C> {
                     }
                     Judgement::Foreign(reason) => {
                         foreign += 1;
+                        // Counted: its readers need the new root too.
+                        if self.copier.foreign_current(seen, &set) {
+                            current += 1;
+                        } else if behind.len() < Copies::MAX_BEHIND {
+                            behind.push(format!("{} (not ours)", shown(key)));
+                        }
                         self.events.foreign(
                             C::OBJECT_KIND,
                             key,
@@ -561,7 +606,36 @@ impl<C: Copier> Engine<C> {
                 }
             }
         }
-        let total = wanted.len() - foreign;
+        // Ours, but no longer wanted (its namespace left the selector or is
+        // now excluded): not rewritten, still read by whoever mounts it, so
+        // counted until it holds the live bundle or someone deletes it.
+        let mut orphans = 0usize;
+        {
+            let observed = self
+                .copier
+                .observed()
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let wanted_keys: HashSet<&Key> = wanted.iter().map(|(k, _)| k).collect();
+            for (key, seen) in observed.iter() {
+                if wanted_keys.contains(key)
+                    || !self.copier.ours(&seen.facts)
+                    || !observed.confirmed(key)
+                {
+                    continue;
+                }
+                orphans += 1;
+                if self.copier.foreign_current(Some(seen), &set) {
+                    current += 1;
+                } else if behind.len() < Copies::MAX_BEHIND {
+                    behind.push(format!(
+                        "{} (ours, outside the selected namespaces)",
+                        shown(key)
+                    ));
+                }
+            }
+        }
+        let total = wanted.len() + orphans;
         {
             let mut s = self
                 .summary

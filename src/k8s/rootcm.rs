@@ -196,6 +196,14 @@ impl Copier for RootCmCopier {
         &self.observed
     }
 
+    fn ours(&self, facts: &CmFacts) -> bool {
+        facts.ours
+    }
+
+    fn foreign_current(&self, seen: Option<&Seen<CmFacts>>, set: &AuthoritySet) -> bool {
+        seen.and_then(|s| s.facts.bundle) == Some(self.bundle_digest(set))
+    }
+
     fn judge(
         &self,
         _key: &Key,

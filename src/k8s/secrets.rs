@@ -55,6 +55,11 @@ pub const PREFIX: &str = "istio.";
 pub const KEY_PEM: &str = "key.pem";
 pub const CHAIN_PEM: &str = "cert-chain.pem";
 pub const ROOT_PEM: &str = "root-cert.pem";
+/// The most roots a Secret of ours holds (a bundle mid-rotation holds two
+/// or three) before it is judged unsound without a signature check.
+pub const MAX_ROOTS: usize = 16;
+/// The most intermediates after the leaf.
+pub const MAX_INTERMEDIATES: usize = 8;
 
 /// What a sound Secret holds, in short.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,8 +81,12 @@ pub struct SecretFacts {
     pub ours: bool,
     /// The UID of the owner reference naming its service account.
     pub owner_uid: Option<Box<str>>,
-    /// The content, or why it is not sound.
+    /// The content, or why it is not sound (a Secret not ours is not
+    /// examined: anyone may write one).
     pub content: Result<LeafFacts, &'static str>,
+    /// SHA-256 of its `root-cert.pem`, ours or not: a foreign copy holds
+    /// the rotation gates unless it holds the live bundle.
+    pub bundle: Option<[u8; 32]>,
 }
 
 /// SHA-256 of `bytes`.
@@ -111,10 +120,20 @@ pub fn examine(secret: &Secret, now: SystemTime) -> Option<(Key, Seen<SecretFact
             .find(|r| r.api_version == "v1" && r.kind == "ServiceAccount" && r.name == sa)
             .map(|r| Box::from(r.uid.as_str()))
     });
+    let bundle = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(ROOT_PEM))
+        .map(|v| digest(&v.0));
     let facts = SecretFacts {
         ours,
         owner_uid,
-        content: content(secret, sa, now),
+        content: if ours {
+            content(secret, sa, now)
+        } else {
+            Err("not ours")
+        },
+        bundle,
     };
     Some((
         (Arc::from(ns), Arc::from(name)),
@@ -153,6 +172,11 @@ fn content(secret: &Secret, sa: &str, now: SystemTime) -> Result<LeafFacts, &'st
     let (leaf, inter) = chain.split_first().ok_or("empty cert-chain.pem")?;
     if roots.is_empty() {
         return Err("empty root-cert.pem");
+    }
+    // Whoever may write Secrets there could make each look cost a
+    // signature check per certificate: ours never hold this many.
+    if roots.len() > MAX_ROOTS || inter.len() > MAX_INTERMEDIATES {
+        return Err("too many certificates");
     }
     let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(leaf.der())
         .map_err(|_| "malformed cert-chain.pem")?;
@@ -491,6 +515,14 @@ impl Copier for SecretCopier {
 
     fn observed(&self) -> &Shared<SecretFacts> {
         &self.observed
+    }
+
+    fn ours(&self, facts: &SecretFacts) -> bool {
+        facts.ours
+    }
+
+    fn foreign_current(&self, seen: Option<&Seen<SecretFacts>>, set: &AuthoritySet) -> bool {
+        seen.and_then(|s| s.facts.bundle) == Some(self.bundle_digest(set))
     }
 
     fn judge(
