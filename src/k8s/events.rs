@@ -149,12 +149,24 @@ fn chrono_now() -> Time {
 fn build(report: &Report, instance: &str, now: Time) -> Event {
     let suffix = {
         let mut b = [0u8; 8];
-        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-        crate::ca::bundle::hex(&b)
+        match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b) {
+            Ok(()) => crate::ca::bundle::hex(&b),
+            // Unique enough for an Event's name (kubectl's own are a
+            // timestamp), and never the same fixed name.
+            Err(_) => format!(
+                "{:x}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or_default()
+            ),
+        }
     };
+    // Object names are ASCII; an Event's name may be 253 long at most.
+    let prefix: String = report.key.1.chars().take(200).collect();
     Event {
         metadata: ObjectMeta {
-            name: Some(format!("{}.{suffix}", report.key.1)),
+            name: Some(format!("{prefix}.{suffix}")),
             namespace: Some(report.key.0.to_string()),
             ..ObjectMeta::default()
         },
@@ -209,6 +221,13 @@ mod tests {
         assert_eq!(e.involved_object.kind.as_deref(), Some("Secret"));
         assert_eq!(e.involved_object.uid.as_deref(), Some("u-1"));
         assert!(e.event_time.is_none());
+        // The longest object name still makes a valid Event name.
+        let long: Key = (
+            Arc::from("prod"),
+            Arc::from(format!("istio.{}", "a".repeat(247))),
+        );
+        let e = build(&Report { key: long, ..r }, "ca-1", chrono_now());
+        assert!(e.metadata.name.unwrap().len() <= 253);
     }
 
     #[test]
