@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use common::fakekube::{FakeKube, TokenSpec};
 use common::kubeca::{KubeCluster, wait_ready};
-use common::procs::{CaProc, metric_at, rss_kib};
+use common::procs::{CaProc, clock_ticks, cpu_ticks, hwm_kib, loadavg, metric_at, rss_kib};
 use common::{http_get, key_and_csr};
 use tokio::sync::Semaphore;
 use tonic::metadata::AsciiMetadataValue;
@@ -101,44 +101,6 @@ fn request(csr: &str, auth: &AsciiMetadataValue) -> tonic::Request<IstioCertific
     });
     req.metadata_mut().insert("authorization", auth.clone());
     req
-}
-
-/// Clock ticks per second of /proc's CPU times.
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|t| *t > 0.0)
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of a process (every thread), in ticks.
-fn cpu_ticks(pid: &str) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
-    // The command name may hold spaces: fields count from after its ')'.
-    let rest = &stat[stat.rfind(')').expect("stat format") + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 of proc(5); `rest` starts at field 3.
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
-/// Peak resident memory of a process, in KiB.
-fn hwm_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmHWM:")?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
 
 /// One timed run.
@@ -717,15 +679,6 @@ async fn part2() {
         mib(bytes as f64 / 1024.0)
     );
     drop(follower);
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 #[tokio::main]

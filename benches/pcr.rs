@@ -28,44 +28,13 @@ use common::fakekube::certificates::CertVersions;
 use common::fakekube::kubelet::{self, KeyType, KubeletKey, PodRef, RequestOptions};
 use common::fakekube::{FakeKube, FakeOptions};
 use common::kubeca::{CA_NS, KubeCluster, wait_ready};
+use common::procs::{clock_ticks, cpu_ticks, hwm_kib, loadavg};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use serde_json::Value;
 
 const PODS: usize = 10_000;
 const CREATORS: usize = 64;
 const SIGNER: &str = "workload-ca.io/spiffe";
-
-fn cpu_ticks(pid: &str) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
-    let rest = &stat[stat.rfind(')').expect("stat format") + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
-fn ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn hwm_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
 
 fn answered(fake: &FakeKube) -> usize {
     fake.list_json("podcertificaterequests", "shop")
@@ -134,7 +103,7 @@ async fn main() {
         "podcertificaterequests",
     );
     let api: Api<DynamicObject> = Api::namespaced_with(client, "shop", &ar);
-    let hz = ticks_per_second();
+    let hz = clock_ticks();
     let ca_pid = ca.pid().to_string();
     let (ca_cpu0, me_cpu0) = (cpu_ticks(&ca_pid), cpu_ticks("self"));
     let start = Instant::now();

@@ -25,44 +25,11 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::kubeca::{KubeCluster, wait_ready};
+use common::procs::{clock_ticks, cpu_ticks, status_kib};
 use serde_json::json;
 
 const NAMESPACES: usize = 100;
 const PER_NAMESPACE: usize = 100;
-
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|t| *t > 0.0)
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of a process, in ticks.
-fn cpu_ticks(pid: &str) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
-    let rest = &stat[stat.rfind(')').expect("stat format") + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
 
 async fn gauge(ca: &common::procs::CaProc, state: &str) -> f64 {
     let body = common::http_get(ca.ops, "/metrics").await.1;

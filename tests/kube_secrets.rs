@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -366,19 +365,7 @@ async fn secrets_for_every_account_repaired_recreated_and_foreign_ones_left_alon
 }
 
 fn rotate(ca: &CaProc, step: &str) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ca"))
-        .args(["rotate-root", step, "--state-dir"])
-        .arg(&ca.state)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    ca.rotate_root(step)
 }
 
 /// Retries a gated step until it is taken (at most `limit`); the refusals

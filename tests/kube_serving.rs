@@ -112,19 +112,7 @@ async fn wait_secret(k: &KubeCluster, what: &str, f: impl Fn(&Value) -> bool) ->
 }
 
 fn rotate(ca: &CaProc, step: &str) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ca"))
-        .args(["rotate-root", step, "--state-dir"])
-        .arg(&ca.state)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    ca.rotate_root(step)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

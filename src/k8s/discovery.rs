@@ -3,6 +3,10 @@
 //! is `v1beta1` on 1.35/1.36 clusters with the beta switched on, `v1`
 //! from 1.37, both while a cluster moves).
 
+use std::time::Duration;
+
+use tokio::sync::watch;
+
 use super::Error;
 
 /// The group of PodCertificateRequests and ClusterTrustBundles.
@@ -71,5 +75,34 @@ pub fn trust_bundle_version(served: &[String]) -> Option<&'static str> {
         Some("v1beta1")
     } else {
         None
+    }
+}
+
+/// The version of certificates.k8s.io to use for `plural`, as `pick`
+/// chooses among those served; asked again (backing off to a minute)
+/// until there is one. `None` at shutdown.
+pub async fn wait_for_version(
+    client: &kube::Client,
+    plural: &'static str,
+    pick: fn(&[String]) -> Option<&'static str>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Option<&'static str> {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match versions_serving(client, CERTIFICATES, plural).await {
+            Ok(served) => match pick(&served) {
+                Some(v) => return Some(v),
+                None => tracing::warn!(
+                    resource = plural,
+                    "the API server serves no {plural} (certificates.k8s.io v1 or v1beta1); checking again later"
+                ),
+            },
+            Err(e) => tracing::warn!(error = %e, "API discovery failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return None,
+        }
+        wait = (wait * 2).min(Duration::from_secs(60));
     }
 }

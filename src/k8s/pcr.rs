@@ -516,33 +516,14 @@ pub fn spawn(
 }
 
 /// The version to watch, retried until found (or shutdown: `None`).
-async fn discover(
-    client: &kube::Client,
-    mut shutdown: watch::Receiver<bool>,
-) -> Option<&'static str> {
-    let mut wait = Duration::from_secs(1);
-    loop {
-        match super::discovery::versions_serving(
-            client,
-            super::discovery::CERTIFICATES,
-            "podcertificaterequests",
-        )
-        .await
-        {
-            Ok(served) => match super::discovery::pod_certificate_version(&served) {
-                Some(v) => return Some(v),
-                None => tracing::warn!(
-                    "the API server serves no PodCertificateRequests (certificates.k8s.io v1 or v1beta1); checking again later"
-                ),
-            },
-            Err(e) => tracing::warn!(error = %e, "API discovery failed; retrying"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => return None,
-        }
-        wait = (wait * 2).min(Duration::from_secs(60));
-    }
+async fn discover(client: &kube::Client, shutdown: watch::Receiver<bool>) -> Option<&'static str> {
+    super::discovery::wait_for_version(
+        client,
+        "podcertificaterequests",
+        super::discovery::pod_certificate_version,
+        shutdown,
+    )
+    .await
 }
 
 enum Answer {

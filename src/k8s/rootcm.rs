@@ -13,7 +13,7 @@
 //! The watch keeps, per ConfigMap, whether it is ours and a digest of its
 //! `root-cert.pem`; never its data.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -27,7 +27,7 @@ use super::cache::CacheOptions;
 use super::copies::{Copier, Judgement, Key, Seen, Shared, WriteFuture, Written};
 use super::reflect::{Change, reflect};
 use super::scope::Managed;
-use super::secrets::{MANAGED_BY, MANAGER, ROOT_PEM, digest};
+use super::secrets::{BundleDigest, MANAGED_BY, MANAGER, ROOT_PEM, digest};
 use crate::ca::AuthoritySet;
 
 /// The ConfigMap's name.
@@ -96,7 +96,7 @@ pub struct RootCmCopier {
     client: Client,
     scope: watch::Receiver<Arc<Managed>>,
     observed: Shared<CmFacts>,
-    bundle: Mutex<(u64, [u8; 32])>,
+    bundle: BundleDigest,
 }
 
 impl RootCmCopier {
@@ -105,7 +105,7 @@ impl RootCmCopier {
             client,
             scope,
             observed: Arc::default(),
-            bundle: Mutex::new((u64::MAX, [0; 32])),
+            bundle: BundleDigest::default(),
         }
     }
 
@@ -144,14 +144,7 @@ impl RootCmCopier {
     }
 
     fn bundle_digest(&self, set: &AuthoritySet) -> [u8; 32] {
-        let mut b = self
-            .bundle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if b.0 != set.generation() {
-            *b = (set.generation(), digest(set.bundle_pem().as_bytes()));
-        }
-        b.1
+        self.bundle.of(set)
     }
 }
 

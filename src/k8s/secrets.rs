@@ -89,6 +89,30 @@ pub struct SecretFacts {
     pub bundle: Option<[u8; 32]>,
 }
 
+/// The live bundle's SHA-256, computed once per generation.
+#[derive(Debug)]
+pub struct BundleDigest(Mutex<(u64, [u8; 32])>);
+
+impl Default for BundleDigest {
+    fn default() -> Self {
+        Self(Mutex::new((u64::MAX, [0; 32])))
+    }
+}
+
+impl BundleDigest {
+    /// That of `set`'s bundle.
+    pub fn of(&self, set: &AuthoritySet) -> [u8; 32] {
+        let mut b = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if b.0 != set.generation() {
+            *b = (set.generation(), digest(set.bundle_pem().as_bytes()));
+        }
+        b.1
+    }
+}
+
 /// SHA-256 of `bytes`.
 pub fn digest(bytes: &[u8]) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, bytes);
@@ -272,7 +296,7 @@ pub struct SecretCopier {
     observed: Shared<SecretFacts>,
     opts: SecretOptions,
     /// The digest of the live bundle, by generation.
-    bundle: Mutex<(u64, [u8; 32])>,
+    bundle: BundleDigest,
 }
 
 impl SecretCopier {
@@ -289,7 +313,7 @@ impl SecretCopier {
             accounts: Arc::default(),
             observed: Arc::default(),
             opts,
-            bundle: Mutex::new((u64::MAX, [0; 32])),
+            bundle: BundleDigest::default(),
         }
     }
 
@@ -353,14 +377,7 @@ impl SecretCopier {
     }
 
     fn bundle_digest(&self, set: &AuthoritySet) -> [u8; 32] {
-        let mut b = self
-            .bundle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if b.0 != set.generation() {
-            *b = (set.generation(), digest(set.bundle_pem().as_bytes()));
-        }
-        b.1
+        self.bundle.of(set)
     }
 
     /// Key, leaf and chain for `key`'s account, signed by the live set.

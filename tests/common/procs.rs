@@ -69,11 +69,16 @@ pub fn fd_count(pid: u32) -> usize {
 
 /// Resident memory of a process, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `/proc/<pid>/status` field in KiB (`VmRSS:`, `VmHWM:`).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
         .find_map(|l| {
-            l.strip_prefix("VmRSS:")?
+            l.strip_prefix(field)?
                 .trim()
                 .strip_suffix("kB")?
                 .trim()
@@ -81,6 +86,41 @@ pub fn rss_kib(pid: u32) -> u64 {
                 .ok()
         })
         .unwrap()
+}
+
+/// Peak resident memory of a process, in KiB.
+pub fn hwm_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
+/// Clock ticks per second of /proc's CPU times.
+pub fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of a process (every thread; `self` for this one), in
+/// ticks.
+pub fn cpu_ticks(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    // The command name may hold spaces: fields count from after its ')'.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of proc(5); `rest` starts at field 3.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// The 1, 5 and 15 minute load averages.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// Waits (up to 15 s) until the process has at most `level` descriptors open.
@@ -194,6 +234,24 @@ impl CaProc {
 
     pub fn root_pem(&self) -> String {
         std::fs::read_to_string(self.state.join("root-cert.pem")).unwrap()
+    }
+
+    /// `ca rotate-root <step>` through this server's admin socket:
+    /// whether it succeeded, and what it printed (stdout, then stderr).
+    pub fn rotate_root(&self, step: &str) -> (bool, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_ca"))
+            .args(["rotate-root", step, "--state-dir"])
+            .arg(&self.state)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
     }
 
     pub fn log_text(&self) -> String {
