@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams, Preconditions};
 use tokio::sync::watch;
 
 use super::Error;
@@ -332,6 +332,25 @@ async fn reconcile(
         }
         Verdict::Missing => "missing",
         Verdict::Stale(why) => why,
+    };
+    // A Secret's type cannot change: ours of another type is deleted (only
+    // that very object, as read) and created again.
+    let found = match found {
+        Some(old) if old.type_.as_deref() != Some(TLS_TYPE) => {
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: old.metadata.uid.clone(),
+                    resource_version: old.metadata.resource_version.clone(),
+                }),
+                ..DeleteParams::default()
+            };
+            api.delete(&spec.name, &dp)
+                .await
+                .map_err(|e| Error::api(format!("deleting {} (wrong type)", spec.kind()), e))?;
+            tracing::info!(secret = %spec.kind(), "deleted the serving Secret of the wrong type, to create it again");
+            None
+        }
+        other => other,
     };
     let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
     let leaf = issuer.issue_serving(&key, &spec.dns_names, ttl, now, "serving-secret")?;

@@ -368,11 +368,22 @@ async fn plugged_in(e: &Env) {
 
 async fn serving_secret(e: &Env) {
     let k = &e.k;
+    // Ours, but of a type that cannot be changed: deleted, written again.
+    k.fake
+        .create_json(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": SERVING_SECRET, "namespace": CA_NS,
+                         "labels": {"workload-ca.io/managed-by": "workload-ca"}},
+            "type": "Opaque", "data": {}
+        }))
+        .unwrap();
     let spec = format!("{CA_NS}/{SERVING_SECRET}=istiod.istio-system.svc");
     let ca = k.start_ca("serving", &["--serving-secret", &spec]);
     wait_ready(&ca, READY).await;
     within(Duration::from_secs(20), || async {
-        k.fake.get_json("secrets", CA_NS, SERVING_SECRET)
+        k.fake
+            .get_json("secrets", CA_NS, SERVING_SECRET)
+            .filter(|s| s["type"] == "kubernetes.io/tls")
     })
     .await;
     // Edited: read again and rewritten.
