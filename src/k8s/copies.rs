@@ -29,6 +29,8 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::reflect::Freshen;
+
 use super::Error;
 use super::events::Recorder;
 use super::pace::TokenBucket;
@@ -60,6 +62,8 @@ pub struct Observed<F> {
     /// Known only from a write's answer, not (yet) from the watch: such an
     /// entry may outlive the object (deleted before the answer came).
     unconfirmed: HashSet<Key>,
+    /// Since when the watch is broken or silent (others' changes unseen).
+    broken_since: Option<Instant>,
 }
 
 impl<F> Default for Observed<F> {
@@ -68,6 +72,7 @@ impl<F> Default for Observed<F> {
             map: HashMap::new(),
             synced: false,
             unconfirmed: HashSet::new(),
+            broken_since: None,
         }
     }
 }
@@ -92,6 +97,21 @@ impl<F> Observed<F> {
             self.unconfirmed.insert(key.clone());
         }
         self.upsert_inner(key, seen);
+    }
+
+    /// What the watch says of its health.
+    pub(crate) fn freshen(&mut self, f: &Freshen) {
+        match f {
+            Freshen::Synced(_) | Freshen::Healthy => self.broken_since = None,
+            Freshen::Broken(_) | Freshen::Silent(_) => {
+                self.broken_since.get_or_insert_with(Instant::now);
+            }
+        }
+    }
+
+    /// How long the watch has been broken, if it is.
+    pub fn broken_for(&self) -> Option<Duration> {
+        self.broken_since.map(|t| t.elapsed())
     }
 
     /// Whether the watch has shown the object (not only a write's answer).
@@ -143,6 +163,10 @@ impl<F> Observed<F> {
         self.map.is_empty()
     }
 }
+
+/// How long an object watch may be down before its copies count as
+/// unknown (a watch renewed after a compaction is down for a moment).
+pub const WATCH_DOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// A shared [`Observed`] and the notification its changes ring.
 pub type Shared<F> = Arc<Mutex<Observed<F>>>;
@@ -339,6 +363,7 @@ impl<C: Copier> Engine<C> {
     /// pass's count while this replica writes them, else "not writing".
     pub fn counter(&self) -> CopyCounter {
         let summary = self.summary.clone();
+        let observed = self.copier.observed().clone();
         let propagation = self.opts.propagation;
         Arc::new(move |_now| {
             let s = summary
@@ -346,6 +371,25 @@ impl<C: Copier> Engine<C> {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if !s.writing {
                 return Copies::not_writing(C::KIND);
+            }
+            // While the watch is down, edits and deletions by others are
+            // unseen: the last count vouches for nothing.
+            let down = observed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .broken_for()
+                .filter(|d| *d >= WATCH_DOWN_GRACE);
+            if let Some(d) = down {
+                return Copies {
+                    kind: C::KIND.to_owned(),
+                    writer: true,
+                    generation: s.generation,
+                    total: s.total,
+                    current: 0,
+                    settled_since: None,
+                    propagation,
+                    behind: vec![format!("their watch has been down for {} s", d.as_secs())],
+                };
             }
             Copies {
                 kind: C::KIND.to_owned(),
@@ -737,3 +781,7 @@ impl Progress {
         self.written_at_last = self.written;
     }
 }
+
+#[cfg(test)]
+#[path = "copies_tests.rs"]
+mod tests;

@@ -134,7 +134,10 @@ impl RootCmCopier {
                         Change::Reset(rows) => o.reset(rows),
                         Change::Upsert((k, s)) => o.upsert(k, s),
                         Change::Delete { namespace, name } => o.remove(&namespace, &name),
-                        Change::Fresh(_) => return,
+                        Change::Fresh(f) => {
+                            o.freshen(&f);
+                            return;
+                        }
                     }
                 }
                 dirty.notify_one();
