@@ -630,6 +630,76 @@ fn agent_name(reported: &str, caller: &str) -> String {
 pub const SAVE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The file they are saved in, in the state directory.
+/// What was saved of the fleet and the ledger. When the last run did not
+/// end cleanly (or left nothing although the CA existed), the leaves it may
+/// have issued unrecorded are assumed valid for the longest lifetime issued,
+/// from every authority, before every generation.
+pub(crate) fn load(
+    path: &std::path::Path,
+    ca_created: bool,
+    authorities: &[String],
+    generation: u64,
+    max_ttl: Duration,
+    now: SystemTime,
+) -> Saved {
+    let ids: Vec<&str> = authorities.iter().map(String::as_str).collect();
+    let saved = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Saved>(&t).ok())
+        // Saved under generations the store no longer has (restored from
+        // an older backup): those numbers mean other bundles now.
+        .map(|s| s.clamped(generation));
+    match saved {
+        Some(s) if s.clean => s,
+        Some(mut s) => {
+            tracing::warn!(
+                "the last run did not stop cleanly: assuming its last certificates are still valid for rotation gates"
+            );
+            s.ledger.assume_lost(&ids, now, max_ttl);
+            s
+        }
+        None if ca_created => Saved::default(),
+        None => {
+            let mut s = Saved::default();
+            s.ledger.assume_lost(&ids, now, max_ttl);
+            s
+        }
+    }
+}
+
+/// Saves `saved` atomically (0600), marked unclean unless it says so.
+pub(crate) async fn save(path: &std::path::Path, saved: &Saved) {
+    let Ok(text) = serde_json::to_string(saved) else {
+        return;
+    };
+    let path = path.to_owned();
+    let written = tokio::task::spawn_blocking(move || {
+        crate::ca::store::atomic_write(&path, text.as_bytes(), 0o600)
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        tracing::error!("saving the issuance ledger and agents failed");
+    }
+}
+
+pub(crate) fn spawn_saver(
+    fleet: std::sync::Arc<Fleet>,
+    path: PathBuf,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(SAVE_INTERVAL) => {}
+                _ = shutdown.changed() => return,
+            }
+            if let Some(saved) = fleet.to_save(SystemTime::now(), false) {
+                save(&path, &saved).await;
+            }
+        }
+    })
+}
+
 pub fn saved_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("issued.json")
 }

@@ -125,3 +125,22 @@ impl CaIssuer {
         }
     }
 }
+
+/// Starts the cluster integration's controllers on `issuer`, their tasks
+/// in `tasks`, and counts the bundle copies they keep in every evidence.
+pub(crate) fn start_controllers(
+    controllers: Vec<ca::issue::Controller>,
+    issuer: CaIssuer,
+    tasks: &mut crate::drain::Tasks,
+) {
+    if controllers.is_empty() {
+        return;
+    }
+    let fleet = issuer.fleet.clone();
+    let issuer: Arc<dyn LeafIssuer> = Arc::new(issuer);
+    for start in controllers {
+        for counter in start(issuer.clone(), tasks) {
+            fleet.count_copies(counter);
+        }
+    }
+}

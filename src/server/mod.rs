@@ -180,7 +180,7 @@ impl Running {
         // The final save: every claim counted, and marked clean.
         if let Some(mut saved) = self.rotator.fleet.to_save(SystemTime::now(), true) {
             saved.clean = true;
-            save_fleet(&self.saved_path, &saved).await;
+            fleet::save(&self.saved_path, &saved).await;
         }
         if stopped.panicked.is_empty() {
             Ok(stopped)
@@ -280,7 +280,7 @@ pub async fn start_with(
     let ledger_path = fleet::saved_path(&config.state_dir);
     // A replica on Kubernetes with a fresh state directory issued nothing
     // before: what earlier replicas issued is in their published evidence.
-    let mut saved = load_fleet(
+    let mut saved = fleet::load(
         &ledger_path,
         ca_created || cluster.is_some(),
         &member_ids,
@@ -290,7 +290,7 @@ pub async fn start_with(
     );
     // Marked unclean at once: a crash from now on is noticed.
     saved.clean = false;
-    save_fleet(&ledger_path, &saved).await;
+    fleet::save(&ledger_path, &saved).await;
     // Agents that connected just before an unclean stop may be missing from
     // what was saved: no gate opens until they had time to come back.
     let settle_until = now + 2 * fleet::SAVE_INTERVAL;
@@ -307,19 +307,16 @@ pub async fn start_with(
         .as_mut()
         .map(|c| std::mem::take(&mut c.controllers))
         .unwrap_or_default();
-    if !controllers.is_empty() {
-        let issuer: Arc<dyn ca::LeafIssuer> = Arc::new(issuer::CaIssuer {
+    issuer::start_controllers(
+        controllers,
+        issuer::CaIssuer {
             live: live.clone(),
             fleet: fleet.clone(),
             ttl: config.ttl,
             metrics: metrics.clone(),
-        });
-        for start in controllers {
-            for counter in start(issuer.clone(), &mut tasks) {
-                fleet.count_copies(counter);
-            }
-        }
-    }
+        },
+        &mut tasks,
+    );
     if let Some(out) = cluster.as_ref().and_then(|c| c.local_evidence.clone()) {
         tasks.adopt(
             "evidence",
@@ -328,7 +325,7 @@ pub async fn start_with(
     }
     tasks.adopt(
         "save-fleet",
-        spawn_fleet_saver(fleet.clone(), ledger_path.clone(), shutdown_rx.clone()),
+        fleet::spawn_saver(fleet.clone(), ledger_path.clone(), shutdown_rx.clone()),
     );
     tasks.adopt(
         "follow-store",
@@ -629,74 +626,6 @@ async fn load_authorities(
         )));
     }
     Ok((set, created, spec))
-}
-
-/// What was saved of the fleet and the ledger. When the last run did not
-/// end cleanly (or left nothing although the CA existed), the leaves it may
-/// have issued unrecorded are assumed valid for the longest lifetime issued,
-/// from every authority, before every generation.
-fn load_fleet(
-    path: &Path,
-    ca_created: bool,
-    authorities: &[String],
-    generation: u64,
-    max_ttl: Duration,
-    now: SystemTime,
-) -> fleet::Saved {
-    let ids: Vec<&str> = authorities.iter().map(String::as_str).collect();
-    let saved = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| serde_json::from_str::<fleet::Saved>(&t).ok())
-        // Saved under generations the store no longer has (restored from
-        // an older backup): those numbers mean other bundles now.
-        .map(|s| s.clamped(generation));
-    match saved {
-        Some(s) if s.clean => s,
-        Some(mut s) => {
-            tracing::warn!(
-                "the last run did not stop cleanly: assuming its last certificates are still valid for rotation gates"
-            );
-            s.ledger.assume_lost(&ids, now, max_ttl);
-            s
-        }
-        None if ca_created => fleet::Saved::default(),
-        None => {
-            let mut s = fleet::Saved::default();
-            s.ledger.assume_lost(&ids, now, max_ttl);
-            s
-        }
-    }
-}
-
-/// Saves `saved` atomically (0600), marked unclean unless it says so.
-async fn save_fleet(path: &Path, saved: &fleet::Saved) {
-    let Ok(text) = serde_json::to_string(saved) else {
-        return;
-    };
-    let path = path.to_owned();
-    let written =
-        tokio::task::spawn_blocking(move || atomic_write(&path, text.as_bytes(), 0o600)).await;
-    if !matches!(written, Ok(Ok(()))) {
-        tracing::error!("saving the issuance ledger and agents failed");
-    }
-}
-
-fn spawn_fleet_saver(
-    fleet: Arc<fleet::Fleet>,
-    path: PathBuf,
-    mut shutdown: watch::Receiver<bool>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(fleet::SAVE_INTERVAL) => {}
-                _ = shutdown.changed() => return,
-            }
-            if let Some(saved) = fleet.to_save(SystemTime::now(), false) {
-                save_fleet(&path, &saved).await;
-            }
-        }
-    })
 }
 
 fn spawn_follower(
