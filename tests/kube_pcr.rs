@@ -651,3 +651,28 @@ async fn the_trust_bundle_holds_a_prepared_root_before_activation() {
         "{why}"
     );
 }
+
+#[test]
+fn pod_certificates_with_a_maximum_under_an_hour_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ca"))
+        .args([
+            "server",
+            "--kube",
+            "--pod-certificates",
+            "--max-ttl",
+            "30m",
+            "--default-ttl",
+            "10m",
+            "--state-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        said.contains("--pod-certificates needs --max-ttl of at least 1h"),
+        "{said}"
+    );
+}

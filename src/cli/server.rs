@@ -135,6 +135,13 @@ impl ServerArgs {
                 "--dev and --jwt-issuer cannot be combined with --kube: their tokens would not be checked against the cluster (pods, service accounts, nodes)"
             );
         }
+        // The API server refuses pod certificates shorter than an hour.
+        if self.kube.pcr.pod_certificates && self.max_ttl < Duration::from_secs(3600) {
+            bail!(
+                "--pod-certificates needs --max-ttl of at least 1h (the API server refuses shorter pod certificates); it is {:?}",
+                self.max_ttl
+            );
+        }
         if self.kube.kube && self.cacerts.is_some() {
             bail!(
                 "--cacerts is a directory; with --kube a plugged-in CA comes from Secret {} (--cacerts-secret)",
