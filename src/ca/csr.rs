@@ -170,6 +170,24 @@ pub fn check_public_key(spki_der: &[u8]) -> Result<CheckedCsr, Error> {
     })
 }
 
+/// [`check_public_key`] for a key this process generated itself: its type
+/// is read, its point or exponent not validated again (the generator made
+/// them; the check costs a key agreement).
+///
+/// # Errors
+/// [`Error::CsrKeyType`] for a key type not allowed.
+pub fn check_own_key(key: &super::PrivateKey) -> Result<CheckedCsr, Error> {
+    let spki_der = key.spki_der();
+    let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&spki_der)
+        .map_err(|e| Error::CsrMalformed(format!("not a SubjectPublicKeyInfo: {e}")))?;
+    let key = key_kind(&spki)?;
+    Ok(CheckedCsr {
+        key,
+        spki_der,
+        requested_uris: Vec::new(),
+    })
+}
+
 /// What a signature check would have shown of a key: an EC point on its
 /// curve, an RSA key with an odd modulus and an odd exponent of at least 3
 /// (an exponent of 1 would make its holder's signatures forgeable). Not
@@ -319,6 +337,8 @@ mod tests {
             let checked = check_public_key(&spki).unwrap();
             assert_eq!(checked.spki_der(), spki.as_slice());
             assert!(checked.requested_uris().is_empty());
+            let own = check_own_key(&PrivateKey::generate(alg).unwrap()).unwrap();
+            assert_eq!(own.key_kind(), checked.key_kind());
         }
         // A P-256 point moved off the curve (same length, same prefix).
         let mut off = PrivateKey::generate(KeyAlgorithm::EcdsaP256)

@@ -24,7 +24,7 @@ pub use authority::{Authority, CLOCK_SKEW_BACKDATE, Issued, TtlPolicy};
 /// `beginRefreshAt` (Istio's agent and SPIRE renew at half too).
 pub const ROTATION_FRACTION: f64 = 0.5;
 pub use bundle::{Cert, TrustBundle};
-pub use csr::{CheckedCsr, check_csr, check_pem_csr, check_public_key};
+pub use csr::{CheckedCsr, check_csr, check_own_key, check_pem_csr, check_public_key};
 pub use issue::{LeafFor, LeafIssuer, Tracked};
 pub use keys::{KeyAlgorithm, PrivateKey};
 pub use keystore::{DirStore, KeyStore, Stored, StoredMember};

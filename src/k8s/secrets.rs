@@ -130,6 +130,16 @@ pub fn account_of(name: &str) -> Option<&str> {
 /// `istio.<sa>` (of our type but not ours to keep). Verifies signatures:
 /// call it off the async workers.
 pub fn examine(secret: &Secret, now: SystemTime) -> Option<(Key, Seen<SecretFacts>)> {
+    examine_as(secret, |sa| content(secret, sa, now))
+}
+
+/// [`examine`], with the content of a Secret that is ours judged by
+/// `content` (for a write's answer: what was written, known without
+/// checking it again).
+fn examine_as(
+    secret: &Secret,
+    content: impl FnOnce(&str) -> Result<LeafFacts, &'static str>,
+) -> Option<(Key, Seen<SecretFacts>)> {
     let meta = &secret.metadata;
     let ns = meta.namespace.as_deref()?;
     let name = meta.name.as_deref()?;
@@ -152,11 +162,7 @@ pub fn examine(secret: &Secret, now: SystemTime) -> Option<(Key, Seen<SecretFact
     let facts = SecretFacts {
         ours,
         owner_uid,
-        content: if ours {
-            content(secret, sa, now)
-        } else {
-            Err("not ours")
-        },
+        content: if ours { content(sa) } else { Err("not ours") },
         bundle,
     };
     Some((
@@ -389,7 +395,7 @@ impl SecretCopier {
         ns: &str,
         sa: &str,
         set: &AuthoritySet,
-    ) -> Result<(zeroize::Zeroizing<String>, String), Error> {
+    ) -> Result<(zeroize::Zeroizing<String>, String, LeafFacts), Error> {
         let id = SpiffeId::for_service_account(set.trust_domain(), ns, sa).map_err(|e| {
             Error::Invalid {
                 what: format!("service account {ns}/{sa}"),
@@ -397,7 +403,7 @@ impl SecretCopier {
             }
         })?;
         let key = PrivateKey::generate(self.opts.key)?;
-        let checked = crate::ca::check_public_key(&key.spki_der())?;
+        let checked = crate::ca::check_own_key(&key)?;
         let leaf = self.issuer.issue(
             &checked,
             &id,
@@ -410,7 +416,26 @@ impl SecretCopier {
         // goes to root-cert.pem.
         let chain = &leaf.issued.chain;
         let chain_pem: String = chain[..chain.len().saturating_sub(1)].concat();
-        Ok((key.to_pem(), chain_pem))
+        // What a watch event of this Secret will show, known already.
+        let not_before = {
+            use x509_parser::prelude::FromDer;
+            x509_parser::certificate::X509Certificate::from_der(&leaf.issued.leaf_der)
+                .map(|(_, c)| {
+                    crate::ca::bundle::time_from_unix(c.validity().not_before.timestamp())
+                })
+                .map_err(|e| Error::Invalid {
+                    what: "the leaf just signed".into(),
+                    reason: e.to_string(),
+                })?
+        };
+        let facts = LeafFacts {
+            id: id.as_str().into(),
+            issuer: leaf.authority.as_str().into(),
+            bundle: digest(set.bundle_pem().as_bytes()),
+            not_before,
+            not_after: leaf.issued.not_after,
+        };
+        Ok((key.to_pem(), chain_pem, facts))
     }
 }
 
@@ -579,12 +604,15 @@ impl Copier for SecretCopier {
             let this = self.clone();
             let (k, w, s) = (key.clone(), want.clone(), set.clone());
             let made = tokio::task::spawn_blocking(move || {
-                let (key_pem, chain_pem) = this.material(&k.0, &w.name, &s)?;
+                let (key_pem, chain_pem, facts) = this.material(&k.0, &w.name, &s)?;
                 let rv = existing.map(|(_, rv)| rv);
-                Ok::<_, Error>(build(&k, &w, &key_pem, chain_pem, s.bundle_pem(), rv))
+                Ok::<_, Error>((
+                    build(&k, &w, &key_pem, chain_pem, s.bundle_pem(), rv),
+                    facts,
+                ))
             })
             .await;
-            let secret = match made {
+            let (secret, facts) = match made {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return Written::Failed(e),
                 Err(e) => {
@@ -603,15 +631,12 @@ impl Copier for SecretCopier {
             };
             drop(secret);
             match result {
-                Ok(written) => {
-                    let seen =
-                        tokio::task::spawn_blocking(move || examine(&written, SystemTime::now()))
-                            .await;
-                    match seen {
-                        Ok(Some((k, seen))) => Written::Done(!update, k, seen),
-                        _ => Written::Conflict,
-                    }
-                }
+                // Its content is what was just signed: not checked again
+                // (the watch event that follows is).
+                Ok(written) => match examine_as(&written, |_| Ok(facts)) {
+                    Some((k, seen)) => Written::Done(!update, k, seen),
+                    None => Written::Conflict,
+                },
                 Err(e) if !update && is_conflict(&e) => self.collided(&api, &key).await,
                 Err(e) if is_conflict(&e) => Written::Conflict,
                 Err(e) => Written::Failed(Error::api(format!("writing Secret {}", key.1), e)),
