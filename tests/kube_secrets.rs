@@ -364,17 +364,13 @@ async fn secrets_for_every_account_repaired_recreated_and_foreign_ones_left_alon
     assert!(!ca.log_text().contains("PRIVATE KEY"), "no key in the log");
 }
 
-fn rotate(ca: &CaProc, step: &str) -> (bool, String) {
-    ca.rotate_root(step)
-}
-
 /// Retries a gated step until it is taken (at most `limit`); the refusals
 /// seen on the way.
 async fn step_when_open(ca: &CaProc, step: &str, limit: Duration) -> Vec<String> {
     let start = Instant::now();
     let mut refusals = Vec::new();
     loop {
-        let (ok, text) = rotate(ca, step);
+        let (ok, text) = ca.rotate_root(step);
         if ok {
             return refusals;
         }
@@ -402,7 +398,7 @@ async fn a_root_rotation_rewrites_every_copy_before_each_gate_opens() {
     let old = bundle_of(&ca);
     all_secrets_hold(&k.fake, 200, &old, Duration::from_secs(30)).await;
 
-    let (ok, text) = rotate(&ca, "prepare");
+    let (ok, text) = ca.rotate_root("prepare");
     assert!(ok, "{text}");
     // The served bundle file follows the store within moments.
     let (prepared, _) = within(Duration::from_secs(5), || async {
@@ -411,13 +407,13 @@ async fn a_root_rotation_rewrites_every_copy_before_each_gate_opens() {
     })
     .await;
     // At once: the gate is held by the copies still behind.
-    let (ok, text) = rotate(&ca, "activate");
+    let (ok, text) = ca.rotate_root("activate");
     assert!(!ok, "activate must wait for the copies: {text}");
     assert!(
         text.contains("Secrets istio.<sa> hold bundle generation"),
         "{text}"
     );
-    let (_, status) = rotate(&ca, "status");
+    let (_, status) = ca.rotate_root("status");
     println!("{status}");
     assert!(status.contains("Secrets istio.<sa>: "), "{status}");
     assert!(status.contains(" of 200 hold generation"), "{status}");
@@ -499,7 +495,7 @@ async fn a_new_leader_resumes_without_rewriting_valid_secrets() {
     let (leader, other) = if first == 0 { (a, b) } else { (b, a) };
     // The follower writes nothing and says so.
     assert_eq!(gauge(&other, "secrets", "total").await, -1.0);
-    let (_, status) = rotate(&other, "status");
+    let (_, status) = other.rotate_root("status");
     assert!(status.contains("Secrets istio.<sa>"), "{status}");
     // Writes of copies (the replicas' evidence ConfigMaps in istio-system
     // are written all along, and not counted).

@@ -15,7 +15,6 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use serde_json::{Value, json};
 
 use common::kubeca::{CA_NS, KubeCluster, wait_ready, within};
-use common::procs::CaProc;
 
 const READY: Duration = Duration::from_secs(30);
 const LIMIT: Duration = Duration::from_secs(20);
@@ -111,10 +110,6 @@ async fn wait_secret(k: &KubeCluster, what: &str, f: impl Fn(&Value) -> bool) ->
     .0
 }
 
-fn rotate(ca: &CaProc, step: &str) -> (bool, String) {
-    ca.rotate_root(step)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_serving_secret_is_kept_current_repaired_and_rotated_before_each_gate() {
     let k = KubeCluster::start().await;
@@ -160,9 +155,9 @@ async fn a_serving_secret_is_kept_current_repaired_and_rotated_before_each_gate(
     // and a leaf of the new authority before retirement; until then the
     // gates name it. (The server's own settle window comes first.)
     tokio::time::sleep(Duration::from_secs(11)).await;
-    let (ok, out) = rotate(&ca, "prepare");
+    let (ok, out) = ca.rotate_root("prepare");
     assert!(ok, "prepare: {out}");
-    let (ok, out) = rotate(&ca, "activate");
+    let (ok, out) = ca.rotate_root("activate");
     assert!(
         !ok,
         "activated before the serving Secret held the bundle: {out}"
@@ -172,7 +167,7 @@ async fn a_serving_secret_is_kept_current_repaired_and_rotated_before_each_gate(
         out.contains("Secret istio-system/other-tls"),
         "a Secret not ours holds the gate: {out}"
     );
-    let (_, status) = rotate(&ca, "status");
+    let (_, status) = ca.rotate_root("status");
     assert!(
         status.contains("Secret istio-system/istiod-tls"),
         "{status}"
@@ -186,7 +181,10 @@ async fn a_serving_secret_is_kept_current_repaired_and_rotated_before_each_gate(
     let other = k.fake.get_json("secrets", CA_NS, "other-tls").unwrap();
     assert_eq!(other["data"]["tls.crt"], "");
     assert!(k.fake.delete("secrets", CA_NS, "other-tls"));
-    within(LIMIT, || async { rotate(&ca, "activate").0.then_some(()) }).await;
+    within(LIMIT, || async {
+        ca.rotate_root("activate").0.then_some(())
+    })
+    .await;
     let new_leaf = wait_secret(&k, "re-signed by the new authority", |s| {
         s["data"]["tls.crt"] != prepared["data"]["tls.crt"]
     })

@@ -198,12 +198,22 @@ pub enum Written<F> {
 /// The boxed future of a write.
 pub type WriteFuture<F> = Pin<Box<dyn Future<Output = Written<F>> + Send>>;
 
+/// What the engine reads of any object's verdict, ours or not.
+pub trait CopyFacts {
+    /// Labelled as ours.
+    fn ours(&self) -> bool;
+    /// SHA-256 of the bundle it holds, if any: a copy that is not ours (or
+    /// ours outside the selection) holds the rotation gates unless it
+    /// holds the live bundle, since its readers would not trust a new root.
+    fn bundle(&self) -> Option<[u8; 32]>;
+}
+
 /// One kind of copies.
 pub trait Copier: Send + Sync + 'static {
     /// What a wanted object is made from (its service account).
     type Want: Clone + Send + Sync + 'static;
     /// The verdict kept per observed object.
-    type Facts: Clone + Send + Sync + 'static;
+    type Facts: CopyFacts + Clone + Send + Sync + 'static;
     /// Metric label (`secrets`).
     const LABEL: &'static str;
     /// What they are, for the rotation status (`Secrets istio.<sa>`).
@@ -219,14 +229,6 @@ pub trait Copier: Send + Sync + 'static {
 
     /// The watch's verdicts.
     fn observed(&self) -> &Shared<Self::Facts>;
-
-    /// Whether the object is labelled as ours.
-    fn ours(&self, facts: &Self::Facts) -> bool;
-
-    /// Whether an object that is not ours (see [`Judgement::Foreign`])
-    /// holds what `set` calls for anyway (its bundle): otherwise it holds
-    /// the rotation gates, since its readers would not trust the new root.
-    fn foreign_current(&self, seen: Option<&Seen<Self::Facts>>, set: &AuthoritySet) -> bool;
 
     /// How `seen` compares with what `set` calls for at `now`.
     fn judge(
@@ -327,6 +329,8 @@ pub struct Engine<C: Copier> {
     metrics: CopyMetrics,
     events: Recorder,
     summary: Arc<Mutex<Summary>>,
+    /// The live bundle's digest, for copies this engine does not judge.
+    digest: super::secrets::BundleDigest,
 }
 
 /// The longest a failing object waits before it is tried again.
@@ -356,7 +360,13 @@ impl<C: Copier> Engine<C> {
             metrics,
             events,
             summary: Arc::default(),
+            digest: super::secrets::BundleDigest::default(),
         }
+    }
+
+    /// Whether `seen` holds the live bundle.
+    fn holds_live_bundle(&self, seen: Option<&Seen<C::Facts>>, set: &AuthoritySet) -> bool {
+        seen.and_then(|s| s.facts.bundle()) == Some(self.digest.of(set))
     }
 
     /// The counter of these copies for the rotation evidence: the last
@@ -621,7 +631,7 @@ impl<C: Copier> Engine<C> {
                     Judgement::Foreign(reason) => {
                         foreign += 1;
                         // Counted: its readers need the new root too.
-                        if self.copier.foreign_current(seen, &set) {
+                        if self.holds_live_bundle(seen, &set) {
                             current += 1;
                         } else if behind.len() < Copies::MAX_BEHIND {
                             behind.push(format!("{} (not ours)", shown(key)));
@@ -662,14 +672,11 @@ impl<C: Copier> Engine<C> {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let wanted_keys: HashSet<&Key> = wanted.iter().map(|(k, _)| k).collect();
             for (key, seen) in observed.iter() {
-                if wanted_keys.contains(key)
-                    || !self.copier.ours(&seen.facts)
-                    || !observed.confirmed(key)
-                {
+                if wanted_keys.contains(key) || !seen.facts.ours() || !observed.confirmed(key) {
                     continue;
                 }
                 orphans += 1;
-                if self.copier.foreign_current(Some(seen), &set) {
+                if self.holds_live_bundle(Some(seen), &set) {
                     current += 1;
                 } else if behind.len() < Copies::MAX_BEHIND {
                     behind.push(format!(

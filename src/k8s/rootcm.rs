@@ -192,14 +192,6 @@ impl Copier for RootCmCopier {
         &self.observed
     }
 
-    fn ours(&self, facts: &CmFacts) -> bool {
-        facts.ours
-    }
-
-    fn foreign_current(&self, seen: Option<&Seen<CmFacts>>, set: &AuthoritySet) -> bool {
-        seen.and_then(|s| s.facts.bundle) == Some(self.bundle_digest(set))
-    }
-
     fn judge(
         &self,
         _key: &Key,
@@ -291,5 +283,15 @@ mod tests {
         let mut other = cm(&[], None);
         other.metadata.name = Some("kube-root-ca.crt".into());
         assert!(examine(&other).is_none());
+    }
+}
+
+impl super::copies::CopyFacts for CmFacts {
+    fn ours(&self) -> bool {
+        self.ours
+    }
+
+    fn bundle(&self) -> Option<[u8; 32]> {
+        self.bundle
     }
 }

@@ -562,14 +562,6 @@ impl Copier for SecretCopier {
         &self.observed
     }
 
-    fn ours(&self, facts: &SecretFacts) -> bool {
-        facts.ours
-    }
-
-    fn foreign_current(&self, seen: Option<&Seen<SecretFacts>>, set: &AuthoritySet) -> bool {
-        seen.and_then(|s| s.facts.bundle) == Some(self.bundle_digest(set))
-    }
-
     fn judge(
         &self,
         key: &Key,
@@ -729,3 +721,13 @@ pub fn judge_facts(
 #[cfg(test)]
 #[path = "secrets_tests.rs"]
 mod tests;
+
+impl super::copies::CopyFacts for SecretFacts {
+    fn ours(&self) -> bool {
+        self.ours
+    }
+
+    fn bundle(&self) -> Option<[u8; 32]> {
+        self.bundle
+    }
+}
