@@ -234,6 +234,16 @@ impl Copier for RootCmCopier {
     }
 }
 
+impl super::copies::CopyFacts for CmFacts {
+    fn ours(&self) -> bool {
+        self.ours
+    }
+
+    fn bundle(&self) -> Option<[u8; 32]> {
+        self.bundle
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,15 +293,5 @@ mod tests {
         let mut other = cm(&[], None);
         other.metadata.name = Some("kube-root-ca.crt".into());
         assert!(examine(&other).is_none());
-    }
-}
-
-impl super::copies::CopyFacts for CmFacts {
-    fn ours(&self) -> bool {
-        self.ours
-    }
-
-    fn bundle(&self) -> Option<[u8; 32]> {
-        self.bundle
     }
 }
