@@ -29,7 +29,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::reflect::Freshen;
+use super::reflect::{Change, Freshen};
 
 use super::Error;
 use super::events::Recorder;
@@ -97,6 +97,21 @@ impl<F> Observed<F> {
             self.unconfirmed.insert(key.clone());
         }
         self.upsert_inner(key, seen);
+    }
+
+    /// Takes in what the watch brought; whether the verdicts changed (a
+    /// health report changes none).
+    pub(crate) fn apply(&mut self, change: Change<(Key, Seen<F>)>) -> bool {
+        match change {
+            Change::Reset(rows) => self.reset(rows),
+            Change::Upsert((k, s)) => self.upsert(k, s),
+            Change::Delete { namespace, name } => self.remove(&namespace, &name),
+            Change::Fresh(f) => {
+                self.freshen(&f);
+                return false;
+            }
+        }
+        true
     }
 
     /// What the watch says of its health.

@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use super::Error;
 use super::cache::CacheOptions;
 use super::copies::{Copier, Judgement, Key, Seen, Shared, WriteFuture, Written};
-use super::reflect::{Change, reflect};
+use super::reflect::reflect;
 use super::scope::Managed;
 use super::secrets::{BundleDigest, MANAGED_BY, MANAGER, ROOT_PEM, digest};
 use crate::ca::AuthoritySet;
@@ -129,18 +129,13 @@ impl RootCmCopier {
             shutdown,
             cm_row,
             move |change| {
-                if let Ok(mut o) = observed.lock() {
-                    match change {
-                        Change::Reset(rows) => o.reset(rows),
-                        Change::Upsert((k, s)) => o.upsert(k, s),
-                        Change::Delete { namespace, name } => o.remove(&namespace, &name),
-                        Change::Fresh(f) => {
-                            o.freshen(&f);
-                            return;
-                        }
-                    }
+                let changed = observed
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .apply(change);
+                if changed {
+                    dirty.notify_one();
                 }
-                dirty.notify_one();
             },
         ));
         ("root-configmaps", task)

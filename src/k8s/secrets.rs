@@ -364,18 +364,13 @@ impl SecretCopier {
                 shutdown,
                 secret_row,
                 move |change| {
-                    if let Ok(mut o) = observed.lock() {
-                        match change {
-                            Change::Reset(rows) => o.reset(rows),
-                            Change::Upsert((k, s)) => o.upsert(k, s),
-                            Change::Delete { namespace, name } => o.remove(&namespace, &name),
-                            Change::Fresh(f) => {
-                                o.freshen(&f);
-                                return;
-                            }
-                        }
+                    let changed = observed
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .apply(change);
+                    if changed {
+                        dirty.notify_one();
                     }
-                    dirty.notify_one();
                 },
             ))
         };
