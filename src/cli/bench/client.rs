@@ -6,6 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -60,6 +61,8 @@ impl CallError {
 pub struct Tls {
     connector: tokio_rustls::TlsConnector,
     name: ServerName<'static>,
+    /// Handshakes that resumed a session, over every clone.
+    pub resumed: Arc<AtomicU64>,
 }
 
 impl Tls {
@@ -92,6 +95,7 @@ impl Tls {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             name: ServerName::try_from(server_name.to_owned())
                 .with_context(|| format!("server name {server_name:?}"))?,
+            resumed: Arc::default(),
         })
     }
 }
@@ -124,6 +128,9 @@ pub async fn connect(
         .connect(tls.name.clone(), tcp)
         .await
         .map_err(CallError::Tls)?;
+    if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        tls.resumed.fetch_add(1, Ordering::Relaxed);
+    }
     let (send, conn) = h2::client::Builder::new()
         .initial_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)

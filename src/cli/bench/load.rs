@@ -292,7 +292,7 @@ pub async fn cold(target: &Target, work: &Arc<Work>, load: &LoadArgs) -> anyhow:
         }));
     }
     let n = sources.iter().flatten().count();
-    finish(
+    let mut report = finish(
         Mode::Cold,
         target,
         work,
@@ -304,7 +304,9 @@ pub async fn cold(target: &Target, work: &Arc<Work>, load: &LoadArgs) -> anyhow:
         progress,
         live,
     )
-    .await
+    .await?;
+    report.resumed = tls.resumed.load(Ordering::Relaxed);
+    Ok(report)
 }
 
 async fn one_connection(

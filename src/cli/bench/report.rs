@@ -108,11 +108,15 @@ impl Report {
             "ca bench {mode}: {} certificates in {:.2} s = {:.0} certs/s, {errors} errors",
             self.ok, self.seconds, self.certs_per_sec
         );
+        let conns = match self.mode {
+            Mode::Warm => format!("{} connections", self.connections),
+            Mode::Cold => "a new connection per call".into(),
+            Mode::Burst => "a connection each".into(),
+        };
         let _ = writeln!(
             out,
-            "  load      : {} in flight, {} connections, {} identities{}",
+            "  load      : {} in flight, {conns}, {} identities{}",
             self.concurrency,
-            self.connections,
             self.identities,
             if self.sources > 0 {
                 format!(", {} source addresses", self.sources)
