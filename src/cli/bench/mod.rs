@@ -62,6 +62,9 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the human report.
     #[arg(long)]
     pub json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    pub json_file: Option<PathBuf>,
 }
 
 /// The CA under test.
@@ -193,8 +196,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     .context("starting the client runtime")?;
     let report = runtime.block_on(run_mode(&args))?;
+    let json = serde_json::to_string(&report)?;
+    if let Some(path) = &args.json_file {
+        std::fs::write(path, format!("{json}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        println!("{json}");
     } else {
         report.print_human();
     }
