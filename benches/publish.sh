@@ -64,5 +64,8 @@ section "RSA-2048 CA" "The same warm and cold runs with an RSA-2048 root signing
 run $CA bench warm --duration 30s --ca-key rsa-2048
 run $CA bench cold --duration 30s --ca-key rsa-2048
 
+section "Instructions per operation (callgrind)" "Counted by valgrind, so the same on a busy machine: the signing path in-process (token check, CSR check, sign, the audit line), one whole call over TLS and HTTP/2 (client included), and one SDS push per stream. The expected counts live in benches/instructions.expected; the command fails when a count moves more than 2%."
+run cargo bench --locked --bench instructions
+
 mv "$out" BENCHMARKS.md
 echo "wrote BENCHMARKS.md"
