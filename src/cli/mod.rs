@@ -17,6 +17,7 @@ macro_rules! say {
 }
 
 pub mod agent;
+pub mod bench;
 pub mod dev;
 pub mod kube;
 pub mod kube_pcr;
@@ -83,6 +84,9 @@ pub enum Command {
     /// every proxy holds the new bundle, activate, wait until no old leaf
     /// is in use, retire. Or one step of it.
     RotateRoot(Box<rotate::RotateArgs>),
+    /// Load generators against a CA and its agent.
+    #[command(hide = true)]
+    Bench(Box<bench::BenchArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -187,6 +191,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => runtime.block_on(agent::run_agent(*args)),
         Command::Dev(args) => runtime.block_on(dev::run_dev(*args)),
         Command::RotateRoot(args) => runtime.block_on(rotate::run(*args)),
+        Command::Bench(args) => runtime.block_on(bench::run(*args)),
         Command::Token(args) => {
             crate::server::jwt_crypto::install();
             let issuer = DevIssuer::load(&args.state_dir)?;
