@@ -18,14 +18,14 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, bail};
 use tokio::sync::mpsc;
 
-pub use super::agent_report::AgentReport;
+use super::Target;
 use super::agent_proc::{self as proc, AgentProc, Obtained, TempDir};
+pub use super::agent_report::AgentReport;
 use super::agent_report::{
-    AgentFigures, AgentMetrics, ClientFigures, OpenFigures, PushSummary, RotationFigures,
+    AgentFigures, AgentMetrics, ClientFigures, Machine, OpenFigures, PushSummary, RotationFigures,
     TARGET_PUSH_MS, TARGET_RSS_BYTES, Targets, spread,
 };
 use super::agent_streams::{self as streams, Event};
-use super::Target;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct AgentArgs {
@@ -58,6 +58,9 @@ pub struct AgentArgs {
 const FD_MARGIN: u64 = 64;
 /// How long the agent may take to obtain its first certificate.
 const FIRST_CERT_WAIT: Duration = Duration::from_secs(30);
+/// Pause after the last rotation before reading the agent's memory and
+/// metrics (its last ACKs arrive).
+const SETTLE: Duration = Duration::from_millis(500);
 /// Live progress period (on a terminal).
 const TICK: Duration = Duration::from_millis(250);
 
@@ -196,8 +199,8 @@ struct Seen {
     ended: Vec<(usize, String)>,
     /// Each stream's first version (not a rotation).
     initial: HashSet<String>,
-    /// Receipts per version: stream, time.
-    receipts: HashMap<String, Vec<(usize, SystemTime)>>,
+    /// Per version, each stream's first receipt of it.
+    receipts: HashMap<String, HashMap<usize, SystemTime>>,
     /// Log times per serial.
     logged: HashMap<String, SystemTime>,
     rotations: Vec<Rotation>,
@@ -218,7 +221,11 @@ impl Seen {
                 } else {
                     self.learn(&version, max_rotations);
                 }
-                self.receipts.entry(version).or_default().push((stream, at));
+                self.receipts
+                    .entry(version)
+                    .or_default()
+                    .entry(stream)
+                    .or_insert(at);
             }
         }
     }
@@ -249,9 +256,7 @@ impl Seen {
     }
 
     fn received(&self, serial: &str) -> usize {
-        self.receipts.get(serial).map_or(0, |v| {
-            v.iter().map(|(s, _)| *s).collect::<HashSet<_>>().len()
-        })
+        self.receipts.get(serial).map_or(0, HashMap::len)
     }
 
     /// Marks rotations complete (every stream has it) or timed out.
@@ -270,14 +275,8 @@ impl Seen {
     }
 
     fn figures(&self, r: &Rotation, streams: usize) -> RotationFigures {
-        let receipts = self.receipts.get(&r.serial).cloned().unwrap_or_default();
-        let mut first_by_stream: HashMap<usize, SystemTime> = HashMap::new();
-        for (s, at) in receipts {
-            first_by_stream
-                .entry(s)
-                .and_modify(|t| *t = (*t).min(at))
-                .or_insert(at);
-        }
+        let empty = HashMap::new();
+        let first_by_stream = self.receipts.get(&r.serial).unwrap_or(&empty);
         let earliest = first_by_stream.values().min().copied();
         let (from, origin) = match (r.agent_at, earliest) {
             (Some(a), _) => ("agent_log", Some(a)),
@@ -317,6 +316,7 @@ impl Job {
     async fn run(self) -> anyhow::Result<AgentReport> {
         let a = &self.args;
         let hz = proc::clock_ticks();
+        let loadavg_start = proc::loadavg();
         let progress = Progress::new();
         let (mut agent, mut obtained) = AgentProc::spawn(&self.exe, &self.flags)?;
         let pid = agent.pid.to_string();
@@ -399,10 +399,15 @@ impl Job {
         let phase_seconds = phase.elapsed().as_secs_f64();
         let agent_cpu = cpu_ms(&pid, hz) - agent_cpu0;
         let client_cpu = cpu_ms("self", hz) - client_cpu0;
+        // The last ACKs reach the agent's metrics.
+        tokio::time::sleep(SETTLE).await;
         let rss = proc::status_bytes(agent.pid, "VmRSS:").unwrap_or(0);
         let peak = proc::status_bytes(agent.pid, "VmHWM:").unwrap_or(0);
         let metrics = match agent.ops {
-            Some(ops) => proc::metrics_page(ops).await.ok().map(|p| agent_metrics(&p)),
+            Some(ops) => proc::metrics_page(ops)
+                .await
+                .ok()
+                .map(|p| agent_metrics(&p)),
             None => None,
         };
         progress.clear();
@@ -456,6 +461,11 @@ impl Job {
                 cpu_ms_rotations: client_cpu,
             },
             agent_flags: self.raised.clone(),
+            machine: Machine {
+                cpus: std::thread::available_parallelism().map_or(1, usize::from),
+                loadavg_start,
+                loadavg_end: proc::loadavg(),
+            },
         })
     }
 

@@ -42,12 +42,19 @@ impl DevTarget {
         let log = std::fs::File::create(dir.path().join("server.log"))?;
         let exe = std::env::current_exe().context("locating the ca binary")?;
         let mut cmd = Command::new(exe);
-        cmd.args(["server", "--dev", "--listen", "127.0.0.1:0", "--ops-listen", "off"])
-            .arg("--state-dir")
-            .arg(&state)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log);
+        cmd.args([
+            "server",
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--ops-listen",
+            "off",
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("CA_") {
                 cmd.env_remove(k);

@@ -24,10 +24,8 @@ impl TempDir {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .subsec_nanos();
-        let path = std::env::temp_dir().join(format!(
-            "{prefix}-{}-{nanos:08x}",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("{prefix}-{}-{nanos:08x}", std::process::id()));
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
@@ -250,6 +248,14 @@ pub(super) fn cpu_ticks(pid: &str) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// The 1-minute load average.
+pub(super) fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Clock ticks per second of /proc's CPU times.
 pub(super) fn clock_ticks() -> f64 {
     Command::new("getconf")
@@ -266,7 +272,10 @@ pub(super) fn clock_ticks() -> f64 {
 pub(super) fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    let soft = line.trim_start_matches("Max open files").split_whitespace().next()?;
+    let soft = line
+        .trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?;
     if soft == "unlimited" {
         return Some(u64::MAX);
     }
@@ -316,7 +325,12 @@ mod tests {
         assert_eq!(d.subsec_nanos(), 123_456_000);
         let t = parse_rfc3339_utc("2000-02-29T00:00:00Z").unwrap();
         assert_eq!(t.duration_since(UNIX_EPOCH).unwrap().as_secs(), 951_782_400);
-        for bad in ["2025-06-01T12:34:56", "2025-13-01T00:00:00Z", "x", "2025-06-01"] {
+        for bad in [
+            "2025-06-01T12:34:56",
+            "2025-13-01T00:00:00Z",
+            "x",
+            "2025-06-01",
+        ] {
             assert!(parse_rfc3339_utc(bad).is_none(), "{bad}");
         }
     }

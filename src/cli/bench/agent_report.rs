@@ -32,6 +32,17 @@ pub struct AgentReport {
     /// connection and stream caps are raised to fit the streams).
     pub agent_flags: Vec<String>,
     pub targets: Targets,
+    /// What else the machine was doing: the agent and the streams share
+    /// its cores with everything else.
+    pub machine: Machine,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    /// 1-minute load average at the start and at the end.
+    pub loadavg_start: f64,
+    pub loadavg_end: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -198,6 +209,10 @@ impl AgentReport {
         println!(
             "  client      : {} thread(s), CPU {:.0} ms over the rotations",
             self.client.threads, self.client.cpu_ms_rotations
+        );
+        println!(
+            "  machine     : {} CPUs, 1-minute load average {:.2} at the start, {:.2} at the end",
+            self.machine.cpus, self.machine.loadavg_start, self.machine.loadavg_end
         );
         println!(
             "  targets     : every stream within {:.0} ms: {} (max {:.2} ms); peak RSS under {}: {} ({})",
