@@ -355,9 +355,10 @@ impl Job {
         }
         if let Some((stream, reason)) = seen.ended.first() {
             bail!(
-                "{} of {} streams could not open (stream {stream}: {reason})\nagent log:\n{}",
+                "{} of {} streams could not open (stream {stream}: {reason}); the agent ran with {}\nagent log:\n{}",
                 seen.ended.len(),
                 a.streams,
+                self.flags.join(" "),
                 agent.tail_text()
             );
         }
