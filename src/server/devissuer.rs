@@ -107,13 +107,18 @@ impl DevIssuer {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<String, Error> {
-        let signer = TokenSigner {
+        self.signer()
+            .mint(namespace, service_account, audience, ttl, now)
+    }
+
+    /// What signs this issuer's tokens.
+    pub fn signer(&self) -> TokenSigner {
+        TokenSigner {
             key: self.encoding_key(),
             algorithm: Algorithm::ES256,
             key_id: Some(self.kid()),
             issuer: DEV_ISSUER.to_owned(),
-        };
-        signer.mint(namespace, service_account, audience, ttl, now)
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! came back.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -166,68 +167,14 @@ pub async fn warm(target: &Target, work: &Arc<Work>, load: &LoadArgs) -> anyhow:
                 .map_err(|e| anyhow::anyhow!("connecting to {addr}: {}", e.label()))?,
         );
     }
-    let window = Arc::new(Window {
-        measure_from: Instant::now() + load.warmup,
-        stop: AtomicBool::new(false),
-        measured: AtomicU64::new(0),
-        enough: Notify::new(),
-        limit: load.requests,
-    });
-    let live = Arc::new(Live::default());
-    let next = Arc::new(AtomicUsize::new(0));
-    let keep = Arc::new(AtomicUsize::new(0));
-    let progress = report::progress("warm", live.clone());
-    let clock = tokio::spawn(clock(window.clone(), load.duration, target.server_pid));
-    let mut workers = Vec::new();
-    for w in 0..load.concurrency {
-        let mut send = conns[w % conns.len()].clone();
-        let (window, live, next, keep, work) = (
-            window.clone(),
-            live.clone(),
-            next.clone(),
-            keep.clone(),
-            work.clone(),
-        );
-        let verify = load.verify;
-        workers.push(tokio::spawn(async move {
-            let mut tally = Tally::default();
-            while !window.stop.load(Ordering::Relaxed) {
-                let i = next.fetch_add(1, Ordering::Relaxed) % work.calls.len();
-                let body = want_body(&keep, verify);
-                let t = Instant::now();
-                let r = match tokio::time::timeout(
-                    CALL_TIMEOUT,
-                    client::call(&mut send, &work.uri, &work.calls[i], body),
-                )
-                .await
-                {
-                    Ok(r) => r,
-                    Err(_) => Err(CallError::Timeout),
-                };
-                let end = Instant::now();
-                if window.measuring(end) {
-                    window.count();
-                    tally.record(r, i, end - t, &live);
-                } else if let (Ok(b), true) = (r, body) {
-                    // A warm-up answer may still be verified.
-                    tally.kept.push((i, b));
-                }
-            }
-            tally
-        }));
-    }
-    finish(
-        Mode::Warm,
-        target,
-        work,
-        load,
-        conns.len(),
-        0,
-        clock,
-        workers,
-        progress,
-        live,
-    )
+    let k = conns.len();
+    timed(Mode::Warm, target, work, load, (k, 0), |w| {
+        let (send, work) = (conns[w % k].clone(), work.clone());
+        move |i, body| {
+            let (mut send, work) = (send.clone(), work.clone());
+            async move { client::call(&mut send, &work.uri, &work.calls[i], body).await }
+        }
+    })
     .await
 }
 
@@ -239,7 +186,35 @@ pub async fn warm(target: &Target, work: &Arc<Work>, load: &LoadArgs) -> anyhow:
 pub async fn cold(target: &Target, work: &Arc<Work>, load: &LoadArgs) -> anyhow::Result<Report> {
     let addr = client::resolve(&target.addr).await?;
     let tls = Tls::new(&target.root_cert, &target.server_name, load.resume)?;
-    let sources = Arc::new(sources(addr, load.sources, 16));
+    let sources = sources(addr, load.sources, 16);
+    let n = sources.iter().flatten().count();
+    let mut report = timed(Mode::Cold, target, work, load, (0, n), |w| {
+        let (source, tls, work) = (sources[w % sources.len()], tls.clone(), work.clone());
+        move |i, body| {
+            let (tls, work) = (tls.clone(), work.clone());
+            async move { one_connection(addr, source, &tls, &work, i, body).await }
+        }
+    })
+    .await?;
+    report.resumed = tls.resumed.load(Ordering::Relaxed);
+    Ok(report)
+}
+
+/// `--concurrency` workers over a warm-up and a measured window. Worker
+/// `w` makes call `i` (keeping its body when told) with `caller(w)`.
+async fn timed<C, F, Fut>(
+    mode: Mode,
+    target: &Target,
+    work: &Arc<Work>,
+    load: &LoadArgs,
+    (connections, sources): (usize, usize),
+    caller: C,
+) -> anyhow::Result<Report>
+where
+    C: Fn(usize) -> F,
+    F: FnMut(usize, bool) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Bytes, CallError>> + Send,
+{
     let window = Arc::new(Window {
         measure_from: Instant::now() + load.warmup,
         stop: AtomicBool::new(false),
@@ -250,32 +225,24 @@ pub async fn cold(target: &Target, work: &Arc<Work>, load: &LoadArgs) -> anyhow:
     let live = Arc::new(Live::default());
     let next = Arc::new(AtomicUsize::new(0));
     let keep = Arc::new(AtomicUsize::new(0));
-    let progress = report::progress("cold", live.clone());
+    let name = match mode {
+        Mode::Warm => "warm",
+        _ => "cold",
+    };
+    let progress = report::progress(name, live.clone());
     let clock = tokio::spawn(clock(window.clone(), load.duration, target.server_pid));
     let mut workers = Vec::new();
     for w in 0..load.concurrency {
-        let source = sources[w % sources.len()];
-        let (window, live, next, keep, work, tls) = (
-            window.clone(),
-            live.clone(),
-            next.clone(),
-            keep.clone(),
-            work.clone(),
-            tls.clone(),
-        );
-        let verify = load.verify;
+        let mut call = caller(w);
+        let (window, live, next, keep) = (window.clone(), live.clone(), next.clone(), keep.clone());
+        let (verify, calls) = (load.verify, work.calls.len());
         workers.push(tokio::spawn(async move {
             let mut tally = Tally::default();
             while !window.stop.load(Ordering::Relaxed) {
-                let i = next.fetch_add(1, Ordering::Relaxed) % work.calls.len();
+                let i = next.fetch_add(1, Ordering::Relaxed) % calls;
                 let body = want_body(&keep, verify);
                 let t = Instant::now();
-                let r = match tokio::time::timeout(
-                    CALL_TIMEOUT,
-                    one_connection(addr, source, &tls, &work, i, body),
-                )
-                .await
-                {
+                let r = match tokio::time::timeout(CALL_TIMEOUT, call(i, body)).await {
                     Ok(r) => r,
                     Err(_) => Err(CallError::Timeout),
                 };
@@ -291,22 +258,24 @@ pub async fn cold(target: &Target, work: &Arc<Work>, load: &LoadArgs) -> anyhow:
             tally
         }));
     }
-    let n = sources.iter().flatten().count();
-    let mut report = finish(
-        Mode::Cold,
+    let (elapsed, before, after) = clock.await.context("the run's clock failed")?;
+    let mut total = Tally::default();
+    for w in workers {
+        total.merge(w.await.context("a load task failed")?);
+    }
+    report::end_progress(progress);
+    build(
+        mode,
         target,
         work,
         load,
-        0,
-        n,
-        clock,
-        workers,
-        progress,
-        live,
+        connections,
+        sources,
+        total,
+        elapsed,
+        before,
+        after,
     )
-    .await?;
-    report.resumed = tls.resumed.load(Ordering::Relaxed);
-    Ok(report)
 }
 
 async fn one_connection(
@@ -381,39 +350,6 @@ pub async fn burst(target: &Target, work: &Arc<Work>, load: &LoadArgs) -> anyhow
         load,
         0,
         k,
-        total,
-        elapsed,
-        before,
-        after,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn finish(
-    mode: Mode,
-    target: &Target,
-    work: &Arc<Work>,
-    load: &LoadArgs,
-    connections: usize,
-    sources: usize,
-    clock: tokio::task::JoinHandle<(Duration, Cpu, Cpu)>,
-    workers: Vec<tokio::task::JoinHandle<Tally>>,
-    progress: Option<tokio::task::JoinHandle<()>>,
-    _live: Arc<Live>,
-) -> anyhow::Result<Report> {
-    let (elapsed, before, after) = clock.await.context("the run's clock failed")?;
-    let mut total = Tally::default();
-    for w in workers {
-        total.merge(w.await.context("a load task failed")?);
-    }
-    report::end_progress(progress);
-    build(
-        mode,
-        target,
-        work,
-        load,
-        connections,
-        sources,
         total,
         elapsed,
         before,

@@ -57,23 +57,6 @@ impl TokenSource for Signer {
     }
 }
 
-struct Dev {
-    issuer: DevIssuer,
-    audience: String,
-}
-
-impl TokenSource for Dev {
-    fn token(&self, namespace: &str, service_account: &str) -> anyhow::Result<String> {
-        Ok(self.issuer.mint(
-            namespace,
-            service_account,
-            &self.audience,
-            TOKEN_TTL,
-            SystemTime::now(),
-        )?)
-    }
-}
-
 /// Tokens from a file, handed out in turn whatever identity is asked for
 /// (each token names its own).
 struct FromFile {
@@ -166,8 +149,8 @@ pub async fn open(
             &tokens.audience,
         )?))
     } else if let Some(dir) = &tokens.dev_state {
-        Some(Arc::new(Dev {
-            issuer: DevIssuer::load(dir)?,
+        Some(Arc::new(Signer {
+            signer: DevIssuer::load(dir)?.signer(),
             audience: tokens.audience.clone(),
         }))
     } else if let Some(path) = &tokens.tokens {
