@@ -167,10 +167,20 @@ fn make_ca(dir: &Path, ca_key: &str) -> (PathBuf, PathBuf, PathBuf) {
     let cert = dir.join("ca.pem");
     let config = dir.join("config.json");
     if ca_key == "rsa-2048" {
-        run(Command::new("openssl").args(["genrsa", "-out"]).arg(&key).arg("2048"));
+        run(Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&key)
+            .arg("2048"));
     } else {
         run(Command::new("openssl")
-            .args(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out"])
+            .args([
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+            ])
             .arg(&key));
     }
     run(Command::new("openssl")
@@ -240,7 +250,11 @@ impl Cfssl {
             if let Ok(Some(status)) = cfssl.child.try_wait() {
                 panic!("cfssl serve exited ({status}): {}", cfssl.log_text());
             }
-            assert!(Instant::now() < deadline, "cfssl serve did not listen: {}", cfssl.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "cfssl serve did not listen: {}",
+                cfssl.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         cfssl
@@ -262,7 +276,7 @@ impl Drop for Cfssl {
     }
 }
 
-/// `n` P-256 CSRs, each with a SPIFFE ID as its URI SAN, and the JSON body
+/// `n` P-256 CSRs, each with a SPIFFE ID as its URI SAN and a subject, and the JSON body
 /// of each sign request, encoded once before the clock starts.
 fn make_csrs(n: usize) -> (Vec<String>, Vec<Bytes>) {
     let mut pems = Vec::with_capacity(n);
@@ -270,7 +284,16 @@ fn make_csrs(n: usize) -> (Vec<String>, Vec<Bytes>) {
     for i in 0..n {
         let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        // cfssl 1.2.0 drops URI SANs: without a subject its certificate
+        // would name nothing (an empty subject and no SAN, which strict
+        // verifiers reject). Ours names the identity in the URI SAN only.
         params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "cluster.local");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("bench/sa-{i}"));
         let uri = format!("spiffe://cluster.local/ns/bench/sa/sa-{i}");
         params.subject_alt_names = vec![rcgen::SanType::URI(uri.as_str().try_into().unwrap())];
         let pem = params.serialize_request(&kp).unwrap().pem().unwrap();
@@ -374,8 +397,7 @@ async fn connection(
                 Outcome::Io
             }
             Ok((200, body)) => {
-                if contains(&body, br#""success":true"#) && contains(&body, b"BEGIN CERTIFICATE")
-                {
+                if contains(&body, br#""success":true"#) && contains(&body, b"BEGIN CERTIFICATE") {
                     if samples.len() < 2 {
                         samples.push((idx, body));
                     }
@@ -483,7 +505,11 @@ async fn load_cfssl(
             }
         }
     }
-    assert!(fig.ok > 0, "no certificate from cfssl: {}", cfssl.log_text());
+    assert!(
+        fig.ok > 0,
+        "no certificate from cfssl: {}",
+        cfssl.log_text()
+    );
     lat.sort();
     fig.seconds = (m1 - m0).as_secs_f64();
     fig.certs_per_sec = fig.ok as f64 / fig.seconds;
@@ -502,7 +528,12 @@ async fn load_cfssl(
 /// Checks sampled answers: each certificate verifies against the CA with
 /// openssl and carries the public key of the CSR it answers. Returns the
 /// first certificate's text.
-fn check_samples(dir: &Path, ca_cert: &Path, pems: &[String], samples: &[(usize, Bytes)]) -> String {
+fn check_samples(
+    dir: &Path,
+    ca_cert: &Path,
+    pems: &[String],
+    samples: &[(usize, Bytes)],
+) -> String {
     assert!(!samples.is_empty());
     let mut first = String::new();
     for (n, (idx, body)) in samples.iter().take(8).enumerate() {
@@ -524,10 +555,20 @@ fn check_samples(dir: &Path, ca_cert: &Path, pems: &[String], samples: &[(usize,
         let csr_key = run(Command::new("openssl")
             .args(["req", "-noout", "-pubkey", "-in"])
             .arg(&csr_path));
-        assert_eq!(cert_key, csr_key, "certificate {n} is not for its CSR's key");
+        assert_eq!(
+            cert_key, csr_key,
+            "certificate {n} is not for its CSR's key"
+        );
         if n == 0 {
             first = run(Command::new("openssl")
-                .args(["x509", "-noout", "-text", "-certopt", "no_pubkey,no_sigdump", "-in"])
+                .args([
+                    "x509",
+                    "-noout",
+                    "-text",
+                    "-certopt",
+                    "no_pubkey,no_sigdump",
+                    "-in",
+                ])
                 .arg(&cert_path));
         }
     }
@@ -576,7 +617,12 @@ fn load_ours(o: &Opts) -> Option<Figures> {
             .unwrap_or_default(),
         seconds: f(&j["seconds"]),
         certs_per_sec: f(&j["certs_per_sec"]),
-        latency_ms: [f(&lat["p50"]), f(&lat["p90"]), f(&lat["p99"]), f(&lat["max"])],
+        latency_ms: [
+            f(&lat["p50"]),
+            f(&lat["p90"]),
+            f(&lat["p99"]),
+            f(&lat["max"]),
+        ],
         server_cpu_us: f(&server["cpu_us_per_cert"]),
         client_cpu_us: f(&j["client_cpu_us_per_cert"]),
         server_peak_rss: server["peak_rss_bytes"].as_u64().unwrap_or(0),
@@ -726,7 +772,9 @@ fn main() {
     println!(
         "{} {}; CA key {}; {} CSRs (P-256, SPIFFE URI SAN); {}s warm-up + {}s measured",
         run(Command::new("cfssl").arg("version")).replace('\n', " "),
-        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim(),
         o.ca_key,
         o.identities,
         o.warmup.as_secs_f64(),
@@ -748,9 +796,18 @@ fn main() {
             samples.len().min(8)
         );
         for line in text.lines().filter(|l| {
-            ["Subject:", "Not Before", "Not After", "X509v3", "Digital", "TLS Web", "CA:", "URI:"]
-                .iter()
-                .any(|k| l.contains(k))
+            [
+                "Subject:",
+                "Not Before",
+                "Not After",
+                "X509v3",
+                "Digital",
+                "TLS Web",
+                "CA:",
+                "URI:",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
         }) {
             println!("    {}", line.trim());
         }
