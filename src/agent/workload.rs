@@ -352,7 +352,7 @@ impl<C: CaClient> CertManager<C> {
 
 /// A CSR with an empty subject and no SAN: the CA names the identity from
 /// the caller's credentials.
-fn csr_for(key: &PrivateKey) -> Result<String, Error> {
+pub fn csr_for(key: &PrivateKey) -> Result<String, Error> {
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params

@@ -39,7 +39,8 @@ impl KeyAlgorithm {
         "rsa-4096",
     ];
 
-    fn rsa_bits(self) -> Option<usize> {
+    /// The modulus size of an RSA algorithm; `None` for the others.
+    pub fn rsa_bits(self) -> Option<usize> {
         match self {
             Self::Rsa2048 => Some(2048),
             Self::Rsa3072 => Some(3072),

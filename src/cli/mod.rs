@@ -17,6 +17,7 @@ macro_rules! say {
 }
 
 pub mod agent;
+pub mod bench;
 pub mod dev;
 pub mod kube;
 pub mod kube_pcr;
@@ -79,6 +80,10 @@ pub enum Command {
     Dev(Box<DevArgs>),
     /// Mint a development service-account token (trusted only by `server --dev`).
     Token(TokenArgs),
+    /// Measure a CA (a running one, or one started on the embedded
+    /// default): certificates per second, latency, CPU per certificate
+    /// against the floor of unavoidable work, memory.
+    Bench(Box<bench::BenchArgs>),
     /// Replace the root CA with no failed handshake: prepare, wait until
     /// every proxy holds the new bundle, activate, wait until no old leaf
     /// is in use, retire. Or one step of it.
@@ -178,11 +183,17 @@ pub fn main() -> ExitCode {
 /// Whatever the command reports.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     init_logging(&cli.log)?;
+    // The load generator runs on a runtime of its own size.
+    let command = match cli.command {
+        Command::Bench(args) => return bench::run(*args),
+        other => other,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    match cli.command {
+    match command {
+        Command::Bench(_) => Ok(()),
         Command::Server(args) => runtime.block_on(server::run_server(*args)),
         Command::Agent(args) => runtime.block_on(agent::run_agent(*args)),
         Command::Dev(args) => runtime.block_on(dev::run_dev(*args)),

@@ -107,12 +107,57 @@ impl DevIssuer {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<String, Error> {
+        let signer = TokenSigner {
+            key: self.encoding_key(),
+            algorithm: Algorithm::ES256,
+            key_id: Some(self.kid()),
+            issuer: DEV_ISSUER.to_owned(),
+        };
+        signer.mint(namespace, service_account, audience, ttl, now)
+    }
+}
+
+/// Signs tokens in the Kubernetes service-account layout (`sub`
+/// `system:serviceaccount:<ns>:<sa>`, the `kubernetes.io` claim) with any
+/// key the ring provider signs with: the development issuer's, or a test
+/// or benchmark issuer's (`ca bench --issuer-key`).
+pub struct TokenSigner {
+    pub key: EncodingKey,
+    pub algorithm: Algorithm,
+    pub key_id: Option<String>,
+    pub issuer: String,
+}
+
+impl std::fmt::Debug for TokenSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSigner")
+            .field("algorithm", &self.algorithm)
+            .field("key_id", &self.key_id)
+            .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenSigner {
+    /// Mints a token for `namespace`/`service_account`, valid from `now`
+    /// for `ttl`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if signing fails.
+    pub fn mint(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        audience: &str,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<String, Error> {
         let iat = now
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let claims = TokenClaims {
-            iss: DEV_ISSUER,
+            iss: &self.issuer,
             sub: format!("system:serviceaccount:{namespace}:{service_account}"),
             aud: vec![audience.to_owned()],
             iat,
@@ -126,16 +171,16 @@ impl DevIssuer {
                 },
             },
         };
-        let mut header = Header::new(Algorithm::ES256);
-        header.kid = Some(self.kid());
-        jsonwebtoken::encode(&header, &claims, &self.encoding_key())
+        let mut header = Header::new(self.algorithm);
+        header.kid.clone_from(&self.key_id);
+        jsonwebtoken::encode(&header, &claims, &self.key)
             .map_err(|e| Error::Config(format!("signing token: {e}")))
     }
 }
 
 #[derive(Serialize)]
-struct TokenClaims {
-    iss: &'static str,
+struct TokenClaims<'a> {
+    iss: &'a str,
     sub: String,
     aud: Vec<String>,
     iat: u64,

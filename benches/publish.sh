@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Regenerates BENCHMARKS.md from the repository root: bash benches/publish.sh
+# Every figure in it is the verbatim output of the command printed above it;
+# nothing in that file is edited by hand. Takes about 15 minutes (plus a
+# release build); run it on an otherwise idle machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --locked --bin ca
+CA=target/release/ca
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+out=$work/BENCHMARKS.md
+
+section() { printf '\n## %s\n\n%s\n' "$1" "$2" >> "$out"; }
+# run CMD...: the command, then what it printed.
+run() {
+  { printf '\n```sh\n%s\n```\n```\n' "$*"; "$@" 2>&1; printf '```\n'; } >> "$out"
+}
+
+{
+  echo "# Benchmarks"
+  echo
+  echo "Written by \`bash benches/publish.sh\` on $(date -u +%Y-%m-%d). Each block is what the"
+  echo "command above it printed on this machine, client and server side by side on its"
+  echo "cores; nothing here is edited by hand. \`ca bench --help\` explains every figure;"
+  echo "the README's *Measuring* section says how to measure your own deployment."
+  echo
+  echo "## Machine"
+  echo
+  echo '```'
+  echo "cores: $(nproc)  $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+  echo "memory: $(free -g | awk '/^Mem:/ {print $2}') GiB  kernel: $(uname -r)"
+  echo "$(rustc --version)  load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo '```'
+} > "$out"
+
+section "Warm: renewing agents" "64 calls in flight on 8 long-lived TLS connections; P-256 CA and CSRs, RS256 service-account tokens (2048-bit issuer key), 30 s after a 2 s warm-up."
+run $CA bench warm --duration 30s --json-file "$work/warm-on.json"
+
+section "Warm, audit line off" "The same with the CA's per-certificate audit line off (log level warn), then the audit line's cost."
+run $CA bench warm --duration 30s --audit off --json-file "$work/warm-off.json"
+run python3 -c '
+import json, sys
+on, off = (json.load(open(f)) for f in sys.argv[1:3])
+print(f"audit on  {on[\"certs_per_sec\"]:8.0f} certs/s  {on[\"server\"][\"cpu_us_per_cert\"]:6.1f} us server CPU per certificate")
+print(f"audit off {off[\"certs_per_sec\"]:8.0f} certs/s  {off[\"server\"][\"cpu_us_per_cert\"]:6.1f} us server CPU per certificate")
+print(f"the audit line costs {100 * (1 - on[\"certs_per_sec\"] / off[\"certs_per_sec\"]):.1f}% of throughput, {100 * (on[\"server\"][\"cpu_us_per_cert\"] / off[\"server\"][\"cpu_us_per_cert\"] - 1):.1f}% of server CPU per certificate")
+' "$work/warm-on.json" "$work/warm-off.json"
+
+section "Cold: starting pods" "A new TCP + TLS 1.3 + HTTP/2 connection per certificate, 64 at a time from 16 loopback source addresses, then the same with TLS session resumption (a reconnecting agent)."
+run $CA bench cold --duration 30s --json-file "$work/cold.json"
+run $CA bench cold --duration 30s --resume
+run python3 -c '
+import json, sys
+warm, cold = (json.load(open(f)) for f in sys.argv[1:3])
+w, c = warm["server"]["cpu_us_per_cert"], cold["server"]["cpu_us_per_cert"]
+print(f"server CPU per certificate: cold {c:.1f} us / warm {w:.1f} us = {c / w:.2f}x")
+' "$work/warm-on.json" "$work/cold.json"
+
+section "Burst: a node pool scaling up" "10,000 distinct identities fire at once, each on a new connection (one loopback source address per 48)."
+run $CA bench burst --identities 10000
+
+section "RSA-2048 CA" "The same warm and cold runs with an RSA-2048 root signing the leaves (and the CA's TLS certificate)."
+run $CA bench warm --duration 30s --ca-key rsa-2048
+run $CA bench cold --duration 30s --ca-key rsa-2048
+
+mv "$out" BENCHMARKS.md
+echo "wrote BENCHMARKS.md"
