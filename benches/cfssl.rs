@@ -31,14 +31,13 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use load::{Figures, load_cfssl};
+
+#[path = "cfssl/load.rs"]
+mod load;
 
 /// Command-line options (after `cargo bench --bench cfssl --`).
 struct Opts {
@@ -111,20 +110,6 @@ impl Opts {
         assert!(o.concurrency > 0 && o.identities > 0);
         o
     }
-}
-
-/// The figures of one run, on either side.
-#[derive(Default, Clone)]
-struct Figures {
-    ok: u64,
-    errors: BTreeMap<String, u64>,
-    seconds: f64,
-    certs_per_sec: f64,
-    /// p50, p90, p99, max, in milliseconds.
-    latency_ms: [f64; 4],
-    server_cpu_us: f64,
-    client_cpu_us: f64,
-    server_peak_rss: u64,
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -304,227 +289,6 @@ fn make_csrs(n: usize) -> (Vec<String>, Vec<Bytes>) {
     (pems, bodies)
 }
 
-/// What became of one request.
-#[derive(Clone, Copy, PartialEq)]
-enum Outcome {
-    Ok,
-    Status(u16),
-    /// 200 without `"success":true` and a certificate.
-    BadBody,
-    /// Connect, write or read failure.
-    Io,
-}
-
-impl Outcome {
-    fn label(self) -> String {
-        match self {
-            Outcome::Ok => "ok".into(),
-            Outcome::Status(s) => format!("http {s}"),
-            Outcome::BadBody => "no certificate".into(),
-            Outcome::Io => "connection".into(),
-        }
-    }
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Each request's completion time, latency and outcome on one connection,
-/// and the first two answers kept as samples (CSR index, body).
-type ConnLog = (Vec<(Instant, Duration, Outcome)>, Vec<(usize, Bytes)>);
-
-async fn connect(addr: SocketAddr) -> std::io::Result<http1::SendRequest<Full<Bytes>>> {
-    let tcp = TcpStream::connect(addr).await?;
-    tcp.set_nodelay(true)?;
-    let (sender, conn) = http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(std::io::Error::other)?;
-    tokio::spawn(conn);
-    Ok(sender)
-}
-
-/// One keep-alive connection sending requests back to back until `stop`.
-async fn connection(
-    addr: SocketAddr,
-    bodies: Arc<Vec<Bytes>>,
-    first: usize,
-    stride: usize,
-    stop: Arc<AtomicBool>,
-) -> ConnLog {
-    let host = addr.to_string();
-    let mut log = Vec::with_capacity(1 << 12);
-    let mut samples = Vec::new();
-    let mut sender: Option<http1::SendRequest<Full<Bytes>>> = None;
-    let mut i = first;
-    while !stop.load(Ordering::Relaxed) {
-        let t0 = Instant::now();
-        if sender.as_mut().is_none_or(|s| s.is_closed()) {
-            match connect(addr).await {
-                Ok(s) => sender = Some(s),
-                Err(_) => {
-                    log.push((Instant::now(), t0.elapsed(), Outcome::Io));
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            }
-        }
-        let Some(s) = sender.as_mut() else { continue };
-        let idx = i % bodies.len();
-        i += stride;
-        let req = hyper::Request::post("/api/v1/cfssl/sign")
-            .header(hyper::header::HOST, &host)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(bodies[idx].clone()))
-            .unwrap();
-        let t0 = Instant::now();
-        let outcome = match s.ready().await {
-            Err(_) => Err(()),
-            Ok(()) => match s.send_request(req).await {
-                Err(_) => Err(()),
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    match resp.into_body().collect().await {
-                        Err(_) => Err(()),
-                        Ok(body) => Ok((status, body.to_bytes())),
-                    }
-                }
-            },
-        };
-        let outcome = match outcome {
-            Err(()) => {
-                sender = None;
-                Outcome::Io
-            }
-            Ok((200, body)) => {
-                if contains(&body, br#""success":true"#) && contains(&body, b"BEGIN CERTIFICATE") {
-                    if samples.len() < 2 {
-                        samples.push((idx, body));
-                    }
-                    Outcome::Ok
-                } else {
-                    Outcome::BadBody
-                }
-            }
-            Ok((status, _)) => Outcome::Status(status),
-        };
-        log.push((Instant::now(), t0.elapsed(), outcome));
-    }
-    (log, samples)
-}
-
-/// utime + stime of a process (`self` for this one), in seconds.
-fn cpu_secs(pid: &str, ticks_per_sec: f64) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // The command name may hold spaces: fields count from after its ')'.
-    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..]
-        .split_whitespace()
-        .collect();
-    (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) as f64 / ticks_per_sec
-}
-
-fn clock_ticks() -> f64 {
-    run(Command::new("getconf").arg("CLK_TCK"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-/// Peak resident memory of a process, in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap();
-    kib * 1024
-}
-
-/// Nearest-rank percentile of sorted latencies, in milliseconds.
-fn pct(sorted: &[Duration], p: f64) -> f64 {
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1].as_secs_f64() * 1e3
-}
-
-/// Drives cfssl with `concurrency` connections, one request in flight on
-/// each, for `warmup` then a measured `duration`.
-async fn load_cfssl(
-    cfssl: &Cfssl,
-    bodies: &Arc<Vec<Bytes>>,
-    concurrency: usize,
-    warmup: Duration,
-    duration: Duration,
-) -> (Figures, Vec<(usize, Bytes)>) {
-    let ticks = clock_ticks();
-    let pid = cfssl.pid().to_string();
-    let stop = Arc::new(AtomicBool::new(false));
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|c| {
-            tokio::spawn(connection(
-                cfssl.addr,
-                bodies.clone(),
-                c,
-                concurrency,
-                stop.clone(),
-            ))
-        })
-        .collect();
-    tokio::time::sleep(warmup).await;
-    let (m0, server0, client0) = (
-        Instant::now(),
-        cpu_secs(&pid, ticks),
-        cpu_secs("self", ticks),
-    );
-    tokio::time::sleep(duration).await;
-    let (m1, server1, client1) = (
-        Instant::now(),
-        cpu_secs(&pid, ticks),
-        cpu_secs("self", ticks),
-    );
-    stop.store(true, Ordering::Relaxed);
-    let mut lat = Vec::new();
-    let mut fig = Figures::default();
-    let mut samples = Vec::new();
-    for t in tasks {
-        let (log, mut s) = tokio::time::timeout(Duration::from_secs(60), t)
-            .await
-            .expect("a connection did not finish within 60 s of the end")
-            .unwrap();
-        samples.append(&mut s);
-        for (done, latency, outcome) in log {
-            if done < m0 || done > m1 {
-                continue;
-            }
-            if outcome == Outcome::Ok {
-                fig.ok += 1;
-                lat.push(latency);
-            } else {
-                *fig.errors.entry(outcome.label()).or_default() += 1;
-            }
-        }
-    }
-    assert!(
-        fig.ok > 0,
-        "no certificate from cfssl: {}",
-        cfssl.log_text()
-    );
-    lat.sort();
-    fig.seconds = (m1 - m0).as_secs_f64();
-    fig.certs_per_sec = fig.ok as f64 / fig.seconds;
-    fig.latency_ms = [
-        pct(&lat, 0.50),
-        pct(&lat, 0.90),
-        pct(&lat, 0.99),
-        pct(&lat, 1.0),
-    ];
-    fig.server_cpu_us = (server1 - server0) / fig.ok as f64 * 1e6;
-    fig.client_cpu_us = (client1 - client0) / fig.ok as f64 * 1e6;
-    fig.server_peak_rss = peak_rss(cfssl.pid());
-    (fig, samples)
-}
-
 /// Checks sampled answers: each certificate verifies against the CA with
 /// openssl and carries the public key of the CSR it answers. Returns the
 /// first certificate's text.
@@ -656,80 +420,52 @@ fn one_line(name: &str, c: usize, f: &Figures) -> String {
     )
 }
 
+/// A table row: label, figure, decimals.
+type Row = (&'static str, fn(&Figures) -> f64, usize);
+
 fn table(o: &Opts, cfssl: &Figures, ours: Option<&Figures>) {
-    let blank = Figures::default();
-    let us = ours.unwrap_or(&blank);
-    let cell = |v: f64, digits: usize| {
-        if ours.is_none() {
-            "-".to_string()
-        } else {
-            format!("{v:.digits$}")
-        }
-    };
-    let rows: Vec<(String, String, String)> = vec![
-        (
-            "request".into(),
+    let text = |k: &str, a: String, b: String| (k.to_string(), a, b);
+    let mut rows = vec![
+        text(
+            "request",
             "POST /api/v1/cfssl/sign".into(),
             "CreateCertificate".into(),
         ),
-        (
-            "transport".into(),
+        text(
+            "transport",
             "HTTP/1.1, no auth".into(),
             "h2 + TLS, bearer token".into(),
         ),
-        (
-            "in flight / connections".into(),
+        text(
+            "in flight / connections",
             format!("{} / {}", o.concurrency, o.concurrency),
             format!("{} / {}", o.concurrency, o.connections),
         ),
+    ];
+    let figures: [Row; 8] = [
+        ("certs/s", |f| f.certs_per_sec, 0),
+        ("latency p50 ms", |f| f.latency_ms[0], 2),
+        ("latency p90 ms", |f| f.latency_ms[1], 2),
+        ("latency p99 ms", |f| f.latency_ms[2], 2),
+        ("latency max ms", |f| f.latency_ms[3], 2),
+        ("server CPU us/cert", |f| f.server_cpu_us, 0),
+        ("client CPU us/cert", |f| f.client_cpu_us, 0),
         (
-            "certs/s".into(),
-            format!("{:.0}", cfssl.certs_per_sec),
-            cell(us.certs_per_sec, 0),
-        ),
-        (
-            "latency p50 ms".into(),
-            format!("{:.2}", cfssl.latency_ms[0]),
-            cell(us.latency_ms[0], 2),
-        ),
-        (
-            "latency p90 ms".into(),
-            format!("{:.2}", cfssl.latency_ms[1]),
-            cell(us.latency_ms[1], 2),
-        ),
-        (
-            "latency p99 ms".into(),
-            format!("{:.2}", cfssl.latency_ms[2]),
-            cell(us.latency_ms[2], 2),
-        ),
-        (
-            "latency max ms".into(),
-            format!("{:.2}", cfssl.latency_ms[3]),
-            cell(us.latency_ms[3], 2),
-        ),
-        (
-            "server CPU us/cert".into(),
-            format!("{:.0}", cfssl.server_cpu_us),
-            cell(us.server_cpu_us, 0),
-        ),
-        (
-            "client CPU us/cert".into(),
-            format!("{:.0}", cfssl.client_cpu_us),
-            cell(us.client_cpu_us, 0),
-        ),
-        (
-            "server peak RSS MiB".into(),
-            format!("{:.1}", cfssl.server_peak_rss as f64 / 1048576.0),
-            cell(us.server_peak_rss as f64 / 1048576.0, 1),
-        ),
-        (
-            "certificates / errors".into(),
-            format!("{} / {}", cfssl.ok, errors_text(&cfssl.errors)),
-            ours.map_or("-".into(), |u| {
-                format!("{} / {}", u.ok, errors_text(&u.errors))
-            }),
+            "server peak RSS MiB",
+            |f| f.server_peak_rss as f64 / 1048576.0,
+            1,
         ),
     ];
+    for (k, get, d) in figures {
+        let b = ours.map_or("-".into(), |u| format!("{:.d$}", get(u)));
+        rows.push(text(k, format!("{:.d$}", get(cfssl)), b));
+    }
+    let count = |f: &Figures| format!("{} / {}", f.ok, errors_text(&f.errors));
+    rows.push(text(
+        "certificates / errors",
+        count(cfssl),
+        ours.map_or("-".into(), count),
+    ));
     println!();
     println!(
         "{:<24} {:<26} {:<26}",
@@ -795,12 +531,18 @@ fn main() {
     let cfssl_fig = {
         let cfssl = Cfssl::start(dir.path(), &ca, o.cfssl_loglevel);
         let (fig, samples) = rt.block_on(load_cfssl(
-            &cfssl,
+            cfssl.addr,
+            cfssl.pid(),
             &bodies,
             o.concurrency,
             o.warmup,
             o.duration,
         ));
+        assert!(
+            fig.ok > 0,
+            "no certificate from cfssl: {}",
+            cfssl.log_text()
+        );
         let text = check_samples(dir.path(), &ca.1, &pems, &samples);
         println!(
             "cfssl: {} sampled certificates verified with openssl (CA chain, CSR key); the first:",
@@ -825,7 +567,8 @@ fn main() {
         println!("{}", one_line("cfssl", o.concurrency, &fig));
         for &c in &o.sweep {
             let (f, _) = rt.block_on(load_cfssl(
-                &cfssl,
+                cfssl.addr,
+                cfssl.pid(),
                 &bodies,
                 c,
                 Duration::from_secs(1),
