@@ -64,5 +64,11 @@ section "RSA-2048 CA" "The same warm and cold runs with an RSA-2048 root signing
 run $CA bench warm --duration 30s --ca-key rsa-2048
 run $CA bench cold --duration 30s --ca-key rsa-2048
 
+section "Agent: 1,000 SDS streams" "A real ca agent (sidecar mode, 6 s certificates) with 1,000 SDS streams, each on its own Unix-socket HTTP/2 connection, subscribed to default and ROOTCA and ACKing every push, through 5 rotations: the time from the agent obtaining each certificate to the last stream receiving it, and the agent's memory."
+run $CA bench agent --streams 1000 --rotations 5
+
+section "Instructions per operation (callgrind)" "Counted by valgrind, so the same on a busy machine: the signing path in-process (token check, CSR check, sign, the audit line), one whole call over TLS and HTTP/2 (client included), and one SDS push per stream. The expected counts live in benches/instructions.expected; the command fails when a count moves more than 2%."
+run cargo bench --locked --bench instructions
+
 mv "$out" BENCHMARKS.md
 echo "wrote BENCHMARKS.md"

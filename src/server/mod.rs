@@ -6,6 +6,7 @@ pub mod bundlewatch;
 pub mod cluster;
 pub mod devissuer;
 pub mod fleet;
+pub mod inproc;
 mod issuer;
 pub mod jwt;
 pub mod jwt_crypto;

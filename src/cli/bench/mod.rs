@@ -16,6 +16,10 @@
 //! signature verify, token signature verify, sign and encode the leaf), and
 //! the ratio of the server's CPU per certificate to it.
 
+pub mod agent;
+mod agent_proc;
+mod agent_report;
+mod agent_streams;
 mod client;
 mod floor;
 mod load;
@@ -46,6 +50,8 @@ pub enum Mode {
     Cold,
     /// N identities at once, each on a new connection.
     Burst,
+    /// One node agent serving many SDS streams through rotations.
+    Agent,
 }
 
 #[derive(Args, Debug)]
@@ -59,6 +65,8 @@ pub struct BenchArgs {
     pub tokens: TokenArgs,
     #[command(flatten)]
     pub load: LoadArgs,
+    #[command(flatten, next_help_heading = "Agent mode")]
+    pub agent: agent::AgentArgs,
     /// Print one JSON object instead of the human report.
     #[arg(long)]
     pub json: bool,
@@ -195,8 +203,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .build()
     }
     .context("starting the client runtime")?;
+    if args.mode == Mode::Agent {
+        let report = runtime.block_on(async {
+            let (target, _server) = target::open(&args.target, &args.tokens).await?;
+            agent::run(&args.agent, &target, args.json).await
+        })?;
+        return emit(&report, &args, || report.print_human());
+    }
     let report = runtime.block_on(run_mode(&args))?;
-    let json = serde_json::to_string(&report)?;
+    emit(&report, &args, || report.print_human())?;
+    if report.ok == 0 {
+        bail!("no request succeeded");
+    }
+    Ok(())
+}
+
+/// Prints a report (JSON or human) and writes `--json-file`.
+fn emit(
+    report: &impl serde::Serialize,
+    args: &BenchArgs,
+    human: impl FnOnce(),
+) -> anyhow::Result<()> {
+    let json = serde_json::to_string(report)?;
     if let Some(path) = &args.json_file {
         std::fs::write(path, format!("{json}\n"))
             .with_context(|| format!("writing {}", path.display()))?;
@@ -204,10 +232,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{json}");
     } else {
-        report.print_human();
-    }
-    if report.ok == 0 {
-        bail!("no request succeeded");
+        human();
     }
     Ok(())
 }
@@ -250,6 +275,7 @@ async fn run_mode(args: &BenchArgs) -> anyhow::Result<Report> {
         Mode::Warm => load::warm(&target, &work, &args.load).await?,
         Mode::Cold => load::cold(&target, &work, &args.load).await?,
         Mode::Burst => load::burst(&target, &work, &args.load).await?,
+        Mode::Agent => bail!("agent mode has its own report"),
     };
     report.mode = args.mode;
     report.set_floor(floor);

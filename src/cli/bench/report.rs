@@ -99,6 +99,7 @@ impl Report {
             Mode::Warm => "warm",
             Mode::Cold => "cold",
             Mode::Burst => "burst",
+            Mode::Agent => "agent",
         };
         let errors: u64 = self.errors.values().sum();
         let mut out = String::new();
@@ -111,7 +112,7 @@ impl Report {
         let conns = match self.mode {
             Mode::Warm => format!("{} connections", self.connections),
             Mode::Cold => "a new connection per call".into(),
-            Mode::Burst => "a connection each".into(),
+            Mode::Burst | Mode::Agent => "a connection each".into(),
         };
         let _ = writeln!(
             out,

@@ -126,7 +126,9 @@ fn signer_from_key(
 /// A CA started for the run; killed, and its directory removed, on drop.
 pub struct StartedServer {
     child: Child,
-    dir: PathBuf,
+    /// Dropped after the child is killed (fields drop in order after
+    /// `drop` runs).
+    _dir: TempDir,
     /// Its log (the audit lines among it).
     pub log: PathBuf,
 }
@@ -135,7 +137,6 @@ impl Drop for StartedServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -215,24 +216,39 @@ pub async fn open(
     ))
 }
 
-/// A private directory under the system's temporary one.
-fn private_dir() -> anyhow::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    let nonce: u64 = {
+/// A directory of our own (0700) under the system's temporary directory,
+/// removed with everything in it when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// # Errors
+    /// When it cannot be made, or there is no system randomness for its name.
+    pub fn new(prefix: &str) -> anyhow::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
         let mut b = [0u8; 8];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
             .map_err(|_| anyhow::anyhow!("no system randomness"))?;
-        u64::from_le_bytes(b)
-    };
-    let dir = std::env::temp_dir().join(format!(
-        "workload-ca-bench-{}-{nonce:016x}",
-        std::process::id()
-    ));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
+        let path = std::env::temp_dir().join(format!(
+            "{prefix}-{}-{:016x}",
+            std::process::id(),
+            u64::from_le_bytes(b)
+        ));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// How long a started CA may take to print its banner (an RSA root is
@@ -243,7 +259,8 @@ async fn start_server(
     args: &TargetArgs,
     audience: &str,
 ) -> anyhow::Result<(StartedServer, String, PathBuf, Arc<dyn TokenSource>)> {
-    let dir = private_dir()?;
+    let tmp = TempDir::new("workload-ca-bench")?;
+    let dir = tmp.path().to_path_buf();
     // The issuer key: RSA-2048 as a cluster's service-account issuer.
     let key = tokio::task::spawn_blocking(|| PrivateKey::generate(KeyAlgorithm::Rsa2048))
         .await
@@ -281,7 +298,7 @@ async fn start_server(
     let child = cmd.spawn().context("starting `ca server`")?;
     let server = StartedServer {
         child,
-        dir: dir.clone(),
+        _dir: tmp,
         log: log.clone(),
     };
     let (addr, root) = wait_for_banner(&log, START_TIMEOUT).await?;
