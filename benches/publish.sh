@@ -67,6 +67,12 @@ run $CA bench cold --duration 30s --ca-key rsa-2048
 section "Agent: 1,000 SDS streams" "A real ca agent (sidecar mode, 6 s certificates) with 1,000 SDS streams, each on its own Unix-socket HTTP/2 connection, subscribed to default and ROOTCA and ACKing every push, through 5 rotations: the time from the agent obtaining each certificate to the last stream receiving it, and the agent's memory."
 run $CA bench agent --streams 1000 --rotations 5
 
+section "A peer: cfssl side by side" "cfssl 1.2.0 (Debian golang-cfssl) /api/v1/cfssl/sign over plain HTTP/1.1 (no authentication) against our CreateCertificate over TLS with token authentication, one after the other in one run: same P-256 CA, 64 in flight, 30 s each. cfssl takes 64 connections (HTTP/1.1 carries one request at a time), ours 8."
+run cargo bench --locked --bench cfssl
+
+section "RSA-2048 and the crypto provider" "ring (the default) against aws-lc-rs per operation (thread CPU time), and what a switch would change per certificate, from ca bench runs with an RSA-2048 CA. aws-lc-rs is built only for this bench (feature provider-compare)."
+run cargo bench --locked --bench provider --features provider-compare
+
 section "Instructions per operation (callgrind)" "Counted by valgrind, so the same on a busy machine: the signing path in-process (token check, CSR check, sign, the audit line), one whole call over TLS and HTTP/2 (client included), and one SDS push per stream. The expected counts live in benches/instructions.expected; the command fails when a count moves more than 2%."
 run cargo bench --locked --bench instructions
 
