@@ -14,7 +14,8 @@
 //!
 //! | limit | answer |
 //! |---|---|
-//! | connections, per source, pending handshakes (total and per source) | the TCP connection is closed at once; a rate-limited log line |
+//! | connections, per source, pending handshakes per source | the TCP connection is closed at once; a rate-limited log line |
+//! | pending handshakes in all | accepting pauses: new connections wait in the listen backlog (counted each time it pauses) |
 //! | TLS handshake, HTTP/2 preface | the connection is closed at the deadline |
 //! | idle connection, connection age | HTTP/2 `GOAWAY`, in-flight calls finish |
 //! | streams per connection | advertised in `SETTINGS_MAX_CONCURRENT_STREAMS`; beyond it, `RST_STREAM(REFUSED_STREAM)` |
@@ -61,7 +62,9 @@ pub struct AcceptLimits {
     /// Open connections from one source IP address. `None`: not checked
     /// (Unix sockets, where the socket itself is the boundary).
     pub max_connections_per_source: Option<usize>,
-    /// TLS handshakes in progress at once.
+    /// TLS handshakes in progress at once. When it is reached the accept
+    /// loop stops accepting (connections wait in the kernel's listen
+    /// backlog) until one ends: back-pressure, not a refusal.
     pub max_pending_handshakes: usize,
     /// TLS handshakes in progress from one source address: one source can
     /// never take the whole pool.

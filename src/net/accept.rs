@@ -2,6 +2,12 @@
 //! source, TLS handshakes in progress in all and per source (so one source
 //! cannot take the pool), each under a deadline; calls in flight counted per
 //! source for [`super::serve_h2`]; the drain at shutdown.
+//!
+//! The handshake pool in all is back-pressure, not a refusal: while it is
+//! full the loop stops accepting, and new connections wait in the kernel's
+//! listen backlog ([`LISTEN_BACKLOG`]) until a handshake ends. A mass start
+//! of pods is then served a little later instead of refused. The per-source
+//! caps still refuse: one source must not fill the pool or the backlog.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::limits::{AcceptLimits, Refusals, label};
@@ -57,6 +63,26 @@ impl Listener for tokio::net::UnixListener {
     }
 }
 
+/// The listen backlog asked for: connections the kernel completes and holds
+/// while the accept loop waits for room in the handshake pool. Linux caps it
+/// at `net.core.somaxconn` (4096 by default since 5.4).
+pub const LISTEN_BACKLOG: u32 = 65_535;
+
+/// A TCP listener on `addr` with [`LISTEN_BACKLOG`] (tokio's `bind` asks for
+/// 1024), `SO_REUSEADDR` set as `bind` does.
+///
+/// # Errors
+/// The socket, bind or listen error.
+pub fn listen_tcp(addr: std::net::SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Descriptors kept back from connections: listeners, files, the runtime,
 /// outgoing connections.
 const FD_RESERVE: u64 = 256;
@@ -90,11 +116,11 @@ pub fn within_fd_limit(mut limits: AcceptLimits) -> AcceptLimits {
     limits
 }
 
-/// Open and handshaking connections, in all and per source.
+/// Open connections in all, open and handshaking ones per source. (The
+/// handshakes in all are the acceptor's semaphore.)
 #[derive(Default)]
 struct Occupancy {
     total: usize,
-    pending: usize,
     /// Per source; entries are removed when its last connection closes.
     by_source: HashMap<IpAddr, Source>,
 }
@@ -117,27 +143,28 @@ pub struct Calls {
     pub watches: Arc<AtomicUsize>,
 }
 
-/// A connection's place in [`Occupancy`]; released on drop.
+/// A connection's place in [`Occupancy`] and, until its handshake ends, in
+/// the handshake pool; released on drop.
 struct Ticket {
     occupancy: Arc<Mutex<Occupancy>>,
     source: Option<IpAddr>,
     pending: bool,
+    handshake: Option<OwnedSemaphorePermit>,
     source_calls: Option<Arc<AtomicUsize>>,
 }
 
 impl Ticket {
-    /// Takes a place, or names the limit that refuses it.
+    /// Takes a place for a connection holding a place in the handshake
+    /// pool, or names the limit that refuses it.
     fn take(
         occupancy: &Arc<Mutex<Occupancy>>,
         limits: &AcceptLimits,
         source: Option<IpAddr>,
+        handshake: OwnedSemaphorePermit,
     ) -> Result<Self, &'static str> {
         let mut o = occupancy.lock().map_err(|_| label::CONNECTIONS)?;
         if o.total >= limits.max_connections {
             return Err(label::CONNECTIONS);
-        }
-        if o.pending >= limits.max_pending_handshakes {
-            return Err(label::PENDING_HANDSHAKES);
         }
         let mut source_calls = None;
         if let Some(ip) = source {
@@ -157,11 +184,11 @@ impl Ticket {
             source_calls = Some(e.calls.clone());
         }
         o.total += 1;
-        o.pending += 1;
         Ok(Self {
             occupancy: occupancy.clone(),
             source,
             pending: true,
+            handshake: Some(handshake),
             source_calls,
         })
     }
@@ -172,8 +199,8 @@ impl Ticket {
         if !std::mem::take(&mut self.pending) {
             return;
         }
+        self.handshake = None;
         if let Ok(mut o) = self.occupancy.lock() {
-            o.pending = o.pending.saturating_sub(1);
             if let Some(e) = self.source.and_then(|ip| o.by_source.get_mut(&ip)) {
                 e.pending = e.pending.saturating_sub(1);
             }
@@ -248,11 +275,32 @@ impl<L: Listener> Acceptor<L> {
             refusal_label,
         } = self;
         let occupancy = Arc::new(Mutex::new(Occupancy::default()));
+        let pool = Arc::new(Semaphore::new(limits.max_pending_handshakes.max(1)));
         let all_calls = Arc::new(AtomicUsize::new(0));
         let all_watches = Arc::new(AtomicUsize::new(0));
         let warn = WarnLimiter::<Option<IpAddr>>::new();
         let mut conns = JoinSet::new();
         loop {
+            // A place in the handshake pool before anything is accepted:
+            // while it is full, connections wait in the listen backlog.
+            let permit = match pool.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    refusals.refused(refusal_label.unwrap_or(label::PENDING_HANDSHAKES));
+                    tracing::debug!(server = %name, "handshake pool full; accepting paused");
+                    let waited = loop {
+                        tokio::select! {
+                            p = pool.clone().acquire_owned() => break p.ok(),
+                            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                            _ = shutdown.changed() => break None,
+                        }
+                    };
+                    match waited {
+                        Some(p) => p,
+                        None => break,
+                    }
+                }
+            };
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 Some(_) = conns.join_next(), if !conns.is_empty() => continue,
@@ -267,7 +315,7 @@ impl<L: Listener> Acceptor<L> {
                     continue;
                 }
             };
-            let mut ticket = match Ticket::take(&occupancy, &limits, source) {
+            let mut ticket = match Ticket::take(&occupancy, &limits, source, permit) {
                 Ok(t) => t,
                 Err(limit) => {
                     refusals.refused(refusal_label.unwrap_or(limit));
