@@ -18,9 +18,8 @@
 //! On shutdown the accept loop stops and drops its listener, every
 //! connection gets `GOAWAY` (in-flight calls finish), and every connection
 //! task still running at the drain deadline is aborted; the acceptor's task
-//! ends only once every connection task has. (Each call runs in a task of
-//! its own that hyper spawns; it ends with its call: within the request
-//! deadline on the CA, at shutdown for SDS streams.)
+//! ends only once every connection task has. (A connection's calls are
+//! polled by its own task, so they end with it at the latest.)
 
 mod accept;
 mod frames;
