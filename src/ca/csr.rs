@@ -364,18 +364,29 @@ mod tests {
         let der = pem::parse(&csr).unwrap().into_contents();
         let crlf = csr.replace('\n', "\r\n");
         let one_line = {
-            let b = csr.lines().filter(|l| !l.starts_with("-----")).collect::<String>();
+            let b = csr
+                .lines()
+                .filter(|l| !l.starts_with("-----"))
+                .collect::<String>();
             format!("-----BEGIN CERTIFICATE REQUEST-----{b}-----END CERTIFICATE REQUEST-----")
         };
         for plain in [&csr, &crlf, &one_line, &format!("{csr}\n\n  ")] {
-            assert_eq!(plain_csr_pem(plain.as_bytes()), Some(der.clone()), "{plain:?}");
+            assert_eq!(
+                plain_csr_pem(plain.as_bytes()),
+                Some(der.clone()),
+                "{plain:?}"
+            );
             assert_eq!(decode_pem_or_der(plain.as_bytes()).unwrap(), der);
         }
         let body_start = csr.find('\n').unwrap() + 1;
         for odd in [
             // Left to the pem crate: headers, a second block, text after,
             // another tag, characters outside base64, bad base64.
-            format!("{}Proc-Type: 4,ENCRYPTED\n\n{}", &csr[..body_start], &csr[body_start..]),
+            format!(
+                "{}Proc-Type: 4,ENCRYPTED\n\n{}",
+                &csr[..body_start],
+                &csr[body_start..]
+            ),
             format!("{csr}{csr}"),
             format!("{csr}trailing words"),
             csr.replace("CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST"),

@@ -200,10 +200,10 @@ impl Ticket {
             return;
         }
         self.handshake = None;
-        if let Ok(mut o) = self.occupancy.lock() {
-            if let Some(e) = self.source.and_then(|ip| o.by_source.get_mut(&ip)) {
-                e.pending = e.pending.saturating_sub(1);
-            }
+        if let Ok(mut o) = self.occupancy.lock()
+            && let Some(e) = self.source.and_then(|ip| o.by_source.get_mut(&ip))
+        {
+            e.pending = e.pending.saturating_sub(1);
         }
     }
 }
