@@ -492,15 +492,50 @@ async fn a_client_that_never_takes_its_answer_loses_the_connection() {
     fds_return_to(ca.pid(), fds).await;
 }
 
+/// A full handshake pool refuses nothing: accepting pauses, and the
+/// connections past it wait in the listen backlog until a handshake ends
+/// (here: the silent ones reaching their deadline), then are served.
 #[tokio::test]
-async fn the_handshake_pool_is_capped_in_all() {
-    let (ca, fds, silent, closed) =
-        silent_connections("4", "100", &[OTHER_HOST, THIRD_HOST], 3).await;
-    assert_eq!(closed, 2);
-    assert_eq!(ca.refusals(label::PENDING_HANDSHAKES).await, 2.0);
+async fn a_full_handshake_pool_makes_connections_wait_not_fail() {
+    let ca = CaProc::start(&[
+        "--max-pending-handshakes",
+        "4",
+        "--max-pending-handshakes-per-source",
+        "100",
+        "--handshake-timeout",
+        "3s",
+    ]);
+    let fds = fd_count(ca.pid());
+    let mut silent = Vec::new();
+    for host in [OTHER_HOST, THIRD_HOST] {
+        for _ in 0..3 {
+            silent.push(ca.tcp_from(host).await.unwrap());
+        }
+    }
+    // Four fill the pool and two wait in the backlog: none is closed.
+    assert_eq!(
+        count_closed(&mut silent, Duration::from_millis(250)).await,
+        0
+    );
+    assert!(
+        ca.refusals(label::PENDING_HANDSHAKES).await >= 1.0,
+        "the pause is counted"
+    );
+    // A legitimate client waits its turn and is served.
+    ca.legit_issue().await;
+    assert_eq!(ca.refusals(label::CONNECTIONS).await, 0.0);
+    // Every silent connection got its handshake, and met its deadline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while ca.refusals(label::HANDSHAKE_TIMEOUT).await < 6.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "six handshake deadlines"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(count_closed(&mut silent, Duration::from_secs(1)).await, 6);
     drop(silent);
     fds_return_to(ca.pid(), fds).await;
-    ca.legit_issue().await;
 }
 
 #[tokio::test]

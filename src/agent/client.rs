@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use std::sync::Arc;
 
+use rustls::pki_types::ServerName;
 use tonic::transport::{Channel, Endpoint};
 
 use x509_parser::prelude::FromDer;
@@ -117,26 +118,15 @@ pub struct CaEndpoint {
 /// A lazily connected TLS channel to the CA, and the trust it verifies the
 /// CA's serving certificate with (see [`super::trust`]): the root file plus
 /// every bundle the CA sends back. tonic re-makes the connection after
-/// failures; each handshake reads the trust as it is then.
+/// failures; each full handshake reads the trust as it is then, and a
+/// reconnection resumes a TLS 1.3 session only under the very trust it was
+/// verified with ([`tls_connector`]).
 ///
 /// # Errors
 /// [`Error::Config`] for an unreadable root file, a bad address or name.
 pub fn connect(endpoint: &CaEndpoint) -> Result<(Channel, Arc<CaTrust>), Error> {
     let trust = Arc::new(CaTrust::from_file(&endpoint.root_cert)?);
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Config(format!("CA TLS: {e}")))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Verifier::new(trust.clone(), provider)))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    // Every connection verifies the CA's certificate afresh against the
-    // trust as it is then; a resumed session would skip that (and keep a
-    // retired root in use). The agent connects rarely: full handshakes
-    // cost nothing that matters.
-    config.resumption = rustls::client::Resumption::disabled();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = tls_connector(trust.clone())?;
     let name = rustls::pki_types::ServerName::try_from(endpoint.server_name.clone())
         .map_err(|e| Error::Config(format!("CA server name {:?}: {e}", endpoint.server_name)))?;
     let address = endpoint.address.clone();
@@ -155,6 +145,125 @@ pub fn connect(endpoint: &CaEndpoint) -> Result<(Channel, Arc<CaTrust>), Error> 
             }
         }));
     Ok((channel, trust))
+}
+
+/// The agent's TLS client to the CA: the CA's certificate verified against
+/// `trust` as it is at each full handshake, ALPN h2, and TLS 1.3 session
+/// resumption bound to that trust ([`TrustBoundSessions`]): a session is
+/// resumed only while the trust is the one its full handshake verified the
+/// CA with, so the CA's identity in force is always one checked against the
+/// current roots. (TLS 1.2 sessions are never resumed.)
+///
+/// # Errors
+/// [`Error::Config`] if rustls refuses the protocol set.
+pub fn tls_connector(trust: Arc<CaTrust>) -> Result<tokio_rustls::TlsConnector, Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("CA TLS: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Verifier::new(trust.clone(), provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.resumption = rustls::client::Resumption::store(Arc::new(TrustBoundSessions::new(trust)))
+        .tls12_resumption(rustls::client::Tls12Resumption::Disabled);
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// Sessions (TLS 1.3 tickets) kept for the CA: a handful, for one server
+/// name.
+const SESSIONS: usize = 4;
+
+/// TLS sessions that live only as long as the trust they were verified
+/// under. Every use compares the trust's roots with those seen last: when
+/// they differ, every session is dropped (a full handshake follows, against
+/// the new roots). A ticket is kept only if the roots did not change since
+/// the handshake that earned it began, so a session verified under one
+/// trust is never resumed under another.
+#[derive(Debug)]
+pub struct TrustBoundSessions {
+    trust: Arc<CaTrust>,
+    /// The roots the sessions were verified under, and the sessions.
+    state: std::sync::Mutex<(
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        Arc<rustls::client::ClientSessionMemoryCache>,
+    )>,
+}
+
+impl TrustBoundSessions {
+    pub fn new(trust: Arc<CaTrust>) -> Self {
+        let roots = trust.roots();
+        Self {
+            trust,
+            state: std::sync::Mutex::new((roots, Self::fresh())),
+        }
+    }
+
+    fn fresh() -> Arc<rustls::client::ClientSessionMemoryCache> {
+        Arc::new(rustls::client::ClientSessionMemoryCache::new(SESSIONS))
+    }
+
+    /// The sessions, emptied first if the trust changed; `None` (and
+    /// emptied) for a change when `keep_only_if_unchanged`.
+    fn sessions(
+        &self,
+        keep_only_if_unchanged: bool,
+    ) -> Option<Arc<rustls::client::ClientSessionMemoryCache>> {
+        let roots = self.trust.roots();
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if state.0 != roots {
+            *state = (roots, Self::fresh());
+            if keep_only_if_unchanged {
+                return None;
+            }
+        }
+        Some(state.1.clone())
+    }
+}
+
+impl rustls::client::ClientSessionStore for TrustBoundSessions {
+    fn set_kx_hint(&self, name: ServerName<'static>, group: rustls::NamedGroup) {
+        if let Some(s) = self.sessions(false) {
+            s.set_kx_hint(name, group);
+        }
+    }
+
+    fn kx_hint(&self, name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.sessions(false)?.kx_hint(name)
+    }
+
+    fn set_tls12_session(
+        &self,
+        _: ServerName<'static>,
+        _: rustls::client::Tls12ClientSessionValue,
+    ) {
+    }
+
+    fn tls12_session(&self, _: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, _: &ServerName<'static>) {}
+
+    fn insert_tls13_ticket(
+        &self,
+        name: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        if let Some(s) = self.sessions(true) {
+            s.insert_tls13_ticket(name, value);
+        }
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        name: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.sessions(false)?.take_tls13_ticket(name)
+    }
 }
 
 /// The CA over gRPC, as one workload: its own token, or a node agent's

@@ -77,7 +77,13 @@ pub fn parse_pem_certs(text: &str) -> Result<Vec<Cert>, Error> {
 /// Seconds since the epoch to `SystemTime`, saturating at the epoch.
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 /// Seconds since the Unix epoch (0 before it).
@@ -316,6 +322,12 @@ mod tests {
             Authority::generate_root(&td, alg, Duration::from_secs(3600), SystemTime::now())
                 .unwrap();
         parse_pem_certs(&files.root_cert).unwrap().remove(0)
+    }
+
+    #[test]
+    fn hex_is_lower_case_two_digits_a_byte() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff, 0x7e]), "000fa0ff7e");
+        assert_eq!(hex(&[]), "");
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod kube;
 pub mod kube_pcr;
 pub mod kube_secrets;
 pub mod limits;
+mod logs;
 pub mod rotate;
 pub mod server;
 
@@ -148,21 +149,25 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{s:?} is too long"))
 }
 
-fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
+/// Logs to stderr through [`logs::BufferedStderr`]; the guard writes what
+/// is left when dropped, so it is held until `run` returns.
+fn init_logging(args: &LogArgs) -> anyhow::Result<logs::LogGuard> {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .with_context(|| format!("--log-level {:?}", args.log_level))?;
     use std::io::IsTerminal;
+    let (writer, guard) = logs::BufferedStderr::start().context("starting the log writer")?;
     // Colour codes only where a person reads them, never in a log file or
     // a collector.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let result = match args.log_format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
-    result.map_err(|e| anyhow::anyhow!("initialising logs: {e}"))
+    result.map_err(|e| anyhow::anyhow!("initialising logs: {e}"))?;
+    Ok(guard)
 }
 
 /// Entry point of the `ca` binary.
@@ -182,7 +187,7 @@ pub fn main() -> ExitCode {
 /// # Errors
 /// Whatever the command reports.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    init_logging(&cli.log)?;
+    let _logs = init_logging(&cli.log)?;
     // The load generator runs on a runtime of its own size.
     let command = match cli.command {
         Command::Bench(args) => return bench::run(*args),

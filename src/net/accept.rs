@@ -2,6 +2,19 @@
 //! source, TLS handshakes in progress in all and per source (so one source
 //! cannot take the pool), each under a deadline; calls in flight counted per
 //! source for [`super::serve_h2`]; the drain at shutdown.
+//!
+//! The handshake pool in all is back-pressure, not a refusal: while it is
+//! full the loop stops accepting, and new connections wait in the kernel's
+//! listen backlog ([`LISTEN_BACKLOG`]) until a place is free. A mass start
+//! of pods is then served a little later instead of refused. The per-source
+//! caps still refuse: one source must not fill the pool or the backlog.
+//!
+//! A new connection keeps its place in the pool past its handshake, until
+//! its first call is answered ([`FirstCall`]; a long-lived call, at its
+//! start), and at most the preface timeout after the handshake: what a
+//! burst of new connections can make the server hold (TLS and HTTP/2
+//! buffers, about 30 KiB a connection) is then bounded by the pool, not by
+//! how many connect at once.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::limits::{AcceptLimits, Refusals, label};
@@ -57,6 +70,26 @@ impl Listener for tokio::net::UnixListener {
     }
 }
 
+/// The listen backlog asked for: connections the kernel completes and holds
+/// while the accept loop waits for room in the handshake pool. Linux caps it
+/// at `net.core.somaxconn` (4096 by default since 5.4).
+pub const LISTEN_BACKLOG: u32 = 65_535;
+
+/// A TCP listener on `addr` with [`LISTEN_BACKLOG`] (tokio's `bind` asks for
+/// 1024), `SO_REUSEADDR` set as `bind` does.
+///
+/// # Errors
+/// The socket, bind or listen error.
+pub fn listen_tcp(addr: std::net::SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Descriptors kept back from connections: listeners, files, the runtime,
 /// outgoing connections.
 const FD_RESERVE: u64 = 256;
@@ -90,11 +123,11 @@ pub fn within_fd_limit(mut limits: AcceptLimits) -> AcceptLimits {
     limits
 }
 
-/// Open and handshaking connections, in all and per source.
+/// Open connections in all, open and handshaking ones per source. (The
+/// handshakes in all are the acceptor's semaphore.)
 #[derive(Default)]
 struct Occupancy {
     total: usize,
-    pending: usize,
     /// Per source; entries are removed when its last connection closes.
     by_source: HashMap<IpAddr, Source>,
 }
@@ -115,29 +148,58 @@ pub struct Calls {
     pub all: Arc<AtomicUsize>,
     /// Long-lived calls (bundle watches) open in all.
     pub watches: Arc<AtomicUsize>,
+    /// The connection's place in the handshake pool, until its first call
+    /// is answered.
+    pub first: FirstCall,
 }
 
-/// A connection's place in [`Occupancy`]; released on drop.
+/// A new connection's place in the handshake pool, kept until its first
+/// call is answered (see the module docs). Released when taken and dropped,
+/// by [`FirstCall::release`], or with the connection.
+#[derive(Clone, Default)]
+pub struct FirstCall(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl FirstCall {
+    fn hold(&self, permit: Option<OwnedSemaphorePermit>) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = permit;
+        }
+    }
+
+    /// The place, for the first call to keep until it is answered; `None`
+    /// once taken or released.
+    pub fn take(&self) -> Option<OwnedSemaphorePermit> {
+        self.0.lock().ok().and_then(|mut slot| slot.take())
+    }
+
+    /// Gives the place back.
+    pub fn release(&self) {
+        drop(self.take());
+    }
+}
+
+/// A connection's place in [`Occupancy`] and, until its handshake ends, in
+/// the handshake pool; released on drop.
 struct Ticket {
     occupancy: Arc<Mutex<Occupancy>>,
     source: Option<IpAddr>,
     pending: bool,
+    handshake: Option<OwnedSemaphorePermit>,
     source_calls: Option<Arc<AtomicUsize>>,
 }
 
 impl Ticket {
-    /// Takes a place, or names the limit that refuses it.
+    /// Takes a place for a connection holding a place in the handshake
+    /// pool, or names the limit that refuses it.
     fn take(
         occupancy: &Arc<Mutex<Occupancy>>,
         limits: &AcceptLimits,
         source: Option<IpAddr>,
+        handshake: OwnedSemaphorePermit,
     ) -> Result<Self, &'static str> {
         let mut o = occupancy.lock().map_err(|_| label::CONNECTIONS)?;
         if o.total >= limits.max_connections {
             return Err(label::CONNECTIONS);
-        }
-        if o.pending >= limits.max_pending_handshakes {
-            return Err(label::PENDING_HANDSHAKES);
         }
         let mut source_calls = None;
         if let Some(ip) = source {
@@ -157,33 +219,35 @@ impl Ticket {
             source_calls = Some(e.calls.clone());
         }
         o.total += 1;
-        o.pending += 1;
         Ok(Self {
             occupancy: occupancy.clone(),
             source,
             pending: true,
+            handshake: Some(handshake),
             source_calls,
         })
     }
 
-    /// The handshake is over (done or failed): the place in the handshake
-    /// pool is freed, the connection's stays.
-    fn handshake_done(&mut self) {
+    /// The handshake is over (done or failed): the source's count of
+    /// handshakes goes down; the place in the pool is handed back to the
+    /// caller (to keep until the first call is answered, or drop).
+    fn handshake_done(&mut self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.handshake.take();
         if !std::mem::take(&mut self.pending) {
-            return;
+            return permit;
         }
-        if let Ok(mut o) = self.occupancy.lock() {
-            o.pending = o.pending.saturating_sub(1);
-            if let Some(e) = self.source.and_then(|ip| o.by_source.get_mut(&ip)) {
-                e.pending = e.pending.saturating_sub(1);
-            }
+        if let Ok(mut o) = self.occupancy.lock()
+            && let Some(e) = self.source.and_then(|ip| o.by_source.get_mut(&ip))
+        {
+            e.pending = e.pending.saturating_sub(1);
         }
+        permit
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.handshake_done();
+        drop(self.handshake_done());
         if let Ok(mut o) = self.occupancy.lock() {
             o.total = o.total.saturating_sub(1);
             if let Some(ip) = self.source {
@@ -248,11 +312,32 @@ impl<L: Listener> Acceptor<L> {
             refusal_label,
         } = self;
         let occupancy = Arc::new(Mutex::new(Occupancy::default()));
+        let pool = Arc::new(Semaphore::new(limits.max_pending_handshakes.max(1)));
         let all_calls = Arc::new(AtomicUsize::new(0));
         let all_watches = Arc::new(AtomicUsize::new(0));
         let warn = WarnLimiter::<Option<IpAddr>>::new();
         let mut conns = JoinSet::new();
         loop {
+            // A place in the handshake pool before anything is accepted:
+            // while it is full, connections wait in the listen backlog.
+            let permit = match pool.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    refusals.refused(refusal_label.unwrap_or(label::PENDING_HANDSHAKES));
+                    tracing::debug!(server = %name, "handshake pool full; accepting paused");
+                    let waited = loop {
+                        tokio::select! {
+                            p = pool.clone().acquire_owned() => break p.ok(),
+                            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                            _ = shutdown.changed() => break None,
+                        }
+                    };
+                    match waited {
+                        Some(p) => p,
+                        None => break,
+                    }
+                }
+            };
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 Some(_) = conns.join_next(), if !conns.is_empty() => continue,
@@ -267,7 +352,7 @@ impl<L: Listener> Acceptor<L> {
                     continue;
                 }
             };
-            let mut ticket = match Ticket::take(&occupancy, &limits, source) {
+            let mut ticket = match Ticket::take(&occupancy, &limits, source, permit) {
                 Ok(t) => t,
                 Err(limit) => {
                     refusals.refused(refusal_label.unwrap_or(limit));
@@ -285,12 +370,16 @@ impl<L: Listener> Acceptor<L> {
                 source: ticket.source_calls.clone(),
                 all: all_calls.clone(),
                 watches: all_watches.clone(),
+                first: FirstCall::default(),
             };
             conns.spawn(async move {
                 let done = tokio::time::timeout(deadline, handshake(io, source)).await;
-                ticket.handshake_done();
+                let permit = ticket.handshake_done();
                 match done {
-                    Ok(Some(conn)) => serve(conn, calls, stop).await,
+                    Ok(Some(conn)) => {
+                        calls.first.hold(permit);
+                        serve(conn, calls, stop).await
+                    }
                     Ok(None) => {}
                     Err(_) => {
                         refusals.refused(label::HANDSHAKE_TIMEOUT);

@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use http_body_util::BodyExt;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
@@ -335,6 +336,17 @@ where
                 .into_http())));
             }
         };
+        // The connection's place among new connections: kept until this,
+        // its first call, is answered; a call without a deadline (a watch,
+        // an SDS stream) may last as long as the connection and gives it
+        // back at once.
+        let first = self.calls.first.take();
+        let first = if long_lived || self.request_timeout.is_none() {
+            drop(first);
+            None
+        } else {
+            first
+        };
         req.extensions_mut().insert(self.info.clone());
         // The client's own deadline shortens ours, never lengthens it.
         let deadline = match (self.request_timeout, grpc_timeout(req.headers())) {
@@ -370,7 +382,7 @@ where
             // (SDS responses are long-lived streams).
             let (parts, body) = resp.into_parts();
             let body = body.map_frame(move |frame| {
-                let _in_flight = (&guard, &slot);
+                let _in_flight = (&guard, &slot, &first);
                 frame
             });
             Ok(http::Response::from_parts(
@@ -407,6 +419,72 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     })
 }
 
+/// The executor hyper hands a connection's streams to: they are polled by
+/// the connection's own task ([`Drive`]) rather than spawned as tasks of
+/// their own. A call's answer is then queued in the same task that writes
+/// the connection, so HEADERS, DATA and trailers (and the answers of every
+/// call that finished meanwhile) go out in one TLS write, instead of the
+/// connection's task being woken on another thread (and writing) for each
+/// frame; no task is spawned per call. Calls of one connection run one at
+/// a time; a server's parallelism is across connections.
+#[derive(Clone, Default)]
+struct ConnStreams(Arc<Mutex<Vec<BoxFuture<()>>>>);
+
+impl<F> hyper::rt::Executor<F> for ConnStreams
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Box::pin(fut));
+    }
+}
+
+/// A connection and its streams, polled together (see [`ConnStreams`]).
+struct Drive<C> {
+    conn: Pin<Box<C>>,
+    new: ConnStreams,
+    running: FuturesUnordered<BoxFuture<()>>,
+}
+
+impl<C: Future> Drive<C> {
+    fn take_new(&mut self) -> bool {
+        let mut new = self
+            .new
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let any = !new.is_empty();
+        self.running.extend(new.drain(..));
+        any
+    }
+}
+
+impl<C: Future> Future for Drive<C> {
+    type Output = C::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        loop {
+            // Reads, new streams, and a write of everything queued.
+            if let Poll::Ready(out) = self.conn.as_mut().poll(cx) {
+                return Poll::Ready(out);
+            }
+            let new = self.take_new();
+            let mut finished = false;
+            while let Poll::Ready(Some(())) = self.running.poll_next_unpin(cx) {
+                finished = true;
+            }
+            // Answers were queued (or streams began): the connection
+            // writes them, and reads what came meanwhile.
+            if !new && !finished {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
 /// Serves one HTTP/2 connection with `service` (usually tonic's `Routes`)
 /// until it closes, its preface deadline passes without a preface, or
 /// shutdown (then gracefully). `info` is inserted into every request's
@@ -438,6 +516,12 @@ pub async fn serve_h2<IO, S, I>(
         stats: stats.clone(),
         scanner: FrameScanner::default(),
     };
+    let first_call = calls.first.clone();
+    // Without a call deadline (SDS: streams as long as the connection) a
+    // connection is no new one past its handshake.
+    if limits.request_timeout.is_none() {
+        first_call.release();
+    }
     let svc = ConnService {
         inner: service,
         info,
@@ -447,7 +531,8 @@ pub async fn serve_h2<IO, S, I>(
         max_calls_per_source: limits.max_calls_per_source,
         max_calls: limits.max_calls,
     };
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    let streams = ConnStreams::default();
+    let mut builder = hyper::server::conn::http2::Builder::new(streams.clone());
     builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_streams_per_connection)
@@ -459,7 +544,11 @@ pub async fn serve_h2<IO, S, I>(
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
-    tokio::pin!(conn);
+    let mut conn = Drive {
+        conn: Box::pin(conn),
+        new: streams,
+        running: FuturesUnordered::new(),
+    };
 
     let opened = stats.opened;
     let mut preface_due = Some(opened + limits.preface_timeout);
@@ -490,14 +579,14 @@ pub async fn serve_h2<IO, S, I>(
         .min()
         .unwrap_or(now + Duration::from_secs(3600));
         tokio::select! {
-            r = conn.as_mut() => {
+            r = &mut conn => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
                 }
                 return;
             }
             _ = shutdown.changed(), if draining_since.is_none() => {
-                conn.as_mut().graceful_shutdown();
+                conn.conn.as_mut().graceful_shutdown();
                 draining_since = Some(Instant::now());
             }
             _ = tokio::time::sleep_until(wake) => {
@@ -519,6 +608,9 @@ pub async fn serve_h2<IO, S, I>(
                 }
                 if preface_due.is_some_and(|due| now >= due) {
                     preface_due = None;
+                    // However its first call goes, the connection is no
+                    // longer a new one.
+                    first_call.release();
                     if stats.bytes_in.load(Ordering::Relaxed) < HTTP2_PREFACE_LEN {
                         refusals.refused(label::PREFACE_TIMEOUT);
                         tracing::debug!("no HTTP/2 preface before the deadline; closing");
@@ -534,7 +626,7 @@ pub async fn serve_h2<IO, S, I>(
                     tracing::debug!("idle connection; sending GOAWAY");
                 }
                 if idle || age_due.is_some_and(|due| now >= due) {
-                    conn.as_mut().graceful_shutdown();
+                    conn.conn.as_mut().graceful_shutdown();
                     draining_since = Some(now);
                 }
             }

@@ -5,7 +5,9 @@
 //! - [`Acceptor`] caps connections in all and per source address, and TLS
 //!   handshakes in progress in all and per source (so one source cannot
 //!   take the pool), each handshake under a deadline. A refused connection
-//!   is closed at once, counted, and logged at a rate-limited pace.
+//!   is closed at once, counted, and logged at a rate-limited pace. A full
+//!   handshake pool refuses nothing: accepting pauses, and connections wait
+//!   in the listen backlog.
 //! - [`serve_h2`] serves one HTTP/2 connection: concurrent streams and the
 //!   header list size advertised and enforced by HTTP/2 (refusals seen on the
 //!   wire and counted), a preface deadline, an idle timeout, a maximum age,
@@ -16,15 +18,17 @@
 //! On shutdown the accept loop stops and drops its listener, every
 //! connection gets `GOAWAY` (in-flight calls finish), and every connection
 //! task still running at the drain deadline is aborted; the acceptor's task
-//! ends only once every connection task has. (Each call runs in a task of
-//! its own that hyper spawns; it ends with its call: within the request
-//! deadline on the CA, at shutdown for SDS streams.)
+//! ends only once every connection task has. (A connection's calls are
+//! polled by its own task, so they end with it at the latest.)
 
 mod accept;
 mod frames;
 mod h2;
 mod http1;
 
-pub use accept::{Acceptor, Calls, Listener, open_files_limit, source_of, within_fd_limit};
+pub use accept::{
+    Acceptor, Calls, FirstCall, LISTEN_BACKLOG, Listener, listen_tcp, open_files_limit, source_of,
+    within_fd_limit,
+};
 pub use h2::{GrpcService, serve_h2};
 pub use http1::{serve_http1, spawn_ops};

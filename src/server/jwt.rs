@@ -25,11 +25,11 @@ use std::time::Duration;
 
 use http_body_util::BodyExt;
 use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
+use jsonwebtoken::{Algorithm, DecodingKey};
 
 use super::Error;
 use super::auth::{AuthContext, AuthError, AuthFuture, Authenticator, Caller};
+use super::jwt_token::{Claims, NamedRef, Token};
 use crate::ca::policy::{BoundObject, ClusterView, TokenFacts, check_binding};
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::logsafe::peer;
@@ -111,6 +111,8 @@ pub struct IssuerConfig {
 
 struct Issuer {
     config: IssuerConfig,
+    /// `iss=<issuer, escaped> pod=`: the start of every caller's log detail.
+    detail_prefix: String,
     keys: RwLock<Arc<Vec<VerifyKey>>>,
     /// The cluster whose tokens this issuer signs: every token's pod and
     /// service account must still exist there.
@@ -166,7 +168,9 @@ impl JwtAuthenticator {
         }
         let mut issuers = Vec::new();
         for config in configs {
+            let detail_prefix = format!("iss={} pod=", peer(&config.issuer));
             let issuer = Arc::new(Issuer {
+                detail_prefix,
                 config,
                 keys: RwLock::new(Arc::default()),
                 cluster: None,
@@ -270,15 +274,28 @@ impl JwtAuthenticator {
         })
     }
 
-    /// `exp` and `nbf` are checked by jsonwebtoken against the system clock.
+    /// Every check of the module docs. The token is decoded and parsed
+    /// once ([`Token::parse`]); `exp` and `nbf` are checked against the
+    /// system clock.
     fn verify(&self, token: &str) -> Result<Caller, AuthError> {
         let bad = |m: String| AuthError::Token(m);
         if token.len() > MAX_TOKEN_BYTES {
             return Err(bad(format!("longer than {MAX_TOKEN_BYTES} bytes")));
         }
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| bad(format!("malformed header: {e}")))?;
-        refuse_crit(token).map_err(bad)?;
+        let Token {
+            header,
+            claims,
+            signing_input,
+            signature_b64,
+        } = Token::parse(token).map_err(bad)?;
+        // RFC 7515 4.1.11: a recipient must refuse a token whose `crit`
+        // names an extension it does not understand; we understand none.
+        if let Some(crit) = &header.crit {
+            return Err(bad(format!(
+                "critical header parameter(s) {} not understood",
+                peer(&crit.to_string())
+            )));
+        }
         if matches!(
             header.alg,
             Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
@@ -288,36 +305,26 @@ impl JwtAuthenticator {
                 header.alg
             )));
         }
-        #[derive(Deserialize)]
-        struct Unverified {
-            iss: Option<String>,
-        }
-        let unverified: Unverified = jsonwebtoken::dangerous::insecure_decode_claims(token)
-            .map_err(|e| bad(format!("malformed claims: {e}")))?;
-        let iss = unverified.iss.ok_or_else(|| bad("no iss claim".into()))?;
+        let iss = claims
+            .iss
+            .as_deref()
+            .ok_or_else(|| bad("no iss claim".into()))?;
         let issuer = self
             .issuers
             .iter()
             .find(|i| i.config.issuer == iss)
             .ok_or_else(|| bad(format!("issuer {iss:?} is not trusted")))?;
 
-        let mut validation = Validation::new(header.alg);
-        validation.set_issuer(&[&iss]);
-        validation.set_audience(&self.audiences);
-        validation.leeway = LEEWAY_SECS;
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-
         let keys = issuer.keys();
         let alg_name = format!("{:?}", header.alg);
-        let candidates: Vec<&VerifyKey> = keys
+        let mut candidates = keys
             .iter()
             // A key without a kid (PEM keys) may sign a token that names one:
             // Kubernetes tokens always carry a kid.
             .filter(|k| header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
             .filter(|k| k.alg.as_ref().is_none_or(|a| *a == alg_name))
-            .collect();
-        if candidates.is_empty() {
+            .peekable();
+        if candidates.peek().is_none() {
             if let KeySource::Published { stale, .. } = &issuer.config.keys {
                 stale.notify_one();
             }
@@ -326,26 +333,23 @@ impl JwtAuthenticator {
                 header.kid
             )));
         }
-        let mut last = None;
-        for key in candidates {
-            match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
-                Ok(data) => {
-                    self.check_times(&data.claims)?;
-                    return self.caller(data.claims, issuer);
-                }
-                Err(e) => last = Some(e),
-            }
+        let signature = super::jwt_token::signature(signature_b64).map_err(bad)?;
+        if !candidates
+            .any(|key| super::jwt_crypto::verify(header.alg, &key.key, signing_input, &signature))
+        {
+            return Err(bad("InvalidSignature".into()));
         }
-        Err(bad(last.map(|e| e.to_string()).unwrap_or_default()))
+        let now = unix_now();
+        claims
+            .validate(iss, &self.audiences, LEEWAY_SECS, now)
+            .map_err(bad)?;
+        self.check_times(&claims, now)?;
+        self.caller(claims, issuer)
     }
 
     /// `iat` not in the future (beyond the leeway), and the lifetime under
     /// the ceiling. `exp` and `nbf` were checked by jsonwebtoken.
-    fn check_times(&self, claims: &Claims) -> Result<(), AuthError> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+    fn check_times(&self, claims: &Claims, now: u64) -> Result<(), AuthError> {
         // Kubernetes always sets `iat`; without it a token's lifetime could
         // not be bounded (a ten-year token would pass in its last year).
         let Some(iat) = claims.iat else {
@@ -356,7 +360,7 @@ impl JwtAuthenticator {
                 "issued in the future (iat {iat}, now {now})"
             )));
         }
-        let lifetime = claims.exp.saturating_sub(iat);
+        let lifetime = claims.exp.unwrap_or(0).saturating_sub(iat);
         if lifetime > self.max_lifetime.as_secs() {
             return Err(AuthError::Token(format!(
                 "lifetime of {lifetime} s is above the ceiling of {} s",
@@ -368,14 +372,13 @@ impl JwtAuthenticator {
 
     fn caller(&self, claims: Claims, issuer: &Issuer) -> Result<Caller, AuthError> {
         let bad = |m: String| AuthError::Token(m);
-        let iss = &issuer.config.issuer;
-        let rest = claims
-            .sub
+        let sub = claims.sub.as_deref().unwrap_or_default();
+        let rest = sub
             .strip_prefix("system:serviceaccount:")
-            .ok_or_else(|| bad(format!("sub {:?} is not a service account", claims.sub)))?;
+            .ok_or_else(|| bad(format!("sub {sub:?} is not a service account")))?;
         let (ns, sa) = rest
             .split_once(':')
-            .ok_or_else(|| bad(format!("sub {:?} is malformed", claims.sub)))?;
+            .ok_or_else(|| bad(format!("sub {sub:?} is malformed")))?;
         let mut facts = TokenFacts {
             namespace: ns.to_owned(),
             service_account: sa.to_owned(),
@@ -386,13 +389,12 @@ impl JwtAuthenticator {
         if let Some(k) = claims.kubernetes {
             if k.namespace != ns || k.serviceaccount.as_ref().is_some_and(|s| s.name != sa) {
                 return Err(bad(format!(
-                    "kubernetes.io claim disagrees with sub {:?}",
-                    claims.sub
+                    "kubernetes.io claim disagrees with sub {sub:?}"
                 )));
             }
             facts.service_account_uid = k.serviceaccount.and_then(|s| s.uid);
-            facts.pod = k.pod.map(NamedRef::bound);
-            facts.node = k.node.map(NamedRef::bound);
+            facts.pod = k.pod.map(bound);
+            facts.node = k.node.map(bound);
         }
         if let Some(view) = &issuer.cluster {
             // A cluster's bound tokens name their service account's UID;
@@ -411,7 +413,13 @@ impl JwtAuthenticator {
         Ok(Caller {
             identity,
             method: "jwt",
-            detail: format!("iss={} pod={}", peer(iss), peer(pod)),
+            detail: {
+                use std::fmt::Write;
+                let mut d = String::with_capacity(issuer.detail_prefix.len() + pod.len() + 2);
+                d.push_str(&issuer.detail_prefix);
+                let _ = write!(d, "{}", peer(pod));
+                d
+            },
             max_ttl: None,
             // Only what was checked against the cluster may be used to
             // judge impersonation (a node claim of another issuer's token
@@ -421,36 +429,20 @@ impl JwtAuthenticator {
     }
 }
 
-#[derive(Deserialize)]
-struct Claims {
-    sub: String,
-    exp: u64,
-    iat: Option<u64>,
-    #[serde(rename = "kubernetes.io")]
-    kubernetes: Option<KubernetesClaim>,
-}
-
-#[derive(Deserialize)]
-struct KubernetesClaim {
-    namespace: String,
-    serviceaccount: Option<NamedRef>,
-    pod: Option<NamedRef>,
-    node: Option<NamedRef>,
-}
-
-#[derive(Deserialize)]
-struct NamedRef {
-    name: String,
-    uid: Option<String>,
-}
-
-impl NamedRef {
-    fn bound(self) -> BoundObject {
-        BoundObject {
-            name: self.name,
-            uid: self.uid.unwrap_or_default(),
-        }
+/// What a token's `kubernetes.io` claim names, as the cluster view
+/// checks it.
+fn bound(r: NamedRef) -> BoundObject {
+    BoundObject {
+        name: r.name,
+        uid: r.uid.unwrap_or_default(),
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Authenticator for JwtAuthenticator {
@@ -465,25 +457,6 @@ impl Authenticator for JwtAuthenticator {
             };
             self.verify(token).map(Some)
         })
-    }
-}
-
-/// RFC 7515 4.1.11: a recipient must refuse a token whose `crit` header
-/// parameter names an extension it does not understand; we understand none.
-fn refuse_crit(token: &str) -> Result<(), String> {
-    use base64::Engine;
-    let head = token.split('.').next().unwrap_or_default();
-    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(head.trim_end_matches('='))
-        .map_err(|e| format!("malformed header: {e}"))?;
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&json).map_err(|e| format!("malformed header: {e}"))?;
-    match header.get("crit") {
-        None => Ok(()),
-        Some(crit) => Err(format!(
-            "critical header parameter(s) {} not understood",
-            peer(&crit.to_string())
-        )),
     }
 }
 

@@ -60,22 +60,39 @@ fn verification_alg(alg: Algorithm) -> Result<&'static dyn sig::VerificationAlgo
 
 struct RingVerifier {
     alg: Algorithm,
-    ring_alg: &'static dyn sig::VerificationAlgorithm,
     key: DecodingKey,
 }
 
 impl Verifier<Vec<u8>> for RingVerifier {
     fn verify(&self, msg: &[u8], signature: &Vec<u8>) -> Result<(), signature::Error> {
-        let result = match self.key.kind() {
-            DecodingKeyKind::SecretOrDer(der) => {
-                sig::UnparsedPublicKey::new(self.ring_alg, der).verify(msg, signature)
-            }
-            DecodingKeyKind::RsaModulusExponent { n, e } => {
-                let params = rsa_params(self.alg).ok_or_else(signature::Error::new)?;
-                sig::RsaPublicKeyComponents { n, e }.verify(params, msg, signature)
-            }
-        };
-        result.map_err(|_| signature::Error::new())
+        if verify(self.alg, &self.key, msg, signature) {
+            Ok(())
+        } else {
+            Err(signature::Error::new())
+        }
+    }
+}
+
+/// Whether `signature` over `msg` verifies with `key` under `alg`: an
+/// asymmetric algorithm (HMAC refused) of the key's own family, checked by
+/// ring. What jsonwebtoken's `decode` does through this provider, without
+/// building a boxed verifier holding a copy of the key.
+pub(crate) fn verify(alg: Algorithm, key: &DecodingKey, msg: &[u8], signature: &[u8]) -> bool {
+    if key.family() != alg.family() {
+        return false;
+    }
+    let Ok(ring_alg) = verification_alg(alg) else {
+        return false;
+    };
+    match key.kind() {
+        DecodingKeyKind::SecretOrDer(der) => sig::UnparsedPublicKey::new(ring_alg, der)
+            .verify(msg, signature)
+            .is_ok(),
+        DecodingKeyKind::RsaModulusExponent { n, e } => rsa_params(alg).is_some_and(|params| {
+            sig::RsaPublicKeyComponents { n, e }
+                .verify(params, msg, signature)
+                .is_ok()
+        }),
     }
 }
 
@@ -89,9 +106,9 @@ fn new_verifier(alg: &Algorithm, key: &DecodingKey) -> Result<Box<dyn JwtVerifie
     if key.family() != alg.family() {
         return Err(ErrorKind::InvalidKeyFormat.into());
     }
+    verification_alg(*alg)?;
     Ok(Box::new(RingVerifier {
         alg: *alg,
-        ring_alg: verification_alg(*alg)?,
         key: key.clone(),
     }))
 }

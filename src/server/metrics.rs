@@ -33,6 +33,16 @@ pub struct Metrics {
     pub identity_refusals: IntCounterVec,
     /// Certificates issued to a node agent for another identity.
     pub impersonations: IntCounter,
+    /// TLS handshakes completed on the gRPC port, full and resumed
+    /// (`workload_ca_tls_handshakes_total{kind}`).
+    pub handshakes: Handshakes,
+}
+
+/// Completed TLS handshakes by kind.
+#[derive(Clone)]
+pub struct Handshakes {
+    pub full: IntCounter,
+    pub resumed: IntCounter,
 }
 
 impl Metrics {
@@ -95,6 +105,15 @@ impl Metrics {
         for l in crate::ca::policy::Refusal::METRIC_LABELS {
             identity_refusals.with_label_values(&[l]);
         }
+        let handshakes = counter_vec(
+            "workload_ca_tls_handshakes_total",
+            "TLS handshakes completed on the gRPC port: full, or resumed from a session ticket.",
+            "kind",
+        )?;
+        let handshakes = Handshakes {
+            full: handshakes.with_label_values(&["full"]),
+            resumed: handshakes.with_label_values(&["resumed"]),
+        };
         let impersonations = counter(
             "workload_ca_impersonations_total",
             "Certificates issued to a trusted node agent for a pod on its node.",
@@ -137,6 +156,7 @@ impl Metrics {
             auth_refusals,
             identity_refusals,
             impersonations,
+            handshakes,
             registry,
         })
     }

@@ -10,6 +10,7 @@ pub mod inproc;
 mod issuer;
 pub mod jwt;
 pub mod jwt_crypto;
+mod jwt_token;
 pub mod metrics;
 mod ops;
 pub mod rotate;
@@ -405,8 +406,7 @@ pub async fn start_with(
     ));
     let auth = AuthChain::new(chain);
 
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let listener = net::listen_tcp(config.listen)
         .map_err(|e| Error::Config(format!("binding {}: {e}", config.listen)))?;
     let grpc_addr = listener
         .local_addr()
@@ -470,6 +470,7 @@ pub async fn start_with(
         fleet: fleet.clone(),
         shutdown: shutdown_rx.clone(),
     };
+    let handshakes = metrics.handshakes.clone();
     let service = service::CaService {
         authority: authority_rx,
         auth: auth.clone(),
@@ -508,7 +509,7 @@ pub async fn start_with(
         refusal_label: None,
     }
     .spawn(
-        tls::handshake(tls_config),
+        tls::handshake(tls_config, handshakes),
         move |(tls, info), calls, stop| {
             let routes = routes.clone();
             let limits = config.limits.http2.clone();

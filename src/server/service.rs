@@ -166,8 +166,43 @@ fn impersonation(req: &IstioCertificateRequest) -> Option<&str> {
     }
 }
 
-pub(crate) fn humantime(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+/// `t` in RFC 3339 to the second (a certificate's times have no finer
+/// precision), written straight into the log line: no format description
+/// interpreted, no string allocated.
+pub(crate) fn humantime(t: SystemTime) -> Rfc3339 {
+    Rfc3339(t)
+}
+
+/// See [`humantime`].
+pub(crate) struct Rfc3339(SystemTime);
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = time::OffsetDateTime::from(self.0);
+        write!(
+            f,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_logged_in_rfc3339_to_the_second() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_795_000_000_250);
+        assert_eq!(humantime(t).to_string(), "2026-11-18T11:06:40Z");
+        assert_eq!(
+            humantime(SystemTime::UNIX_EPOCH).to_string(),
+            "1970-01-01T00:00:00Z"
+        );
+    }
 }

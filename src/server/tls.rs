@@ -19,6 +19,7 @@ use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
 use super::Error;
+use super::metrics::Handshakes;
 use crate::ca::{Authority, KeyAlgorithm, PrivateKey};
 
 pub(crate) fn provider() -> Arc<CryptoProvider> {
@@ -200,10 +201,26 @@ impl ClientCertVerifier for OptionalClientCert {
     }
 }
 
-/// The rustls server configuration: TLS 1.2 and 1.3, ring only, ALPN h2.
+/// TLS 1.3 session tickets sent after each handshake: a client reconnecting
+/// needs one (it gets a fresh one with every resumed handshake too).
+pub const TICKETS_PER_HANDSHAKE: usize = 1;
+
+/// The rustls server configuration: TLS 1.2 and 1.3, ring only, ALPN h2,
+/// and resumption with stateless tickets.
+///
+/// Resumption: a reconnecting client (an agent, a restarting proxy) skips
+/// the certificate and its signature. Tickets are stateless (ring's
+/// `Ticketer`: the session sealed with a key the server rotates every six
+/// hours, and a ticket lives at most that long), so resumption costs the
+/// server no memory per client, however many there are. (A session cache
+/// would hold every session, within a bound that many clients would evict
+/// anyway.) A resumed session carries the client certificate of its full
+/// handshake; it is still judged per request, against the signers as they
+/// are then ([`super::auth::ClientCertAuthenticator`]).
 ///
 /// # Errors
-/// [`Error::Tls`] if rustls rejects the protocol set.
+/// [`Error::Tls`] if rustls rejects the protocol set or the ticketer
+/// cannot be made.
 pub fn server_config(cert: Arc<ServingCert>) -> Result<rustls::ServerConfig, Error> {
     let provider = provider();
     let algs = provider.signature_verification_algorithms;
@@ -213,6 +230,11 @@ pub fn server_config(cert: Arc<ServingCert>) -> Result<rustls::ServerConfig, Err
         .with_client_cert_verifier(Arc::new(OptionalClientCert { algs }))
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"h2".to_vec()];
+    config.ticketer = rustls::crypto::ring::Ticketer::new()
+        .map_err(|e| Error::Tls(format!("session tickets: {e}")))?;
+    config.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
+    // Nothing kept per session: TLS 1.2 clients resume by ticket too.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(config)
 }
 
@@ -221,13 +243,19 @@ pub fn server_config(cert: Arc<ServingCert>) -> Result<rustls::ServerConfig, Err
 /// address and certificates), or `None` when the handshake failed.
 pub fn handshake(
     config: Arc<rustls::ServerConfig>,
+    counted: Handshakes,
 ) -> impl Fn(TcpStream, Option<IpAddr>) -> HandshakeFuture + Send + Sync + 'static {
     let acceptor = TlsAcceptor::from(config);
     move |tcp, peer| {
         let acceptor = acceptor.clone();
+        let counted = counted.clone();
         Box::pin(async move {
             match acceptor.accept(tcp).await {
                 Ok(tls) => {
+                    match tls.get_ref().1.handshake_kind() {
+                        Some(rustls::HandshakeKind::Resumed) => counted.resumed.inc(),
+                        _ => counted.full.inc(),
+                    }
                     let info = tls.connect_info();
                     Some((tls, info))
                 }
