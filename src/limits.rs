@@ -62,12 +62,9 @@ pub struct AcceptLimits {
     /// Open connections from one source IP address. `None`: not checked
     /// (Unix sockets, where the socket itself is the boundary).
     pub max_connections_per_source: Option<usize>,
-    /// New connections in progress at once: from accept to the end of the
-    /// handshake, then (on an HTTP/2 port) until the first call is
-    /// answered, at most the preface timeout after the handshake. When it
-    /// is reached the accept loop stops accepting (connections wait in the
-    /// kernel's listen backlog) until a place is free: back-pressure, not a
-    /// refusal. This bounds what a burst of new connections costs in memory.
+    /// TLS handshakes in progress at once. When it is reached the accept
+    /// loop stops accepting (connections wait in the kernel's listen
+    /// backlog) until one ends: back-pressure, not a refusal.
     pub max_pending_handshakes: usize,
     /// TLS handshakes in progress from one source address: one source can
     /// never take the whole pool.
@@ -166,11 +163,7 @@ impl Default for ServerLimits {
                 // A pod, a node agent or ztunnel needs a handful; raise it
                 // where many clients reach the CA through one SNAT address.
                 max_connections_per_source: Some(256),
-                // A new connection holds TLS and HTTP/2 buffers until its
-                // first answer: 256 bound a burst of 10,000 new connections
-                // to 43 MiB of peak RSS (1,024: 101 MiB), and still keep
-                // both cores busy (see README, Performance).
-                max_pending_handshakes: 256,
+                max_pending_handshakes: 1_024,
                 max_pending_handshakes_per_source: 64,
                 handshake_timeout: Duration::from_secs(5),
             },

@@ -5,16 +5,9 @@
 //!
 //! The handshake pool in all is back-pressure, not a refusal: while it is
 //! full the loop stops accepting, and new connections wait in the kernel's
-//! listen backlog ([`LISTEN_BACKLOG`]) until a place is free. A mass start
+//! listen backlog ([`LISTEN_BACKLOG`]) until a handshake ends. A mass start
 //! of pods is then served a little later instead of refused. The per-source
 //! caps still refuse: one source must not fill the pool or the backlog.
-//!
-//! A new connection keeps its place in the pool past its handshake, until
-//! its first call is answered ([`FirstCall`]; a long-lived call, at its
-//! start), and at most the preface timeout after the handshake: what a
-//! burst of new connections can make the server hold (TLS and HTTP/2
-//! buffers, about 30 KiB a connection) is then bounded by the pool, not by
-//! how many connect at once.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -148,34 +141,6 @@ pub struct Calls {
     pub all: Arc<AtomicUsize>,
     /// Long-lived calls (bundle watches) open in all.
     pub watches: Arc<AtomicUsize>,
-    /// The connection's place in the handshake pool, until its first call
-    /// is answered.
-    pub first: FirstCall,
-}
-
-/// A new connection's place in the handshake pool, kept until its first
-/// call is answered (see the module docs). Released when taken and dropped,
-/// by [`FirstCall::release`], or with the connection.
-#[derive(Clone, Default)]
-pub struct FirstCall(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
-
-impl FirstCall {
-    fn hold(&self, permit: Option<OwnedSemaphorePermit>) {
-        if let Ok(mut slot) = self.0.lock() {
-            *slot = permit;
-        }
-    }
-
-    /// The place, for the first call to keep until it is answered; `None`
-    /// once taken or released.
-    pub fn take(&self) -> Option<OwnedSemaphorePermit> {
-        self.0.lock().ok().and_then(|mut slot| slot.take())
-    }
-
-    /// Gives the place back.
-    pub fn release(&self) {
-        drop(self.take());
-    }
 }
 
 /// A connection's place in [`Occupancy`] and, until its handshake ends, in
@@ -228,26 +193,24 @@ impl Ticket {
         })
     }
 
-    /// The handshake is over (done or failed): the source's count of
-    /// handshakes goes down; the place in the pool is handed back to the
-    /// caller (to keep until the first call is answered, or drop).
-    fn handshake_done(&mut self) -> Option<OwnedSemaphorePermit> {
-        let permit = self.handshake.take();
+    /// The handshake is over (done or failed): the place in the handshake
+    /// pool is freed, the connection's stays.
+    fn handshake_done(&mut self) {
         if !std::mem::take(&mut self.pending) {
-            return permit;
+            return;
         }
+        self.handshake = None;
         if let Ok(mut o) = self.occupancy.lock()
             && let Some(e) = self.source.and_then(|ip| o.by_source.get_mut(&ip))
         {
             e.pending = e.pending.saturating_sub(1);
         }
-        permit
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        drop(self.handshake_done());
+        self.handshake_done();
         if let Ok(mut o) = self.occupancy.lock() {
             o.total = o.total.saturating_sub(1);
             if let Some(ip) = self.source {
@@ -370,16 +333,12 @@ impl<L: Listener> Acceptor<L> {
                 source: ticket.source_calls.clone(),
                 all: all_calls.clone(),
                 watches: all_watches.clone(),
-                first: FirstCall::default(),
             };
             conns.spawn(async move {
                 let done = tokio::time::timeout(deadline, handshake(io, source)).await;
-                let permit = ticket.handshake_done();
+                ticket.handshake_done();
                 match done {
-                    Ok(Some(conn)) => {
-                        calls.first.hold(permit);
-                        serve(conn, calls, stop).await
-                    }
+                    Ok(Some(conn)) => serve(conn, calls, stop).await,
                     Ok(None) => {}
                     Err(_) => {
                         refusals.refused(label::HANDSHAKE_TIMEOUT);

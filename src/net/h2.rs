@@ -336,17 +336,6 @@ where
                 .into_http())));
             }
         };
-        // The connection's place among new connections: kept until this,
-        // its first call, is answered; a call without a deadline (a watch,
-        // an SDS stream) may last as long as the connection and gives it
-        // back at once.
-        let first = self.calls.first.take();
-        let first = if long_lived || self.request_timeout.is_none() {
-            drop(first);
-            None
-        } else {
-            first
-        };
         req.extensions_mut().insert(self.info.clone());
         // The client's own deadline shortens ours, never lengthens it.
         let deadline = match (self.request_timeout, grpc_timeout(req.headers())) {
@@ -382,7 +371,7 @@ where
             // (SDS responses are long-lived streams).
             let (parts, body) = resp.into_parts();
             let body = body.map_frame(move |frame| {
-                let _in_flight = (&guard, &slot, &first);
+                let _in_flight = (&guard, &slot);
                 frame
             });
             Ok(http::Response::from_parts(
@@ -516,12 +505,6 @@ pub async fn serve_h2<IO, S, I>(
         stats: stats.clone(),
         scanner: FrameScanner::default(),
     };
-    let first_call = calls.first.clone();
-    // Without a call deadline (SDS: streams as long as the connection) a
-    // connection is no new one past its handshake.
-    if limits.request_timeout.is_none() {
-        first_call.release();
-    }
     let svc = ConnService {
         inner: service,
         info,
@@ -608,9 +591,6 @@ pub async fn serve_h2<IO, S, I>(
                 }
                 if preface_due.is_some_and(|due| now >= due) {
                     preface_due = None;
-                    // However its first call goes, the connection is no
-                    // longer a new one.
-                    first_call.release();
                     if stats.bytes_in.load(Ordering::Relaxed) < HTTP2_PREFACE_LEN {
                         refusals.refused(label::PREFACE_TIMEOUT);
                         tracing::debug!("no HTTP/2 preface before the deadline; closing");

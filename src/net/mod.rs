@@ -27,7 +27,7 @@ mod h2;
 mod http1;
 
 pub use accept::{
-    Acceptor, Calls, FirstCall, LISTEN_BACKLOG, Listener, listen_tcp, open_files_limit, source_of,
+    Acceptor, Calls, LISTEN_BACKLOG, Listener, listen_tcp, open_files_limit, source_of,
     within_fd_limit,
 };
 pub use h2::{GrpcService, serve_h2};
