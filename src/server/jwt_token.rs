@@ -34,8 +34,14 @@ pub(super) struct Header {
     pub alg: Algorithm,
     #[serde(default)]
     pub kid: Option<String>,
-    #[serde(default)]
+    /// Present at all (`null` included) is `Some`: any `crit` is refused.
+    #[serde(default, deserialize_with = "present")]
     pub crit: Option<serde_json::Value>,
+}
+
+/// A member that is present, whatever its value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 /// Every claim the CA reads.

@@ -203,14 +203,32 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .build()
     }
     .context("starting the client runtime")?;
+    // SIGINT or SIGTERM ends the run through its guards: the started CA
+    // and agent are killed and their directories removed.
+    let interrupted = || async {
+        match super::Signals::install() {
+            Ok(mut s) => s.recv().await,
+            Err(_) => std::future::pending().await,
+        }
+    };
     if args.mode == Mode::Agent {
         let report = runtime.block_on(async {
-            let (target, _server) = target::open(&args.target, &args.tokens).await?;
-            agent::run(&args.agent, &target, args.json).await
+            tokio::select! {
+                r = async {
+                    let (target, _server) = target::open(&args.target, &args.tokens).await?;
+                    agent::run(&args.agent, &target, args.json).await
+                } => r,
+                () = interrupted() => bail!("interrupted"),
+            }
         })?;
         return emit(&report, &args, || report.print_human());
     }
-    let report = runtime.block_on(run_mode(&args))?;
+    let report = runtime.block_on(async {
+        tokio::select! {
+            r = run_mode(&args) => r,
+            () = interrupted() => bail!("interrupted"),
+        }
+    })?;
     emit(&report, &args, || report.print_human())?;
     if report.ok == 0 {
         bail!("no request succeeded");

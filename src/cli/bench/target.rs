@@ -260,6 +260,18 @@ async fn start_server(
     let err = out.try_clone()?;
     let exe = std::env::current_exe().context("finding the ca binary")?;
     let mut cmd = Command::new(exe);
+    // Only the flags below configure it: never the caller's CA_* settings
+    // (a production cacerts directory, issuers, --dev) or cluster access.
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("CA_")
+            || k.starts_with("POD_")
+            || k == "KUBECONFIG"
+            || k.starts_with("KUBERNETES_")
+        {
+            cmd.env_remove(&key);
+        }
+    }
     cmd.arg("server")
         .arg("--state-dir")
         .arg(dir.join("state"))
