@@ -124,6 +124,9 @@ pub async fn run(args: &AgentArgs, target: &Target, json: bool) -> anyhow::Resul
     report
 }
 
+/// How long to wait for the agent's last log lines after the last push.
+const LOG_GRACE: Duration = Duration::from_millis(500);
+
 fn check_fds(streams: usize) -> anyhow::Result<()> {
     let need = streams as u64 + FD_MARGIN;
     match procfs::open_files_limit() {
@@ -394,8 +397,11 @@ impl Job {
                 );
             }
         }
-        // Whatever is still queued (late log lines).
-        while let Ok(o) = obtained.try_recv() {
+        // Late log lines: the agent writes its log in batches (at most
+        // 50 ms apart); a line's time stamp is when it happened, not when
+        // it was written.
+        let grace = tokio::time::Instant::now() + LOG_GRACE;
+        while let Ok(Some(o)) = tokio::time::timeout_at(grace, obtained.recv()).await {
             seen.obtained(o, a.rotations);
         }
         let phase_seconds = phase.elapsed().as_secs_f64();
