@@ -1,4 +1,5 @@
 use super::*;
+use crate::k8s::reflect::Freshen;
 
 #[tokio::test(start_paused = true)]
 async fn a_broken_watch_is_timed_until_it_is_healthy_again() {

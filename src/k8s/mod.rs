@@ -26,6 +26,7 @@ pub mod trustbundle;
 // Copies of the CA's material in the cluster (secret mode, root ConfigMaps).
 pub mod copies;
 pub mod events;
+pub mod observed;
 pub mod pace;
 pub mod rootcm;
 pub mod scope;
