@@ -79,3 +79,49 @@ async fn reconnections_resume_until_the_trust_changes() {
         2.0
     );
 }
+
+/// The suite a client with rustls' default order (AES-256-GCM with SHA-384
+/// first) gets from the CA, over `versions`.
+async fn negotiated(
+    server: &TestServer,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::CipherSuite {
+    use rustls_pki_types::pem::PemObject;
+    let pem = std::fs::read(&server.running.root_cert_path).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = rustls::crypto::ring::default_provider();
+    assert_eq!(
+        provider.cipher_suites[0].suite(),
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+        "the client prefers SHA-384"
+    );
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(server.running.grpc_addr)
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.negotiated_cipher_suite().unwrap().suite()
+}
+
+#[tokio::test]
+async fn the_ca_chooses_the_sha256_suites() {
+    let server = TestServer::start().await;
+    assert_eq!(
+        negotiated(&server, &[&rustls::version::TLS13]).await,
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+    );
+    assert_eq!(
+        negotiated(&server, &[&rustls::version::TLS12]).await,
+        rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+    );
+}

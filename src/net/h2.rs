@@ -7,9 +7,9 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -104,11 +104,26 @@ impl Drop for StreamGuard {
 /// and reads the frame headers of what HTTP/2 sends out, so that refusals
 /// made inside the HTTP/2 layer (`REFUSED_STREAM`, `GOAWAY` with
 /// `ENHANCE_YOUR_CALM`) are counted.
+///
+/// While [`Drive`] corks it, what HTTP/2 writes is held (up to
+/// [`CORK_MAX_BYTES`]) and goes out with the next write or flush after the
+/// cork is lifted: one TLS record and one `writev` for what a pass over the
+/// connection produced (a SETTINGS acknowledgement, an answer's HEADERS, DATA
+/// and trailers, the answers of other calls), where HTTP/2 alone writes a
+/// few (it writes an answer's trailers after a flow-control step).
 struct Observed<S> {
     inner: S,
     stats: Arc<ConnStats>,
     scanner: FrameScanner,
+    cork: Arc<AtomicBool>,
+    /// Bytes written while corked, from `held_from` on not yet passed on.
+    held: Vec<u8>,
+    held_from: usize,
 }
+
+/// What a corked connection holds at most before it writes through: one
+/// TLS record's worth (eight or so answers).
+const CORK_MAX_BYTES: usize = 16 * 1024;
 
 impl<S: AsyncRead + Unpin> AsyncRead for Observed<S> {
     fn poll_read(
@@ -126,6 +141,26 @@ impl<S: AsyncRead + Unpin> AsyncRead for Observed<S> {
 }
 
 impl<S: AsyncWrite + Unpin> Observed<S> {
+    /// Whether `len` more bytes may be held rather than written.
+    fn holds(&self, len: usize) -> bool {
+        self.cork.load(Ordering::Relaxed) && self.held.len().saturating_add(len) <= CORK_MAX_BYTES
+    }
+
+    /// Passes on what is held; `Ready(Ok)` once nothing is.
+    fn poll_release(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(rest) = self.held.get(self.held_from..).filter(|r| !r.is_empty()) {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, rest))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.held_from = self.held_from.saturating_add(n);
+        }
+        // Freed, not kept: an idle connection holds no buffer.
+        self.held = Vec::new();
+        self.held_from = 0;
+        Poll::Ready(Ok(()))
+    }
+
     fn scan(&mut self, bytes: &[u8]) {
         let stats = &self.stats;
         self.scanner
@@ -144,6 +179,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Observed<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.holds(buf.len()) {
+            this.scan(buf);
+            this.held.extend_from_slice(buf);
+            return Poll::Ready(Ok(buf.len()));
+        }
+        ready!(this.poll_release(cx))?;
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
             this.scan(&buf[..n.min(buf.len())]);
@@ -157,6 +198,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Observed<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        let len = bufs.iter().fold(0usize, |n, b| n.saturating_add(b.len()));
+        if this.holds(len) {
+            for b in bufs {
+                this.scan(b);
+                this.held.extend_from_slice(b);
+            }
+            return Poll::Ready(Ok(len));
+        }
+        ready!(this.poll_release(cx))?;
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = r {
             let mut left = n;
@@ -177,11 +227,18 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Observed<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        if this.cork.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(this.poll_release(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        ready!(this.poll_release(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -432,11 +489,20 @@ where
 }
 
 /// A connection and its streams, polled together (see [`ConnStreams`]).
+///
+/// The connection's output is corked (see [`Observed`]) while a poll goes
+/// round the connection and its calls; when nothing more is to be done, the
+/// cork is lifted and one last round of the connection writes what all the
+/// rounds produced.
 struct Drive<C> {
     conn: Pin<Box<C>>,
     new: ConnStreams,
     running: FuturesUnordered<BoxFuture<()>>,
+    cork: Arc<AtomicBool>,
 }
+
+/// Rounds of one poll of [`Drive`] before it yields to other tasks.
+const DRIVE_ROUNDS: usize = 32;
 
 impl<C: Future> Drive<C> {
     fn take_new(&mut self) -> bool {
@@ -455,9 +521,13 @@ impl<C: Future> Future for Drive<C> {
     type Output = C::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let mut rounds = 0;
+        let mut corked = true;
         loop {
-            // Reads, new streams, and a write of everything queued.
+            // Reads, new streams, and frames queued (written once uncorked).
+            self.cork.store(corked, Ordering::Relaxed);
             if let Poll::Ready(out) = self.conn.as_mut().poll(cx) {
+                self.cork.store(false, Ordering::Relaxed);
                 return Poll::Ready(out);
             }
             let new = self.take_new();
@@ -465,11 +535,30 @@ impl<C: Future> Future for Drive<C> {
             while let Poll::Ready(Some(())) = self.running.poll_next_unpin(cx) {
                 finished = true;
             }
-            // Answers were queued (or streams began): the connection
-            // writes them, and reads what came meanwhile.
-            if !new && !finished {
+            rounds += 1;
+            if rounds >= DRIVE_ROUNDS {
+                // Come back after other tasks had their turn; what is held
+                // is written then (or by the last round below).
+                if new || finished {
+                    cx.waker().wake_by_ref();
+                }
+                if !corked {
+                    return Poll::Pending;
+                }
+                corked = false;
+                continue;
+            }
+            // Answers were queued (or streams began): the connection takes
+            // them, and reads what came meanwhile.
+            if new || finished {
+                corked = true;
+                continue;
+            }
+            if !corked {
                 return Poll::Pending;
             }
+            // Nothing more for now: a last round, uncorked, writes it all.
+            corked = false;
         }
     }
 }
@@ -500,10 +589,14 @@ pub async fn serve_h2<IO, S, I>(
         refusals: refusals.clone(),
         watches: Arc::new(AtomicUsize::new(0)),
     });
+    let cork = Arc::new(AtomicBool::new(false));
     let io = Observed {
         inner: io,
         stats: stats.clone(),
         scanner: FrameScanner::default(),
+        cork: cork.clone(),
+        held: Vec::new(),
+        held_from: 0,
     };
     let svc = ConnService {
         inner: service,
@@ -531,6 +624,7 @@ pub async fn serve_h2<IO, S, I>(
         conn: Box::pin(conn),
         new: streams,
         running: FuturesUnordered::new(),
+        cork,
     };
 
     let opened = stats.opened;
@@ -619,22 +713,5 @@ pub async fn serve_h2<IO, S, I>(
 const STALL_GRACE: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeouts_parse_per_the_spec() {
-        let t = |v: &str| {
-            let mut h = http::HeaderMap::new();
-            h.insert("grpc-timeout", v.parse().unwrap());
-            grpc_timeout(&h)
-        };
-        assert_eq!(t("5S"), Some(Duration::from_secs(5)));
-        assert_eq!(t("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(t("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(t("100u"), Some(Duration::from_micros(100)));
-        for bad in ["", "S", "5", "5x", "123456789S", "-1S"] {
-            assert_eq!(t(bad), None, "{bad:?}");
-        }
-    }
-}
+#[path = "h2_tests.rs"]
+mod tests;
