@@ -89,6 +89,7 @@ fn warm_reports_every_figure_and_verifies_answers() {
         "{r:#}"
     );
     assert!(num(&r, &["floor_ratio"]) > 0.0, "{r:#}");
+    assert!(r["floor"]["connection"].is_null(), "warm: no handshakes {r:#}");
     assert!(num(&r, &["client_cpu_us_per_cert"]) >= 0.0, "{r:#}");
 }
 
@@ -104,7 +105,6 @@ fn cold_opens_a_connection_per_certificate_from_many_sources() {
         "40",
         "--concurrency",
         "8",
-        "--no-floor",
         "--verify",
         "8",
     ]);
@@ -113,7 +113,21 @@ fn cold_opens_a_connection_per_certificate_from_many_sources() {
     assert_clean(&r, 200);
     assert_eq!(r["sources"].as_u64(), Some(16), "{r:#}");
     assert_eq!(r["verified"].as_u64(), Some(8), "{r:#}");
-    assert!(r["floor"].is_null() && r["floor_ratio"].is_null(), "{r:#}");
+    // A new connection's floor: the handshake's key exchange and signature,
+    // counted in the ratio.
+    let kx = num(&r, &["floor", "connection", "key_exchange_us"]);
+    let cv = num(&r, &["floor", "connection", "handshake_sign_us"]);
+    assert!(kx > 0.0 && cv > 0.0, "{r:#}");
+    assert!(
+        (num(&r, &["floor", "connection", "total_us"]) - kx - cv).abs() < 1e-6,
+        "{r:#}"
+    );
+    let per_cert = num(&r, &["floor", "total_us"]) + kx + cv;
+    let cpu = num(&r, &["server", "cpu_us_per_cert"]);
+    assert!(
+        (num(&r, &["floor_ratio"]) - cpu / per_cert).abs() < 1e-6,
+        "{r:#}"
+    );
 }
 
 #[test]

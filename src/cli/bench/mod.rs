@@ -283,11 +283,12 @@ async fn run_mode(args: &BenchArgs) -> anyhow::Result<Report> {
     let floor = if args.load.no_floor {
         None
     } else {
-        Some(floor::measure(
-            args.load.csr_key,
-            args.target.ca_key,
-            work.token_algorithm,
-        )?)
+        let mut floor =
+            floor::measure(args.load.csr_key, args.target.ca_key, work.token_algorithm)?;
+        if matches!(args.mode, Mode::Cold | Mode::Burst) && !args.load.resume {
+            floor.connection = Some(floor::measure_connection()?);
+        }
+        Some(floor)
     };
     let mut report = match args.mode {
         Mode::Warm => load::warm(&target, &work, &args.load).await?,

@@ -89,8 +89,8 @@ impl Report {
         self.floor = floor;
         self.floor_ratio = floor
             .zip(self.server.as_ref().and_then(|s| s.cpu_us_per_cert))
-            .filter(|(f, _)| f.total_us > 0.0)
-            .map(|(f, cpu)| cpu / f.total_us);
+            .filter(|(f, _)| f.per_cert_us() > 0.0)
+            .map(|(f, cpu)| cpu / f.per_cert_us());
     }
 
     /// The human report on stdout.
@@ -159,11 +159,23 @@ impl Report {
                 "  floor     : {:.1} us = CSR verify {:.1} + token verify {:.1} + sign {:.1} + PEM {:.1}",
                 f.total_us, f.csr_verify_us, f.token_verify_us, f.sign_us, f.encode_us
             );
+            if let Some(c) = &f.connection {
+                let _ = writeln!(
+                    out,
+                    "  + handshake: {:.1} us per new connection = key exchange (X25519) {:.1} + CertificateVerify (P-256) {:.1}",
+                    c.total_us, c.key_exchange_us, c.handshake_sign_us
+                );
+            }
         }
         if let Some(r) = self.floor_ratio {
             let _ = writeln!(
                 out,
-                "  vs floor  : server CPU per certificate = {r:.2} x the floor"
+                "  vs floor  : server CPU per certificate = {r:.2} x the floor{}",
+                if self.floor.is_some_and(|f| f.connection.is_some()) {
+                    " (with the handshake)"
+                } else {
+                    ""
+                }
             );
         }
         if self.resumed > 0 {
