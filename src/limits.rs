@@ -14,7 +14,7 @@
 //!
 //! | limit | answer |
 //! |---|---|
-//! | connections, per source, pending handshakes per source | the TCP connection is closed at once; a rate-limited log line |
+//! | connections, per source, pending handshakes per source (places held in the admission pool, checked at accept) | the TCP connection is closed at once; a rate-limited log line |
 //! | pending handshakes in all (the admission pool: handshakes, then until the first answer or the admission hold) | accepting pauses: new connections wait in the listen backlog (counted each time it pauses) |
 //! | TLS handshake, HTTP/2 preface | the connection is closed at the deadline |
 //! | idle connection, connection age | HTTP/2 `GOAWAY`, in-flight calls finish |

@@ -307,8 +307,7 @@ async fn admission_places_are_released_by_the_first_answer_or_the_hold() {
     tokio::time::timeout(Duration::from_secs(10), ca.legit_issue())
         .await
         .expect("the first answer released the place");
-    drop(first);
-    drop(ca);
+    drop((first, ca));
 
     let ca = CaProc::start(&[
         "--max-pending-handshakes",
@@ -326,15 +325,11 @@ async fn admission_places_are_released_by_the_first_answer_or_the_hold() {
     tokio::time::timeout(Duration::from_secs(20), ca.legit_issue())
         .await
         .expect("the hold bound released the places");
-    assert!(
-        ca.refusals(label::PENDING_HANDSHAKES).await >= 1.0,
-        "the pause is counted"
-    );
+    let paused = ca.refusals(label::PENDING_HANDSHAKES).await;
+    assert!(paused >= 1.0, "the pause is counted");
     for tls in &mut held {
-        assert!(
-            !closed_within(tls, Duration::from_millis(100)).await,
-            "still served"
-        );
+        let closed = closed_within(tls, Duration::from_millis(100)).await;
+        assert!(!closed, "still served");
     }
     drop(held);
     fds_return_to(ca.pid(), fds).await;
