@@ -14,8 +14,8 @@
 //!
 //! | limit | answer |
 //! |---|---|
-//! | connections, per source, pending handshakes per source | the TCP connection is closed at once; a rate-limited log line |
-//! | pending handshakes in all | accepting pauses: new connections wait in the listen backlog (counted each time it pauses) |
+//! | connections, per source, pending handshakes per source (places held in the admission pool, checked at accept) | the TCP connection is closed at once; a rate-limited log line |
+//! | pending handshakes in all (the admission pool: handshakes, then until the first answer or the admission hold) | accepting pauses: new connections wait in the listen backlog (counted each time it pauses) |
 //! | TLS handshake, HTTP/2 preface | the connection is closed at the deadline |
 //! | idle connection, connection age | HTTP/2 `GOAWAY`, in-flight calls finish |
 //! | streams per connection | advertised in `SETTINGS_MAX_CONCURRENT_STREAMS`; beyond it, `RST_STREAM(REFUSED_STREAM)` |
@@ -62,15 +62,28 @@ pub struct AcceptLimits {
     /// Open connections from one source IP address. `None`: not checked
     /// (Unix sockets, where the socket itself is the boundary).
     pub max_connections_per_source: Option<usize>,
-    /// TLS handshakes in progress at once. When it is reached the accept
-    /// loop stops accepting (connections wait in the kernel's listen
-    /// backlog) until one ends: back-pressure, not a refusal.
+    /// Places in the admission pool: connections being admitted at once. A
+    /// connection holds its place from accept through its TLS handshake
+    /// and until its first call is answered, or [`Self::admission_hold`]
+    /// after the handshake, whichever comes first. When the pool is full
+    /// the accept loop stops accepting (connections wait in the kernel's
+    /// listen backlog) until a place is freed: back-pressure, not a
+    /// refusal. This is what bounds the memory of a burst of new
+    /// connections: each one being admitted holds its TLS and HTTP/2
+    /// buffers while its first call waits for the CPU.
     pub max_pending_handshakes: usize,
-    /// TLS handshakes in progress from one source address: one source can
-    /// never take the whole pool.
+    /// Places in the admission pool one source address may hold at once
+    /// (handshakes and post-handshake holds alike): one source can never
+    /// take the whole pool. Checked when the connection is accepted; past
+    /// it the connection is closed at once.
     pub max_pending_handshakes_per_source: usize,
     /// How long a TLS handshake may take.
     pub handshake_timeout: Duration,
+    /// How long after its handshake a connection keeps its place in the
+    /// admission pool while its first call is not yet answered (a silent
+    /// connection, or a long-lived stream that never ends, releases it
+    /// then). Zero: the place is released when the handshake ends.
+    pub admission_hold: Duration,
 }
 
 /// One HTTP/2 connection.
@@ -163,9 +176,13 @@ impl Default for ServerLimits {
                 // A pod, a node agent or ztunnel needs a handful; raise it
                 // where many clients reach the CA through one SNAT address.
                 max_connections_per_source: Some(256),
-                max_pending_handshakes: 1_024,
+                // The CPU is the bottleneck: a few hundred connections being
+                // admitted keep 2 cores busy, and each one admitted holds
+                // ~20-40 KB of TLS and HTTP/2 buffers while its call waits.
+                max_pending_handshakes: 256,
                 max_pending_handshakes_per_source: 64,
                 handshake_timeout: Duration::from_secs(5),
+                admission_hold: Duration::from_secs(1),
             },
             http2: Http2Limits {
                 max_streams_per_connection: 100,
@@ -216,6 +233,9 @@ impl Default for AgentLimits {
                 max_pending_handshakes: 16,
                 max_pending_handshakes_per_source: 16,
                 handshake_timeout: Duration::from_secs(5),
+                // The pool is as large as `max_connections`: the hold never
+                // makes a connection wait here.
+                admission_hold: Duration::from_secs(1),
             },
             http2: Http2Limits {
                 // Envoy opens one stream per secret name.

@@ -233,6 +233,108 @@ async fn one_source_cannot_take_the_handshake_pool() {
     fds_return_to(ca.pid(), fds).await;
 }
 
+/// TLS connections (handshake done, nothing sent after it) from each of
+/// `hosts`, `each` opened at once per host: the ones the CA keeps.
+async fn silent_tls(
+    ca: &CaProc,
+    hosts: &[&str],
+    each: usize,
+) -> Vec<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let opening = hosts.iter().flat_map(|h| std::iter::repeat_n(*h, each));
+    let opened = futures_util::future::join_all(
+        opening.map(|h| tokio::time::timeout(Duration::from_secs(5), ca.tls_from(h))),
+    )
+    .await;
+    opened.into_iter().filter_map(|r| r.ok()?.ok()).collect()
+}
+
+/// A connection holds its admission place after its handshake, until its
+/// first answer: sources that finish handshakes and then send nothing hold
+/// at most their share each (the per-source cap counts them), so another
+/// source is still admitted at once, not after their hold.
+#[tokio::test]
+async fn silent_connections_after_the_handshake_hold_only_their_share() {
+    let ca = CaProc::start(&[
+        "--max-pending-handshakes",
+        "20",
+        "--max-pending-handshakes-per-source",
+        "4",
+        "--admission-hold",
+        "60s",
+        "--preface-timeout",
+        "60s",
+    ]);
+    let fds = fd_count(ca.pid());
+    let hosts = [OTHER_HOST, THIRD_HOST, "127.0.0.4", "127.0.0.5"];
+    // Four each: kept, holding 16 of the 20 places once their handshakes
+    // are done. Four more each, after: closed at accept.
+    let mut held = silent_tls(&ca, &hosts, 4).await;
+    assert_eq!(held.len(), 16);
+    held.extend(silent_tls(&ca, &hosts, 4).await);
+    assert_eq!(held.len(), 16, "the per-source share counts held places");
+    assert_eq!(
+        ca.refusals(label::PENDING_HANDSHAKES_PER_SOURCE).await,
+        16.0
+    );
+    // A fifth source is served well before the 60 s hold or preface
+    // deadline would free a place.
+    tokio::time::timeout(Duration::from_secs(10), ca.legit_issue())
+        .await
+        .expect("another source is admitted while the silent ones hold their places");
+    drop(held);
+    fds_return_to(ca.pid(), fds).await;
+}
+
+/// The admission place is given back at the first answer, and after the
+/// hold bound by a connection that never answers (it stays open, served
+/// on); neither keeps its place for its life.
+#[tokio::test]
+async fn admission_places_are_released_by_the_first_answer_or_the_hold() {
+    let ca = CaProc::start(&[
+        "--max-pending-handshakes",
+        "1",
+        "--admission-hold",
+        "60s",
+        "--preface-timeout",
+        "60s",
+    ]);
+    // A client answered once keeps its connection, not its place.
+    let mut first = ca.client().await;
+    let (_k, csr) = key_and_csr(workload_ca::ca::KeyAlgorithm::EcdsaP256, None);
+    request(&mut first, &csr, Some(&ca.token("prod", "web")), 0)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), ca.legit_issue())
+        .await
+        .expect("the first answer released the place");
+    drop((first, ca));
+
+    let ca = CaProc::start(&[
+        "--max-pending-handshakes",
+        "2",
+        "--admission-hold",
+        "1s",
+        "--preface-timeout",
+        "60s",
+    ]);
+    let fds = fd_count(ca.pid());
+    // Two silent connections fill the pool; after the 1 s hold they give
+    // their places back and the legitimate client is admitted.
+    let mut held = silent_tls(&ca, &[OTHER_HOST], 2).await;
+    assert_eq!(held.len(), 2);
+    tokio::time::timeout(Duration::from_secs(20), ca.legit_issue())
+        .await
+        .expect("the hold bound released the places");
+    let paused = ca.refusals(label::PENDING_HANDSHAKES).await;
+    assert!(paused >= 1.0, "the pause is counted");
+    for tls in &mut held {
+        let closed = closed_within(tls, Duration::from_millis(100)).await;
+        assert!(!closed, "still served");
+    }
+    drop(held);
+    fds_return_to(ca.pid(), fds).await;
+}
+
 #[tokio::test]
 async fn total_connections_are_capped() {
     let ca = CaProc::start(&[

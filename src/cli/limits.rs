@@ -81,12 +81,15 @@ pub struct ServerLimitArgs {
     /// Open connections from one source IP address.
     #[arg(long, env = "CA_MAX_CONNECTIONS_PER_SOURCE", default_value_t = server_default().accept.max_connections_per_source.unwrap_or(usize::MAX))]
     pub max_connections_per_source: usize,
-    /// TLS handshakes in progress at once.
+    /// Connections being admitted at once (TLS handshake, then until the first answer or --admission-hold); past it, new connections wait in the listen backlog.
     #[arg(long, env = "CA_MAX_PENDING_HANDSHAKES", default_value_t = server_default().accept.max_pending_handshakes)]
     pub max_pending_handshakes: usize,
-    /// TLS handshakes in progress from one source address.
+    /// Connections being admitted at once from one source address; past it, its new connections are closed.
     #[arg(long, env = "CA_MAX_PENDING_HANDSHAKES_PER_SOURCE", default_value_t = server_default().accept.max_pending_handshakes_per_source)]
     pub max_pending_handshakes_per_source: usize,
+    /// How long after its handshake a connection may stay in admission while its first call is not answered (0: admission ends with the handshake).
+    #[arg(long, env = "CA_ADMISSION_HOLD", default_value_t = Dur(server_default().accept.admission_hold))]
+    pub admission_hold: Dur,
     /// Time allowed for a TLS handshake.
     #[arg(long, env = "CA_HANDSHAKE_TIMEOUT", default_value_t = Dur(server_default().accept.handshake_timeout))]
     pub handshake_timeout: Dur,
@@ -147,6 +150,7 @@ impl ServerLimitArgs {
             self.max_pending_handshakes_per_source,
         )?;
         l.accept.handshake_timeout = nonzero("handshake-timeout", self.handshake_timeout)?;
+        l.accept.admission_hold = self.admission_hold.0;
         l.http2.preface_timeout = nonzero("preface-timeout", self.preface_timeout)?;
         l.http2.idle_timeout = optional(self.idle_timeout);
         l.http2.max_connection_age = optional(self.max_connection_age);

@@ -1,13 +1,21 @@
 //! Accepting connections under [`AcceptLimits`]: connections in all and per
-//! source, TLS handshakes in progress in all and per source (so one source
-//! cannot take the pool), each under a deadline; calls in flight counted per
-//! source for [`super::serve_h2`]; the drain at shutdown.
+//! source, connections being admitted in all and per source (so one source
+//! cannot take the pool), each handshake under a deadline; calls in flight
+//! counted per source for [`super::serve_h2`]; the drain at shutdown.
 //!
-//! The handshake pool in all is back-pressure, not a refusal: while it is
-//! full the loop stops accepting, and new connections wait in the kernel's
-//! listen backlog ([`LISTEN_BACKLOG`]) until a handshake ends. A mass start
-//! of pods is then served a little later instead of refused. The per-source
-//! caps still refuse: one source must not fill the pool or the backlog.
+//! Admission: a connection holds a place in the admission pool from accept
+//! through its TLS handshake and until its first call is answered
+//! ([`Calls::answered`]), or [`AcceptLimits::admission_hold`] after the
+//! handshake, whichever comes first; then it is served on without a place.
+//! So a burst of new connections costs the buffers of at most the pool's
+//! size at once, not of every connection whose call waits for the CPU.
+//!
+//! The pool in all is back-pressure, not a refusal: while it is full the
+//! loop stops accepting, and new connections wait in the kernel's listen
+//! backlog ([`LISTEN_BACKLOG`]) until a place is freed. A mass start of pods
+//! is then served a little later instead of refused. The per-source caps,
+//! checked as soon as a connection is accepted, still refuse: one source
+//! must not fill the pool or the backlog, during its handshakes or after.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -18,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::limits::{AcceptLimits, Refusals, label};
@@ -116,8 +124,8 @@ pub fn within_fd_limit(mut limits: AcceptLimits) -> AcceptLimits {
     limits
 }
 
-/// Open connections in all, open and handshaking ones per source. (The
-/// handshakes in all are the acceptor's semaphore.)
+/// Open connections in all, open and admitting ones per source. (The
+/// admission pool in all is the acceptor's semaphore.)
 #[derive(Default)]
 struct Occupancy {
     total: usize,
@@ -128,7 +136,9 @@ struct Occupancy {
 #[derive(Default)]
 struct Source {
     open: usize,
-    pending: usize,
+    /// Connections holding a place in the admission pool (or waiting for
+    /// one): handshaking, or handshake done and first call not answered.
+    admitting: usize,
     /// Calls in flight over all of this source's connections.
     calls: Arc<AtomicUsize>,
 }
@@ -141,26 +151,29 @@ pub struct Calls {
     pub all: Arc<AtomicUsize>,
     /// Long-lived calls (bundle watches) open in all.
     pub watches: Arc<AtomicUsize>,
+    /// Signalled by the connection when its first call is answered (its
+    /// first response frame is sent, or the call ends): the connection
+    /// then leaves the admission pool. `None`: nobody waits for it.
+    pub answered: Option<Arc<Notify>>,
 }
 
-/// A connection's place in [`Occupancy`] and, until its handshake ends, in
-/// the handshake pool; released on drop.
+/// A connection's place in [`Occupancy`] and, while it is being admitted,
+/// in the admission pool; released on drop.
 struct Ticket {
     occupancy: Arc<Mutex<Occupancy>>,
     source: Option<IpAddr>,
-    pending: bool,
-    handshake: Option<OwnedSemaphorePermit>,
+    admitting: bool,
+    place: Option<OwnedSemaphorePermit>,
     source_calls: Option<Arc<AtomicUsize>>,
 }
 
 impl Ticket {
-    /// Takes a place for a connection holding a place in the handshake
-    /// pool, or names the limit that refuses it.
+    /// Counts a newly accepted connection (as being admitted, before it has
+    /// a place in the pool), or names the limit that refuses it.
     fn take(
         occupancy: &Arc<Mutex<Occupancy>>,
         limits: &AcceptLimits,
         source: Option<IpAddr>,
-        handshake: OwnedSemaphorePermit,
     ) -> Result<Self, &'static str> {
         let mut o = occupancy.lock().map_err(|_| label::CONNECTIONS)?;
         if o.total >= limits.max_connections {
@@ -168,55 +181,59 @@ impl Ticket {
         }
         let mut source_calls = None;
         if let Some(ip) = source {
-            let (open, pending) = o.by_source.get(&ip).map_or((0, 0), |s| (s.open, s.pending));
+            let (open, admitting) = o
+                .by_source
+                .get(&ip)
+                .map_or((0, 0), |s| (s.open, s.admitting));
             if limits
                 .max_connections_per_source
                 .is_some_and(|max| open >= max)
             {
                 return Err(label::CONNECTIONS_PER_SOURCE);
             }
-            if pending >= limits.max_pending_handshakes_per_source {
+            if admitting >= limits.max_pending_handshakes_per_source {
                 return Err(label::PENDING_HANDSHAKES_PER_SOURCE);
             }
             let e = o.by_source.entry(ip).or_default();
             e.open += 1;
-            e.pending += 1;
+            e.admitting += 1;
             source_calls = Some(e.calls.clone());
         }
         o.total += 1;
         Ok(Self {
             occupancy: occupancy.clone(),
             source,
-            pending: true,
-            handshake: Some(handshake),
+            admitting: true,
+            place: None,
             source_calls,
         })
     }
 
-    /// The handshake is over (done or failed): the place in the handshake
-    /// pool is freed, the connection's stays.
-    fn handshake_done(&mut self) {
-        if !std::mem::take(&mut self.pending) {
+    /// Admission is over (first answer, hold bound, failed handshake): the
+    /// place in the pool and in the source's share is freed, the
+    /// connection's stays.
+    fn admitted(&mut self) {
+        if !std::mem::take(&mut self.admitting) {
             return;
         }
-        self.handshake = None;
+        self.place = None;
         if let Ok(mut o) = self.occupancy.lock()
             && let Some(e) = self.source.and_then(|ip| o.by_source.get_mut(&ip))
         {
-            e.pending = e.pending.saturating_sub(1);
+            e.admitting = e.admitting.saturating_sub(1);
         }
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.handshake_done();
+        self.admitted();
         if let Ok(mut o) = self.occupancy.lock() {
             o.total = o.total.saturating_sub(1);
             if let Some(ip) = self.source {
                 let gone = o.by_source.get_mut(&ip).is_some_and(|e| {
                     e.open = e.open.saturating_sub(1);
-                    e.open == 0 && e.pending == 0
+                    e.open == 0 && e.admitting == 0
                 });
                 if gone {
                     o.by_source.remove(&ip);
@@ -224,6 +241,30 @@ impl Drop for Ticket {
             }
         }
     }
+}
+
+/// Serves `conn` while it holds its admission place: the place is given
+/// back when `answered` fires or `hold` has passed (zero: at once),
+/// whichever comes first; the connection is served on either way.
+async fn serve_admitted<F: Future<Output = ()>>(
+    serving: F,
+    ticket: &mut Ticket,
+    answered: &Notify,
+    hold: Duration,
+) {
+    if hold.is_zero() {
+        ticket.admitted();
+        serving.await;
+        return;
+    }
+    let mut serving = std::pin::pin!(serving);
+    tokio::select! {
+        () = &mut serving => return,
+        () = answered.notified() => {}
+        () = tokio::time::sleep(hold) => {}
+    }
+    ticket.admitted();
+    serving.await;
 }
 
 /// An accept loop under [`AcceptLimits`].
@@ -280,27 +321,7 @@ impl<L: Listener> Acceptor<L> {
         let all_watches = Arc::new(AtomicUsize::new(0));
         let warn = WarnLimiter::<Option<IpAddr>>::new();
         let mut conns = JoinSet::new();
-        loop {
-            // A place in the handshake pool before anything is accepted:
-            // while it is full, connections wait in the listen backlog.
-            let permit = match pool.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(_) => {
-                    refusals.refused(refusal_label.unwrap_or(label::PENDING_HANDSHAKES));
-                    tracing::debug!(server = %name, "handshake pool full; accepting paused");
-                    let waited = loop {
-                        tokio::select! {
-                            p = pool.clone().acquire_owned() => break p.ok(),
-                            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                            _ = shutdown.changed() => break None,
-                        }
-                    };
-                    match waited {
-                        Some(p) => p,
-                        None => break,
-                    }
-                }
-            };
+        'accepting: loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 Some(_) = conns.join_next(), if !conns.is_empty() => continue,
@@ -315,7 +336,9 @@ impl<L: Listener> Acceptor<L> {
                     continue;
                 }
             };
-            let mut ticket = match Ticket::take(&occupancy, &limits, source, permit) {
+            // The caps (per source too) first: a refused connection never
+            // waits for a place.
+            let mut ticket = match Ticket::take(&occupancy, &limits, source) {
                 Ok(t) => t,
                 Err(limit) => {
                     refusals.refused(refusal_label.unwrap_or(limit));
@@ -324,21 +347,46 @@ impl<L: Listener> Acceptor<L> {
                     continue;
                 }
             };
+            // Then a place in the admission pool: while it is full, this
+            // connection waits and the next ones wait in the listen backlog.
+            let place = match pool.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    refusals.refused(refusal_label.unwrap_or(label::PENDING_HANDSHAKES));
+                    tracing::debug!(server = %name, "admission pool full; accepting paused");
+                    loop {
+                        tokio::select! {
+                            p = pool.clone().acquire_owned() => match p {
+                                Ok(p) => break p,
+                                Err(_) => break 'accepting,
+                            },
+                            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                            _ = shutdown.changed() => break 'accepting,
+                        }
+                    }
+                }
+            };
+            ticket.place = Some(place);
             let handshake = handshake.clone();
             let serve = serve.clone();
             let refusals = refusals.clone();
             let stop = shutdown.clone();
             let deadline = limits.handshake_timeout;
+            let hold = limits.admission_hold;
+            let answered = Arc::new(Notify::new());
             let calls = Calls {
                 source: ticket.source_calls.clone(),
                 all: all_calls.clone(),
                 watches: all_watches.clone(),
+                answered: (!hold.is_zero()).then(|| answered.clone()),
             };
             conns.spawn(async move {
                 let done = tokio::time::timeout(deadline, handshake(io, source)).await;
-                ticket.handshake_done();
                 match done {
-                    Ok(Some(conn)) => serve(conn, calls, stop).await,
+                    Ok(Some(conn)) => {
+                        let serving = serve(conn, calls, stop);
+                        serve_admitted(serving, &mut ticket, &answered, hold).await;
+                    }
                     Ok(None) => {}
                     Err(_) => {
                         refusals.refused(label::HANDSHAKE_TIMEOUT);
@@ -374,6 +422,47 @@ mod tests {
         );
         limits.max_connections = 10;
         assert_eq!(within_fd_limit(limits).max_connections, 10);
+    }
+
+    /// A connection admitted and then silent (its serving never ends)
+    /// keeps its place in the pool and its source's share until the hold
+    /// bound, then gives both back and is served on; an answer gives them
+    /// back at once.
+    #[tokio::test(start_paused = true)]
+    async fn the_admission_place_lasts_until_the_answer_or_the_hold() {
+        let limits = crate::limits::ServerLimits::default().accept;
+        let occupancy = Arc::new(Mutex::new(Occupancy::default()));
+        let pool = Arc::new(Semaphore::new(1));
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let admitting = || {
+            let o = occupancy.lock().unwrap();
+            o.by_source.get(&ip).map(|s| (s.open, s.admitting))
+        };
+        for answer in [false, true] {
+            let mut ticket = Ticket::take(&occupancy, &limits, Some(ip)).unwrap();
+            ticket.place = Some(pool.clone().try_acquire_owned().unwrap());
+            let answered = Arc::new(Notify::new());
+            let signal = answered.clone();
+            let task = tokio::spawn(async move {
+                let hold = Duration::from_secs(1);
+                serve_admitted(std::future::pending(), &mut ticket, &signal, hold).await;
+            });
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(admitting(), Some((1, 1)));
+            assert_eq!(pool.available_permits(), 0);
+            if answer {
+                answered.notify_one();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+            }
+            assert_eq!(admitting(), Some((1, 0)), "released, still open");
+            assert_eq!(pool.available_permits(), 1);
+            assert!(!task.is_finished(), "served on");
+            task.abort();
+            let _ = task.await;
+            assert_eq!(admitting(), None);
+        }
     }
 
     #[test]

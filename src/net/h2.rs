@@ -42,9 +42,23 @@ struct ConnStats {
     refusals: Refusals,
     /// Long-lived calls open on this connection.
     watches: Arc<AtomicUsize>,
+    /// Told once, when the first call is answered (see [`Calls::answered`]).
+    answered: Option<Arc<tokio::sync::Notify>>,
+    answered_sent: AtomicBool,
 }
 
 impl ConnStats {
+    /// A call was answered (a response frame went out, or the call ended):
+    /// the first time, the acceptor is told, and the connection leaves the
+    /// admission pool.
+    fn answered(&self) {
+        if let Some(n) = &self.answered
+            && !self.answered_sent.swap(true, Ordering::AcqRel)
+        {
+            n.notify_one();
+        }
+    }
+
     fn stream_opened(self: &Arc<Self>, timed: bool) -> StreamGuard {
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut calls) = self.calls.lock() {
@@ -89,6 +103,7 @@ struct StreamGuard(Arc<ConnStats>, u64);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
+        self.0.answered();
         let Ok(mut calls) = self.0.calls.lock() else {
             return;
         };
@@ -429,6 +444,9 @@ where
             let (parts, body) = resp.into_parts();
             let body = body.map_frame(move |frame| {
                 let _in_flight = (&guard, &slot);
+                // The first answer of a long-lived stream (SDS) is a frame
+                // of a body that never ends.
+                guard.0.answered();
                 frame
             });
             Ok(http::Response::from_parts(
@@ -588,6 +606,8 @@ pub async fn serve_h2<IO, S, I>(
         idle_since_ms: AtomicU64::new(0),
         refusals: refusals.clone(),
         watches: Arc::new(AtomicUsize::new(0)),
+        answered: calls.answered.clone(),
+        answered_sent: AtomicBool::new(false),
     });
     let cork = Arc::new(AtomicBool::new(false));
     let io = Observed {

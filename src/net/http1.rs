@@ -69,6 +69,8 @@ pub fn spawn_ops(
         max_pending_handshakes: limits.max_connections,
         max_pending_handshakes_per_source: limits.max_connections_per_source,
         handshake_timeout: limits.header_read_timeout,
+        // The pool is as large as the connection limit: no hold needed.
+        admission_hold: Duration::ZERO,
     };
     let serve_refusals = refusals.clone();
     Acceptor {
