@@ -2,12 +2,13 @@
 //! loop for TCP (with TLS) and Unix sockets, HTTP/2 connections for gRPC and
 //! HTTP/1 for the operations endpoint, and a drain with one deadline.
 //!
-//! - [`Acceptor`] caps connections in all and per source address, and TLS
-//!   handshakes in progress in all and per source (so one source cannot
-//!   take the pool), each handshake under a deadline. A refused connection
-//!   is closed at once, counted, and logged at a rate-limited pace. A full
-//!   handshake pool refuses nothing: accepting pauses, and connections wait
-//!   in the listen backlog.
+//! - [`Acceptor`] caps connections in all and per source address, and
+//!   places in the admission pool in all and per source (so one source
+//!   cannot take the pool): a connection holds a place through its TLS
+//!   handshake (under a deadline) until its first answer, at most the
+//!   admission hold after the handshake. A refused connection is closed at
+//!   once, counted, and logged at a rate-limited pace. A full pool refuses
+//!   nothing: accepting pauses, and connections wait in the listen backlog.
 //! - [`serve_h2`] serves one HTTP/2 connection: concurrent streams and the
 //!   header list size advertised and enforced by HTTP/2 (refusals seen on the
 //!   wire and counted), a preface deadline, an idle timeout, a maximum age,
