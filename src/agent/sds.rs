@@ -39,6 +39,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::Error;
 use super::acks::{BundleAcks, is_bundle_name};
 use super::metrics::AgentMetrics;
+use super::sds_wire::{SdsRoutes, SharedResponses, SotwPush};
 use super::workload::{CertWatch, RootBundle, WorkloadCert};
 use crate::limits::{AgentLimits, label};
 use crate::logsafe::{WarnLimiter, peer};
@@ -49,9 +50,7 @@ use crate::proto::envoy::extensions::transport_sockets::tls::v3::{
 use crate::proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
-use crate::proto::envoy::service::secret::v3::secret_discovery_service_server::{
-    SecretDiscoveryService, SecretDiscoveryServiceServer,
-};
+use crate::proto::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
 
 pub const SECRET_TYPE_URL: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
@@ -85,9 +84,11 @@ pub struct Sds {
     warn: Arc<WarnLimiter<&'static str>>,
     /// Streams end when this fires (set by [`serve`]).
     shutdown: Option<watch::Receiver<bool>>,
+    /// State-of-the-world responses, encoded once for every stream.
+    shared: Arc<SharedResponses>,
 }
 
-type Snapshot = (Option<Arc<WorkloadCert>>, Option<Arc<RootBundle>>);
+pub(super) type Snapshot = (Option<Arc<WorkloadCert>>, Option<Arc<RootBundle>>);
 
 impl Sds {
     /// The service with the default [`AgentLimits`].
@@ -100,6 +101,7 @@ impl Sds {
             limits: Arc::new(AgentLimits::default()),
             warn: Arc::new(WarnLimiter::new()),
             shutdown: None,
+            shared: Arc::default(),
         }
     }
 
@@ -250,6 +252,22 @@ impl Sds {
         }))
     }
 
+    /// The response for `names` that every stream in the same state
+    /// shares, with a nonce of this stream's own.
+    fn sotw_push(
+        &self,
+        names: &BTreeSet<String>,
+        snap: &Snapshot,
+    ) -> Result<Option<SotwPush>, Status> {
+        let body = self
+            .shared
+            .get(names, snap, || self.sotw_response(names, snap))?;
+        Ok(body.map(|body| SotwPush {
+            body,
+            nonce: self.nonce(),
+        }))
+    }
+
     fn count_push(&self, names: impl IntoIterator<Item = impl AsRef<str>>) {
         for n in names {
             self.metrics
@@ -262,7 +280,7 @@ impl Sds {
     async fn sotw_loop(
         self,
         mut inbound: Streaming<DiscoveryRequest>,
-        tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+        tx: mpsc::Sender<Result<SotwPush, Status>>,
     ) {
         let mut cert_rx = self.watch.cert.clone();
         let mut roots_rx = self.watch.roots.clone();
@@ -350,7 +368,7 @@ impl Sds {
                 continue;
             }
             let snap = self.snapshot();
-            match self.sotw_response(&names, &snap) {
+            match self.sotw_push(&names, &snap) {
                 Err(status) => {
                     crate::peer_warn!(self.warn, "refused", self.metrics.refusals,
                         resources = %shown(&names),
@@ -364,15 +382,15 @@ impl Sds {
                     // A change that leaves our resources as they were (the
                     // other watch fired) is not pushed, unless the request
                     // itself asked for an answer.
-                    if last_version.as_deref() == Some(resp.version_info.as_str())
+                    if last_version.as_deref() == Some(resp.body.version_info.as_str())
                         && last_nonce.is_some()
-                        && !names_changed(&last_version, &resp)
+                        && !names_changed(&last_version, &resp.body.version_info)
                     {
                         changed_at = None;
                         continue;
                     }
                     last_nonce = Some(resp.nonce.clone());
-                    last_version = Some(resp.version_info.clone());
+                    last_version = Some(resp.body.version_info.clone());
                     last_generation = snap
                         .1
                         .as_ref()
@@ -382,7 +400,7 @@ impl Sds {
                         awaiting = Some((resp.nonce.clone(), at));
                     }
                     self.count_push(&names);
-                    tracing::debug!(resources = %shown(&names), nonce = %resp.nonce, version = %resp.version_info, "SDS push");
+                    tracing::debug!(resources = %shown(&names), nonce = %resp.nonce, version = %resp.body.version_info, "SDS push");
                     if tx.send(Ok(resp)).await.is_err() {
                         return;
                     }
@@ -519,13 +537,13 @@ impl Sds {
 
 /// Whether the subscribed names differ between the last response and this
 /// one (the version string starts each entry with the name).
-fn names_changed(last_version: &Option<String>, resp: &DiscoveryResponse) -> bool {
+fn names_changed(last_version: &Option<String>, version_info: &str) -> bool {
     let names = |v: &str| {
         v.split(';')
             .map(|e| e.split('=').next().unwrap_or_default().to_owned())
             .collect::<Vec<_>>()
     };
-    last_version.as_deref().map(names) != Some(names(&resp.version_info))
+    last_version.as_deref().map(names) != Some(names(version_info))
 }
 
 /// Requested names for a log line: each escaped and cut, at most four.
@@ -552,7 +570,7 @@ fn inline(bytes: &[u8]) -> DataSource {
     }
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+pub(super) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 impl Sds {
     /// Runs one stream's loop in its own task, counted while it lives, and
@@ -572,6 +590,13 @@ impl Sds {
             task.await;
         });
         Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
+    /// A state-of-the-world stream: its loop in a task of its own, and the
+    /// responses it sends.
+    pub(super) fn stream_sotw(&self, inbound: Streaming<DiscoveryRequest>) -> BoxStream<SotwPush> {
+        let this = self.clone();
+        self.spawn_stream(move |tx| this.sotw_loop(inbound, tx))
     }
 }
 
@@ -600,10 +625,13 @@ impl SecretDiscoveryService for Sds {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let this = self.clone();
-        Ok(Response::new(self.spawn_stream(move |tx| {
-            this.sotw_loop(request.into_inner(), tx)
-        })))
+        use tokio_stream::StreamExt;
+        // Not the route served (see `SdsRoutes`): the same stream, each
+        // response read back into a message.
+        let pushes = self.stream_sotw(request.into_inner());
+        Ok(Response::new(Box::pin(
+            pushes.map(|p| p.and_then(|p| p.message())),
+        )))
     }
 
     async fn delta_secrets(
@@ -756,10 +784,7 @@ pub fn serve(
     sds.shutdown = Some(shutdown.clone());
     let limits = sds.limits.clone();
     let refusals = sds.metrics.refusals.clone();
-    let routes = tonic::service::Routes::new(
-        SecretDiscoveryServiceServer::new(sds)
-            .max_decoding_message_size(limits.http2.max_message_bytes),
-    );
+    let routes = tonic::service::Routes::new(SdsRoutes::new(sds, limits.http2.max_message_bytes));
     let accept = crate::net::Acceptor {
         name: format!("SDS {}", path.display()),
         listener,
