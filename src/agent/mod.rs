@@ -5,6 +5,7 @@ pub mod bundle;
 pub mod client;
 pub mod metrics;
 pub mod sds;
+mod sds_inbound;
 mod sds_wire;
 pub mod trust;
 pub mod watcher;

@@ -2,8 +2,9 @@
 //! change and shared by every stream that sends it: all of
 //! `DiscoveryResponse` but its nonce, which each stream appends (the nonce
 //! is the message's last field, so the bytes are exactly prost's encoding of
-//! the whole message). The `StreamSecrets` route sends these; the other
-//! methods go to the generated service.
+//! the whole message). The `StreamSecrets` route sends these; it and
+//! `DeltaSecrets` read their requests with [`Requests`] (a buffer that does
+//! not outlive its message); `FetchSecrets` goes to the generated service.
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -17,7 +18,10 @@ use tonic::codegen::{Body, BoxFuture, Service, StdError};
 use zeroize::Zeroizing;
 
 use super::sds::{BoxStream, Sds, Snapshot};
-use crate::proto::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use super::sds_inbound::{Inbound, Requests};
+use crate::proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 use crate::proto::envoy::service::secret::v3::secret_discovery_service_server::{
     SERVICE_NAME, SecretDiscoveryServiceServer,
 };
@@ -26,6 +30,7 @@ use crate::proto::envoy::service::secret::v3::secret_discovery_service_server::{
 const NONCE_FIELD: u32 = 5;
 /// The route served here; the other methods go to the generated service.
 const STREAM_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
+const DELTA_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets";
 /// Codec buffers as `crate::proto::SmallCodec`'s: 1 KiB to start with (a
 /// push is about 2 KB and grows it once), yielding at 32 KiB.
 const CODEC_BUFFER_BYTES: usize = 1024;
@@ -201,20 +206,37 @@ impl tonic::server::NamedService for SdsRoutes {
     const NAME: &'static str = SERVICE_NAME;
 }
 
-struct StreamSecrets(Sds);
+/// A streaming method whose requests are read by [`Requests`]: tonic's
+/// own `Streaming` is handed an empty body and dropped unread.
+struct Method<M> {
+    sds: Sds,
+    requests: Option<Inbound<M>>,
+}
 
-impl tonic::server::StreamingService<DiscoveryRequest> for StreamSecrets {
+/// An empty stream, for a method called twice (never: one per request).
+fn taken<M: Send + 'static>() -> Inbound<M> {
+    Box::pin(tokio_stream::empty())
+}
+
+impl tonic::server::StreamingService<DiscoveryRequest> for Method<DiscoveryRequest> {
     type Response = SotwPush;
     type ResponseStream = BoxStream<SotwPush>;
     type Future = std::future::Ready<Result<tonic::Response<Self::ResponseStream>, Status>>;
 
-    fn call(
-        &mut self,
-        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
-    ) -> Self::Future {
-        std::future::ready(Ok(tonic::Response::new(
-            self.0.stream_sotw(request.into_inner()),
-        )))
+    fn call(&mut self, _: tonic::Request<tonic::Streaming<DiscoveryRequest>>) -> Self::Future {
+        let requests = self.requests.take().unwrap_or_else(taken);
+        std::future::ready(Ok(tonic::Response::new(self.sds.stream_sotw(requests))))
+    }
+}
+
+impl tonic::server::StreamingService<DeltaDiscoveryRequest> for Method<DeltaDiscoveryRequest> {
+    type Response = DeltaDiscoveryResponse;
+    type ResponseStream = BoxStream<DeltaDiscoveryResponse>;
+    type Future = std::future::Ready<Result<tonic::Response<Self::ResponseStream>, Status>>;
+
+    fn call(&mut self, _: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
+        let requests = self.requests.take().unwrap_or_else(taken);
+        std::future::ready(Ok(tonic::Response::new(self.sds.stream_delta(requests))))
     }
 }
 
@@ -232,15 +254,39 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != STREAM_SECRETS {
+        let max = self.max_message_bytes;
+        let path = req.uri().path();
+        if path != STREAM_SECRETS && path != DELTA_SECRETS {
             return self.generated.call(req);
         }
-        let method = StreamSecrets(self.sds.clone());
-        let max = self.max_message_bytes;
+        let sotw = path == STREAM_SECRETS;
+        // The body is read here; tonic sees an empty one.
+        let (parts, body) = req.into_parts();
+        let req = http::Request::from_parts(parts, tonic::body::Body::empty());
+        let sds = self.sds.clone();
         Box::pin(async move {
-            let mut grpc =
-                tonic::server::Grpc::new(SotwCodec).apply_max_message_size_config(Some(max), None);
-            Ok(grpc.streaming(method, req).await)
+            if sotw {
+                let method = Method {
+                    sds,
+                    requests: Some(Box::pin(Requests::new(body, max)) as Inbound<DiscoveryRequest>),
+                };
+                let mut grpc = tonic::server::Grpc::new(SotwCodec)
+                    .apply_max_message_size_config(Some(max), None);
+                Ok(grpc.streaming(method, req).await)
+            } else {
+                let method = Method {
+                    sds,
+                    requests: Some(
+                        Box::pin(Requests::new(body, max)) as Inbound<DeltaDiscoveryRequest>
+                    ),
+                };
+                let mut grpc = tonic::server::Grpc::new(crate::proto::SmallCodec::<
+                    DeltaDiscoveryResponse,
+                    DeltaDiscoveryRequest,
+                >::default())
+                .apply_max_message_size_config(Some(max), None);
+                Ok(grpc.streaming(method, req).await)
+            }
         })
     }
 }

@@ -362,7 +362,10 @@ mod tests {
     fn node_size() {
         use prost::Message;
         let n = wire::envoy_node(ENVOY_NODE_BYTES).encoded_len();
-        assert!((ENVOY_NODE_BYTES..ENVOY_NODE_BYTES + 200).contains(&n), "{n}");
+        assert!(
+            (ENVOY_NODE_BYTES..ENVOY_NODE_BYTES + 200).contains(&n),
+            "{n}"
+        );
         assert!(wire::envoy_node(0).extensions.is_empty());
     }
 
