@@ -6,7 +6,7 @@ pub mod client;
 pub mod metrics;
 pub mod sds;
 mod sds_inbound;
-mod sds_wire;
+mod sds_routes;
 pub mod trust;
 pub mod watcher;
 pub mod workload;

@@ -38,7 +38,6 @@ use tonic::{Request, Response, Status, Streaming};
 use super::acks::{BundleAcks, is_bundle_name};
 use super::metrics::AgentMetrics;
 use super::sds_inbound::Inbound;
-use super::sds_wire::{SharedResponses, SotwPush};
 use super::workload::{CertWatch, RootBundle, WorkloadCert};
 use crate::limits::{AgentLimits, label};
 use crate::logsafe::{WarnLimiter, peer};
@@ -83,11 +82,9 @@ pub struct Sds {
     warn: Arc<WarnLimiter<&'static str>>,
     /// Streams end when this fires (set by [`serve`]).
     shutdown: Option<watch::Receiver<bool>>,
-    /// State-of-the-world responses, encoded once for every stream.
-    shared: Arc<SharedResponses>,
 }
 
-pub(super) type Snapshot = (Option<Arc<WorkloadCert>>, Option<Arc<RootBundle>>);
+type Snapshot = (Option<Arc<WorkloadCert>>, Option<Arc<RootBundle>>);
 
 impl Sds {
     /// The service with the default [`AgentLimits`].
@@ -100,7 +97,6 @@ impl Sds {
             limits: Arc::new(AgentLimits::default()),
             warn: Arc::new(WarnLimiter::new()),
             shutdown: None,
-            shared: Arc::default(),
         }
     }
 
@@ -251,22 +247,6 @@ impl Sds {
         }))
     }
 
-    /// The response for `names` that every stream in the same state
-    /// shares, with a nonce of this stream's own.
-    fn sotw_push(
-        &self,
-        names: &BTreeSet<String>,
-        snap: &Snapshot,
-    ) -> Result<Option<SotwPush>, Status> {
-        let body = self
-            .shared
-            .get(names, snap, || self.sotw_response(names, snap))?;
-        Ok(body.map(|body| SotwPush {
-            body,
-            nonce: self.nonce(),
-        }))
-    }
-
     fn count_push(&self, names: impl IntoIterator<Item = impl AsRef<str>>) {
         for n in names {
             self.metrics
@@ -279,7 +259,7 @@ impl Sds {
     async fn sotw_loop(
         self,
         mut inbound: Inbound<DiscoveryRequest>,
-        tx: mpsc::Sender<Result<SotwPush, Status>>,
+        tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     ) {
         let mut cert_rx = self.watch.cert.clone();
         let mut roots_rx = self.watch.roots.clone();
@@ -367,7 +347,7 @@ impl Sds {
                 continue;
             }
             let snap = self.snapshot();
-            match self.sotw_push(&names, &snap) {
+            match self.sotw_response(&names, &snap) {
                 Err(status) => {
                     crate::peer_warn!(self.warn, "refused", self.metrics.refusals,
                         resources = %shown(&names),
@@ -381,15 +361,15 @@ impl Sds {
                     // A change that leaves our resources as they were (the
                     // other watch fired) is not pushed, unless the request
                     // itself asked for an answer.
-                    if last_version.as_deref() == Some(resp.body.version_info.as_str())
+                    if last_version.as_deref() == Some(resp.version_info.as_str())
                         && last_nonce.is_some()
-                        && !names_changed(&last_version, &resp.body.version_info)
+                        && !names_changed(&last_version, &resp.version_info)
                     {
                         changed_at = None;
                         continue;
                     }
                     last_nonce = Some(resp.nonce.clone());
-                    last_version = Some(resp.body.version_info.clone());
+                    last_version = Some(resp.version_info.clone());
                     last_generation = snap
                         .1
                         .as_ref()
@@ -399,7 +379,7 @@ impl Sds {
                         awaiting = Some((resp.nonce.clone(), at));
                     }
                     self.count_push(&names);
-                    tracing::debug!(resources = %shown(&names), nonce = %resp.nonce, version = %resp.body.version_info, "SDS push");
+                    tracing::debug!(resources = %shown(&names), nonce = %resp.nonce, version = %resp.version_info, "SDS push");
                     if tx.send(Ok(resp)).await.is_err() {
                         return;
                     }
@@ -593,7 +573,10 @@ impl Sds {
 
     /// A state-of-the-world stream: its loop in a task of its own, and the
     /// responses it sends.
-    pub(super) fn stream_sotw(&self, inbound: Inbound<DiscoveryRequest>) -> BoxStream<SotwPush> {
+    pub(super) fn stream_sotw(
+        &self,
+        inbound: Inbound<DiscoveryRequest>,
+    ) -> BoxStream<DiscoveryResponse> {
         let this = self.clone();
         self.spawn_stream(move |tx| this.sotw_loop(inbound, tx))
     }
@@ -643,13 +626,11 @@ impl SecretDiscoveryService for Sds {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        use tokio_stream::StreamExt;
-        // Not the route served (see `SdsRoutes`): the same stream, each
-        // response read back into a message.
-        let pushes = self.stream_sotw(Box::pin(request.into_inner()));
-        Ok(Response::new(Box::pin(
-            pushes.map(|p| p.and_then(|p| p.message())),
-        )))
+        // Not the route served (see `SdsRoutes`, which reads the requests
+        // with a buffer of its own): the same stream on tonic's `Streaming`.
+        Ok(Response::new(
+            self.stream_sotw(Box::pin(request.into_inner())),
+        ))
     }
 
     async fn delta_secrets(

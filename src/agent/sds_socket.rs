@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use tokio::sync::watch;
 
 use super::super::Error;
-use super::super::sds_wire::SdsRoutes;
+use super::super::sds_routes::SdsRoutes;
 use super::{SDS_DRAIN, Sds};
 
 /// A bound SDS socket, serving until shutdown.
