@@ -216,9 +216,33 @@ async fn sds_messages_are_bounded() {
         cluster: "c".into(),
         ..Default::default()
     });
-    let err = sds.fetch_secrets(req).await.unwrap_err();
+    let err = sds.fetch_secrets(req.clone()).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::OutOfRange, "{}", err.message());
     assert_eq!(n.agent.refusals(label::MESSAGE_SIZE).await, 1.0);
+    // On both streaming methods too: refused, counted, the stream ended.
+    let (tx, mut stream) = open_stream(&n.agent.socket("a")).await;
+    tx.send(req).await.unwrap();
+    let err = stream.message().await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{}", err.message());
+    assert_eq!(n.agent.refusals(label::MESSAGE_SIZE).await, 2.0);
+    {
+        use workload_ca::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(DeltaDiscoveryRequest {
+            resource_names_subscribe: vec!["x".repeat(8192)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut stream = sds
+            .delta_secrets(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let err = stream.message().await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::OutOfRange, "{}", err.message());
+        assert_eq!(n.agent.refusals(label::MESSAGE_SIZE).await, 3.0);
+    }
     fetch_default(&n.agent.socket("a")).await;
 }
 

@@ -41,20 +41,54 @@ fn num(v: &Value, path: &str) -> f64 {
         .unwrap_or_else(|| panic!("{path} is not a number in {v}"))
 }
 
+/// The default shape: Envoy's (10 proxies, each one connection with a
+/// stream for `default` and one for `ROOTCA`, a ~61 KB node first).
 #[test]
 fn streams_get_every_rotation_and_the_report_holds() {
-    let out = bench(
+    let r = run_and_check(&[], 20, 10);
+    assert_eq!(r["shape"], "envoy", "{r}");
+    assert_eq!(num(&r, "connections"), 10.0, "{r}");
+    assert_eq!(num(&r, "node_bytes"), 61000.0, "{r}");
+}
+
+/// The worst case for connections: each stream its own, subscribed to
+/// both names; an odd count in the Envoy shape leaves the last proxy
+/// with one stream.
+#[test]
+fn the_other_shape_and_odd_counts() {
+    let r = run_and_check(
         &[
-            "--json",
-            "--streams",
-            "20",
-            "--rotations",
-            "2",
-            "--cert-ttl",
-            "3s",
+            "--shape",
+            "one-stream-per-connection",
+            "--node-bytes",
+            "1000",
         ],
-        Duration::from_secs(120),
+        7,
+        7,
     );
+    assert_eq!(r["shape"], "one-stream-per-connection", "{r}");
+    assert_eq!(num(&r, "connections"), 7.0, "{r}");
+    assert_eq!(num(&r, "node_bytes"), 1000.0, "{r}");
+    let r = run_and_check(&["--node-bytes", "0"], 7, 4);
+    assert_eq!(num(&r, "connections"), 4.0, "{r}");
+}
+
+/// Runs the bench with `streams` streams, 2 rotations of 3 s certificates
+/// and `extra` flags, checks that the `cert_streams` streams subscribed to
+/// `default` got every rotation and that the report holds, and returns it.
+fn run_and_check(extra: &[&str], streams: usize, cert_streams: usize) -> Value {
+    let n = streams.to_string();
+    let mut args = vec![
+        "--json",
+        "--streams",
+        n.as_str(),
+        "--rotations",
+        "2",
+        "--cert-ttl",
+        "3s",
+    ];
+    args.extend_from_slice(extra);
+    let out = bench(&args, Duration::from_secs(120));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "exit {}: {stderr}", out.status);
     let stdout = String::from_utf8(out.stdout).unwrap();
@@ -66,7 +100,9 @@ fn streams_get_every_rotation_and_the_report_holds() {
     let r: Value = serde_json::from_str(stdout.trim()).unwrap();
 
     assert_eq!(r["mode"], "agent");
-    assert_eq!(num(&r, "streams"), 20.0);
+    assert_eq!(num(&r, "streams"), streams as f64);
+    assert_eq!(num(&r, "cert_streams"), cert_streams as f64, "{r}");
+    let want = cert_streams as f64;
     assert_eq!(num(&r, "rotations"), 2.0);
     assert_eq!(num(&r, "cert_ttl_ms"), 3000.0);
     assert_eq!(num(&r, "missed_pushes"), 0.0, "{r}");
@@ -78,7 +114,7 @@ fn streams_get_every_rotation_and_the_report_holds() {
     let mut serials = std::collections::HashSet::new();
     let mut max: f64 = 0.0;
     for rot in rotations {
-        assert_eq!(num(rot, "received"), 20.0, "{rot}");
+        assert_eq!(num(rot, "received"), want, "{rot}");
         assert_eq!(num(rot, "missed"), 0.0, "{rot}");
         assert_eq!(rot["from"], "agent_log");
         let serial = rot["serial"].as_str().unwrap();
@@ -113,9 +149,10 @@ fn streams_get_every_rotation_and_the_report_holds() {
     assert!(num(&r, "agent.cpu_ms_rotations") >= 0.0);
     assert!(num(&r, "open.seconds") > 0.0);
     // The agent's own view: every stream connected, nothing refused.
-    assert_eq!(num(&r, "agent.metrics.sds_streams"), 20.0, "{r}");
+    assert_eq!(num(&r, "agent.metrics.sds_streams"), streams as f64, "{r}");
     assert_eq!(num(&r, "agent.metrics.limit_refusals"), 0.0, "{r}");
-    assert!(num(&r, "agent.metrics.pushes_acked") >= 20.0, "{r}");
+    // Each rotation's push to the streams subscribed to `default`.
+    assert!(num(&r, "agent.metrics.pushes_acked") >= 2.0 * want, "{r}");
     let flags: Vec<&str> = r["agent_flags"]
         .as_array()
         .unwrap()
@@ -129,6 +166,7 @@ fn streams_get_every_rotation_and_the_report_holds() {
         "{flags:?}"
     );
     assert!(r["targets"]["push_met"].is_boolean() && r["targets"]["rss_met"].is_boolean());
+    r
 }
 
 #[test]

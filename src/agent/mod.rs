@@ -5,6 +5,8 @@ pub mod bundle;
 pub mod client;
 pub mod metrics;
 pub mod sds;
+mod sds_inbound;
+mod sds_routes;
 pub mod trust;
 pub mod watcher;
 pub mod workload;

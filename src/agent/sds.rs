@@ -24,8 +24,6 @@
 //! (a matching nonce, no `error_detail`) in the agent-wide [`BundleAcks`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,11 +32,12 @@ use std::time::Duration;
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::Error;
 use super::acks::{BundleAcks, is_bundle_name};
 use super::metrics::AgentMetrics;
+use super::sds_inbound::Inbound;
 use super::workload::{CertWatch, RootBundle, WorkloadCert};
 use crate::limits::{AgentLimits, label};
 use crate::logsafe::{WarnLimiter, peer};
@@ -49,9 +48,7 @@ use crate::proto::envoy::extensions::transport_sockets::tls::v3::{
 use crate::proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
-use crate::proto::envoy::service::secret::v3::secret_discovery_service_server::{
-    SecretDiscoveryService, SecretDiscoveryServiceServer,
-};
+use crate::proto::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
 
 pub const SECRET_TYPE_URL: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
@@ -261,7 +258,7 @@ impl Sds {
 
     async fn sotw_loop(
         self,
-        mut inbound: Streaming<DiscoveryRequest>,
+        mut inbound: Inbound<DiscoveryRequest>,
         tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     ) {
         let mut cert_rx = self.watch.cert.clone();
@@ -287,11 +284,11 @@ impl Sds {
         loop {
             tokio::select! {
                 () = Self::stopping(&mut shutdown) => return,
-                msg = inbound.message() => {
+                msg = inbound.next() => {
                     let req = match msg {
-                        Ok(Some(req)) => req,
-                        Ok(None) => return,
-                        Err(e) => { tracing::debug!(error = %e, "SDS stream ended"); return }
+                        Some(Ok(req)) => req,
+                        None => return,
+                        Some(Err(e)) => return self.ended(e, &tx).await,
                     };
                     if !req.type_url.is_empty() && req.type_url != SECRET_TYPE_URL {
                         let _ = tx.send(Err(Status::invalid_argument(format!("type {} is not served here; only {SECRET_TYPE_URL}", peer(&req.type_url))))).await;
@@ -366,7 +363,7 @@ impl Sds {
                     // itself asked for an answer.
                     if last_version.as_deref() == Some(resp.version_info.as_str())
                         && last_nonce.is_some()
-                        && !names_changed(&last_version, &resp)
+                        && !names_changed(&last_version, &resp.version_info)
                     {
                         changed_at = None;
                         continue;
@@ -393,7 +390,7 @@ impl Sds {
 
     async fn delta_loop(
         self,
-        mut inbound: Streaming<DeltaDiscoveryRequest>,
+        mut inbound: Inbound<DeltaDiscoveryRequest>,
         tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     ) {
         let mut cert_rx = self.watch.cert.clone();
@@ -410,11 +407,11 @@ impl Sds {
         loop {
             tokio::select! {
                 () = Self::stopping(&mut shutdown) => return,
-                msg = inbound.message() => {
+                msg = inbound.next() => {
                     let req = match msg {
-                        Ok(Some(req)) => req,
-                        Ok(None) => return,
-                        Err(e) => { tracing::debug!(error = %e, "delta SDS stream ended"); return }
+                        Some(Ok(req)) => req,
+                        None => return,
+                        Some(Err(e)) => return self.ended(e, &tx).await,
                     };
                     if !req.type_url.is_empty() && req.type_url != SECRET_TYPE_URL {
                         let _ = tx.send(Err(Status::invalid_argument(format!("type {:?} is not served here", peer(&req.type_url))))).await;
@@ -519,13 +516,13 @@ impl Sds {
 
 /// Whether the subscribed names differ between the last response and this
 /// one (the version string starts each entry with the name).
-fn names_changed(last_version: &Option<String>, resp: &DiscoveryResponse) -> bool {
+fn names_changed(last_version: &Option<String>, version_info: &str) -> bool {
     let names = |v: &str| {
         v.split(';')
             .map(|e| e.split('=').next().unwrap_or_default().to_owned())
             .collect::<Vec<_>>()
     };
-    last_version.as_deref().map(names) != Some(names(&resp.version_info))
+    last_version.as_deref().map(names) != Some(names(version_info))
 }
 
 /// Requested names for a log line: each escaped and cut, at most four.
@@ -552,7 +549,7 @@ fn inline(bytes: &[u8]) -> DataSource {
     }
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+pub(super) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 impl Sds {
     /// Runs one stream's loop in its own task, counted while it lives, and
@@ -572,6 +569,35 @@ impl Sds {
             task.await;
         });
         Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
+    /// A state-of-the-world stream: its loop in a task of its own, and the
+    /// responses it sends.
+    pub(super) fn stream_sotw(
+        &self,
+        inbound: Inbound<DiscoveryRequest>,
+    ) -> BoxStream<DiscoveryResponse> {
+        let this = self.clone();
+        self.spawn_stream(move |tx| this.sotw_loop(inbound, tx))
+    }
+
+    /// A delta stream: its loop in a task of its own, and its responses.
+    pub(super) fn stream_delta(
+        &self,
+        inbound: Inbound<DeltaDiscoveryRequest>,
+    ) -> BoxStream<DeltaDiscoveryResponse> {
+        let this = self.clone();
+        self.spawn_stream(move |tx| this.delta_loop(inbound, tx))
+    }
+
+    /// A stream's requests ended with `e`: an over-long message is refused
+    /// (counted, and the status sent); anything else (a reset) just ends it.
+    async fn ended<T>(&self, e: Status, tx: &mpsc::Sender<Result<T, Status>>) {
+        tracing::debug!(error = %e, "SDS stream ended");
+        if e.code() == tonic::Code::OutOfRange {
+            self.metrics.refusals.refused(label::MESSAGE_SIZE);
+            let _ = tx.send(Err(e)).await;
+        }
     }
 }
 
@@ -600,20 +626,20 @@ impl SecretDiscoveryService for Sds {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let this = self.clone();
-        Ok(Response::new(self.spawn_stream(move |tx| {
-            this.sotw_loop(request.into_inner(), tx)
-        })))
+        // Not the route served (see `SdsRoutes`, which reads the requests
+        // with a buffer of its own): the same stream on tonic's `Streaming`.
+        Ok(Response::new(
+            self.stream_sotw(Box::pin(request.into_inner())),
+        ))
     }
 
     async fn delta_secrets(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        let this = self.clone();
-        Ok(Response::new(self.spawn_stream(move |tx| {
-            this.delta_loop(request.into_inner(), tx)
-        })))
+        Ok(Response::new(
+            self.stream_delta(Box::pin(request.into_inner())),
+        ))
     }
 
     async fn fetch_secrets(
@@ -646,150 +672,6 @@ impl SecretDiscoveryService for Sds {
     }
 }
 
-/// A bound SDS socket, serving until shutdown.
-pub struct SdsSocket {
-    pub path: PathBuf,
-    pub task: tokio::task::JoinHandle<()>,
-}
-
-/// Binds `path` and serves `sds` on it until `shutdown` fires.
-///
-/// The socket is bound inside a fresh private (0700) directory next to
-/// `path`, restricted to 0600, then hard-linked into place, which fails
-/// rather than replace anything that appeared meanwhile. So it is never
-/// reachable with looser permissions, and never overwrites another socket.
-/// On shutdown the path is removed only if it is still our socket (same
-/// device and inode): an overlapping successor's socket is left alone.
-///
-/// An existing socket is replaced only when connecting to it is refused
-/// (left by a crashed agent); a live one, one we may not connect to, or a
-/// path that is not a socket is an error. Abstract names (`@name`) are
-/// refused: they have no file permissions to protect the keys.
-///
-/// # Errors
-/// [`Error::Socket`].
-pub fn serve(
-    path: &Path,
-    sds: Sds,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<SdsSocket, Error> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    let err = |reason: String| Error::Socket {
-        path: path.to_owned(),
-        reason,
-    };
-    if path.as_os_str().to_string_lossy().starts_with('@') {
-        return Err(err(
-            "abstract sockets are not supported: they cannot be protected by file permissions"
-                .into(),
-        ));
-    }
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let private = dir.join(format!(
-        ".sds-{:016x}",
-        super::workload::unit_random().to_bits()
-    ));
-    let tmp = private.join("s");
-    for p in [path, tmp.as_path()] {
-        if p.as_os_str().len() > 107 {
-            return Err(err(format!(
-                "{} is longer than the 107 bytes a Unix socket path may have",
-                p.display()
-            )));
-        }
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => return Err(err("another process is serving on it".into())),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    tracing::info!(path = %path.display(), "replacing a stale socket");
-                    std::fs::remove_file(path)
-                        .map_err(|e| err(format!("removing the stale socket: {e}")))?;
-                }
-                Err(e) => {
-                    return Err(err(format!(
-                        "exists and cannot be probed ({e}); refusing to replace it"
-                    )));
-                }
-            }
-        }
-        Ok(_) => {
-            return Err(err(
-                "exists and is not a socket; refusing to replace it".into()
-            ));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e.to_string())),
-    }
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&private)
-        .map_err(|e| err(format!("creating {}: {e}", private.display())))?;
-    let placed = tokio::net::UnixListener::bind(&tmp)
-        .map_err(|e| format!("binding: {e}"))
-        .and_then(|l| {
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-                .and_then(|()| std::fs::hard_link(&tmp, path))
-                .map_err(|e| format!("placing the socket: {e}"))?;
-            Ok(l)
-        });
-    let _ = std::fs::remove_file(&tmp);
-    let _ = std::fs::remove_dir(&private);
-    let listener = placed.map_err(err)?;
-    let ours = std::fs::symlink_metadata(path)
-        .map(|m| (m.dev(), m.ino()))
-        .map_err(|e| err(e.to_string()))?;
-    let owned = path.to_owned();
-    // Unlinked as soon as shutdown begins, not after the drain: a proxy that
-    // keeps its stream open must not leave the file behind when the process
-    // exits at its deadline. Only our own socket (same inode) is removed.
-    let remove_ours = move |p: &Path| {
-        if std::fs::symlink_metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == ours) {
-            let _ = std::fs::remove_file(p);
-        }
-    };
-    let mut sds = sds;
-    sds.shutdown = Some(shutdown.clone());
-    let limits = sds.limits.clone();
-    let refusals = sds.metrics.refusals.clone();
-    let routes = tonic::service::Routes::new(
-        SecretDiscoveryServiceServer::new(sds)
-            .max_decoding_message_size(limits.http2.max_message_bytes),
-    );
-    let accept = crate::net::Acceptor {
-        name: format!("SDS {}", path.display()),
-        listener,
-        limits: limits.accept.clone(),
-        refusals: refusals.clone(),
-        shutdown: shutdown.clone(),
-        drain: SDS_DRAIN,
-        refusal_label: None,
-    }
-    .spawn(
-        |io, _| std::future::ready(Some(io)),
-        move |io, calls, stop| {
-            let routes = routes.clone();
-            let limits = limits.clone();
-            let refusals = refusals.clone();
-            async move {
-                crate::net::serve_h2(io, (), routes, &limits.http2, &refusals, calls, stop).await;
-            }
-        },
-    );
-    let task = tokio::spawn(async move {
-        let _ = shutdown.changed().await;
-        remove_ours(&owned);
-        if let Err(e) = accept.await {
-            tracing::error!(path = %owned.display(), error = %e, "SDS server failed");
-        }
-        remove_ours(&owned);
-    });
-    Ok(SdsSocket {
-        path: path.to_owned(),
-        task,
-    })
-}
+#[path = "sds_socket.rs"]
+mod socket;
+pub use socket::{SdsSocket, serve};

@@ -4,8 +4,11 @@
 //! CA, with a short certificate lifetime so that it rotates every few
 //! seconds, its per-socket connection and stream caps raised to fit S, and
 //! its JSON log read for the moment it obtains each certificate. Then opens
-//! S SDS streams, each on its own Unix-socket HTTP/2 connection, on a
-//! current-thread runtime of its own (so the client costs one core at most),
+//! S SDS streams shaped like real Envoys' (S/2 proxies, each one Unix-socket
+//! HTTP/2 connection with a stream for `default` and one for `ROOTCA`, the
+//! first request on each carrying a ~61 KB node), or with
+//! `--shape one-stream-per-connection` each stream on a connection of its
+//! own, on a current-thread runtime of its own (so the client costs one core at most),
 //! and holds them through R rotations. Per rotation: from the agent's "certificate
 //! obtained" log time to each stream's receipt of the new certificate, and
 //! the streams that missed it; the agent's RSS (idle, end, peak) and CPU
@@ -25,15 +28,26 @@ use super::agent_report::{
     AgentFigures, AgentMetrics, ClientFigures, Machine, OpenFigures, PushSummary, RotationFigures,
     TARGET_PUSH_MS, TARGET_RSS_BYTES, Targets, spread,
 };
-use super::agent_streams::{self as streams, Event};
+pub use super::agent_streams::Shape;
+use super::agent_streams::{self as streams, ENVOY_NODE_BYTES, Event, Plan};
 use super::procfs;
 use super::target::TempDir;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct AgentArgs {
-    /// SDS streams, each on its own connection (as that many Envoys).
+    /// SDS streams (in the envoy shape, half as many proxies).
     #[arg(long, default_value_t = 1000)]
     pub streams: usize,
+    /// How the streams sit on connections: `envoy` (one connection per
+    /// proxy, one stream per resource name, as real Envoys) or
+    /// `one-stream-per-connection` (the worst case: a connection per
+    /// stream, each subscribed to both names).
+    #[arg(long, value_enum, default_value_t = Shape::Envoy)]
+    pub shape: Shape,
+    /// Encoded size of the `node` in each stream's first request (Envoy's,
+    /// with its extensions, is about 61 KB); later requests carry none.
+    #[arg(long, default_value_t = ENVOY_NODE_BYTES)]
+    pub node_bytes: usize,
     /// Certificate rotations to measure.
     #[arg(long, default_value_t = 5)]
     pub rotations: usize,
@@ -81,7 +95,7 @@ pub async fn run(args: &AgentArgs, target: &Target, json: bool) -> anyhow::Resul
     if args.cert_ttl < Duration::from_secs(2) {
         bail!("--cert-ttl must be at least 2s (the agent renews at half of it)");
     }
-    check_fds(args.streams)?;
+    check_fds(args.shape.connections(args.streams))?;
     let dir = TempDir::new("ca-bench-agent")?;
     let token = dir.path().join("token");
     write_private(&token, &target.tokens.token("bench", "agent")?)?;
@@ -127,11 +141,11 @@ pub async fn run(args: &AgentArgs, target: &Target, json: bool) -> anyhow::Resul
 /// How long to wait for the agent's last log lines after the last push.
 const LOG_GRACE: Duration = Duration::from_millis(500);
 
-fn check_fds(streams: usize) -> anyhow::Result<()> {
-    let need = streams as u64 + FD_MARGIN;
+fn check_fds(connections: usize) -> anyhow::Result<()> {
+    let need = connections as u64 + FD_MARGIN;
     match procfs::open_files_limit() {
         Some(limit) if limit < need => bail!(
-            "{streams} streams need about {need} open files in this process and in the agent, but the limit is {limit} (ulimit -n); raise it or use fewer --streams"
+            "{connections} connections need about {need} open files in this process and in the agent, but the limit is {limit} (ulimit -n); raise it or use fewer --streams"
         ),
         Some(_) => Ok(()),
         None => Ok(()),
@@ -345,7 +359,14 @@ impl Job {
         let (ev_tx, mut events) = mpsc::unbounded_channel();
         let cpu_open0 = cpu_ms(Some(agent.pid));
         let opening = Instant::now();
-        let held = streams::start(self.socket.clone(), a.streams, a.open_parallel, ev_tx);
+        let plan = Plan {
+            shape: a.shape,
+            streams: a.streams,
+            node_bytes: a.node_bytes,
+            parallel: a.open_parallel,
+        };
+        let cert_streams = a.shape.cert_streams(a.streams);
+        let held = streams::start(self.socket.clone(), plan, ev_tx);
         let mut tick = tokio::time::interval(TICK);
         while seen.opened + seen.ended.len() < a.streams {
             tokio::select! {
@@ -387,7 +408,7 @@ impl Job {
             if seen.rotations.len() > known {
                 last_news = Instant::now();
             }
-            seen.settle(a.streams, a.push_timeout);
+            seen.settle(cert_streams, a.push_timeout);
             if seen.rotations.len() < a.rotations && last_news.elapsed() > quiet_limit {
                 bail!(
                     "no rotation for {quiet_limit:?} ({} of {} seen)\nagent log:\n{}",
@@ -425,7 +446,7 @@ impl Job {
         let per_rotation: Vec<RotationFigures> = seen
             .rotations
             .iter()
-            .map(|r| seen.figures(r, a.streams))
+            .map(|r| seen.figures(r, cert_streams))
             .collect();
         let max = per_rotation.iter().map(|r| r.last_ms).fold(0.0, f64::max);
         let missed_pushes = per_rotation.iter().map(|r| r.missed).sum();
@@ -436,7 +457,11 @@ impl Job {
         };
         Ok(AgentReport {
             mode: "agent",
+            shape: a.shape,
             streams: a.streams,
+            connections: a.shape.connections(a.streams),
+            cert_streams,
+            node_bytes: a.node_bytes,
             rotations: per_rotation.len(),
             cert_ttl_ms: u64::try_from(a.cert_ttl.as_millis()).unwrap_or(u64::MAX),
             timing_from,
@@ -490,7 +515,7 @@ impl Job {
             .iter()
             .rev()
             .find(|r| r.done)
-            .map(|r| seen.figures(r, self.args.streams));
+            .map(|r| seen.figures(r, self.args.shape.cert_streams(self.args.streams)));
         let mut line = format!(
             "{} streams | rotations {}/{}",
             self.args.streams,
@@ -500,7 +525,9 @@ impl Job {
         if let Some(f) = last {
             line.push_str(&format!(
                 " | last: {}/{} in {:.1} ms",
-                f.received, self.args.streams, f.last_ms
+                f.received,
+                self.args.shape.cert_streams(self.args.streams),
+                f.last_ms
             ));
         }
         if !seen.ended.is_empty() {

@@ -9,8 +9,18 @@ pub const TARGET_RSS_BYTES: u64 = 50 * 1000 * 1000;
 #[derive(Debug, Serialize)]
 pub struct AgentReport {
     pub mode: &'static str,
-    /// SDS streams held, each on its own connection.
+    /// How the streams sit on connections (`envoy`: one connection per
+    /// proxy, one stream per resource name; `one-stream-per-connection`).
+    pub shape: super::agent_streams::Shape,
+    /// SDS streams held.
     pub streams: usize,
+    /// Connections holding them.
+    pub connections: usize,
+    /// Streams subscribed to `default`: those each rotation must reach
+    /// (`received` and `missed` count these).
+    pub cert_streams: usize,
+    /// Encoded size of the node in each stream's first request.
+    pub node_bytes: usize,
     /// Rotations measured.
     pub rotations: usize,
     pub cert_ttl_ms: u64,
@@ -153,9 +163,20 @@ impl AgentReport {
             }
             _ => "the agent's log line, or the first stream's receipt where there was none",
         };
+        let shape = match self.shape {
+            super::agent_streams::Shape::Envoy => format!(
+                "shape envoy: {} proxies, each one connection with a stream for default and one for ROOTCA",
+                self.connections
+            ),
+            super::agent_streams::Shape::OneStreamPerConnection => format!(
+                "shape one-stream-per-connection: {} connections, each one stream subscribed to default and ROOTCA",
+                self.connections
+            ),
+        };
         println!(
-            "ca bench agent: {} SDS streams (each its own connection, subscribed to default and ROOTCA, ACKing as Envoy) on one `ca agent`; {} rotations of {:.1} s certificates",
+            "ca bench agent: {} SDS streams on one `ca agent` ({shape}; first request with a {} B node, ACKing as Envoy); {} rotations of {:.1} s certificates",
             self.streams,
+            self.node_bytes,
             self.rotations,
             self.cert_ttl_ms as f64 / 1e3
         );
@@ -176,7 +197,7 @@ impl AgentReport {
                 r.p99_ms,
                 r.last_ms,
                 r.received,
-                self.streams,
+                self.cert_streams,
                 if r.from == "agent_log" {
                     ""
                 } else {
