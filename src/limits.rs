@@ -73,9 +73,11 @@ pub struct AcceptLimits {
     /// buffers while its first call waits for the CPU.
     pub max_pending_handshakes: usize,
     /// Places in the admission pool one source address may hold at once
-    /// (handshakes and post-handshake holds alike): one source can never
-    /// take the whole pool. Checked when the connection is accepted; past
-    /// it the connection is closed at once.
+    /// (handshakes and post-handshake holds alike), so one source never
+    /// takes the whole pool (while this is below the pool; `ca server`
+    /// warns otherwise). Past it, a source's new connections wait for its
+    /// turn (accepted, nothing read from them) rather than being refused:
+    /// many clients behind one SNAT address are served in turn.
     pub max_pending_handshakes_per_source: usize,
     /// How long a TLS handshake may take.
     pub handshake_timeout: Duration,
@@ -180,7 +182,8 @@ impl Default for ServerLimits {
                 // admitted keep 2 cores busy, and each one admitted holds
                 // ~20-40 KB of TLS and HTTP/2 buffers while its call waits.
                 max_pending_handshakes: 256,
-                max_pending_handshakes_per_source: 64,
+                // A sixteenth of the pool: sixteen sources to fill it.
+                max_pending_handshakes_per_source: 16,
                 handshake_timeout: Duration::from_secs(5),
                 admission_hold: Duration::from_secs(1),
             },
@@ -233,9 +236,9 @@ impl Default for AgentLimits {
                 max_pending_handshakes: 16,
                 max_pending_handshakes_per_source: 16,
                 handshake_timeout: Duration::from_secs(5),
-                // The pool is as large as `max_connections`: the hold never
-                // makes a connection wait here.
-                admission_hold: Duration::from_secs(1),
+                // The pool is as large as `max_connections`: a hold would
+                // never make a connection wait here.
+                admission_hold: Duration::ZERO,
             },
             http2: Http2Limits {
                 // Envoy opens one stream per secret name.

@@ -89,7 +89,10 @@ fn warm_reports_every_figure_and_verifies_answers() {
         "{r:#}"
     );
     assert!(num(&r, &["floor_ratio"]) > 0.0, "{r:#}");
-    assert!(r["floor"]["connection"].is_null(), "warm: no handshakes {r:#}");
+    assert!(
+        r["floor"]["connection"].is_null(),
+        "warm: no handshakes {r:#}"
+    );
     assert!(num(&r, &["client_cpu_us_per_cert"]) >= 0.0, "{r:#}");
 }
 

@@ -84,7 +84,7 @@ pub struct ServerLimitArgs {
     /// Connections being admitted at once (TLS handshake, then until the first answer or --admission-hold); past it, new connections wait in the listen backlog.
     #[arg(long, env = "CA_MAX_PENDING_HANDSHAKES", default_value_t = server_default().accept.max_pending_handshakes)]
     pub max_pending_handshakes: usize,
-    /// Connections being admitted at once from one source address; past it, its new connections are closed.
+    /// Places in the admission pool one source address may hold; past it, its new connections wait their turn (keep it below --max-pending-handshakes, so one source cannot take the pool).
     #[arg(long, env = "CA_MAX_PENDING_HANDSHAKES_PER_SOURCE", default_value_t = server_default().accept.max_pending_handshakes_per_source)]
     pub max_pending_handshakes_per_source: usize,
     /// How long after its handshake a connection may stay in admission while its first call is not answered (0: admission ends with the handshake).
@@ -149,6 +149,13 @@ impl ServerLimitArgs {
             "max-pending-handshakes-per-source",
             self.max_pending_handshakes_per_source,
         )?;
+        if l.accept.max_pending_handshakes_per_source >= l.accept.max_pending_handshakes {
+            tracing::warn!(
+                per_source = l.accept.max_pending_handshakes_per_source,
+                pool = l.accept.max_pending_handshakes,
+                "--max-pending-handshakes-per-source is not below --max-pending-handshakes: one source can take the whole admission pool"
+            );
+        }
         l.accept.handshake_timeout = nonzero("handshake-timeout", self.handshake_timeout)?;
         l.accept.admission_hold = self.admission_hold.0;
         l.http2.preface_timeout = nonzero("preface-timeout", self.preface_timeout)?;

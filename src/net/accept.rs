@@ -13,9 +13,14 @@
 //! The pool in all is back-pressure, not a refusal: while it is full the
 //! loop stops accepting, and new connections wait in the kernel's listen
 //! backlog ([`LISTEN_BACKLOG`]) until a place is freed. A mass start of pods
-//! is then served a little later instead of refused. The per-source caps,
-//! checked as soon as a connection is accepted, still refuse: one source
-//! must not fill the pool or the backlog, during its handshakes or after.
+//! is then served a little later instead of refused. One source holds at
+//! most its share of the pool (handshakes and holds alike), so a few
+//! sources cannot take it; a source's connections past its share wait for
+//! its turn in their own tasks (accepted, nothing read), and only the cap on
+//! a source's open connections refuses. A client that behaves is admitted
+//! until its first answer; a hostile one can leave admission early (by
+//! answering itself a reset), so against an attacker the memory bound is
+//! `max_connections`, not the pool.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -133,14 +138,28 @@ struct Occupancy {
     by_source: HashMap<IpAddr, Source>,
 }
 
-#[derive(Default)]
 struct Source {
     open: usize,
     /// Connections holding a place in the admission pool (or waiting for
     /// one): handshaking, or handshake done and first call not answered.
     admitting: usize,
+    /// The source's share of the pool: at most this many of its admitting
+    /// connections hold a place; the others wait for their turn (their
+    /// sockets open, nothing read from them) instead of being refused.
+    share: Arc<Semaphore>,
     /// Calls in flight over all of this source's connections.
     calls: Arc<AtomicUsize>,
+}
+
+impl Source {
+    fn new(share: usize) -> Self {
+        Self {
+            open: 0,
+            admitting: 0,
+            share: Arc::new(Semaphore::new(share.max(1))),
+            calls: Arc::default(),
+        }
+    }
 }
 
 /// Calls in flight: from the connection's source (TCP) and in all. Given to
@@ -164,6 +183,9 @@ struct Ticket {
     source: Option<IpAddr>,
     admitting: bool,
     place: Option<OwnedSemaphorePermit>,
+    /// The source's share (TCP), and this connection's turn in it.
+    share: Option<Arc<Semaphore>>,
+    turn: Option<OwnedSemaphorePermit>,
     source_calls: Option<Arc<AtomicUsize>>,
 }
 
@@ -180,24 +202,23 @@ impl Ticket {
             return Err(label::CONNECTIONS);
         }
         let mut source_calls = None;
+        let mut share = None;
         if let Some(ip) = source {
-            let (open, admitting) = o
-                .by_source
-                .get(&ip)
-                .map_or((0, 0), |s| (s.open, s.admitting));
+            let open = o.by_source.get(&ip).map_or(0, |s| s.open);
             if limits
                 .max_connections_per_source
                 .is_some_and(|max| open >= max)
             {
                 return Err(label::CONNECTIONS_PER_SOURCE);
             }
-            if admitting >= limits.max_pending_handshakes_per_source {
-                return Err(label::PENDING_HANDSHAKES_PER_SOURCE);
-            }
-            let e = o.by_source.entry(ip).or_default();
+            let e = o
+                .by_source
+                .entry(ip)
+                .or_insert_with(|| Source::new(limits.max_pending_handshakes_per_source));
             e.open += 1;
             e.admitting += 1;
             source_calls = Some(e.calls.clone());
+            share = Some(e.share.clone());
         }
         o.total += 1;
         Ok(Self {
@@ -205,6 +226,8 @@ impl Ticket {
             source,
             admitting: true,
             place: None,
+            share,
+            turn: None,
             source_calls,
         })
     }
@@ -217,6 +240,7 @@ impl Ticket {
             return;
         }
         self.place = None;
+        self.turn = None;
         if let Ok(mut o) = self.occupancy.lock()
             && let Some(e) = self.source.and_then(|ip| o.by_source.get_mut(&ip))
         {
@@ -336,8 +360,7 @@ impl<L: Listener> Acceptor<L> {
                     continue;
                 }
             };
-            // The caps (per source too) first: a refused connection never
-            // waits for a place.
+            // The caps first: a refused connection never waits.
             let mut ticket = match Ticket::take(&occupancy, &limits, source) {
                 Ok(t) => t,
                 Err(limit) => {
@@ -347,6 +370,69 @@ impl<L: Listener> Acceptor<L> {
                     continue;
                 }
             };
+            let handshake = handshake.clone();
+            let serve = serve.clone();
+            let conn_refusals = refusals.clone();
+            let stop = shutdown.clone();
+            let deadline = limits.handshake_timeout;
+            let hold = limits.admission_hold;
+            let answered = Arc::new(Notify::new());
+            let calls = Calls {
+                source: ticket.source_calls.clone(),
+                all: all_calls.clone(),
+                watches: all_watches.clone(),
+                answered: (!hold.is_zero()).then(|| answered.clone()),
+            };
+            // The connection, once it has its turn and its place.
+            let connection = move |mut ticket: Ticket| async move {
+                let done = tokio::time::timeout(deadline, handshake(io, source)).await;
+                match done {
+                    Ok(Some(conn)) => {
+                        let serving = serve(conn, calls, stop);
+                        serve_admitted(serving, &mut ticket, &answered, hold).await;
+                    }
+                    Ok(None) => {}
+                    Err(_) => {
+                        conn_refusals.refused(label::HANDSHAKE_TIMEOUT);
+                        tracing::debug!(peer = ?source, "handshake timed out");
+                    }
+                }
+                drop(ticket);
+            };
+            // Its source's turn: at once within the source's share; over
+            // it, the connection waits in its own task (for its turn, then
+            // a place) while the loop accepts on. Nothing is read from it
+            // meanwhile, and it counts against its source's open cap.
+            if let Some(share) = ticket.share.clone() {
+                match share.clone().try_acquire_owned() {
+                    Ok(turn) => ticket.turn = Some(turn),
+                    Err(_) => {
+                        refusals
+                            .refused(refusal_label.unwrap_or(label::PENDING_HANDSHAKES_PER_SOURCE));
+                        tracing::debug!(server = %name, peer = ?source, "source over its share of the admission pool; the connection waits its turn");
+                        let pool = pool.clone();
+                        let mut quit = shutdown.clone();
+                        conns.spawn(async move {
+                            tokio::select! {
+                                t = share.acquire_owned() => match t {
+                                    Ok(t) => ticket.turn = Some(t),
+                                    Err(_) => return,
+                                },
+                                _ = quit.changed() => return,
+                            }
+                            tokio::select! {
+                                p = pool.acquire_owned() => match p {
+                                    Ok(p) => ticket.place = Some(p),
+                                    Err(_) => return,
+                                },
+                                _ = quit.changed() => return,
+                            }
+                            connection(ticket).await;
+                        });
+                        continue;
+                    }
+                }
+            }
             // Then a place in the admission pool: while it is full, this
             // connection waits and the next ones wait in the listen backlog.
             let place = match pool.clone().try_acquire_owned() {
@@ -367,34 +453,7 @@ impl<L: Listener> Acceptor<L> {
                 }
             };
             ticket.place = Some(place);
-            let handshake = handshake.clone();
-            let serve = serve.clone();
-            let refusals = refusals.clone();
-            let stop = shutdown.clone();
-            let deadline = limits.handshake_timeout;
-            let hold = limits.admission_hold;
-            let answered = Arc::new(Notify::new());
-            let calls = Calls {
-                source: ticket.source_calls.clone(),
-                all: all_calls.clone(),
-                watches: all_watches.clone(),
-                answered: (!hold.is_zero()).then(|| answered.clone()),
-            };
-            conns.spawn(async move {
-                let done = tokio::time::timeout(deadline, handshake(io, source)).await;
-                match done {
-                    Ok(Some(conn)) => {
-                        let serving = serve(conn, calls, stop);
-                        serve_admitted(serving, &mut ticket, &answered, hold).await;
-                    }
-                    Ok(None) => {}
-                    Err(_) => {
-                        refusals.refused(label::HANDSHAKE_TIMEOUT);
-                        tracing::debug!(peer = ?source, "handshake timed out");
-                    }
-                }
-                drop(ticket);
-            });
+            conns.spawn(connection(ticket));
         }
         // New connections are refused from here on.
         drop(listener);

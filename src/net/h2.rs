@@ -156,9 +156,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for Observed<S> {
 }
 
 impl<S: AsyncWrite + Unpin> Observed<S> {
+    /// Corked, and the client's preface read. (Not before: the server's
+    /// SETTINGS go out at once, whatever the client waits for, since HTTP/2
+    /// does not flush again until the preface is in.)
+    fn corked(&self) -> bool {
+        self.cork.load(Ordering::Relaxed)
+            && self.stats.bytes_in.load(Ordering::Relaxed) >= HTTP2_PREFACE_LEN
+    }
+
     /// Whether `len` more bytes may be held rather than written.
     fn holds(&self, len: usize) -> bool {
-        self.cork.load(Ordering::Relaxed) && self.held.len().saturating_add(len) <= CORK_MAX_BYTES
+        self.corked() && self.held.len().saturating_add(len) <= CORK_MAX_BYTES
     }
 
     /// Passes on what is held; `Ready(Ok)` once nothing is.
@@ -196,6 +204,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Observed<S> {
         let this = self.get_mut();
         if this.holds(buf.len()) {
             this.scan(buf);
+            if this.held.capacity() == 0 {
+                this.held.reserve(4096);
+            }
             this.held.extend_from_slice(buf);
             return Poll::Ready(Ok(buf.len()));
         }
@@ -215,6 +226,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Observed<S> {
         let this = self.get_mut();
         let len = bufs.iter().fold(0usize, |n, b| n.saturating_add(b.len()));
         if this.holds(len) {
+            if this.held.capacity() == 0 {
+                this.held.reserve(4096);
+            }
             for b in bufs {
                 this.scan(b);
                 this.held.extend_from_slice(b);
@@ -243,7 +257,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Observed<S> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.cork.load(Ordering::Relaxed) {
+        if this.corked() {
             return Poll::Ready(Ok(()));
         }
         ready!(this.poll_release(cx))?;
