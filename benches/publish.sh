@@ -70,8 +70,9 @@ section "RSA-2048 CA" "The same warm and cold runs with an RSA-2048 root signing
 run $CA bench warm --duration 30s --ca-key rsa-2048
 run $CA bench cold --duration 30s --ca-key rsa-2048
 
-section "Agent: 1,000 SDS streams" "A real ca agent (sidecar mode, 6 s certificates) with 1,000 SDS streams, each on its own Unix-socket HTTP/2 connection, subscribed to default and ROOTCA and ACKing every push, through 5 rotations: the time from the agent obtaining each certificate to the last stream receiving it, and the agent's memory."
+section "Agent: 1,000 SDS streams" "A real ca agent (sidecar mode, 6 s certificates) with 1,000 SDS streams shaped as 500 real Envoys: one Unix-socket HTTP/2 connection each, one StreamSecrets stream per resource name (default, ROOTCA), a 61,000-byte node on each first request, every push ACKed; through 5 rotations: the time from the agent obtaining each certificate to the last stream receiving it, and the agent's memory. Then the worst case: each of the 1,000 streams on a connection of its own."
 run $CA bench agent --streams 1000 --rotations 5
+run $CA bench agent --streams 1000 --rotations 5 --shape one-stream-per-connection
 
 section "A peer: cfssl side by side" "cfssl 1.2.0 (Debian golang-cfssl) /api/v1/cfssl/sign over plain HTTP/1.1 (no authentication) against our CreateCertificate over TLS with token authentication, one after the other in one run: same P-256 CA, 64 in flight, 30 s each. cfssl takes 64 connections (HTTP/1.1 carries one request at a time), ours 8."
 run cargo bench --locked --bench cfssl

@@ -590,14 +590,15 @@ impl Sds {
         self.spawn_stream(move |tx| this.delta_loop(inbound, tx))
     }
 
-    /// A stream's requests ended with `e`: an over-long message is refused
-    /// (counted, and the status sent); anything else (a reset) just ends it.
+    /// A stream's requests ended with `e`, which is sent as the stream's
+    /// status (a reset stream no longer reads it); an over-long message is
+    /// counted.
     async fn ended<T>(&self, e: Status, tx: &mpsc::Sender<Result<T, Status>>) {
         tracing::debug!(error = %e, "SDS stream ended");
         if e.code() == tonic::Code::OutOfRange {
             self.metrics.refusals.refused(label::MESSAGE_SIZE);
-            let _ = tx.send(Err(e)).await;
         }
+        let _ = tx.send(Err(e)).await;
     }
 }
 

@@ -65,7 +65,9 @@ where
         match flag {
             0 => {}
             1 => {
-                return Err(Status::unimplemented(
+                // The gRPC spec: a compressed message without a negotiated
+                // encoding is INTERNAL.
+                return Err(Status::internal(
                     "a compressed message, but this server accepts no compression",
                 ));
             }
@@ -90,8 +92,11 @@ where
         let msg = M::decode(&self.buf[HEADER_BYTES..whole])
             .map_err(|e| Status::internal(format!("decoding a request: {e}")))?;
         self.buf.advance(whole);
-        if self.buf.capacity() > KEEP_BYTES {
-            // What follows (usually nothing) moves to a buffer its size.
+        if self.buf.len() <= KEEP_BYTES {
+            // What follows (usually nothing) moves to a buffer its size, so
+            // a buffer grown for a large message never outlives it. (A
+            // larger rest stays where it is: each byte is moved at most
+            // once, however many small messages share a frame.)
             self.buf = BytesMut::from(&self.buf[..]);
         }
         Ok(Some(msg))

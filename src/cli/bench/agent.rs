@@ -58,7 +58,7 @@ pub struct AgentArgs {
     /// counts as having missed it.
     #[arg(long, default_value = "5s", value_parser = crate::cli::parse_duration)]
     pub push_timeout: Duration,
-    /// Streams connecting at once while they open.
+    /// Connections being opened at once (a connection's streams then send their first requests without waiting for one another).
     #[arg(long, default_value_t = 64)]
     pub open_parallel: usize,
     /// Threads of the runtime holding the streams (1: current-thread).
