@@ -109,31 +109,38 @@ where
         let req = http::Request::from_parts(parts, tonic::body::Body::empty());
         let sds = self.sds.clone();
         Box::pin(async move {
-            if sotw {
-                let requests: Inbound<DiscoveryRequest> = Box::pin(Requests::new(body, max));
-                let method = Method {
-                    sds,
-                    requests: Some(requests),
-                };
-                let mut grpc = tonic::server::Grpc::new(SmallCodec::<
-                    DiscoveryResponse,
-                    DiscoveryRequest,
-                >::default())
-                .apply_max_message_size_config(Some(max), None);
-                Ok(grpc.streaming(method, req).await)
+            Ok(if sotw {
+                stream::<DiscoveryRequest, DiscoveryResponse, B>(sds, body, req, max).await
             } else {
-                let requests: Inbound<DeltaDiscoveryRequest> = Box::pin(Requests::new(body, max));
-                let method = Method {
-                    sds,
-                    requests: Some(requests),
-                };
-                let mut grpc = tonic::server::Grpc::new(SmallCodec::<
-                    DeltaDiscoveryResponse,
-                    DeltaDiscoveryRequest,
-                >::default())
-                .apply_max_message_size_config(Some(max), None);
-                Ok(grpc.streaming(method, req).await)
-            }
+                stream::<DeltaDiscoveryRequest, DeltaDiscoveryResponse, B>(sds, body, req, max)
+                    .await
+            })
         })
     }
+}
+
+/// One streaming method's call: its requests read from `body` by
+/// [`Requests`], `req` (with an empty body) handed to tonic.
+async fn stream<Req, Resp, B>(
+    sds: Sds,
+    body: B,
+    req: http::Request<tonic::body::Body>,
+    max: usize,
+) -> http::Response<tonic::body::Body>
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+    Req: prost::Message + Default + Send + 'static,
+    Resp: prost::Message + Send + 'static,
+    Method<Req>: tonic::server::StreamingService<Req, Response = Resp>,
+    <Method<Req> as tonic::server::StreamingService<Req>>::ResponseStream: Send + 'static,
+{
+    let requests: Inbound<Req> = Box::pin(Requests::new(body, max));
+    let method = Method {
+        sds,
+        requests: Some(requests),
+    };
+    let mut grpc = tonic::server::Grpc::new(SmallCodec::<Resp, Req>::default())
+        .apply_max_message_size_config(Some(max), None);
+    grpc.streaming(method, req).await
 }
