@@ -330,7 +330,19 @@ pub async fn serve(
             let svc_shared = shared.clone();
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let shared = svc_shared.clone();
-                async move { Ok::<_, Infallible>(super::handlers::handle(shared, req).await) }
+                // In a task of its own, as the real API server does: a
+                // write it has begun is finished (and logged) even when the
+                // client goes away (a killed replica) mid-request.
+                let handled = tokio::spawn(super::handlers::handle(shared, req));
+                async move {
+                    Ok::<_, Infallible>(handled.await.unwrap_or_else(|e| {
+                        error_response(&ApiError::new(
+                            500,
+                            "InternalError",
+                            format!("the handler failed: {e}"),
+                        ))
+                    }))
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
