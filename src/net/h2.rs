@@ -568,25 +568,18 @@ impl<C: Future> Future for Drive<C> {
                 finished = true;
             }
             rounds += 1;
-            if rounds >= DRIVE_ROUNDS {
-                // Come back after other tasks had their turn; what is held
-                // is written then (or by the last round below).
-                if new || finished {
-                    cx.waker().wake_by_ref();
-                }
-                if !corked {
-                    return Poll::Pending;
-                }
-                corked = false;
-                continue;
-            }
             // Answers were queued (or streams began): the connection takes
-            // them, and reads what came meanwhile.
-            if new || finished {
+            // them, and reads what came meanwhile, up to DRIVE_ROUNDS.
+            let busy = new || finished;
+            if busy && rounds < DRIVE_ROUNDS {
                 corked = true;
                 continue;
             }
             if !corked {
+                // Still busy after DRIVE_ROUNDS: back after other tasks.
+                if busy {
+                    cx.waker().wake_by_ref();
+                }
                 return Poll::Pending;
             }
             // Nothing more for now: a last round, uncorked, writes it all.
