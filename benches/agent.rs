@@ -38,6 +38,7 @@ fn agent_config(ca: &TestServer, dir: &Path, ttl: Duration) -> AgentConfig {
             server_name: "localhost".into(),
         },
         workloads: vec![WorkloadConfig {
+            peer: None,
             name: "web".into(),
             token_file,
             socket: dir.join("web.sock"),

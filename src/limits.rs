@@ -292,6 +292,8 @@ pub mod label {
     pub const OPS_TIMEOUT: &str = "ops_timeout";
     pub const WATCHES_PER_CONNECTION: &str = "watches_per_connection";
     pub const WATCHES: &str = "watches";
+    /// An SDS connection from a process other than the socket's bound peer.
+    pub const PEER_CREDENTIALS: &str = "peer_credentials";
 
     pub const ALL: &[&str] = &[
         CONNECTIONS,
@@ -314,6 +316,7 @@ pub mod label {
         OPS_TIMEOUT,
         WATCHES_PER_CONNECTION,
         WATCHES,
+        PEER_CREDENTIALS,
     ];
 }
 

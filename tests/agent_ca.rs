@@ -21,6 +21,7 @@ fn config(ca: &TestServer, dir: &std::path::Path, key: KeyAlgorithm) -> AgentCon
             server_name: "localhost".into(),
         },
         workloads: vec![WorkloadConfig {
+            peer: None,
             name: "web".into(),
             token_file: dir.join("token"),
             socket: dir.join("web.sock"),

@@ -246,6 +246,7 @@ async fn an_agent_with_only_the_old_root_file_follows_the_rotation() {
             server_name: "localhost".into(),
         },
         workloads: vec![WorkloadConfig {
+            peer: None,
             name: "web".into(),
             token_file: dir.path().join("token"),
             socket: dir.path().join("web.sock"),

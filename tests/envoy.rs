@@ -29,6 +29,7 @@ async fn start_agent(
         let token_file = dir.join(format!("{name}.token"));
         std::fs::write(&token_file, ca.token(ns, sa)).unwrap();
         configs.push(WorkloadConfig {
+            peer: None,
             name: name.to_string(),
             token_file,
             socket: dir.join(format!("{name}.sock")),

@@ -58,6 +58,10 @@ pub struct WorkloadConfig {
     /// Node mode with one node token: the identity asked for on the
     /// workload's behalf (`ImpersonatedIdentity`); `None`: the token's own.
     pub identity: Option<crate::identity::SpiffeId>,
+    /// The only process (by uid, and gid when set) that may connect to the
+    /// socket, checked with `SO_PEERCRED`; `None`: whoever the file
+    /// permissions (0600, the agent's uid) let in.
+    pub peer: Option<sds::PeerRule>,
 }
 
 #[derive(Clone, Debug)]
@@ -154,7 +158,8 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
             &w.socket,
             sds::Sds::new(cert_watch.clone(), metrics.clone())
                 .with_limits(config.limits.clone())
-                .with_acks(acks.clone()),
+                .with_acks(acks.clone())
+                .with_peer(w.peer),
             shutdown_rx.clone(),
         ) {
             Ok(s) => s,

@@ -82,6 +82,8 @@ pub struct Sds {
     warn: Arc<WarnLimiter<&'static str>>,
     /// Streams end when this fires (set by [`serve`]).
     shutdown: Option<watch::Receiver<bool>>,
+    /// The one process allowed on the socket, if bound (checked by [`serve`]).
+    peer: Option<PeerRule>,
 }
 
 type Snapshot = (Option<Arc<WorkloadCert>>, Option<Arc<RootBundle>>);
@@ -97,7 +99,16 @@ impl Sds {
             limits: Arc::new(AgentLimits::default()),
             warn: Arc::new(WarnLimiter::new()),
             shutdown: None,
+            peer: None,
         }
+    }
+
+    /// Binds the socket [`serve`] places to one peer: connections from any
+    /// other uid (or gid) are refused.
+    #[must_use]
+    pub fn with_peer(mut self, peer: Option<PeerRule>) -> Self {
+        self.peer = peer;
+        self
     }
 
     /// Serves under `limits` instead of the defaults.
@@ -675,4 +686,4 @@ impl SecretDiscoveryService for Sds {
 
 #[path = "sds_socket.rs"]
 mod socket;
-pub use socket::{SdsSocket, serve};
+pub use socket::{PeerRule, SdsSocket, serve};

@@ -9,6 +9,60 @@ use super::super::Error;
 use super::super::sds_routes::SdsRoutes;
 use super::{SDS_DRAIN, Sds};
 
+/// Who may connect to an SDS socket, checked on every connection with the
+/// kernel's account of the peer (`SO_PEERCRED`), so a process is refused
+/// even when the socket's file permissions would let it connect (a shared
+/// group, a socket directory mounted into another pod, root).
+///
+/// What it does not check: the peer's pid (a process may pass the
+/// connection on), or anything after the connection is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerRule {
+    /// The uid the connecting process must run as.
+    pub uid: u32,
+    /// The gid it must run as too, when set.
+    pub gid: Option<u32>,
+}
+
+impl PeerRule {
+    /// True when the peer's `uid` and `gid` satisfy the rule.
+    #[must_use]
+    pub fn admits(&self, uid: u32, gid: u32) -> bool {
+        uid == self.uid && self.gid.is_none_or(|g| g == gid)
+    }
+}
+
+impl std::fmt::Display for PeerRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.gid {
+            Some(gid) => write!(f, "uid {} gid {gid}", self.uid),
+            None => write!(f, "uid {}", self.uid),
+        }
+    }
+}
+
+impl std::str::FromStr for PeerRule {
+    type Err = String;
+
+    /// `UID` or `UID:GID`, numeric.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let num = |t: &str, what: &str| {
+            t.parse::<u32>()
+                .map_err(|_| format!("{s:?}: the {what} must be a number (UID or UID:GID)"))
+        };
+        match s.split_once(':') {
+            Some((uid, gid)) => Ok(Self {
+                uid: num(uid, "uid")?,
+                gid: Some(num(gid, "gid")?),
+            }),
+            None => Ok(Self {
+                uid: num(s, "uid")?,
+                gid: None,
+            }),
+        }
+    }
+}
+
 /// A bound SDS socket, serving until shutdown.
 pub struct SdsSocket {
     pub path: PathBuf,
@@ -28,6 +82,10 @@ pub struct SdsSocket {
 /// (left by a crashed agent); a live one, one we may not connect to, or a
 /// path that is not a socket is an error. Abstract names (`@name`) are
 /// refused: they have no file permissions to protect the keys.
+///
+/// With a [`PeerRule`] ([`Sds::with_peer`]), a connection from any other uid (or gid) is closed
+/// before a byte is read, counted under the `peer_credentials` refusal and
+/// logged (rate-limited per socket by the accept loop's warnings).
 ///
 /// # Errors
 /// [`Error::Socket`].
@@ -115,11 +173,40 @@ pub fn serve(
             let _ = std::fs::remove_file(p);
         }
     };
+    let peer = sds.peer;
     let mut sds = sds;
     sds.shutdown = Some(shutdown.clone());
     let limits = sds.limits.clone();
     let refusals = sds.metrics.refusals.clone();
     let routes = tonic::service::Routes::new(SdsRoutes::new(sds, limits.http2.max_message_bytes));
+    let shown = path.display().to_string();
+    let peer_refusals = refusals.clone();
+    let check_peer = move |io: tokio::net::UnixStream, _| {
+        let admitted = match peer {
+            None => Some(io),
+            Some(rule) => match io.peer_cred() {
+                Ok(c) if rule.admits(c.uid(), c.gid()) => Some(io),
+                Ok(c) => {
+                    peer_refusals.refused(crate::limits::label::PEER_CREDENTIALS);
+                    tracing::warn!(
+                        socket = %shown,
+                        uid = c.uid(),
+                        gid = c.gid(),
+                        pid = ?c.pid(),
+                        expected = %rule,
+                        "SDS connection refused: the peer process is not the one this socket is bound to"
+                    );
+                    None
+                }
+                Err(e) => {
+                    peer_refusals.refused(crate::limits::label::PEER_CREDENTIALS);
+                    tracing::warn!(socket = %shown, error = %e, "SDS connection refused: its peer credentials cannot be read");
+                    None
+                }
+            },
+        };
+        std::future::ready(admitted)
+    };
     let accept = crate::net::Acceptor {
         name: format!("SDS {}", path.display()),
         listener,
@@ -129,17 +216,14 @@ pub fn serve(
         drain: SDS_DRAIN,
         refusal_label: None,
     }
-    .spawn(
-        |io, _| std::future::ready(Some(io)),
-        move |io, calls, stop| {
-            let routes = routes.clone();
-            let limits = limits.clone();
-            let refusals = refusals.clone();
-            async move {
-                crate::net::serve_h2(io, (), routes, &limits.http2, &refusals, calls, stop).await;
-            }
-        },
-    );
+    .spawn(check_peer, move |io, calls, stop| {
+        let routes = routes.clone();
+        let limits = limits.clone();
+        let refusals = refusals.clone();
+        async move {
+            crate::net::serve_h2(io, (), routes, &limits.http2, &refusals, calls, stop).await;
+        }
+    });
     let task = tokio::spawn(async move {
         let _ = shutdown.changed().await;
         remove_ours(&owned);

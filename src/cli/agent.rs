@@ -8,6 +8,7 @@ use clap::Args;
 
 use super::{Signals, limits, parse_duration, parse_key_algorithm, parse_ops};
 use crate::agent::client::CaEndpoint;
+use crate::agent::sds::PeerRule;
 use crate::agent::workload::RotationPolicy;
 use crate::agent::{self, AgentConfig, WorkloadConfig};
 use crate::ca::KeyAlgorithm;
@@ -57,6 +58,13 @@ pub struct AgentArgs {
     /// Metrics and health listen address; `off` disables it.
     #[arg(long, env = "CA_AGENT_OPS_LISTEN", default_value = "127.0.0.1:15020")]
     pub ops_listen: String,
+    /// Bind a workload's SDS socket to the one process that may use it, as
+    /// NAME=UID or NAME=UID:GID (repeatable; NAME is `default` in sidecar
+    /// mode): a connection from any other uid or gid is refused, by the
+    /// kernel's `SO_PEERCRED`, even when the socket's file permissions
+    /// would let it in.
+    #[arg(long = "socket-peer", value_parser = parse_socket_peer)]
+    pub socket_peers: Vec<(String, PeerRule)>,
     /// Also write key.pem (0600), cert-chain.pem and root-cert.pem to DIR/<workload>/.
     #[arg(long, env = "CA_OUTPUT_DIR")]
     pub output_dir: Option<PathBuf>,
@@ -108,6 +116,16 @@ pub(super) fn parse_workload(s: &str) -> Result<(String, PathBuf), String> {
         ));
     }
     Ok((name.to_owned(), PathBuf::from(token)))
+}
+
+pub(super) fn parse_socket_peer(s: &str) -> Result<(String, PeerRule), String> {
+    let (name, rule) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=UID or NAME=UID:GID"))?;
+    if name.is_empty() {
+        return Err(format!("{s:?}: the workload NAME is empty"));
+    }
+    Ok((name.to_owned(), rule.parse()?))
 }
 
 pub(super) fn parse_bounded(s: &str, min: f64, max: f64) -> Result<f64, String> {
@@ -164,6 +182,7 @@ impl AgentArgs {
                 token_file: self.token_file.clone(),
                 socket: self.sds_socket.clone(),
                 identity: None,
+                peer: None,
             }]
         } else {
             let mut configs = Vec::new();
@@ -177,10 +196,22 @@ impl AgentArgs {
                     token_file,
                     socket: dir.join("socket"),
                     identity,
+                    peer: None,
                 });
             }
             configs
         };
+        let mut workloads = workloads;
+        for (name, rule) in &self.socket_peers {
+            let Some(w) = workloads.iter_mut().find(|w| &w.name == name) else {
+                anyhow::bail!(
+                    "--socket-peer {name}={rule}: no workload is named {name:?} (sidecar mode's is \"default\")"
+                );
+            };
+            if w.peer.replace(*rule).is_some() {
+                anyhow::bail!("--socket-peer {name}: given twice");
+            }
+        }
         Ok(AgentConfig {
             agent_name: self.agent_name.clone().unwrap_or_else(host_name),
             ca: CaEndpoint {
@@ -294,6 +325,56 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(bad.split_once('=').unwrap().1), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_socket_is_bound_to_its_peer_by_workload_name() {
+        use crate::agent::sds::PeerRule;
+        let config = agent(&["--socket-peer", "default=1337:1338"]).unwrap();
+        assert_eq!(
+            config.workloads[0].peer,
+            Some(PeerRule {
+                uid: 1337,
+                gid: Some(1338)
+            })
+        );
+        let config = agent(&[
+            "--workload",
+            "web=/t/web",
+            "--workload",
+            "db=/t/db",
+            "--socket-peer",
+            "db=7",
+        ])
+        .unwrap();
+        let peers: Vec<_> = config
+            .workloads
+            .iter()
+            .map(|w| (w.name.as_str(), w.peer))
+            .collect();
+        assert_eq!(
+            peers,
+            [("web", None), ("db", Some(PeerRule { uid: 7, gid: None }))]
+        );
+        assert!(agent(&[]).unwrap().workloads[0].peer.is_none());
+
+        let e = agent(&["--socket-peer", "web=7"]).unwrap_err().to_string();
+        assert!(e.contains("no workload is named \"web\""), "{e}");
+        let e = agent(&["--socket-peer", "default=7", "--socket-peer", "default=8"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("given twice"), "{e}");
+        for bad in [
+            "default",
+            "default=",
+            "default=x",
+            "default=7:",
+            "default=-1",
+            "=7",
+        ] {
+            let argv = ["ca", "agent", "--socket-peer", bad];
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad} was accepted");
         }
     }
 }

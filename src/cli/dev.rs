@@ -88,6 +88,7 @@ pub(super) async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             server_name: "localhost".into(),
         },
         workloads: vec![WorkloadConfig {
+            peer: None,
             name: "default".into(),
             token_file: token_file.clone(),
             socket: sds_socket.clone(),
