@@ -19,3 +19,4 @@ pub mod net;
 pub mod ops;
 pub mod proto;
 pub mod server;
+pub mod sync;

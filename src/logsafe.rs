@@ -5,6 +5,7 @@
 //! Every value that comes from outside (a proxy's NACK message, a token's
 //! claims, a CSR's names, a CA's error message) is logged through [`peer`].
 
+use crate::sync::LockExt;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
@@ -125,12 +126,9 @@ impl<K: Hash + Eq + Clone> WarnLimiter<K> {
         Self::default()
     }
 
-    /// Whether `key`'s warning at `now` should be logged. A poisoned lock
-    /// logs (a warning is never lost to a bug here).
+    /// Whether `key`'s warning at `now` should be logged.
     pub fn check(&self, key: &K, now: Instant) -> Verdict {
-        let Ok(mut windows) = self.windows.lock() else {
-            return Verdict::Log { suppressed: 0 };
-        };
+        let mut windows = self.windows.locked();
         if windows.len() >= PEER_WARN_TABLE && !windows.contains_key(key) {
             windows.retain(|_, w| now.duration_since(w.started) < PEER_WARN_PERIOD);
             if windows.len() >= PEER_WARN_TABLE {

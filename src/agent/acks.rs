@@ -5,6 +5,7 @@
 //! such streams and the lowest generation among them (a stream that has
 //! ACKed none yet counts as 0).
 
+use crate::sync::LockExt;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -113,10 +114,7 @@ impl BundleAcks {
     }
 
     fn update<R>(&self, f: impl FnOnce(&mut Streams) -> R) -> R {
-        let mut streams = match self.streams.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut streams = self.streams.locked();
         let r = f(&mut streams);
         let summary = streams.summary();
         self.summary.send_if_modified(|s| {

@@ -8,6 +8,7 @@
 //! What is learnt is only ever added to what the file holds, and arrives
 //! over a connection already authenticated with those roots.
 
+use crate::sync::RwLockExt;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -55,23 +56,20 @@ impl CaTrust {
         if roots.is_empty() {
             return;
         }
-        if let Ok(mut learnt) = self.learnt.write() {
-            *learnt = roots;
-        }
+        *self.learnt.write_locked() = roots;
     }
 
     /// File roots and learnt roots.
     pub fn roots(&self) -> Vec<CertificateDer<'static>> {
         let mut all = self.file_roots.clone();
-        if let Ok(learnt) = self.learnt.read() {
-            all.extend(
-                learnt
-                    .iter()
-                    .filter(|r| !all.contains(r))
-                    .cloned()
-                    .collect::<Vec<_>>(),
-            );
-        }
+        let learnt = self.learnt.read_locked();
+        all.extend(
+            learnt
+                .iter()
+                .filter(|r| !all.contains(r))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
         all
     }
 }

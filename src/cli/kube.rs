@@ -1,6 +1,7 @@
 //! `ca server --kube`: the CA on Kubernetes. Builds the cluster integration
 //! the server runs with (`server::cluster::Cluster`) from `crate::k8s`.
 
+use crate::sync::LockExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,17 +112,20 @@ pub struct KubeArgs {
 const STORE_WATCH_GRACE: Duration = Duration::from_secs(10);
 
 /// This replica's identity: its pod name (or host name) and a random suffix.
-fn replica_identity(name: Option<&str>) -> String {
+///
+/// # Errors
+/// The system random source failed.
+fn replica_identity(name: Option<&str>) -> anyhow::Result<String> {
     let base = name
         .map(str::to_owned)
         .unwrap_or_else(super::agent::host_name);
     let mut bytes = [0u8; 3];
-    let suffix = match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-    {
-        Ok(()) => crate::ca::bundle::hex(&bytes),
-        Err(_) => std::process::id().to_string(),
-    };
-    format!("{base}-{suffix}")
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| {
+        anyhow::anyhow!(
+            "the system random source failed (this replica's name needs a random suffix)"
+        )
+    })?;
+    Ok(format!("{base}-{}", crate::ca::bundle::hex(&bytes)))
 }
 
 /// TokenReview as an authenticator: the review (cached, capped,
@@ -275,9 +279,7 @@ pub(super) async fn cluster(
             let store = store.clone();
             let down_since = std::sync::Mutex::new(None::<std::time::Instant>);
             Arc::new(move || {
-                let Ok(mut since) = down_since.lock() else {
-                    return Err("readiness state unavailable".into());
-                };
+                let mut since = down_since.locked();
                 if store.watch_live() {
                     *since = None;
                     return Ok(());
@@ -296,7 +298,7 @@ pub(super) async fn cluster(
     ];
     // Several replicas: one leads single-writer work; rotation evidence is
     // shared through ConfigMaps.
-    let replica = replica_identity(args.replica_name.as_deref());
+    let replica = replica_identity(args.replica_name.as_deref())?;
     let mut lease =
         k8s::lease::LeaseOptions::new(&args.kube_namespace, &args.leader_lease, &replica);
     if args.lease_duration < Duration::from_secs(3) {

@@ -12,8 +12,9 @@
 //! `run`). Only a process killed outright (SIGKILL) can lose the last
 //! [`FLUSH_INTERVAL`] of lines.
 
+use crate::sync::LockExt;
 use std::io::{self, Write};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tracing::{Level, Metadata};
@@ -34,7 +35,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
-        self.buf.lock().unwrap_or_else(PoisonError::into_inner)
+        self.buf.locked()
     }
 
     /// Writes out what is gathered, holding the lock so that lines stay in
@@ -78,10 +79,7 @@ impl BufferedStderr {
         let thread = std::thread::Builder::new()
             .name("log-flush".into())
             .spawn(move || {
-                let mut stop = for_thread
-                    .stop
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
+                let mut stop = for_thread.stop.locked();
                 while !*stop {
                     stop = for_thread
                         .wake
@@ -103,11 +101,7 @@ impl BufferedStderr {
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        *self
-            .shared
-            .stop
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = true;
+        *self.shared.stop.locked() = true;
         self.shared.wake.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();

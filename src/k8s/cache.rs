@@ -33,6 +33,8 @@
 //! deletion not yet delivered is still "there" for the watch's latency,
 //! normally well under a second).
 
+use crate::sync::LockExt;
+use crate::sync::RwLockExt;
 use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -109,23 +111,20 @@ struct Freshness {
 
 impl Freshness {
     fn ok(&self) {
-        if let Ok(mut b) = self.broken_since.lock() {
-            *b = None;
-        }
+        let mut b = self.broken_since.locked();
+        *b = None;
     }
 
     fn broken(&self) {
-        if let Ok(mut b) = self.broken_since.lock() {
-            b.get_or_insert_with(Instant::now);
-        }
+        let mut b = self.broken_since.locked();
+        b.get_or_insert_with(Instant::now);
     }
 
     /// Broken since `since` (the last word from the API server), unless
     /// already broken earlier.
     fn broken_since(&self, since: Instant) {
-        if let Ok(mut b) = self.broken_since.lock() {
-            *b = Some(b.map_or(since, |earlier| earlier.min(since)));
-        }
+        let mut b = self.broken_since.locked();
+        *b = Some(b.map_or(since, |earlier| earlier.min(since)));
     }
 
     /// Synced, and not broken for longer than `limit`.
@@ -133,10 +132,9 @@ impl Freshness {
         if !self.synced.load(Ordering::Acquire) {
             return false;
         }
-        match self.broken_since.lock() {
-            Ok(b) => b.is_none_or(|since| since.elapsed() < limit),
-            Err(_) => false,
-        }
+        self.broken_since
+            .locked()
+            .is_none_or(|since| since.elapsed() < limit)
     }
 }
 
@@ -385,9 +383,7 @@ impl ClusterCache {
     }
 
     fn apply_pods(&self, change: Change<PodRow>) {
-        let Ok(mut pods) = self.pods.write() else {
-            return;
-        };
+        let mut pods = self.pods.write_locked();
         match change {
             Change::Reset(rows) => pods.reset(rows),
             Change::Upsert(row) => pods.upsert(row),
@@ -402,9 +398,7 @@ impl ClusterCache {
     }
 
     fn apply_sas(&self, change: Change<SaRow>) {
-        let Ok(mut sas) = self.service_accounts.write() else {
-            return;
-        };
+        let mut sas = self.service_accounts.write_locked();
         let key = |ns: &str, name: &str| -> Key { (Arc::from(ns), Arc::from(name)) };
         match change {
             Change::Reset(rows) => {
@@ -483,8 +477,8 @@ impl ClusterCache {
 
     /// Objects held: (pods, service accounts).
     pub fn len(&self) -> (usize, usize) {
-        let pods = self.pods.read().map(|p| p.by_name.len()).unwrap_or(0);
-        let sas = self.service_accounts.read().map(|s| s.len()).unwrap_or(0);
+        let pods = self.pods.read_locked().by_name.len();
+        let sas = self.service_accounts.read_locked().len();
         (pods, sas)
     }
 
@@ -512,43 +506,46 @@ impl ClusterView for ClusterCache {
     }
 
     fn pod(&self, namespace: &str, name: &str) -> Option<PodFacts> {
-        let found = self.pods.read().ok().and_then(|p| {
-            let key: Key = (Arc::from(namespace), Arc::from(name));
-            let now = std::time::SystemTime::now();
-            p.by_name
-                .get(&key)
-                .filter(|e| e.deleted_at.is_none_or(|t| t + DELETION_LEEWAY > now))
-                .map(|e| PodFacts {
-                    uid: e.uid.to_string(),
-                    service_account: e.service_account.to_string(),
-                    node: e.node.as_ref().map(|n| n.to_string()),
-                })
-        });
+        let key: Key = (Arc::from(namespace), Arc::from(name));
+        let now = std::time::SystemTime::now();
+        let found = self
+            .pods
+            .read_locked()
+            .by_name
+            .get(&key)
+            .filter(|e| e.deleted_at.is_none_or(|t| t + DELETION_LEEWAY > now))
+            .map(|e| PodFacts {
+                uid: e.uid.to_string(),
+                service_account: e.service_account.to_string(),
+                node: e.node.as_ref().map(|n| n.to_string()),
+            });
         self.count(true, found.is_some());
         found
     }
 
     fn service_account_uid(&self, namespace: &str, name: &str) -> Option<String> {
-        let found = self.service_accounts.read().ok().and_then(|s| {
-            let key: Key = (Arc::from(namespace), Arc::from(name));
-            s.get(&key).map(|u| u.to_string())
-        });
+        let key: Key = (Arc::from(namespace), Arc::from(name));
+        let found = self
+            .service_accounts
+            .read_locked()
+            .get(&key)
+            .map(|u| u.to_string());
         self.count(false, found.is_some());
         found
     }
 
     fn runs_anywhere(&self, namespace: &str, service_account: &str) -> bool {
-        self.pods.read().is_ok_and(|p| {
-            let key: Key = (Arc::from(namespace), Arc::from(service_account));
-            p.running.contains_key(&key)
-        })
+        let key: Key = (Arc::from(namespace), Arc::from(service_account));
+        self.pods.read_locked().running.contains_key(&key)
     }
 
     fn runs_on_node(&self, node: &str, namespace: &str, service_account: &str) -> bool {
-        self.pods.read().is_ok_and(|p| {
-            let key: Key = (Arc::from(namespace), Arc::from(service_account));
-            p.on_node.get(node).is_some_and(|m| m.contains_key(&key))
-        })
+        let key: Key = (Arc::from(namespace), Arc::from(service_account));
+        self.pods
+            .read_locked()
+            .on_node
+            .get(node)
+            .is_some_and(|m| m.contains_key(&key))
     }
 }
 

@@ -18,6 +18,7 @@
 //! deleted here but an object of our own that cannot be repaired in place
 //! (see the copiers).
 
+use crate::sync::LockExt;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -242,17 +243,14 @@ impl<C: Copier> Engine<C> {
         let observed = self.copier.observed().clone();
         let propagation = self.opts.propagation;
         Arc::new(move |_now| {
-            let s = summary
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let s = summary.locked();
             if !s.writing {
                 return Copies::not_writing(C::KIND);
             }
             // While the watch is down, edits and deletions by others are
             // unseen: the last count vouches for nothing.
             let down = observed
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .locked()
                 .broken_for()
                 .filter(|d| *d >= WATCH_DOWN_GRACE);
             if let Some(d) = down {
@@ -284,10 +282,7 @@ impl<C: Copier> Engine<C> {
     /// reports "not writing" (writing is claimed again by a term's first
     /// pass, not by leadership alone).
     fn stop_writing(&self) {
-        *self
-            .summary
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Summary::default();
+        *self.summary.locked() = Summary::default();
     }
 
     /// Runs until `shutdown`: passes while `leader` says this replica leads.
@@ -333,10 +328,7 @@ impl<C: Copier> Engine<C> {
                         queue = q;
                         wake = next;
                         let (total, current, generation) = {
-                            let s = self
-                                .summary
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                            let s = self.summary.locked();
                             (s.total, s.current, s.generation)
                         };
                         progress.report(total, current, generation, queue.len() + inflight.len());
@@ -403,11 +395,7 @@ impl<C: Copier> Engine<C> {
         let set = self.authorities.borrow().clone();
         let now = SystemTime::now();
         let existing = {
-            let observed = self
-                .copier
-                .observed()
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let observed = self.copier.observed().locked();
             let seen = observed.get(&key);
             match self.copier.judge(&key, &want, seen, &set, now) {
                 Judgement::Write(_) => {}
@@ -433,11 +421,7 @@ impl<C: Copier> Engine<C> {
                 self.metrics
                     .wrote(C::LABEL, if created { "created" } else { "updated" });
                 progress.written += 1;
-                self.copier
-                    .observed()
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .note_written(k, seen);
+                self.copier.observed().locked().note_written(k, seen);
             }
             Written::Conflict => {
                 self.metrics.wrote(C::LABEL, "conflict");
@@ -477,11 +461,7 @@ impl<C: Copier> Engine<C> {
         let mut next: Option<SystemTime> = None;
         let mut retry: Option<Instant> = None;
         {
-            let observed = self
-                .copier
-                .observed()
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let observed = self.copier.observed().locked();
             if !observed.synced() {
                 return None;
             }
@@ -531,11 +511,7 @@ impl<C: Copier> Engine<C> {
         // counted until it holds the live bundle or someone deletes it.
         let mut orphans = 0usize;
         {
-            let observed = self
-                .copier
-                .observed()
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let observed = self.copier.observed().locked();
             let wanted_keys: HashSet<&Key> = wanted.iter().map(|(k, _)| k).collect();
             for (key, seen) in observed.iter() {
                 if wanted_keys.contains(key) || !seen.facts.ours() || !observed.confirmed(key) {
@@ -554,10 +530,7 @@ impl<C: Copier> Engine<C> {
         }
         let total = wanted.len() + orphans;
         {
-            let mut s = self
-                .summary
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut s = self.summary.locked();
             let settled = if current == total {
                 match s.settled_since {
                     Some(t) if s.writing && s.generation == set.generation() => Some(t),

@@ -7,6 +7,7 @@
 //! per object and reason; a full queue drops reports (counted in the
 //! controllers' foreign gauges anyway).
 
+use crate::sync::LockExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -73,7 +74,14 @@ impl Recorder {
                     _ = bucket.take() => {}
                     _ = shutdown.changed() => return,
                 }
-                let event = build(&report, &instance, chrono_now());
+                let Some(event) = build(&report, &instance, chrono_now()) else {
+                    tracing::error!(
+                        object = %super::copies::shown(&report.key),
+                        reason = report.reason,
+                        "event not sent: the system random source failed (its name needs a random suffix)"
+                    );
+                    continue;
+                };
                 let api: Api<Event> = Api::namespaced(client.clone(), &report.key.0);
                 match api.create(&PostParams::default(), &event).await {
                     Ok(_) => tracing::info!(
@@ -108,9 +116,7 @@ impl Recorder {
         detail: &str,
     ) {
         {
-            let Ok(mut sent) = self.sent.lock() else {
-                return;
-            };
+            let mut sent = self.sent.locked();
             let id = (object_kind, key.clone(), reason);
             if sent.get(&id).is_some_and(|t| t.elapsed() < REPEAT_AFTER) {
                 return;
@@ -145,26 +151,15 @@ fn chrono_now() -> Time {
 }
 
 /// The Event for `report`: a legacy core/v1 Event (no eventTime), as
-/// client-go's record package writes them.
-fn build(report: &Report, instance: &str, now: Time) -> Event {
-    let suffix = {
-        let mut b = [0u8; 8];
-        match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b) {
-            Ok(()) => crate::ca::bundle::hex(&b),
-            // Unique enough for an Event's name (kubectl's own are a
-            // timestamp), and never the same fixed name.
-            Err(_) => format!(
-                "{:x}",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos())
-                    .unwrap_or_default()
-            ),
-        }
-    };
+/// client-go's record package writes them; `None` when the system random
+/// source (its name's suffix) fails.
+fn build(report: &Report, instance: &str, now: Time) -> Option<Event> {
+    let mut b = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).ok()?;
+    let suffix = crate::ca::bundle::hex(&b);
     // Object names are ASCII; an Event's name may be 253 long at most.
     let prefix: String = report.key.1.chars().take(200).collect();
-    Event {
+    Some(Event {
         metadata: ObjectMeta {
             name: Some(format!("{prefix}.{suffix}")),
             namespace: Some(report.key.0.to_string()),
@@ -191,7 +186,7 @@ fn build(report: &Report, instance: &str, now: Time) -> Event {
         reporting_component: Some(COMPONENT.into()),
         reporting_instance: Some(instance.chars().take(128).collect()),
         ..Event::default()
-    }
+    })
 }
 
 #[cfg(test)]
@@ -208,7 +203,7 @@ mod tests {
             reason: "NotOwned",
             message: "m".into(),
         };
-        let e = build(&r, "ca-1", chrono_now());
+        let e = build(&r, "ca-1", chrono_now()).unwrap();
         assert_eq!(e.metadata.namespace.as_deref(), Some("prod"));
         assert!(
             e.metadata
@@ -226,7 +221,7 @@ mod tests {
             Arc::from("prod"),
             Arc::from(format!("istio.{}", "a".repeat(247))),
         );
-        let e = build(&Report { key: long, ..r }, "ca-1", chrono_now());
+        let e = build(&Report { key: long, ..r }, "ca-1", chrono_now()).unwrap();
         assert!(e.metadata.name.unwrap().len() <= 253);
     }
 

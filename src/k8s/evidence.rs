@@ -20,6 +20,7 @@
 //! ConfigMaps in the CA's namespace can hold a gate shut, or open one by
 //! deleting a report; RBAC must keep that to the CA).
 
+use crate::sync::{LockExt, RwLockExt};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -236,9 +237,7 @@ impl Peers {
     }
 
     fn apply(&self, change: Change<(String, Report)>) {
-        let Ok(mut reports) = self.reports.write() else {
-            return;
-        };
+        let mut reports = self.reports.write_locked();
         match change {
             Change::Reset(rows) => *reports = rows.into_iter().collect(),
             Change::Upsert((name, r)) => {
@@ -272,32 +271,26 @@ impl Peers {
     /// Marks the watch broken since `since` (kept if already broken), or
     /// healthy.
     fn set_broken(&self, since: Option<SystemTime>) {
-        if let Ok(mut b) = self.broken_since.lock() {
-            match since {
-                Some(t) => {
-                    b.get_or_insert(t);
-                }
-                None => *b = None,
+        let mut b = self.broken_since.locked();
+        match since {
+            Some(t) => {
+                b.get_or_insert(t);
             }
+            None => *b = None,
         }
     }
 
     /// Names of reports that are stale and hold nothing valid.
     fn spent(&self, now: SystemTime) -> Vec<String> {
-        self.reports
-            .read()
-            .map(|r| {
-                r.iter()
-                    .filter(|(name, rep)| {
-                        **name != self.own
-                            && now.duration_since(time(rep.written)).unwrap_or_default()
-                                > STALE_AFTER
-                            && rep.spent(now, self.max_stale)
-                    })
-                    .map(|(n, _)| n.clone())
-                    .collect()
+        let r = self.reports.read_locked();
+        r.iter()
+            .filter(|(name, rep)| {
+                **name != self.own
+                    && now.duration_since(time(rep.written)).unwrap_or_default() > STALE_AFTER
+                    && rep.spent(now, self.max_stale)
             })
-            .unwrap_or_default()
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 }
 
@@ -320,18 +313,17 @@ impl PeerEvidence for Peers {
         if !self.synced.load(std::sync::atomic::Ordering::Acquire) {
             out.push("the other replicas' rotation evidence has not been read yet".to_owned());
         }
-        if let Ok(b) = self.broken_since.lock()
-            && let Some(since) = *b
-        {
+        if let Some(since) = *self.broken_since.locked() {
             out.push(format!(
                 "the watch of the other replicas' rotation evidence has been broken for {} s",
                 now.duration_since(since).unwrap_or_default().as_secs()
             ));
         }
-        let own_age = self.reports.read().ok().and_then(|r| {
-            r.get(&self.own)
-                .map(|rep| now.duration_since(time(rep.written)).unwrap_or_default())
-        });
+        let own_age = self
+            .reports
+            .read_locked()
+            .get(&self.own)
+            .map(|rep| now.duration_since(time(rep.written)).unwrap_or_default());
         match own_age {
             None => out.push(
                 "this replica's own rotation evidence is not published yet (the other replicas cannot see its agents)"
@@ -348,19 +340,15 @@ impl PeerEvidence for Peers {
 
     fn peers(&self) -> Vec<(Evidence, bool)> {
         let now = SystemTime::now();
-        self.reports
-            .read()
-            .map(|r| {
-                r.iter()
-                    .filter(|(name, _)| **name != self.own)
-                    .map(|(_, rep)| {
-                        let age = now.duration_since(time(rep.written)).unwrap_or_default();
-                        let current = age <= STALE_AFTER;
-                        (rep.evidence_as(current, self.max_stale), current)
-                    })
-                    .collect()
+        let r = self.reports.read_locked();
+        r.iter()
+            .filter(|(name, _)| **name != self.own)
+            .map(|(_, rep)| {
+                let age = now.duration_since(time(rep.written)).unwrap_or_default();
+                let current = age <= STALE_AFTER;
+                (rep.evidence_as(current, self.max_stale), current)
             })
-            .unwrap_or_default()
+            .collect()
     }
 }
 

@@ -54,6 +54,7 @@
 //! makes a new one, and a leaf signed for it would only hold rotation
 //! gates (it is in the ledger) for nobody.
 
+use crate::sync::LockExt;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -379,9 +380,7 @@ struct QueueInner {
 
 impl Queue {
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueInner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner.locked()
     }
 
     fn apply(&self, signer: &str, change: Change<Request>) {

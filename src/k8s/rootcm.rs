@@ -13,6 +13,7 @@
 //! The watch keeps, per ConfigMap, whether it is ours and a digest of its
 //! `root-cert.pem`; never its data.
 
+use crate::sync::LockExt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -129,10 +130,7 @@ impl RootCmCopier {
             shutdown,
             cm_row,
             move |change| {
-                let changed = observed
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .apply(change);
+                let changed = observed.locked().apply(change);
                 if changed {
                     dirty.notify_one();
                 }

@@ -7,6 +7,7 @@
 //! API server, so a namespace that stops matching is seen deleted) and
 //! published on a `watch` channel: readers always see the live set.
 
+use crate::sync::LockExt;
 use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::str::FromStr;
@@ -133,9 +134,7 @@ pub fn spawn(
     let names = Mutex::new(BTreeSet::<String>::new());
     let synced = std::sync::atomic::AtomicBool::new(false);
     let sink = move |change: Change<NsRow>| {
-        let Ok(mut set) = names.lock() else {
-            return;
-        };
+        let mut set = names.locked();
         match change {
             Change::Reset(rows) => {
                 set.clear();

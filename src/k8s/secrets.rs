@@ -21,6 +21,8 @@
 //! identity the account's, and the refresh point (a fraction of the
 //! lifetime, as the agent's `--rotation-fraction`) not reached.
 
+use crate::sync::LockExt;
+use crate::sync::RwLockExt;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -102,10 +104,7 @@ impl Default for BundleDigest {
 impl BundleDigest {
     /// That of `set`'s bundle.
     pub fn of(&self, set: &AuthoritySet) -> [u8; 32] {
-        let mut b = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut b = self.0.locked();
         if b.0 != set.generation() {
             *b = (set.generation(), digest(set.bundle_pem().as_bytes()));
         }
@@ -341,9 +340,7 @@ impl SecretCopier {
                 shutdown.clone(),
                 account_row,
                 move |change| {
-                    if let Ok(mut a) = accounts.write() {
-                        apply_accounts(&mut a, change);
-                    }
+                    apply_accounts(&mut accounts.write_locked(), change);
                     dirty.notify_one();
                 },
             ))
@@ -364,10 +361,7 @@ impl SecretCopier {
                 shutdown,
                 secret_row,
                 move |change| {
-                    let changed = observed
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .apply(change);
+                    let changed = observed.locked().apply(change);
                     if changed {
                         dirty.notify_one();
                     }
@@ -527,7 +521,7 @@ impl Copier for SecretCopier {
         if !scope.synced {
             return None;
         }
-        let accounts = self.accounts.read().ok()?;
+        let accounts = self.accounts.read_locked();
         if !accounts.synced {
             return None;
         }

@@ -22,9 +22,10 @@
 //! The Secret is read every [`RESYNC`] and at every change of the authority
 //! set or of leadership: one GET per 10 s, off the hot path.
 
+use crate::sync::LockExt;
 use std::collections::BTreeMap;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::ByteString;
@@ -232,7 +233,7 @@ pub fn controller(
         let counter: CopyCounter = {
             let state = state.clone();
             Arc::new(move |_now| {
-                let s = state.lock().unwrap_or_else(PoisonError::into_inner);
+                let s = state.locked();
                 if !s.writer {
                     return Copies::not_writing(&kind);
                 }
@@ -288,7 +289,7 @@ async fn run(
                     false
                 }
             };
-            let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut s = state.locked();
             let was = s.writer && s.current && s.generation == set.generation();
             s.writer = true;
             s.current = current;
@@ -299,7 +300,7 @@ async fn run(
                 s.settled_since = Some(SystemTime::now());
             }
         } else {
-            *state.lock().unwrap_or_else(PoisonError::into_inner) = State::default();
+            *state.locked() = State::default();
         }
         tokio::select! {
             _ = tokio::time::sleep(RESYNC) => {}

@@ -18,6 +18,7 @@
 //! trusts the prepared root is published and its readers have had
 //! `--bundle-propagation` to see it.
 
+use crate::sync::LockExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -86,9 +87,7 @@ impl Publisher {
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, Held> {
-        self.held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.held.locked()
     }
 
     /// Records what the object holds now.

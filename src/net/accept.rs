@@ -22,6 +22,7 @@
 //! answering itself a reset), so against an attacker the memory bound is
 //! `max_connections`, not the pool.
 
+use crate::sync::LockExt;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -197,7 +198,7 @@ impl Ticket {
         limits: &AcceptLimits,
         source: Option<IpAddr>,
     ) -> Result<Self, &'static str> {
-        let mut o = occupancy.lock().map_err(|_| label::CONNECTIONS)?;
+        let mut o = occupancy.locked();
         if o.total >= limits.max_connections {
             return Err(label::CONNECTIONS);
         }
@@ -241,9 +242,8 @@ impl Ticket {
         }
         self.place = None;
         self.turn = None;
-        if let Ok(mut o) = self.occupancy.lock()
-            && let Some(e) = self.source.and_then(|ip| o.by_source.get_mut(&ip))
-        {
+        let mut o = self.occupancy.locked();
+        if let Some(e) = self.source.and_then(|ip| o.by_source.get_mut(&ip)) {
             e.admitting = e.admitting.saturating_sub(1);
         }
     }
@@ -252,16 +252,15 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         self.admitted();
-        if let Ok(mut o) = self.occupancy.lock() {
-            o.total = o.total.saturating_sub(1);
-            if let Some(ip) = self.source {
-                let gone = o.by_source.get_mut(&ip).is_some_and(|e| {
-                    e.open = e.open.saturating_sub(1);
-                    e.open == 0 && e.admitting == 0
-                });
-                if gone {
-                    o.by_source.remove(&ip);
-                }
+        let mut o = self.occupancy.locked();
+        o.total = o.total.saturating_sub(1);
+        if let Some(ip) = self.source {
+            let gone = o.by_source.get_mut(&ip).is_some_and(|e| {
+                e.open = e.open.saturating_sub(1);
+                e.open == 0 && e.admitting == 0
+            });
+            if gone {
+                o.by_source.remove(&ip);
             }
         }
     }

@@ -4,6 +4,7 @@
 //! per source and in all, a deadline on every call, and a close when an
 //! answer is never taken.
 
+use crate::sync::LockExt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -61,16 +62,14 @@ impl ConnStats {
 
     fn stream_opened(self: &Arc<Self>, timed: bool) -> StreamGuard {
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut calls) = self.calls.lock() {
-            calls.insert(id, (Instant::now(), timed));
-        }
+        self.calls.locked().insert(id, (Instant::now(), timed));
         StreamGuard(self.clone(), id)
     }
 
     /// How long the connection has had no call in flight; `None` while it
     /// has one.
     fn idle_for(&self, now: Instant) -> Option<Duration> {
-        if self.calls.lock().map_or(true, |c| !c.is_empty()) {
+        if !self.calls.locked().is_empty() {
             return None;
         }
         let since = self.opened + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
@@ -80,9 +79,10 @@ impl ConnStats {
     /// When the oldest call in flight with a deadline began.
     fn oldest_call(&self) -> Option<Instant> {
         self.calls
-            .lock()
-            .ok()
-            .and_then(|c| c.values().find(|(_, timed)| *timed).map(|(at, _)| *at))
+            .locked()
+            .values()
+            .find(|(_, timed)| *timed)
+            .map(|(at, _)| *at)
     }
 
     /// A stream reset the server's HTTP/2 layer sent on its own.
@@ -104,9 +104,7 @@ struct StreamGuard(Arc<ConnStats>, u64);
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.0.answered();
-        let Ok(mut calls) = self.0.calls.lock() else {
-            return;
-        };
+        let mut calls = self.0.calls.locked();
         calls.remove(&self.1);
         if calls.is_empty() {
             let ms = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -513,10 +511,7 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(Box::pin(fut));
+        self.0.locked().push(Box::pin(fut));
     }
 }
 
@@ -538,11 +533,7 @@ const DRIVE_ROUNDS: usize = 32;
 
 impl<C: Future> Drive<C> {
     fn take_new(&mut self) -> bool {
-        let mut new = self
-            .new
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut new = self.new.0.locked();
         let any = !new.is_empty();
         self.running.extend(new.drain(..));
         any

@@ -13,6 +13,8 @@
 //! restarted CA counts the agents it knew until they reconnect.
 
 use crate::ca::bundle::{from_unix, unix};
+use crate::sync::LockExt;
+use crate::sync::RwLockExt;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -258,17 +260,12 @@ impl Fleet {
 
     /// Counts copies of the bundle in every evidence from now on.
     pub fn count_copies(&self, counter: CopyCounter) {
-        self.counters
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .0
-            .push(counter);
+        self.counters.write_locked().0.push(counter);
     }
 
     fn copies(&self, now: SystemTime) -> Vec<Copies> {
         self.counters
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .read_locked()
             .0
             .iter()
             .map(|c| c(now))
@@ -279,9 +276,7 @@ impl Fleet {
     /// still the best evidence there is (an empty view would open every
     /// gate).
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner.locked()
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> Option<T> {
@@ -299,10 +294,9 @@ impl Fleet {
 
     /// A leaf that holds only retirement (see `ca::Tracked::RetireOnly`).
     pub fn record_for_retire(&self, authority: &str, issued: SystemTime, not_after: SystemTime) {
-        if let Ok(mut inner) = self.inner.lock() {
-            inner.ledger.record_for_retire(authority, issued, not_after);
-            inner.dirty = true;
-        }
+        let mut inner = self.inner.locked();
+        inner.ledger.record_for_retire(authority, issued, not_after);
+        inner.dirty = true;
     }
 
     /// A leaf issued to a client that is not one of our agents.
@@ -313,12 +307,11 @@ impl Fleet {
         issued: SystemTime,
         not_after: SystemTime,
     ) {
-        if let Ok(mut inner) = self.inner.lock() {
-            inner
-                .ledger
-                .record(generation, authority, issued, not_after);
-            inner.dirty = true;
-        }
+        let mut inner = self.inner.locked();
+        inner
+            .ledger
+            .record(generation, authority, issued, not_after);
+        inner.dirty = true;
     }
 
     /// A leaf issued to a caller that says it is one of our agents, whose

@@ -69,6 +69,7 @@ impl Metrics {
             registry.register(Box::new(g.clone())).map_err(reg_err)?;
             Ok(g)
         };
+        crate::sync::register(&registry).map_err(reg_err)?;
         let csr_sign_err = IntCounterVec::new(
             Opts::new(
                 "citadel_server_csr_sign_err_count",

@@ -2,6 +2,7 @@
 //! in place when renewed, client certificates requested but optional, and
 //! the handshake of each accepted connection (limits: [`crate::net`]).
 
+use crate::sync::RwLockExt;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -73,39 +74,26 @@ impl ServingCert {
         now: SystemTime,
     ) -> Result<SystemTime, Error> {
         let (key, not_after) = issue(authority, spec, now)?;
-        if let (Ok(mut cur), Ok(mut validity), Ok(mut by)) = (
-            self.current.write(),
-            self.validity.write(),
-            self.issued_by.write(),
-        ) {
-            *cur = key;
-            *validity = (now, not_after);
-            *by = authority.signer().der().to_vec();
-        }
+        *self.current.write_locked() = key;
+        *self.validity.write_locked() = (now, not_after);
+        *self.issued_by.write_locked() = authority.signer().der().to_vec();
         Ok(not_after)
     }
 
     /// The signing certificate (DER) of the authority that issued the
     /// certificate being served.
     pub fn issued_by(&self) -> Vec<u8> {
-        self.issued_by.read().map(|b| b.clone()).unwrap_or_default()
+        self.issued_by.read_locked().clone()
     }
 
     pub fn not_after(&self) -> SystemTime {
-        self.validity
-            .read()
-            .map(|v| v.1)
-            .unwrap_or(SystemTime::UNIX_EPOCH)
+        self.validity.read_locked().1
     }
 
     /// Halfway through the current certificate's actual lifetime (which the
     /// CA may have cut short at its own expiry).
     pub fn renew_at(&self) -> SystemTime {
-        let (issued, not_after) = self
-            .validity
-            .read()
-            .map(|v| *v)
-            .unwrap_or((SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH));
+        let (issued, not_after) = *self.validity.read_locked();
         issued + not_after.duration_since(issued).unwrap_or_default() / 2
     }
 }
@@ -140,7 +128,7 @@ fn issue(
 
 impl ResolvesServerCert for ServingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current.read().ok().map(|k| k.clone())
+        Some(self.current.read_locked().clone())
     }
 }
 

@@ -76,11 +76,12 @@
 //! to [`crate::limits::MAX_LOGGED_PEER_BYTES`], with the token blanked out
 //! should it appear.
 
+use crate::sync::LockExt;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -557,7 +558,7 @@ impl Drop for Up {
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.locked()
     }
 
     /// The review task of one flight: queue, review, cache, answer.
