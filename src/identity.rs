@@ -30,6 +30,7 @@ const SCHEME: &str = "spiffe://";
 
 /// Why a trust domain or SPIFFE ID was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("SPIFFE ID is empty")]
     Empty,
@@ -55,6 +56,41 @@ pub enum Error {
     TrailingSlash,
     #[error("{0:?} is not a valid Kubernetes namespace or service account name")]
     BadKubernetesName(String),
+}
+
+impl Error {
+    /// Every [`Error::metric_label`].
+    pub const METRIC_LABELS: &[&str] = &[
+        "empty",
+        "wrong_scheme",
+        "empty_trust_domain",
+        "trust_domain_too_long",
+        "bad_trust_domain_char",
+        "too_long",
+        "bad_path_char",
+        "empty_segment",
+        "dot_segment",
+        "trailing_slash",
+        "bad_kubernetes_name",
+    ];
+
+    /// A short, stable label for metrics and logs (every variant named).
+    #[must_use]
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Empty => "empty",
+            Self::WrongScheme => "wrong_scheme",
+            Self::EmptyTrustDomain => "empty_trust_domain",
+            Self::TrustDomainTooLong => "trust_domain_too_long",
+            Self::BadTrustDomainChar(_) => "bad_trust_domain_char",
+            Self::TooLong => "too_long",
+            Self::BadPathChar(_) => "bad_path_char",
+            Self::EmptySegment => "empty_segment",
+            Self::DotSegment => "dot_segment",
+            Self::TrailingSlash => "trailing_slash",
+            Self::BadKubernetesName(_) => "bad_kubernetes_name",
+        }
+    }
 }
 
 /// A SPIFFE trust domain, such as `cluster.local`.
@@ -284,6 +320,26 @@ pub fn check_roundtrip(input: &str) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_error_has_its_own_listed_label() {
+        let all = [
+            Error::Empty,
+            Error::WrongScheme,
+            Error::EmptyTrustDomain,
+            Error::TrustDomainTooLong,
+            Error::BadTrustDomainChar(0),
+            Error::TooLong,
+            Error::BadPathChar(0),
+            Error::EmptySegment,
+            Error::DotSegment,
+            Error::TrailingSlash,
+            Error::BadKubernetesName(String::new()),
+        ];
+        let labels: std::collections::BTreeSet<_> = all.iter().map(Error::metric_label).collect();
+        assert_eq!(labels.len(), all.len(), "labels are not distinct");
+        assert_eq!(labels, Error::METRIC_LABELS.iter().copied().collect());
+    }
+
     use super::*;
 
     #[test]

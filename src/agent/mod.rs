@@ -15,6 +15,7 @@ use std::path::PathBuf;
 
 /// Everything that can go wrong in the agent.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error(transparent)]
     Crypto(#[from] crate::ca::Error),
@@ -47,6 +48,37 @@ use bundle::AgentBundle;
 use client::{CaEndpoint, GrpcCaClient, TokenFile};
 use metrics::AgentMetrics;
 use workload::{CertManager, CertWatch, RotationPolicy};
+
+impl Error {
+    /// Every [`Error::metric_label`] (a key or certificate error is
+    /// labelled by its own).
+    pub fn metric_labels() -> impl Iterator<Item = &'static str> {
+        [
+            "config",
+            "token",
+            "token_expired",
+            "ca",
+            "bad_response",
+            "socket",
+        ]
+        .into_iter()
+        .chain(crate::ca::Error::METRIC_LABELS.iter().copied())
+    }
+
+    /// A short, stable label for metrics and logs (every variant named).
+    #[must_use]
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Crypto(e) => e.metric_label(),
+            Self::Config(_) => "config",
+            Self::Token(_) => "token",
+            Self::TokenExpired { .. } => "token_expired",
+            Self::Ca { .. } => "ca",
+            Self::BadResponse(_) => "bad_response",
+            Self::Socket { .. } => "socket",
+        }
+    }
+}
 
 /// One workload: its credentials and the socket its proxy connects to.
 #[derive(Clone, Debug)]

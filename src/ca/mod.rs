@@ -32,6 +32,7 @@ pub use store::{CaFiles, CacertsDir};
 
 /// Everything that can go wrong in this module.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("CSR of {size} bytes exceeds the {max}-byte limit")]
     CsrTooLarge { size: usize, max: usize },
@@ -61,6 +62,46 @@ pub enum Error {
     Store { location: String, reason: String },
 }
 
+impl Error {
+    /// Every [`Error::metric_label`], so metrics can show each at 0.
+    pub const METRIC_LABELS: &[&str] = &[
+        "csr_too_large",
+        "csr_malformed",
+        "csr_key_type",
+        "csr_signature",
+        "identity_mismatch",
+        "wrong_trust_domain",
+        "ttl_too_long",
+        "signer_expired",
+        "key",
+        "certificate",
+        "signing",
+        "material",
+        "store",
+    ];
+
+    /// A short, stable label for metrics and logs. The match names every
+    /// variant, so a new one cannot fall into a catch-all unnoticed.
+    #[must_use]
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::CsrTooLarge { .. } => "csr_too_large",
+            Self::CsrMalformed(_) => "csr_malformed",
+            Self::CsrKeyType(_) => "csr_key_type",
+            Self::CsrSignature(_) => "csr_signature",
+            Self::IdentityMismatch { .. } => "identity_mismatch",
+            Self::WrongTrustDomain { .. } => "wrong_trust_domain",
+            Self::TtlTooLong { .. } => "ttl_too_long",
+            Self::SignerExpired => "signer_expired",
+            Self::Key(_) => "key",
+            Self::Cert(_) => "certificate",
+            Self::Signing(_) => "signing",
+            Self::Material(_) => "material",
+            Self::Store { .. } => "store",
+        }
+    }
+}
+
 /// Material for unit tests.
 #[cfg(test)]
 pub(crate) mod testing {
@@ -87,5 +128,49 @@ pub(crate) mod testing {
             Authority::generate_root(&td, KeyAlgorithm::EcdsaP256, Duration::from_secs(secs), now)
                 .unwrap();
         Authority::from_files(&files, &td, now).unwrap()
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use super::Error;
+
+    #[test]
+    fn every_variant_has_its_own_listed_label() {
+        let s = || "x".to_owned();
+        let all = [
+            Error::CsrTooLarge { size: 2, max: 1 },
+            Error::CsrMalformed(s()),
+            Error::CsrKeyType(s()),
+            Error::CsrSignature(s()),
+            Error::IdentityMismatch {
+                requested: s(),
+                allowed: s(),
+            },
+            Error::WrongTrustDomain {
+                id: s(),
+                expected: s(),
+            },
+            Error::TtlTooLong {
+                requested: Duration::from_secs(2),
+                max: Duration::from_secs(1),
+            },
+            Error::SignerExpired,
+            Error::Key(s()),
+            Error::Cert(s()),
+            Error::Signing(s()),
+            Error::Material(s()),
+            Error::Store {
+                location: s(),
+                reason: s(),
+            },
+        ];
+        let labels: BTreeSet<_> = all.iter().map(Error::metric_label).collect();
+        assert_eq!(labels.len(), all.len(), "labels are not distinct");
+        let listed: BTreeSet<_> = Error::METRIC_LABELS.iter().copied().collect();
+        assert_eq!(labels, listed);
     }
 }

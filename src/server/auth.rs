@@ -23,6 +23,7 @@ use crate::identity::{SpiffeId, TrustDomain};
 
 /// Why a presented credential was not accepted. Logged, never sent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AuthError {
     #[error("bearer token rejected: {0}")]
     Token(String),

@@ -44,6 +44,7 @@ use tls::{ServingCert, ServingSpec};
 
 /// Everything that can stop the server from starting or running.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error(transparent)]
     Ca(#[from] ca::Error),
@@ -61,6 +62,25 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every [`Error::metric_label`] (a CA error is labelled by its own).
+    pub fn metric_labels() -> impl Iterator<Item = &'static str> {
+        ["config", "io", "tls", "transport"]
+            .into_iter()
+            .chain(ca::Error::METRIC_LABELS.iter().copied())
+    }
+
+    /// A short, stable label for metrics and logs (every variant named).
+    #[must_use]
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Ca(e) => e.metric_label(),
+            Self::Config(_) => "config",
+            Self::Io { .. } => "io",
+            Self::Tls(_) => "tls",
+            Self::Transport(_) => "transport",
+        }
+    }
+
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io {
             path: path.to_owned(),

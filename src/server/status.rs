@@ -59,7 +59,7 @@ pub fn count(metrics: &Metrics, e: &ca::Error) {
         E::IdentityMismatch { .. } | E::WrongTrustDomain { .. } => "identity_mismatch",
         E::TtlTooLong { .. } => "ttl",
         E::SignerExpired => "signer_expired",
-        _ => "internal",
+        E::Key(_) | E::Cert(_) | E::Signing(_) | E::Material(_) | E::Store { .. } => "internal",
     };
     metrics.csr_sign_err.with_label_values(&[kind]).inc();
 }
