@@ -253,13 +253,15 @@ mod clock {
         }
     }
 
+    type Published = Arc<Mutex<Vec<(Arc<WorkloadCert>, SystemTime)>>>;
+
     struct Run {
         clocks: Arc<Clocks>,
         ca: Arc<ScriptedCa>,
         watch: CertWatch,
         metrics: Arc<AgentMetrics>,
         /// Every certificate published, with the agent's wall clock then.
-        published: Arc<Mutex<Vec<(Arc<WorkloadCert>, SystemTime)>>>,
+        published: Published,
         _stop: watch::Sender<bool>,
     }
 
