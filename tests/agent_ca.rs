@@ -3,6 +3,7 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -66,14 +67,59 @@ fn expired_token(ca: &TestServer) -> String {
     token
 }
 
+/// The log lines of this thread's tasks (a current-thread runtime's).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// Polls `cond` every 20 ms for up to `secs` seconds.
+async fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn an_expired_token_is_never_sent_and_a_fresh_one_is_picked_up() {
+    let logs = Captured::default();
+    let _logs = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .finish(),
+    );
     let ca = TestServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("token"), expired_token(&ca)).unwrap();
-    let agent = agent::start(config(&ca, dir.path(), KeyAlgorithm::EcdsaP256))
-        .await
-        .unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, expired_token(&ca)).unwrap();
+    let mut cfg = config(&ca, dir.path(), KeyAlgorithm::EcdsaP256);
+    // Renewed about 4 s after issuance, expiring after 8 s.
+    cfg.policy.ttl = Duration::from_secs(8);
+    let agent = agent::start(cfg).await.unwrap();
 
     // The agent keeps trying (and failing) locally; the CA never sees a request.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -102,6 +148,80 @@ async fn an_expired_token_is_never_sent_and_a_fresh_one_is_picked_up() {
         ca.metric("citadel_server_authentication_failure_count")
             .await,
         0.0
+    );
+
+    // The token expires before the rotation: at rotation time the agent
+    // sends nothing, says so, and keeps serving its certificate.
+    let serial = || {
+        agent.watches[0]
+            .1
+            .cert
+            .borrow()
+            .as_ref()
+            .map(|c| c.serial_hex.clone())
+    };
+    let unusable = || {
+        agent
+            .metrics
+            .token_unusable
+            .with_label_values(&["web"])
+            .get()
+    };
+    let first = serial().unwrap();
+    let signed = ca.metric("citadel_server_csr_count").await;
+    let refused = unusable();
+    std::fs::write(&token, expired_token(&ca)).unwrap();
+    wait_for(10, "no renewal attempt", || unusable() > refused).await;
+    assert_eq!(
+        serial().as_ref(),
+        Some(&first),
+        "the current certificate is kept"
+    );
+    assert!(agent.ready(), "still valid, still ready");
+    let text = logs.text();
+    assert!(
+        text.lines().any(|l| l.contains("ERROR")
+            && l.contains("NOT requesting a certificate")
+            && l.contains("expired")
+            && l.contains(&first)),
+        "the log says why and what is still served:\n{text}"
+    );
+
+    // Then the file disappears: still nothing sent, still said.
+    std::fs::remove_file(&token).unwrap();
+    let refused = unusable();
+    wait_for(10, "no attempt without the file", || {
+        unusable() > refused + 1
+    })
+    .await;
+    assert!(
+        logs.text().contains("No such file"),
+        "the log names the missing file"
+    );
+    assert_eq!(
+        ca.metric("citadel_server_csr_count").await,
+        signed,
+        "neither an expired token nor nothing reached the CA"
+    );
+    let body = agent.metrics.render();
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("workload_ca_agent_token_unusable_total{workload=\"web\"}")),
+        "{body}"
+    );
+
+    // The kubelet writes a fresh token: renewed by itself.
+    std::fs::write(&token, ca.token("prod", "web")).unwrap();
+    wait_for(20, "no renewal after the token came back", || {
+        serial().is_some_and(|s| s != first)
+    })
+    .await;
+    assert!(ca.metric("citadel_server_csr_count").await > signed);
+    assert_eq!(
+        ca.metric("citadel_server_authentication_failure_count")
+            .await,
+        0.0,
+        "no token the CA refused was ever sent"
     );
     agent.shutdown().await;
 }

@@ -15,6 +15,9 @@ pub struct AgentMetrics {
     pub csr_latency: HistogramVec,
     pub csr_failures: IntCounterVec,
     pub csr_retries: IntCounterVec,
+    /// Certificate requests not made: the token was missing, unreadable or
+    /// expired (the current certificate is kept while valid).
+    pub token_unusable: IntCounterVec,
     pub sds_streams: IntGauge,
     pub sds_pushes: IntCounterVec,
     pub sds_nacks: IntCounterVec,
@@ -72,6 +75,17 @@ impl AgentMetrics {
             &["workload"],
         )
         .map_err(e)?;
+        let token_unusable = IntCounterVec::new(
+            Opts::new(
+                "workload_ca_agent_token_unusable_total",
+                "Certificate requests not made because the service-account token was missing, unreadable or expired.",
+            ),
+            &["workload"],
+        )
+        .map_err(e)?;
+        registry
+            .register(Box::new(token_unusable.clone()))
+            .map_err(e)?;
         let sds_streams =
             IntGauge::new("workload_ca_agent_sds_streams", "Connected SDS streams.").map_err(e)?;
         let sds_pushes = IntCounterVec::new(
@@ -144,6 +158,7 @@ impl AgentMetrics {
             csr_latency,
             csr_failures,
             csr_retries,
+            token_unusable,
             sds_streams,
             sds_pushes,
             sds_nacks,

@@ -329,25 +329,19 @@ async fn follow_bundle(
     }
 }
 
-/// Writes the workload's files on every new certificate or bundle.
+/// Publishes the workload's files on every new certificate or bundle, all
+/// three together ([`workload::publish_files`]).
 async fn write_files(dir: PathBuf, mut w: CertWatch, mut shutdown: watch::Receiver<bool>) {
-    use crate::ca::store::atomic_write;
     loop {
         let cert = w.cert.borrow_and_update().clone();
         let roots = w.roots.borrow_and_update().clone();
         if let (Some(cert), Some(roots)) = (cert, roots) {
-            let result = std::fs::create_dir_all(&dir)
-                .and_then(|()| atomic_write(&dir.join("key.pem"), cert.key_pem.as_bytes(), 0o600))
-                .and_then(|()| {
-                    atomic_write(
-                        &dir.join("cert-chain.pem"),
-                        cert.chain_pem.as_bytes(),
-                        0o644,
-                    )
-                })
-                .and_then(|()| {
-                    atomic_write(&dir.join("root-cert.pem"), roots.pem.as_bytes(), 0o644)
-                });
+            let result = workload::publish_files(
+                &dir,
+                cert.key_pem.as_bytes(),
+                cert.chain_pem.as_bytes(),
+                roots.pem.as_bytes(),
+            );
             if let Err(e) = result {
                 tracing::error!(dir = %dir.display(), error = %e, "writing certificate files failed");
             }

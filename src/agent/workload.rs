@@ -2,11 +2,26 @@
 //! renewal at a fraction of the lifetime with jitter, exponential back-off on
 //! CA errors, and publication through `tokio::sync::watch`.
 //!
-//! All scheduling uses tokio time: the wall clock is read once per issued
-//! certificate, to turn its NotAfter into a tokio deadline. So the whole
-//! policy runs under tokio's paused clock in tests.
+//! Scheduling uses tokio time (monotonic): the wall clock is read when a
+//! certificate is accepted, to turn its NotAfter into a tokio deadline, and
+//! again at every wake-up (at least every [`WALL_CLOCK_CHECK`]) to catch a
+//! wall clock that jumped. The wall clock is injected ([`WallClock`]), so the
+//! whole policy, clock jumps included, runs under tokio's paused clock in
+//! tests.
+//!
+//! Clock jumps (the wall clock, `SystemTime`, moves; tokio's clock does not):
+//! - forward past the renewal point: renewed at the next check (a
+//!   certificate is due by whichever clock says so first); forward past
+//!   NotAfter: withdrawn (expired by either clock), renewed when the CA
+//!   answers.
+//! - backward: the renewal point is on tokio's clock, so it is not delayed.
+//!   An answer not yet valid by this node's clock (the CA's clock ahead by
+//!   more than its 2-minute backdating) is refused, never served; the
+//!   current certificate is kept and the request retried with back-off.
 
 use std::fmt;
+use std::io;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -131,6 +146,17 @@ pub fn unit_random() -> f64 {
     (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// The wall clock a [`CertManager`] reads (`SystemTime::now` outside tests).
+pub type WallClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// The longest a manager sleeps without reading the wall clock: how late a
+/// forward jump of the wall clock past the renewal point is noticed.
+pub const WALL_CLOCK_CHECK: Duration = Duration::from_secs(10);
+
+/// How far the wall clock may run ahead of tokio's before a renewal is made
+/// early for it: NTP slewing is not a jump.
+const WALL_CLOCK_SLACK: Duration = Duration::from_secs(1);
+
 /// What the rest of the agent watches.
 #[derive(Clone)]
 pub struct CertWatch {
@@ -147,6 +173,7 @@ pub struct CertManager<C> {
     cert_tx: watch::Sender<Option<Arc<WorkloadCert>>>,
     bundle: AgentBundle,
     metrics: Arc<AgentMetrics>,
+    wall: WallClock,
 }
 
 impl<C: CaClient> CertManager<C> {
@@ -178,6 +205,7 @@ impl<C: CaClient> CertManager<C> {
         // Every series from the start: a dashboard shows 0, not a gap.
         metrics.csr_failures.with_label_values(&[&name]);
         metrics.csr_retries.with_label_values(&[&name]);
+        metrics.token_unusable.with_label_values(&[&name]);
         (
             Self {
                 name,
@@ -186,9 +214,17 @@ impl<C: CaClient> CertManager<C> {
                 cert_tx,
                 bundle,
                 metrics,
+                wall: Arc::new(SystemTime::now),
             },
             CertWatch { cert, roots },
         )
+    }
+
+    /// Reads `wall` instead of `SystemTime::now` (tests jump it).
+    #[must_use]
+    pub fn with_wall_clock(mut self, wall: WallClock) -> Self {
+        self.wall = wall;
+        self
     }
 
     /// Runs until `shutdown` changes.
@@ -201,7 +237,7 @@ impl<C: CaClient> CertManager<C> {
                 r = self.fetch() => r,
                 _ = shutdown.changed() => return,
             };
-            let next = match fetched {
+            let (next, renew_wall) = match fetched {
                 Ok((cert, roots)) => {
                     self.metrics
                         .csr_latency
@@ -227,7 +263,11 @@ impl<C: CaClient> CertManager<C> {
                         tracing::info!(workload = %self.name, version = %version, "trust bundle changed");
                     }
                     self.cert_tx.send_replace(Some(Arc::new(cert)));
-                    Instant::now() + after
+                    // The same point on the wall clock: whichever comes first.
+                    let wall_due = (self.wall)()
+                        .checked_add(after)
+                        .and_then(|t| t.checked_add(WALL_CLOCK_SLACK));
+                    (Instant::now() + after, wall_due)
                 }
                 Err(e) => {
                     self.metrics
@@ -248,6 +288,12 @@ impl<C: CaClient> CertManager<C> {
                     let delay = self.policy.retry_delay(attempt, unit_random(), remaining);
                     attempt = attempt.saturating_add(1);
                     let serving = self.cert_tx.borrow().as_ref().map(|c| c.serial_hex.clone());
+                    if matches!(e, Error::TokenExpired { .. } | Error::Token(_)) {
+                        self.metrics
+                            .token_unusable
+                            .with_label_values(&[&self.name])
+                            .inc();
+                    }
                     match &e {
                         Error::TokenExpired { .. } | Error::Token(_) => tracing::error!(
                             workload = %self.name, error = %crate::logsafe::peer(&e.to_string()), retry_in_ms = delay.as_millis() as u64, ?serving,
@@ -259,21 +305,27 @@ impl<C: CaClient> CertManager<C> {
                             "certificate request failed; keeping the current certificate while it is valid"
                         ),
                     }
-                    Instant::now() + delay
+                    (Instant::now() + delay, None)
                 }
             };
-            if !self.wait_until(next, &mut retiring, &mut shutdown).await {
+            if !self
+                .wait_until(next, renew_wall, &mut retiring, &mut shutdown)
+                .await
+            {
                 return;
             }
         }
     }
 
-    /// Sleeps until `next` (or sooner, when the authority that issued the
-    /// current leaf is announced as retiring), withdrawing the certificate
-    /// if it expires first. False when shutdown was requested.
+    /// Sleeps until `next` on tokio's clock or `next_wall` on the wall
+    /// clock, whichever comes first (or sooner, when the authority that
+    /// issued the current leaf is announced as retiring), withdrawing the
+    /// certificate if it expires first by either clock. False when shutdown
+    /// was requested.
     async fn wait_until(
         &self,
         next: Instant,
+        next_wall: Option<SystemTime>,
         retiring: &mut watch::Receiver<Option<Arc<Retirement>>>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> bool {
@@ -283,7 +335,10 @@ impl<C: CaClient> CertManager<C> {
         loop {
             let due = early.filter(|e| *e < next).unwrap_or(next);
             let expiry = self.cert_tx.borrow().as_ref().map(|c| c.expires_at);
-            let wake = expiry.filter(|e| *e < due).unwrap_or(due);
+            let wake = expiry
+                .filter(|e| *e < due)
+                .unwrap_or(due)
+                .min(Instant::now() + WALL_CLOCK_CHECK);
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => {}
                 r = retiring.changed(), if announcements => {
@@ -296,9 +351,24 @@ impl<C: CaClient> CertManager<C> {
                 _ = shutdown.changed() => return false,
             }
             let now = Instant::now();
+            let wall = (self.wall)();
+            let not_after = self.cert_tx.borrow().as_ref().map(|c| c.not_after);
             if expiry.is_some_and(|e| e <= now) {
                 tracing::error!(workload = %self.name, "certificate expired before it could be renewed; no longer serving it");
                 self.cert_tx.send_replace(None);
+            } else if not_after.is_some_and(|t| t <= wall) {
+                tracing::error!(
+                    workload = %self.name, wall_clock = unix_secs(wall), not_after = not_after.map(unix_secs),
+                    "the wall clock says the certificate has expired (did the clock jump forward?); no longer serving it"
+                );
+                self.cert_tx.send_replace(None);
+            }
+            if next_wall.is_some_and(|w| w <= wall) && now < due {
+                tracing::warn!(
+                    workload = %self.name, wall_clock = unix_secs(wall),
+                    "the wall clock passed the renewal point before tokio's clock did (did the clock jump forward?); renewing now"
+                );
+                return true;
             }
             if now >= due {
                 if due < next {
@@ -317,12 +387,8 @@ impl<C: CaClient> CertManager<C> {
     ) -> Option<Instant> {
         let retirement = retiring.borrow_and_update().clone()?;
         let cert = self.cert_tx.borrow().clone()?;
-        let at = retirement.renew_by(
-            &cert.leaf_der,
-            SystemTime::now(),
-            Instant::now(),
-            unit_random(),
-        )?;
+        let at =
+            retirement.renew_by(&cert.leaf_der, (self.wall)(), Instant::now(), unit_random())?;
         tracing::debug!(
             workload = %self.name, serial = %cert.serial_hex,
             renew_in_s = at.saturating_duration_since(Instant::now()).as_secs_f64(),
@@ -345,7 +411,7 @@ impl<C: CaClient> CertManager<C> {
         };
         let csr = csr_for(&key)?;
         let (chain, generation) = self.client.sign(csr, self.policy.ttl).await?;
-        let (cert, roots) = accept_chain(&key, &chain, SystemTime::now())?;
+        let (cert, roots) = accept_chain(&key, &chain, (self.wall)())?;
         Ok((cert, roots.with_generation(generation)))
     }
 }
@@ -398,6 +464,14 @@ pub fn accept_chain(
         return Err(bad("the leaf is not for the key we sent".into()));
     }
     let identity = single_spiffe_id(&leaf).map_err(|e| bad(format!("the leaf has {e}")))?;
+    let not_before = crate::ca::bundle::time_from_unix(leaf.validity().not_before.timestamp());
+    if now < not_before {
+        return Err(bad(format!(
+            "the leaf is not valid before {} and this node's clock reads {}: is the clock behind? Not serving it",
+            unix_secs(not_before),
+            unix_secs(now)
+        )));
+    }
     let anchors: Vec<&[u8]> = roots.iter().map(Vec::as_slice).collect();
     verify_path(
         &leaf_der,
@@ -435,6 +509,107 @@ pub fn accept_chain(
     ))
 }
 
+/// The names `--output-dir` shows in each workload's directory, with their
+/// modes: the key, the chain (leaf first) and the trust bundle.
+pub const OUTPUT_FILES: [(&str, u32); 3] = [
+    ("key.pem", 0o600),
+    ("cert-chain.pem", 0o644),
+    ("root-cert.pem", 0o644),
+];
+
+/// The link naming the directory that holds the files being published.
+pub const OUTPUT_DATA_LINK: &str = "..data";
+
+/// Publishes a key, its chain and the roots in `dir` together, as the
+/// kubelet's AtomicWriter publishes a projected volume:
+///
+/// 1. a new directory `..<unix seconds>_<nanoseconds>.<random>` (0700) gets
+///    the three files (the key 0600), each fsynced, then the directory;
+/// 2. a temporary symlink to it is renamed over `..data` (one atomic step),
+///    and `dir` is fsynced;
+/// 3. the visible names (`key.pem`…) are symlinks to `..data/<name>`, made
+///    once (a regular file left by an older agent is replaced by a rename);
+/// 4. the directories `..data` no longer names are removed.
+///
+/// So whoever resolves `..data` once sees a key, chain and roots published
+/// together: never a new key with an old chain. (Opening the visible names
+/// one after the other may straddle a swap: a reader that needs the set
+/// compares `..data`'s target before and after, as the tests do.) A failure
+/// before step 2 leaves the previous set in place.
+///
+/// # Errors
+/// The I/O error of the step that failed.
+pub fn publish_files(
+    dir: &Path,
+    key_pem: &[u8],
+    chain_pem: &[u8],
+    roots_pem: &[u8],
+) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::symlink;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let random = (unit_random().to_bits() >> 12) & 0xff_ffff;
+    let name = format!(
+        "..{}_{:09}.{random:06x}",
+        stamp.as_secs(),
+        stamp.subsec_nanos()
+    );
+    let data = dir.join(&name);
+    std::fs::DirBuilder::new().mode(0o700).create(&data)?;
+    let contents = [key_pem, chain_pem, roots_pem];
+    let written = OUTPUT_FILES
+        .iter()
+        .zip(contents)
+        .try_for_each(|((file, mode), bytes)| {
+            crate::ca::store::write_new_file(&data.join(file), bytes, *mode)
+        })
+        .and_then(|()| std::fs::File::open(&data)?.sync_all());
+    let swapped = written.and_then(|()| {
+        let tmp = dir.join(crate::ca::store::temp_name(OUTPUT_DATA_LINK.as_ref())?);
+        symlink(&name, &tmp)?;
+        std::fs::rename(&tmp, dir.join(OUTPUT_DATA_LINK)).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+    });
+    if let Err(e) = swapped {
+        let _ = std::fs::remove_dir_all(&data);
+        return Err(e);
+    }
+    for (file, _) in OUTPUT_FILES {
+        let visible = dir.join(file);
+        let target = Path::new(OUTPUT_DATA_LINK).join(file);
+        if std::fs::read_link(&visible).is_ok_and(|t| t == target) {
+            continue;
+        }
+        let tmp = dir.join(crate::ca::store::temp_name(file.as_ref())?);
+        symlink(&target, &tmp)?;
+        std::fs::rename(&tmp, &visible).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })?;
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    // The previous sets (and what a crash left: their temporaries).
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let n = entry.file_name();
+        let n = n.to_string_lossy();
+        let stale_set = n.starts_with("..") && n != OUTPUT_DATA_LINK && n != name.as_str();
+        let stale_tmp = n.starts_with('.') && n.contains(".tmp-");
+        if stale_set && entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(entry.path())?;
+        } else if stale_tmp && !entry.file_type()?.is_dir() {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 fn pem_ders(text: &str) -> Result<Vec<Vec<u8>>, String> {
     pem::parse_many(text)
         .map_err(|e| format!("bad PEM: {e}"))?
@@ -456,68 +631,5 @@ fn unix_secs(t: SystemTime) -> i64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renewal_point_spreads_within_the_jitter_and_stays_before_expiry() {
-        let p = RotationPolicy::default();
-        let life = Duration::from_secs(3600);
-        assert_eq!(p.renew_after(life, 0.5), Duration::from_secs(1800));
-        assert_eq!(p.renew_after(life, 0.0), Duration::from_secs(1620));
-        assert!(p.renew_after(life, 0.999_999) <= Duration::from_secs(1980));
-        let late = RotationPolicy {
-            fraction: 0.99,
-            jitter: 0.5,
-            ..RotationPolicy::default()
-        };
-        assert_eq!(
-            late.renew_after(life, 0.99),
-            Duration::from_secs(3240),
-            "never past 90% of the lifetime"
-        );
-        assert_eq!(
-            p.renew_after(Duration::ZERO, 0.5),
-            MIN_RENEWAL_INTERVAL,
-            "no tight loop on a nearly expired leaf"
-        );
-        assert_eq!(
-            p.renew_after(Duration::from_millis(500), 0.5),
-            MIN_RENEWAL_INTERVAL
-        );
-        // A fleet of 1,000 agents started together spreads out.
-        let points: Vec<Duration> = (0..1000)
-            .map(|_| p.renew_after(life, unit_random()))
-            .collect();
-        let (min, max) = (points.iter().min().unwrap(), points.iter().max().unwrap());
-        assert!(
-            *max - *min > Duration::from_secs(300),
-            "spread {:?}",
-            *max - *min
-        );
-    }
-
-    #[test]
-    fn backoff_doubles_to_the_cap_with_jitter() {
-        let p = RotationPolicy::default();
-        assert_eq!(p.backoff(0, 0.0), Duration::from_millis(100));
-        assert_eq!(p.backoff(0, 1.0), Duration::from_millis(200));
-        assert_eq!(p.backoff(3, 1.0), Duration::from_millis(1600));
-        assert_eq!(p.backoff(30, 1.0), Duration::from_secs(30));
-        assert_eq!(p.backoff(30, 0.0), Duration::from_secs(15));
-        // Near expiry the retries speed up, never below the initial delay.
-        assert_eq!(
-            p.retry_delay(30, 1.0, Some(Duration::from_secs(3600))),
-            Duration::from_secs(30)
-        );
-        assert_eq!(
-            p.retry_delay(30, 1.0, Some(Duration::from_secs(8))),
-            Duration::from_secs(2)
-        );
-        assert_eq!(
-            p.retry_delay(30, 1.0, Some(Duration::ZERO)),
-            Duration::from_millis(200)
-        );
-        assert_eq!(p.retry_delay(30, 1.0, None), Duration::from_secs(30));
-    }
-}
+#[path = "workload_tests.rs"]
+mod tests;
