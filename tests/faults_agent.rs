@@ -300,6 +300,7 @@ async fn output_dir_readers_never_see_a_new_key_with_an_old_chain() {
             server_name: "localhost".into(),
         },
         workloads: vec![WorkloadConfig {
+            peer: None,
             name: "web".into(),
             token_file: dir.path().join("token"),
             socket: dir.path().join("web.sock"),

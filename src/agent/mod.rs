@@ -336,12 +336,18 @@ async fn write_files(dir: PathBuf, mut w: CertWatch, mut shutdown: watch::Receiv
         let cert = w.cert.borrow_and_update().clone();
         let roots = w.roots.borrow_and_update().clone();
         if let (Some(cert), Some(roots)) = (cert, roots) {
-            let result = workload::publish_files(
-                &dir,
-                cert.key_pem.as_bytes(),
-                cert.chain_pem.as_bytes(),
-                roots.pem.as_bytes(),
-            );
+            // Directory and file fsyncs block: off the runtime's workers.
+            let to = dir.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                workload::publish_files(
+                    &to,
+                    cert.key_pem.as_bytes(),
+                    cert.chain_pem.as_bytes(),
+                    roots.pem.as_bytes(),
+                )
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
             if let Err(e) = result {
                 tracing::error!(dir = %dir.display(), error = %e, "writing certificate files failed");
             }
