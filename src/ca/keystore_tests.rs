@@ -172,3 +172,58 @@ async fn a_manifest_naming_a_missing_directory_is_refused() {
     let err = store.load().await.unwrap_err().to_string();
     assert!(err.contains("directory is missing"), "{err}");
 }
+
+/// The manifest lost beside authorities' directories of a store a server
+/// ran on: refused, never read as empty (which would make a new root).
+/// Before any server ran, they are an interrupted first start's, and the
+/// CA is created.
+#[tokio::test]
+async fn directories_without_their_manifest_are_refused_once_a_server_ran() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = DirStore::new(tmp.path().join("ca"));
+    let now = SystemTime::now();
+    let (set, _) = load_or_create(&store, &spec(), None, now).await.unwrap();
+    fs::remove_file(store.dir().join(MANIFEST)).unwrap();
+    // Never started: the interrupted first start's directory is swept.
+    let (again, created) = load_or_create(&store, &spec(), None, now).await.unwrap();
+    assert!(created);
+    assert!(!store.member_dir(set.active().id()).exists());
+
+    drop(store.server_lock().unwrap());
+    fs::remove_file(store.dir().join(MANIFEST)).unwrap();
+    let err = load_or_create(&store, &spec(), None, now)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("authorities.json is missing") && err.contains(again.active().id()),
+        "{err}"
+    );
+    assert!(store.generation().await.is_err());
+    let next = again.prepare(authority(), now).unwrap();
+    assert!(store.swap(Some(1), &next.to_stored()).await.is_err());
+    assert!(store.member_dir(again.active().id()).exists());
+}
+
+/// A kept authority's file changed on disk since it was loaded: the swap
+/// is refused naming the file, and writes nothing.
+#[tokio::test]
+async fn a_swap_refuses_a_kept_authority_corrupted_on_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = DirStore::new(tmp.path().join("ca"));
+    let now = SystemTime::now();
+    let (set, _) = load_or_create(&store, &spec(), None, now).await.unwrap();
+    let key = store.member_dir(set.active().id()).join("ca-key.pem");
+    let good = fs::read(&key).unwrap();
+    fs::write(&key, &good[..good.len() / 2]).unwrap();
+    let next = set.prepare(authority(), now).unwrap();
+    let err = store
+        .swap(Some(1), &next.to_stored())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&key.display().to_string()), "{err}");
+    assert!(!store.member_dir(next.members()[1].authority.id()).exists());
+    fs::write(&key, &good).unwrap();
+    assert!(store.swap(Some(1), &next.to_stored()).await.unwrap());
+}
