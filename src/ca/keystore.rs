@@ -136,7 +136,14 @@ impl AuthoritySet {
             } else {
                 Authority::from_files_any_time(&m.files, td, now)
             }
-            .map_err(|e| Error::Material(format!("authority {}: {e}", m.id)))?;
+            .map_err(|e| {
+                // Said once: "CA material refused: authority <id>: <file>: ...".
+                let why = match e {
+                    Error::Material(why) => why,
+                    other => other.to_string(),
+                };
+                Error::Material(format!("authority {}: {why}", m.id))
+            })?;
             if m.state != State::Active && authority.chain_not_after() <= now {
                 tracing::warn!(
                     authority = %m.id, state = m.state.as_str(),
