@@ -29,7 +29,9 @@ use super::authorities::State;
 use super::authority::authority_id;
 use super::bundle::parse_pem_certs;
 use super::keys::KeyAlgorithm;
-use super::store::{CaFiles, CacertsDir, FILES, atomic_write};
+use super::store::{
+    CA_CERT, CA_KEY, CERT_CHAIN, CaFiles, CacertsDir, FILES, ROOT_CERT, atomic_write,
+};
 use super::{Authority, AuthoritySet, Error};
 use crate::identity::TrustDomain;
 
@@ -134,7 +136,14 @@ impl AuthoritySet {
             } else {
                 Authority::from_files_any_time(&m.files, td, now)
             }
-            .map_err(|e| Error::Material(format!("authority {}: {e}", m.id)))?;
+            .map_err(|e| {
+                // Said once: "CA material refused: authority <id>: <file>: ...".
+                let why = match e {
+                    Error::Material(why) => why,
+                    other => other.to_string(),
+                };
+                Error::Material(format!("authority {}: {why}", m.id))
+            })?;
             if m.state != State::Active && authority.chain_not_after() <= now {
                 tracing::warn!(
                     authority = %m.id, state = m.state.as_str(),
@@ -180,10 +189,16 @@ pub async fn load_or_create(
     now: SystemTime,
 ) -> Result<(AuthoritySet, bool), Error> {
     if let Some(stored) = store.load().await? {
-        return Ok((
-            AuthoritySet::from_stored(&stored, &spec.trust_domain, now)?,
-            false,
-        ));
+        let set = AuthoritySet::from_stored(&stored, &spec.trust_domain, now).map_err(|e| {
+            Error::Store {
+                location: store.describe(),
+                reason: format!(
+                    "{e}; refusing to start (a stored CA that fails validation is never replaced): \
+                     restore the file from a backup"
+                ),
+            }
+        })?;
+        return Ok((set, false));
     }
     let files = match seed {
         Some(f) => f.clone(),
@@ -353,7 +368,7 @@ impl DirStore {
         // sweep may be deleting a directory the old manifest named).
         let _lock = self.lock_shared()?;
         let Some(manifest) = self.read_manifest()? else {
-            return self.load_legacy();
+            return self.load_without_manifest();
         };
         let mut members = Vec::new();
         for m in manifest.members {
@@ -383,6 +398,46 @@ impl DirStore {
         }))
     }
 
+    /// No manifest: the layout before rotation, or nothing stored yet;
+    /// never authorities' directories that no manifest names any more.
+    fn load_without_manifest(&self) -> Result<Option<Stored>, Error> {
+        let legacy = self.load_legacy()?;
+        if legacy.is_none() {
+            self.refuse_orphans()?;
+        }
+        Ok(legacy)
+    }
+
+    /// Authorities' directories with no manifest to name them, in a store
+    /// a server has run on: the manifest was lost (deleted, or a restore
+    /// that missed it). Taking that store as empty would create a new root
+    /// beside the old keys; it is refused instead. (Before any server ran,
+    /// they are what a first start interrupted before its manifest left:
+    /// nothing was ever in use, and the swap that creates the CA sweeps
+    /// them.)
+    fn refuse_orphans(&self) -> Result<(), Error> {
+        if !self.dir.join(SERVER_LOCK).exists() {
+            return Ok(());
+        }
+        let ids: Vec<String> = fs::read_dir(&self.dir)
+            .map_err(|e| self.err(format!("listing the directory: {e}")))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| valid_id(n))
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        Err(self.err(format!(
+            "{MANIFEST} is missing but the directories of authorities {} are here: which of them \
+             the CA uses is unknown; refusing to start rather than create a new root. Restore \
+             {MANIFEST} from a backup, or remove {} to create a new CA (every certificate issued \
+             so far will stop verifying)",
+            ids.join(", "),
+            self.dir.display()
+        )))
+    }
+
     /// The four files directly in the directory: one active authority.
     fn load_legacy(&self) -> Result<Option<Stored>, Error> {
         let Some(files) = CacertsDir::new(&self.dir).load()? else {
@@ -410,7 +465,7 @@ impl DirStore {
     fn swap_sync(&self, expected: Option<u64>, next: &Stored) -> Result<bool, Error> {
         let _lock = self.lock()?;
         let manifest = self.read_manifest()?;
-        let legacy = manifest.is_none() && self.load_legacy()?.is_some();
+        let legacy = manifest.is_none() && self.load_without_manifest()?.is_some();
         let current = match &manifest {
             Some(m) => Some(m.generation),
             None if legacy => Some(1),
@@ -423,13 +478,73 @@ impl DirStore {
             .iter()
             .flat_map(|m| m.members.iter().map(|m| m.id.clone()))
             .collect();
-        // 1. Every member's directory, complete, before the manifest names it.
+        // 1. Every member's directory, complete, before the manifest names
+        // it; the ones already stored must still hold what the set holds.
+        let mut created = Vec::new();
+        let written = self.write_members(next, &kept, &mut created);
+        // 2. The manifest: the swap happens at this rename.
+        match written.and_then(|()| self.write_manifest(next)) {
+            Ok(true) => {}
+            // In place, but not known to be durable: nothing is deleted (a
+            // power loss could still bring the old manifest back, and it
+            // must find its directories; the next start tidies).
+            Ok(false) => return Ok(true),
+            Err(e) => {
+                // The swap did not happen: the keys it wrote for it go (no
+                // manifest names them), so a failed step leaves nothing.
+                for dir in &created {
+                    if let Err(rm) = fs::remove_dir_all(dir) {
+                        tracing::warn!(path = %dir.display(), error = %rm, "could not remove the directory of a failed swap; the next start removes it");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        crash_point("manifest-written");
+        // 3. What no member names any more: gone authorities' keys, the
+        // files of the layout before the manifest, leftovers of crashes.
+        let ids: Vec<&str> = next.members.iter().map(|m| m.id.as_str()).collect();
+        self.sweep(&ids);
+        Ok(true)
+    }
+
+    /// Step 2 of a swap: the manifest of `next`, atomically. `Ok(false)`:
+    /// it is in place but syncing the directory failed afterwards, so the
+    /// swap happened (saying otherwise would have the caller report a step
+    /// that was taken as refused).
+    fn write_manifest(&self, next: &Stored) -> Result<bool, Error> {
+        let text = serde_json::to_string_pretty(&Manifest::of(next))
+            .map_err(|e| self.err(format!("encoding {MANIFEST}: {e}")))?;
+        crash_point("members-written");
+        let path = self.dir.join(MANIFEST);
+        match atomic_write(&path, text.as_bytes(), 0o600) {
+            Ok(()) => Ok(true),
+            Err(e) if fs::read_to_string(&path).is_ok_and(|t| t == text) => {
+                tracing::warn!(error = %e, "the new manifest is in place but syncing the directory failed");
+                Ok(false)
+            }
+            Err(e) => Err(self.err(format!("writing {}: {e}", path.display()))),
+        }
+    }
+
+    /// Step 1 of a swap: a directory for each new member of `next` (each
+    /// one made pushed on `created`), and each kept member checked against
+    /// what is on disk: a file corrupted or replaced under a running
+    /// server is refused, not named by a new manifest that the next start
+    /// could not load.
+    fn write_members(
+        &self,
+        next: &Stored,
+        kept: &[String],
+        created: &mut Vec<PathBuf>,
+    ) -> Result<(), Error> {
         for m in &next.members {
             if !valid_id(&m.id) {
                 return Err(self.err(format!("bad authority id {:?}", m.id)));
             }
             let dir = CacertsDir::new(self.member_dir(&m.id));
             if kept.contains(&m.id) {
+                self.check_kept(&dir, m)?;
                 continue;
             }
             // Left over from a swap that crashed before its manifest: not
@@ -438,31 +553,39 @@ impl DirStore {
                 fs::remove_dir_all(dir.dir())
                     .map_err(|e| self.err(format!("removing a stale {}: {e}", m.id)))?;
             }
-            dir.create(&m.files)?;
-        }
-        // 2. The manifest: the swap happens at this rename.
-        let manifest = Manifest::of(next);
-        let text = serde_json::to_string_pretty(&manifest)
-            .map_err(|e| self.err(format!("encoding {MANIFEST}: {e}")))?;
-        crash_point("members-written");
-        if let Err(e) = atomic_write(&self.dir.join(MANIFEST), text.as_bytes(), 0o600) {
-            // Failed after the rename (syncing the directory): the swap
-            // happened; saying otherwise would have the caller report a
-            // step that was taken as refused. Nothing is deleted then: a
-            // power loss could still bring the old manifest back, and it
-            // must find its directories (the next start tidies).
-            if fs::read_to_string(self.dir.join(MANIFEST)).is_ok_and(|t| t == text) {
-                tracing::warn!(error = %e, "the new manifest is in place but syncing the directory failed");
-                return Ok(true);
+            if dir.create(&m.files)? {
+                created.push(dir.dir().to_owned());
             }
-            return Err(self.err(format!("writing {MANIFEST}: {e}")));
         }
-        crash_point("manifest-written");
-        // 3. What no member names any more: gone authorities' keys, the
-        // files of the layout before the manifest, leftovers of crashes.
-        let ids: Vec<&str> = next.members.iter().map(|m| m.id.as_str()).collect();
-        self.sweep(&ids);
-        Ok(true)
+        Ok(())
+    }
+
+    /// That authority `m`'s files on disk are the ones in the set.
+    fn check_kept(&self, dir: &CacertsDir, m: &StoredMember) -> Result<(), Error> {
+        let Some(on_disk) = dir.load()? else {
+            return Err(self.err(format!(
+                "the directory of authority {} is missing; refusing to write a set that names it",
+                m.id
+            )));
+        };
+        let pairs = [
+            (CA_CERT, &on_disk.ca_cert, &m.files.ca_cert),
+            (CA_KEY, &*on_disk.ca_key, &*m.files.ca_key),
+            (CERT_CHAIN, &on_disk.cert_chain, &m.files.cert_chain),
+            (ROOT_CERT, &on_disk.root_cert, &m.files.root_cert),
+        ];
+        for (name, disk, set) in pairs {
+            if disk != set {
+                return Err(self.err(format!(
+                    "{} differs from authority {}'s in use (corrupted or replaced on disk); \
+                     refusing to write a set that names it. Restore the file (a restart would \
+                     refuse to load it)",
+                    dir.dir().join(name).display(),
+                    m.id
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Deletes what a swap interrupted by a crash left behind (the keys of
@@ -550,7 +673,7 @@ impl KeyStore for DirStore {
                 match this.read_manifest()? {
                     Some(m) => Ok(Some(m.generation)),
                     // The layout before the manifest is generation 1.
-                    None => Ok(this.load_legacy()?.map(|s| s.generation)),
+                    None => Ok(this.load_without_manifest()?.map(|s| s.generation)),
                 }
             })
             .await
@@ -608,184 +731,5 @@ fn unix(t: SystemTime) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
-    fn spec() -> RootSpec {
-        RootSpec {
-            trust_domain: TrustDomain::new("td").unwrap(),
-            algorithm: KeyAlgorithm::EcdsaP256,
-            lifetime: Duration::from_secs(3600),
-        }
-    }
-
-    fn authority() -> Authority {
-        crate::ca::testing::authority("td", 3600)
-    }
-
-    #[tokio::test]
-    async fn creates_once_then_reuses_with_private_modes() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = DirStore::new(tmp.path().join("state/ca"));
-        let now = SystemTime::now();
-        let (first, created) = load_or_create(&store, &spec(), None, now).await.unwrap();
-        assert!(created);
-        let (second, created) = load_or_create(&store, &spec(), None, now).await.unwrap();
-        assert!(!created);
-        assert_eq!(first.active().signer(), second.active().signer());
-        let key = store.member_dir(first.active().id()).join("ca-key.pem");
-        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&key), 0o600);
-        assert_eq!(mode(store.dir()), 0o700);
-        assert_eq!(mode(&store.dir().join(MANIFEST)), 0o600);
-    }
-
-    #[tokio::test]
-    async fn a_swap_from_a_stale_generation_changes_nothing() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = DirStore::new(tmp.path().join("ca"));
-        let now = SystemTime::now();
-        let (set, _) = load_or_create(&store, &spec(), None, now).await.unwrap();
-        let prepared = set.prepare(authority(), now).unwrap();
-        assert!(store.swap(Some(1), &prepared.to_stored()).await.unwrap());
-        // A second writer that read generation 1 loses.
-        let other = set.prepare(authority(), now).unwrap();
-        assert!(!store.swap(Some(1), &other.to_stored()).await.unwrap());
-        assert!(!store.swap(None, &other.to_stored()).await.unwrap());
-        let stored = store.load().await.unwrap().unwrap();
-        assert_eq!(stored.generation, 2);
-        assert_eq!(store.generation().await.unwrap(), Some(2));
-        let ids: Vec<&str> = stored.members.iter().map(|m| m.id.as_str()).collect();
-        assert_eq!(
-            ids,
-            [set.active().id(), prepared.members()[1].authority.id()]
-        );
-        assert!(
-            !store.member_dir(other.members()[1].authority.id()).exists(),
-            "the loser wrote no key"
-        );
-    }
-
-    #[tokio::test]
-    async fn keys_leave_the_disk_only_with_their_authority() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = DirStore::new(tmp.path().join("ca"));
-        let now = SystemTime::now();
-        let (set, _) = load_or_create(&store, &spec(), None, now).await.unwrap();
-        let old = set.active().id().to_owned();
-        let mut current = set;
-        for step in 0..3 {
-            let next = match step {
-                0 => current.prepare(authority(), now).unwrap(),
-                1 => current.activate(now).unwrap(),
-                _ => current.retire().unwrap(),
-            };
-            assert!(
-                store
-                    .swap(Some(current.generation()), &next.to_stored())
-                    .await
-                    .unwrap()
-            );
-            current = next;
-            assert_eq!(
-                store.member_dir(&old).exists(),
-                step < 2,
-                "after step {step}"
-            );
-        }
-        let reloaded = AuthoritySet::from_stored(
-            &store.load().await.unwrap().unwrap(),
-            &spec().trust_domain,
-            now,
-        )
-        .unwrap();
-        assert_eq!(reloaded.generation(), 4);
-        assert_eq!(reloaded.active().id(), current.active().id());
-    }
-
-    #[tokio::test]
-    async fn the_layout_before_rotation_reads_as_one_authority_and_moves_on_the_first_swap() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("ca");
-        let a = authority();
-        CacertsDir::new(&dir).create(a.files()).unwrap();
-        let store = DirStore::new(&dir);
-        let stored = store.load().await.unwrap().unwrap();
-        assert_eq!(
-            (stored.generation, stored.members[0].id.as_str()),
-            (1, a.id())
-        );
-        let set =
-            AuthoritySet::from_stored(&stored, &spec().trust_domain, SystemTime::now()).unwrap();
-        let next = set.prepare(authority(), SystemTime::now()).unwrap();
-        assert!(store.swap(Some(1), &next.to_stored()).await.unwrap());
-        assert!(
-            !dir.join("ca-key.pem").exists(),
-            "the old layout's files are gone"
-        );
-        assert!(store.member_dir(a.id()).join("ca-key.pem").exists());
-        assert_eq!(store.load().await.unwrap().unwrap().generation, 2);
-    }
-
-    /// An authority that signs nothing may expire in the set without
-    /// stopping the CA: it loads (and can be retired); it cannot activate.
-    #[tokio::test]
-    async fn an_expired_authority_that_signs_nothing_still_loads_but_never_activates() {
-        let td = spec().trust_domain;
-        let now = SystemTime::now();
-        let short = |secs| {
-            let f = Authority::generate_root(
-                &td,
-                KeyAlgorithm::EcdsaP256,
-                Duration::from_secs(secs),
-                now,
-            )
-            .unwrap();
-            Authority::from_files(&f, &td, now).unwrap()
-        };
-        let retiring = AuthoritySet::single_since(short(60), now)
-            .unwrap()
-            .prepare(short(86_400), now)
-            .unwrap()
-            .activate(now)
-            .unwrap();
-        let later = now + Duration::from_secs(3600);
-        let loaded = AuthoritySet::from_stored(&retiring.to_stored(), &td, later).unwrap();
-        assert_eq!(loaded.members().len(), 2);
-        assert!(loaded.retire().is_ok());
-
-        let prepared = AuthoritySet::single_since(short(86_400), now)
-            .unwrap()
-            .prepare(short(60), now)
-            .unwrap();
-        let loaded = AuthoritySet::from_stored(&prepared.to_stored(), &td, later).unwrap();
-        let err = loaded.activate(later).unwrap_err().to_string();
-        assert!(err.contains("not valid now"), "{err}");
-        // Another prepare replaces it.
-        let replaced = loaded.prepare(short(86_400), later).unwrap();
-        assert_eq!(replaced.members().len(), 2);
-        assert!(replaced.activate(later).is_ok());
-        // The active one must be valid.
-        assert!(
-            AuthoritySet::from_stored(
-                &prepared.to_stored(),
-                &td,
-                now + Duration::from_secs(2 * 86_400)
-            )
-            .is_err()
-        );
-    }
-
-    #[tokio::test]
-    async fn a_manifest_naming_a_missing_directory_is_refused() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = DirStore::new(tmp.path().join("ca"));
-        let (set, _) = load_or_create(&store, &spec(), None, SystemTime::now())
-            .await
-            .unwrap();
-        fs::remove_dir_all(store.member_dir(set.active().id())).unwrap();
-        let err = store.load().await.unwrap_err().to_string();
-        assert!(err.contains("directory is missing"), "{err}");
-    }
-}
+#[path = "keystore_tests.rs"]
+mod tests;

@@ -94,8 +94,9 @@ impl CacertsDir {
             )));
         }
         let read = |name: &str| {
-            fs::read_to_string(self.dir.join(name))
-                .map_err(|e| self.err(format!("reading {name}: {e}")))
+            let path = self.dir.join(name);
+            fs::read_to_string(&path)
+                .map_err(|e| self.err(format!("reading {}: {e}", path.display())))
         };
         Ok(Some(CaFiles {
             ca_cert: read(CA_CERT)?,
@@ -132,17 +133,26 @@ impl CacertsDir {
             .mode(0o700)
             .create(&tmp)
             .map_err(|e| self.err(format!("creating {}: {e}", tmp.display())))?;
-        let write_all = || -> io::Result<()> {
-            write_new_file(&tmp.join(CA_KEY), files.ca_key.as_bytes(), 0o600)?;
+        // Each failure names the file it was writing.
+        let write = |name: &str, text: &str, mode: u32| {
+            let path = tmp.join(name);
+            write_new_file(&path, text.as_bytes(), mode)
+                .map_err(|e| format!("writing {}: {e}", path.display()))
+        };
+        let write_all = || -> Result<(), String> {
+            write(CA_KEY, &files.ca_key, 0o600)?;
             super::keystore::crash_point("cacerts-partial");
-            write_new_file(&tmp.join(CA_CERT), files.ca_cert.as_bytes(), 0o644)?;
-            write_new_file(&tmp.join(CERT_CHAIN), files.cert_chain.as_bytes(), 0o644)?;
-            write_new_file(&tmp.join(ROOT_CERT), files.root_cert.as_bytes(), 0o644)?;
-            File::open(&tmp)?.sync_all()
+            write(CA_CERT, &files.ca_cert, 0o644)?;
+            write(CERT_CHAIN, &files.cert_chain, 0o644)?;
+            write(ROOT_CERT, &files.root_cert, 0o644)?;
+            File::open(&tmp)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| format!("syncing {}: {e}", tmp.display()))
         };
         if let Err(e) = write_all() {
+            // Nothing half-written stays: the temporary directory goes.
             let _ = fs::remove_dir_all(&tmp);
-            return Err(self.err(format!("writing CA files: {e}")));
+            return Err(self.err(format!("writing the CA files: {e}")));
         }
         match fs::rename(&tmp, &self.dir) {
             Ok(()) => {

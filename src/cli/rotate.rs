@@ -187,7 +187,24 @@ impl Ca {
         }
     }
 
+    /// Takes `step`. An error says which step failed and that nothing
+    /// changed, then why (the file and the cause, for a state directory
+    /// that is read-only, full or corrupt).
     async fn step(&self, step: Step, from: Option<&Path>, force: bool) -> anyhow::Result<Outcome> {
+        self.try_step(step, from, force).await.with_context(|| {
+            format!(
+                "{} failed; the CA's authorities are as they were",
+                step.as_str()
+            )
+        })
+    }
+
+    async fn try_step(
+        &self,
+        step: Step,
+        from: Option<&Path>,
+        force: bool,
+    ) -> anyhow::Result<Outcome> {
         let from = match from {
             Some(dir) => Some(
                 CacertsDir::new(dir)

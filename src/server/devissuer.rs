@@ -61,7 +61,8 @@ impl DevIssuer {
             }
             Err(e) => return Err(Error::io(&path, e)),
         };
-        let key = PrivateKey::from_pem(&text)?;
+        let key = PrivateKey::from_pem(&text)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         Ok(Self { key, path })
     }
 

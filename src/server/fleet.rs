@@ -665,14 +665,17 @@ pub(crate) async fn save(path: &std::path::Path, saved: &Saved) {
     let Ok(text) = serde_json::to_string(saved) else {
         return;
     };
-    let path = path.to_owned();
+    let at = path.to_owned();
     let written = tokio::task::spawn_blocking(move || {
-        crate::ca::store::atomic_write(&path, text.as_bytes(), 0o600)
+        crate::ca::store::atomic_write(&at, text.as_bytes(), 0o600)
     })
     .await;
-    if !matches!(written, Ok(Ok(()))) {
-        tracing::error!("saving the issuance ledger and agents failed");
-    }
+    let why = match written {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    tracing::error!(path = %path.display(), error = %why, "saving the issuance ledger and agents failed");
 }
 
 pub(crate) fn spawn_saver(
