@@ -319,7 +319,9 @@ async fn the_ca_killed_under_load_and_restarted_loses_no_caller_and_no_agent() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let killed = unix_now();
     ca.kill9();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Away longer than the longest renewal period (2.2 s): every workload
+    // asks, and fails, at least once meanwhile.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let ca = Ca::start(&state, &addr.to_string());
     let restarted = unix_now();
     assert_eq!(ca.grpc, addr, "restarted on the same port");
@@ -369,6 +371,15 @@ async fn the_ca_killed_under_load_and_restarted_loses_no_caller_and_no_agent() {
         "the callers got certificates from the restarted CA"
     );
 
+    for (agent, w) in [(&a, "web"), (&a, "db"), (&b, "api")] {
+        let failed = metric_at(
+            agent.ops,
+            &format!("workload_ca_agent_csr_failures_total{{workload=\"{w}\"}}"),
+        )
+        .await;
+        eprintln!("{w}: {failed} failed certificate requests during the outage");
+        assert!(failed >= 1.0, "{w} asked while the CA was away");
+    }
     for (s, name) in samplers.into_iter().zip(["a/web", "a/db", "b/api"]) {
         let samples = s.await.unwrap();
         let no_cert: Vec<&Sample> = samples.iter().filter(|s| s.served.is_err()).collect();
@@ -484,8 +495,10 @@ async fn the_ca_away_longer_than_a_lifetime_is_said_loudly_before_expiry_and_sur
 
     // Away until well past the certificate's expiry.
     let expiry = first.not_after as f64;
-    let back_at = expiry + 3.0;
+    let back_at = expiry + 4.0;
     tokio::time::sleep(Duration::from_secs_f64((back_at - unix_now()).max(0.0))).await;
+    // Until then the CA was certainly away.
+    let restarting = unix_now();
     let ca = Ca::start(&state, &addr.to_string());
     let restarted = unix_now();
     assert_eq!(ca.grpc, addr);
@@ -534,7 +547,7 @@ async fn the_ca_away_longer_than_a_lifetime_is_said_loudly_before_expiry_and_sur
     assert!(
         samples
             .iter()
-            .filter(|s| s.at > unready.at && s.at < restarted)
+            .filter(|s| s.at > unready.at && s.at + 0.5 < restarting)
             .all(|s| s.ready != 200),
         "ready again without a CA"
     );
@@ -542,7 +555,7 @@ async fn the_ca_away_longer_than_a_lifetime_is_said_loudly_before_expiry_and_sur
     // served was also checked valid when asked for).
     let dark: Vec<&Sample> = samples
         .iter()
-        .filter(|s| s.at >= expiry && s.at + 1.0 < restarted)
+        .filter(|s| s.at >= expiry && s.at + 1.0 < restarting)
         .collect();
     assert!(!dark.is_empty(), "sampled after expiry");
     assert!(
@@ -563,7 +576,7 @@ async fn the_ca_away_longer_than_a_lifetime_is_said_loudly_before_expiry_and_sur
     assert!(
         gauges
             .iter()
-            .filter(|g| g.at > expiry + 0.5 && g.at < restarted)
+            .filter(|g| g.at > expiry + 0.5 && g.at + 0.5 < restarting)
             .all(|g| g.remaining == 0.0 && g.ready == 0.0),
         "{gauges:?}"
     );
