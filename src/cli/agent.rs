@@ -54,7 +54,9 @@ pub struct AgentArgs {
     pub agent_name: Option<String>,
     #[command(flatten)]
     pub rotation: RotationArgs,
-    /// Metrics and health listen address; `off` disables it.
+    /// Metrics and health listen address; `off` disables it. `/readyz` is
+    /// false while a workload has no certificate, or one with less than a
+    /// fifth of its lifetime left (the readiness margin, see the README).
     #[arg(long, env = "CA_AGENT_OPS_LISTEN", default_value = "127.0.0.1:15020")]
     pub ops_listen: String,
     /// Also write key.pem (0600), cert-chain.pem and root-cert.pem to DIR/<workload>/.
