@@ -153,6 +153,12 @@ async fn a_sidecar_agent_on_its_pods_bound_token_follows_rotation_and_outlives_i
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Readiness ends before expiry (the agent's readiness margin); once the
+    // leaf's NotAfter has passed, nothing is served.
+    let not_after = leaf_facts(&held.chain[0]).not_after;
+    while common::now_secs() <= not_after {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         served(&socket, Duration::from_millis(500)).await.is_err(),
         "an expired leaf is not served"

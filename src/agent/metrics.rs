@@ -2,8 +2,8 @@
 //! (`default` in sidecar mode); `resource` is the SDS resource name.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use super::Error;
@@ -12,6 +12,13 @@ use crate::limits::Refusals;
 pub struct AgentMetrics {
     registry: Registry,
     pub cert_expiry: IntGaugeVec,
+    /// Seconds until the served certificate expires (0: none served); set
+    /// when `/metrics` is rendered.
+    pub cert_remaining: GaugeVec,
+    /// Failed certificate requests since the last certificate obtained.
+    pub renewal_failures: IntGaugeVec,
+    /// 1 while `/readyz` counts the workload ready (see [`super::health`]).
+    pub ready: IntGaugeVec,
     pub csr_latency: HistogramVec,
     pub csr_failures: IntCounterVec,
     pub csr_retries: IntCounterVec,
@@ -40,6 +47,7 @@ impl AgentMetrics {
     pub fn new() -> Result<Self, Error> {
         let registry = Registry::new();
         let e = |e: prometheus::Error| Error::Config(format!("metrics: {e}"));
+        crate::sync::register(&registry).map_err(e)?;
         let cert_expiry = IntGaugeVec::new(
             Opts::new(
                 "workload_ca_agent_cert_expiry_timestamp",
@@ -144,6 +152,36 @@ impl AgentMetrics {
             "SDS streams subscribed to the trust bundle.",
         )
         .map_err(e)?;
+        let cert_remaining = GaugeVec::new(
+            Opts::new(
+                "workload_ca_agent_cert_remaining_seconds",
+                "Seconds until the served certificate expires (0 when none is served).",
+            ),
+            &["workload"],
+        )
+        .map_err(e)?;
+        let renewal_failures = IntGaugeVec::new(
+            Opts::new(
+                "workload_ca_agent_renewal_failures_consecutive",
+                "Failed certificate requests since the last certificate was obtained.",
+            ),
+            &["workload"],
+        )
+        .map_err(e)?;
+        let ready = IntGaugeVec::new(
+            Opts::new(
+                "workload_ca_agent_ready",
+                "1 while the served certificate has more than the readiness margin left.",
+            ),
+            &["workload"],
+        )
+        .map_err(e)?;
+        registry
+            .register(Box::new(cert_remaining.clone()))
+            .map_err(e)?;
+        for g in [&renewal_failures, &ready] {
+            registry.register(Box::new(g.clone())).map_err(e)?;
+        }
         for g in [
             &bundle_generation,
             &bundle_acked_generation,
@@ -155,6 +193,9 @@ impl AgentMetrics {
             refusals: Refusals::register(&registry, "workload_ca_agent").map_err(e)?,
             registry,
             cert_expiry,
+            cert_remaining,
+            renewal_failures,
+            ready,
             csr_latency,
             csr_failures,
             csr_retries,

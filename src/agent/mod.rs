@@ -3,6 +3,7 @@
 pub mod acks;
 pub mod bundle;
 pub mod client;
+pub mod health;
 pub mod metrics;
 pub mod sds;
 mod sds_inbound;
@@ -46,6 +47,7 @@ const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5)
 use acks::BundleAcks;
 use bundle::AgentBundle;
 use client::{CaEndpoint, GrpcCaClient, TokenFile};
+use health::Health;
 use metrics::AgentMetrics;
 use workload::{CertManager, CertWatch, RotationPolicy};
 
@@ -123,13 +125,16 @@ pub struct Agent {
     pub bundle: AgentBundle,
     /// What the proxies have ACKed of it.
     pub acks: BundleAcks,
+    /// Readiness, and the loud signals as a certificate nears expiry.
+    pub health: Health,
     tasks: Tasks,
 }
 
 impl Agent {
-    /// True once every workload holds a valid certificate.
+    /// True while every workload serves a certificate with more than the
+    /// readiness margin of its lifetime left ([`health`]).
     pub fn ready(&self) -> bool {
-        all_ready(&self.watches)
+        self.health.ready().is_ok()
     }
 
     /// Stops rotation and the SDS servers and removes the sockets: one
@@ -139,13 +144,6 @@ impl Agent {
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
         self.tasks.shutdown(deadline).await;
     }
-}
-
-fn all_ready(watches: &[(String, CertWatch)]) -> bool {
-    let now = tokio::time::Instant::now();
-    watches
-        .iter()
-        .all(|(_, w)| w.cert.borrow().as_ref().is_some_and(|c| c.expires_at > now))
 }
 
 /// Starts one certificate manager and one SDS socket per workload.
@@ -211,6 +209,15 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
         }
         watches.push((w.name.clone(), cert_watch));
     }
+    let health = Health::new(
+        config.ca.address.clone(),
+        &config.policy,
+        metrics.clone(),
+        &watches,
+    );
+    for i in 0..watches.len() {
+        tasks.spawn("cert-health", health.clone().follow(i, shutdown_rx.clone()));
+    }
     // The CA's roots, for the next handshake with it: taken only from
     // answers that passed every check, and from the CA's pushes.
     tasks.spawn(
@@ -248,7 +255,7 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
                 spawn_ops(
                     listener,
                     metrics.clone(),
-                    watches.clone(),
+                    health.clone(),
                     config.limits.ops.clone(),
                     shutdown_rx.clone(),
                 ),
@@ -264,6 +271,7 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
         metrics,
         bundle,
         acks,
+        health,
         tasks,
     })
 }
@@ -271,21 +279,19 @@ pub async fn start(config: AgentConfig) -> Result<Agent, Error> {
 fn spawn_ops(
     listener: tokio::net::TcpListener,
     metrics: Arc<AgentMetrics>,
-    watches: Vec<(String, CertWatch)>,
+    health: Health,
     limits: crate::limits::OpsLimits,
     shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let refusals = metrics.refusals.clone();
+    let gauges = health.clone();
     crate::ops::spawn(
         listener,
-        move || metrics.render(),
         move || {
-            if all_ready(&watches) {
-                Ok(())
-            } else {
-                Err("waiting for a valid certificate".into())
-            }
+            gauges.refresh_gauges();
+            metrics.render()
         },
+        move || health.ready(),
         None,
         limits,
         refusals,

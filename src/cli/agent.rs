@@ -55,7 +55,9 @@ pub struct AgentArgs {
     pub agent_name: Option<String>,
     #[command(flatten)]
     pub rotation: RotationArgs,
-    /// Metrics and health listen address; `off` disables it.
+    /// Metrics and health listen address; `off` disables it. `/readyz` is
+    /// false while a workload has no certificate, or one with less than a
+    /// fifth of its lifetime left (the readiness margin, see the README).
     #[arg(long, env = "CA_AGENT_OPS_LISTEN", default_value = "127.0.0.1:15020")]
     pub ops_listen: String,
     /// Bind a workload's SDS socket to the one process that may use it, as
@@ -86,16 +88,22 @@ pub struct RotationArgs {
     /// Relative jitter on the renewal point (0.1 = +-10%; at most 0.5).
     #[arg(long, default_value_t = 0.1, value_parser = parse_jitter)]
     pub rotation_jitter: f64,
+    /// Longest wait between two certificate requests while the CA fails
+    /// (the back-off doubles from 200 ms up to it, with jitter).
+    #[arg(long, env = "CA_RETRY_MAX_DELAY", default_value = "30s", value_parser = parse_duration)]
+    pub retry_max_delay: Duration,
 }
 
 impl RotationArgs {
     pub(super) fn policy(&self) -> RotationPolicy {
+        let default = RotationPolicy::default();
         RotationPolicy {
             key: self.key_algorithm,
             ttl: self.cert_ttl,
             fraction: self.rotation_fraction,
             jitter: self.rotation_jitter,
-            ..RotationPolicy::default()
+            backoff_max: self.retry_max_delay.max(default.backoff_initial),
+            ..default
         }
     }
 }
