@@ -283,10 +283,10 @@ impl Keys {
         if exp.saturating_add(LEEWAY_SECS) < NOW {
             return Err("expired".into());
         }
-        if let Some(nbf) = time("nbf") {
-            if nbf? > NOW + LEEWAY_SECS {
-                return Err("not yet valid".into());
-            }
+        if let Some(nbf) = time("nbf").transpose()?
+            && nbf > NOW + LEEWAY_SECS
+        {
+            return Err("not yet valid".into());
         }
         let iat = time("iat").ok_or("no iat")??;
         if iat > NOW + LEEWAY_SECS {
