@@ -37,26 +37,40 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let td = TrustDomain::new("fuzz.test").unwrap();
         let now = SystemTime::now();
-        let files = Authority::generate_root(&td, KeyAlgorithm::EcdsaP256, Duration::from_secs(86_400 * 365), now).unwrap();
-        let set = AuthoritySet::single_since(Authority::from_files(&files, &td, now).unwrap(), now).unwrap();
-        let callers = ["spiffe://fuzz.test/ns/default/sa/web", "spiffe://fuzz.test/ns/kube-system/sa/admin", "spiffe://other.test/ns/default/sa/web"]
-            .iter()
-            .map(|s| SpiffeId::parse(s).unwrap())
-            .collect();
+        let files = Authority::generate_root(
+            &td,
+            KeyAlgorithm::EcdsaP256,
+            Duration::from_secs(86_400 * 365),
+            now,
+        )
+        .unwrap();
+        let set = AuthoritySet::single_since(Authority::from_files(&files, &td, now).unwrap(), now)
+            .unwrap();
+        let callers = [
+            "spiffe://fuzz.test/ns/default/sa/web",
+            "spiffe://fuzz.test/ns/kube-system/sa/admin",
+            "spiffe://other.test/ns/default/sa/web",
+        ]
+        .iter()
+        .map(|s| SpiffeId::parse(s).unwrap())
+        .collect();
         Fixture { set, now, callers }
     })
 }
 
-/// RSA keys are slow to make: one of each size per process, on first use.
-fn rsa(bits: usize) -> KeyPair {
-    static KEYS: [OnceLock<String>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+/// RSA keys are slow to make (and to parse): one of each size per process,
+/// on first use.
+fn rsa(bits: usize) -> &'static KeyPair {
+    static KEYS: [OnceLock<KeyPair>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
     let (slot, alg) = match bits {
         2048 => (&KEYS[0], KeyAlgorithm::Rsa2048),
         3072 => (&KEYS[1], KeyAlgorithm::Rsa3072),
         _ => (&KEYS[2], KeyAlgorithm::Rsa4096),
     };
-    let pem = slot.get_or_init(|| PrivateKey::generate(alg).unwrap().to_pem().to_string());
-    KeyPair::from_pkcs8_pem_and_sign_algo(pem, &rcgen::PKCS_RSA_SHA256).unwrap()
+    slot.get_or_init(|| {
+        let pem = PrivateKey::generate(alg).unwrap().to_pem();
+        KeyPair::from_pkcs8_pem_and_sign_algo(&pem, &rcgen::PKCS_RSA_SHA256).unwrap()
+    })
 }
 
 fn ascii(u: &mut Unstructured<'_>, max: usize) -> Result<String> {
@@ -71,16 +85,31 @@ fn ascii(u: &mut Unstructured<'_>, max: usize) -> Result<String> {
 fn alnum(u: &mut Unstructured<'_>, max: usize) -> Result<String> {
     let chars = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
     let n = u.int_in_range(1..=max)?;
-    (0..n).map(|_| u.choose(chars).map(|c| char::from(*c))).collect()
+    (0..n)
+        .map(|_| u.choose(chars).map(|c| char::from(*c)))
+        .collect()
 }
 
 /// A CSR from the input: (bytes, key's SPKI when unmutated, names only
 /// the caller, well-formed).
-fn structured(u: &mut Unstructured<'_>, caller: &SpiffeId) -> Result<Option<(Vec<u8>, Option<Vec<u8>>, bool)>> {
-    let key = match u.int_in_range(0..=5u8)? {
-        0 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
-        1 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap(),
-        2 => KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap(),
+fn structured(
+    u: &mut Unstructured<'_>,
+    caller: &SpiffeId,
+) -> Result<Option<(Vec<u8>, Option<Vec<u8>>, bool)>> {
+    let fresh;
+    let key: &KeyPair = match u.int_in_range(0..=5u8)? {
+        0 => {
+            fresh = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            &fresh
+        }
+        1 => {
+            fresh = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+            &fresh
+        }
+        2 => {
+            fresh = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+            &fresh
+        }
         3 => rsa(2048),
         4 => rsa(3072),
         _ => rsa(4096),
@@ -102,16 +131,22 @@ fn structured(u: &mut Unstructured<'_>, caller: &SpiffeId) -> Result<Option<(Vec
             0 => SanType::URI(Ia5String::try_from(caller.as_str()).unwrap()),
             1 => {
                 only_caller = false;
-                SanType::URI(Ia5String::try_from("spiffe://fuzz.test/ns/kube-system/sa/admin").unwrap())
+                SanType::URI(
+                    Ia5String::try_from("spiffe://fuzz.test/ns/kube-system/sa/admin").unwrap(),
+                )
             }
             2 => {
                 let s = ascii(u, 64)?;
                 only_caller &= s == caller.as_str();
                 SanType::URI(Ia5String::try_from(s).unwrap())
             }
-            3 => SanType::DnsName(Ia5String::try_from(format!("{}.example", alnum(u, 20)?)).unwrap()),
+            3 => {
+                SanType::DnsName(Ia5String::try_from(format!("{}.example", alnum(u, 20)?)).unwrap())
+            }
             4 => SanType::IpAddress(IpAddr::V4(Ipv4Addr::from(u.arbitrary::<u32>()?))),
-            5 => SanType::Rfc822Name(Ia5String::try_from(format!("{}@example.com", alnum(u, 20)?)).unwrap()),
+            5 => SanType::Rfc822Name(
+                Ia5String::try_from(format!("{}@example.com", alnum(u, 20)?)).unwrap(),
+            ),
             _ => SanType::DnsName(Ia5String::try_from("*.fuzz.test").unwrap()),
         };
         p.subject_alt_names.push(san);
@@ -132,7 +167,11 @@ fn structured(u: &mut Unstructured<'_>, caller: &SpiffeId) -> Result<Option<(Vec
             p.key_usages.push(ku);
         }
     }
-    for eku in [ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::CodeSigning, ExtendedKeyUsagePurpose::Any] {
+    for eku in [
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::CodeSigning,
+        ExtendedKeyUsagePurpose::Any,
+    ] {
         if u.arbitrary()? {
             p.extended_key_usages.push(eku);
         }
@@ -143,10 +182,14 @@ fn structured(u: &mut Unstructured<'_>, caller: &SpiffeId) -> Result<Option<(Vec
         ext.set_criticality(u.arbitrary()?);
         p.custom_extensions.push(ext);
     }
-    let Ok(csr) = p.serialize_request(&key) else {
+    let Ok(csr) = p.serialize_request(key) else {
         return Ok(None);
     };
-    let mut bytes = if u.arbitrary()? { csr.pem().unwrap().into_bytes() } else { csr.der().to_vec() };
+    let mut bytes = if u.arbitrary()? {
+        csr.pem().unwrap().into_bytes()
+    } else {
+        csr.der().to_vec()
+    };
     let mut spki = Some(key.subject_public_key_info());
     if u.ratio(1, 4)? {
         let at = u.int_in_range(0..=bytes.len() - 1)?;
@@ -165,10 +208,17 @@ fuzz_target!(|data: &[u8]| {
     // Raw CSR bytes (the seeds: PEM or DER) as they come.
     if data[0] == b'-' || data[0] == 0x30 {
         let caller = &f.callers[0];
-        issuance::issue_and_check(&f.set, data, caller, None, f.now).unwrap_or_else(|e| panic!("{e}"));
+        issuance::issue_and_check(&f.set, data, caller, None, f.now)
+            .unwrap_or_else(|e| panic!("{e}"));
         if let Ok(csr) = workload_ca::ca::check_csr(data) {
             assert!(data.len() <= MAX_CSR_BYTES);
-            assert!(matches!(csr.key_kind(), KeyKind::EcdsaP256 | KeyKind::EcdsaP384 | KeyKind::Ed25519 | KeyKind::Rsa(2048..=4096)));
+            assert!(matches!(
+                csr.key_kind(),
+                KeyKind::EcdsaP256
+                    | KeyKind::EcdsaP384
+                    | KeyKind::Ed25519
+                    | KeyKind::Rsa(2048..=4096)
+            ));
         }
         return;
     }
@@ -177,12 +227,21 @@ fuzz_target!(|data: &[u8]| {
     let Ok(Some((csr, spki, should_issue))) = structured(&mut u, caller) else {
         return;
     };
-    let outcome = issuance::issue_and_check(&f.set, &csr, caller, spki.as_deref(), f.now).unwrap_or_else(|e| panic!("{e}"));
+    let outcome = issuance::issue_and_check(&f.set, &csr, caller, spki.as_deref(), f.now)
+        .unwrap_or_else(|e| panic!("{e}"));
     let ours = caller.trust_domain() == *f.set.trust_domain();
     if should_issue && ours {
-        assert_eq!(outcome, Outcome::Issued, "a well-formed CSR naming only {caller} was refused");
+        assert_eq!(
+            outcome,
+            Outcome::Issued,
+            "a well-formed CSR naming only {caller} was refused"
+        );
     }
     if !ours {
-        assert_ne!(outcome, Outcome::Issued, "issued for {caller}, outside the CA's trust domain");
+        assert_ne!(
+            outcome,
+            Outcome::Issued,
+            "issued for {caller}, outside the CA's trust domain"
+        );
     }
 });

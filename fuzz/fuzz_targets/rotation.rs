@@ -25,13 +25,23 @@ fn op(u: &mut Unstructured<'_>, depth: u8) -> Result<Op> {
         0 | 1 => Op::Prepare(u.arbitrary()?),
         2 => Op::Activate,
         3 => Op::Retire,
-        4 => Op::GatedActivate((0..u.int_in_range(0..=3)?).map(|_| u.int_in_range(0..=12)).collect::<Result<_>>()?),
-        5 => Op::GatedRetire((0..u.int_in_range(0..=3)?).map(|_| u.int_in_range(0..=3600)).collect::<Result<_>>()?),
+        4 => Op::GatedActivate(
+            (0..u.int_in_range(0..=3)?)
+                .map(|_| u.int_in_range(0..=12))
+                .collect::<Result<_>>()?,
+        ),
+        5 => Op::GatedRetire(
+            (0..u.int_in_range(0..=3)?)
+                .map(|_| u.int_in_range(0..=3600))
+                .collect::<Result<_>>()?,
+        ),
         6 if depth == 0 => Op::Abandon(Box::new(op(u, 1)?)),
         6 => Op::Activate,
         7 => {
             let n = u.int_in_range(0..=4)?;
-            let members = (0..n).map(|_| Ok((u.arbitrary()?, u.arbitrary()?))).collect::<Result<_>>()?;
+            let members = (0..n)
+                .map(|_| Ok((u.arbitrary()?, u.arbitrary()?)))
+                .collect::<Result<_>>()?;
             Op::Load(members, u.int_in_range(0..=12)?)
         }
         _ => {

@@ -15,7 +15,11 @@ mod spiffe;
 /// every character class the rules name (and some they refuse).
 fn structured(data: &[u8]) -> String {
     const ALPHABET: &[u8] = b"az09.-_Z/:@%?#";
-    let mut s = String::from(if data[0] & 1 == 0 { "spiffe://" } else { "SPIFFE://" });
+    let mut s = String::from(if data[0] & 1 == 0 {
+        "spiffe://"
+    } else {
+        "SPIFFE://"
+    });
     for b in &data[1..] {
         s.push(char::from(ALPHABET[usize::from(*b) % ALPHABET.len()]));
     }

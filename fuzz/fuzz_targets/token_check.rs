@@ -27,7 +27,8 @@ fn fixture() -> &'static (Keys, JwtAuthenticator) {
 }
 
 const ALGS: &[&str] = &[
-    "EdDSA", "ES256", "RS256", "PS256", "RS384", "RS512", "PS384", "PS512", "ES384", "none", "HS256", "HS512", "ES512", "eddsa", "",
+    "EdDSA", "ES256", "RS256", "PS256", "RS384", "RS512", "PS384", "PS512", "ES384", "none",
+    "HS256", "HS512", "ES512", "eddsa", "",
 ];
 
 /// A time claim near `NOW`: absent, a small or large offset either way,
@@ -36,8 +37,12 @@ fn time(u: &mut Unstructured<'_>, base: u64) -> Result<Option<Value>> {
     Ok(match u.int_in_range(0..=5u8)? {
         0 => None,
         1 => Some(json!(base)),
-        2 => Some(json!(base.saturating_add_signed(i64::from(u.int_in_range(-40i16..=40)?)))),
-        3 => Some(json!(base.saturating_add_signed(i64::from(u.arbitrary::<i32>()?)))),
+        2 => Some(json!(
+            base.saturating_add_signed(i64::from(u.int_in_range(-40i16..=40)?))
+        )),
+        3 => Some(json!(
+            base.saturating_add_signed(i64::from(u.arbitrary::<i32>()?))
+        )),
         4 => Some(json!(u.arbitrary::<u64>()?)),
         _ => Some(match u.int_in_range(0..=2u8)? {
             0 => json!(base as f64 + 0.5),
@@ -62,7 +67,7 @@ fn spec(u: &mut Unstructured<'_>) -> Result<(Spec, bool)> {
     let mut good = true;
     // Each field left as `good()` has it, or changed.
     if u.ratio(1, 3)? {
-        let signer = u.choose(&[
+        let signer = *u.choose(&[
             Signer::Empty,
             Signer::Ed,
             Signer::Ec,
@@ -73,7 +78,10 @@ fn spec(u: &mut Unstructured<'_>) -> Result<(Spec, bool)> {
         ])?;
         let (alg, kid) = match signer {
             Signer::Ec => ("ES256", "ec"),
-            Signer::Rsa => (*u.choose(&["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"])?, "rsa"),
+            Signer::Rsa => (
+                *u.choose(&["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"])?,
+                "rsa",
+            ),
             _ => ("EdDSA", "ed"),
         };
         good &= matches!(signer, Signer::Ed | Signer::Ec | Signer::Rsa);
@@ -87,7 +95,9 @@ fn spec(u: &mut Unstructured<'_>) -> Result<(Spec, bool)> {
         good = false;
     }
     if u.ratio(1, 4)? {
-        s.kid = u.choose(&[None, Some("ed"), Some("ec"), Some("rsa"), Some("other")])?.map(String::from);
+        s.kid = u
+            .choose(&[None, Some("ed"), Some("ec"), Some("rsa"), Some("other")])?
+            .map(String::from);
         good = false;
     }
     if u.ratio(1, 8)? {
@@ -95,7 +105,11 @@ fn spec(u: &mut Unstructured<'_>) -> Result<(Spec, bool)> {
         good = false;
     }
     if u.ratio(1, 4)? {
-        s.iss = string_or(u, ISSUER, &["https://evil.test", "", "https://issuer.fuzz.test/"])?;
+        s.iss = string_or(
+            u,
+            ISSUER,
+            &["https://evil.test", "", "https://issuer.fuzz.test/"],
+        )?;
         good = false;
     }
     if u.ratio(1, 4)? {
@@ -103,7 +117,15 @@ fn spec(u: &mut Unstructured<'_>) -> Result<(Spec, bool)> {
         good = false;
     }
     if u.ratio(1, 4)? {
-        s.sub = string_or(u, "system:serviceaccount:ns1:sa1", &["system:serviceaccount:x", "admin", "system:serviceaccount:A:b"])?;
+        s.sub = string_or(
+            u,
+            "system:serviceaccount:ns1:sa1",
+            &[
+                "system:serviceaccount:x",
+                "admin",
+                "system:serviceaccount:A:b",
+            ],
+        )?;
         good = false;
     }
     for slot in [&mut s.exp, &mut s.nbf, &mut s.iat] {

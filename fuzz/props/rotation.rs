@@ -7,7 +7,7 @@
 //! after it was activated), and a step that fails leaves the set as it was.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use workload_ca::ca::rotation::{AgentView, Evidence, check_activate, check_retire};
 use workload_ca::ca::{
@@ -62,10 +62,20 @@ impl Pool {
         }
     }
 
-    /// Authority `i` (modulo the pool), as the store would load it.
+    /// Authority `i` (modulo the pool), as `ca rotate-root prepare` would
+    /// read its files: for its own trust domain (the set refuses one of
+    /// another).
     fn authority(&self, i: u8, now: SystemTime) -> Option<Authority> {
         let (files, td) = &self.files[usize::from(i) % self.files.len()];
         Authority::from_files_any_time(files, td, now).ok()
+    }
+
+    /// Authority `i` as the store loads it: for the CA's trust domain
+    /// (one of another is refused there).
+    fn stored(&self, i: u8, now: SystemTime) -> Option<Authority> {
+        let (files, _) = &self.files[usize::from(i) % self.files.len()];
+        let td = TrustDomain::new(TRUST_DOMAIN).ok()?;
+        Authority::from_files_any_time(files, &td, now).ok()
     }
 }
 
@@ -187,7 +197,7 @@ impl<'a> Machine<'a> {
             Op::Load(members, generation) => {
                 let mut ms = Vec::new();
                 for (i, s) in members {
-                    let Some(a) = self.pool.authority(*i, now) else {
+                    let Some(a) = self.pool.stored(*i, now) else {
                         return Ok(None);
                     };
                     let state = match s % 3 {
@@ -224,14 +234,18 @@ impl<'a> Machine<'a> {
     /// # Errors
     /// The invariant broken.
     pub fn apply(&mut self, op: &Op) -> Result<(), String> {
+        // The clock stays between 1970 and 9000: a `now` outside the years
+        // 0 to 9999 makes rcgen panic (yasna cannot write the time) in the
+        // throw-away leaf `Authority::from_files_any_time` signs, which the
+        // fuzzer found; no real clock is there.
+        let (min, max) = (
+            UNIX_EPOCH,
+            UNIX_EPOCH + Duration::from_secs(7030 * 365 * DAY),
+        );
+        let minutes = |s: &u32| Duration::from_secs(u64::from(*s) * 60);
         match op {
-            Op::Forward(s) => self.now += Duration::from_secs(u64::from(*s) * 60),
-            Op::Back(s) => {
-                self.now = self
-                    .now
-                    .checked_sub(Duration::from_secs(u64::from(*s) * 60))
-                    .unwrap_or(self.now)
-            }
+            Op::Forward(s) => self.now = (self.now + minutes(s)).min(max),
+            Op::Back(s) => self.now = self.now.checked_sub(minutes(s)).unwrap_or(min).max(min),
             _ => {}
         }
         let before = self.set.generation();
