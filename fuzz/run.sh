@@ -30,6 +30,18 @@ mkdir -p "$logs"
 # its lock file has (libfuzzer-sys is added to that).
 [ -f Cargo.lock ] || cp ../Cargo.lock Cargo.lock
 
+# RSA keys for issuance and token_check, made once with openssl: the
+# targets' own generator is slow enough under instrumentation for libFuzzer
+# to call the first input a hang (fuzz/props/keys.rs).
+keys="$PWD/artifacts/keys"
+mkdir -p "$keys"
+for bits in 2048 3072 4096; do
+  [ -s "$keys/rsa$bits.pem" ] ||
+    openssl genpkey -algorithm RSA -pkeyopt "rsa_keygen_bits:$bits" -out "$keys/rsa$bits.pem" 2>/dev/null ||
+    rm -f "$keys/rsa$bits.pem"
+done
+export FUZZ_RSA_KEYS="$keys"
+
 # shellcheck disable=SC2086
 cargo fuzz build -s none --target-dir "$target_dir" ${FUZZ_BUILD:-}
 

@@ -14,6 +14,9 @@
 #[path = "../fuzz/props/issuance.rs"]
 mod issuance;
 #[allow(dead_code)]
+#[path = "../fuzz/props/keys.rs"]
+mod keys;
+#[allow(dead_code)]
 #[path = "../fuzz/props/rotation.rs"]
 mod rotation;
 #[allow(dead_code)]

@@ -19,11 +19,13 @@ use rcgen::{
     KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
 };
 use workload_ca::ca::csr::{KeyKind, MAX_CSR_BYTES};
-use workload_ca::ca::{Authority, AuthoritySet, KeyAlgorithm, PrivateKey};
+use workload_ca::ca::{Authority, AuthoritySet, KeyAlgorithm};
 use workload_ca::identity::{SpiffeId, TrustDomain};
 
 #[path = "../props/issuance.rs"]
 mod issuance;
+#[path = "../props/keys.rs"]
+mod keys;
 use issuance::Outcome;
 
 struct Fixture {
@@ -62,14 +64,14 @@ fn fixture() -> &'static Fixture {
 /// on first use.
 fn rsa(bits: usize) -> &'static KeyPair {
     static KEYS: [OnceLock<KeyPair>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
-    let (slot, alg) = match bits {
-        2048 => (&KEYS[0], KeyAlgorithm::Rsa2048),
-        3072 => (&KEYS[1], KeyAlgorithm::Rsa3072),
-        _ => (&KEYS[2], KeyAlgorithm::Rsa4096),
+    let slot = match bits {
+        2048 => &KEYS[0],
+        3072 => &KEYS[1],
+        _ => &KEYS[2],
     };
     slot.get_or_init(|| {
-        let pem = PrivateKey::generate(alg).unwrap().to_pem();
-        KeyPair::from_pkcs8_pem_and_sign_algo(&pem, &rcgen::PKCS_RSA_SHA256).unwrap()
+        KeyPair::from_pkcs8_pem_and_sign_algo(&keys::rsa_pem(bits), &rcgen::PKCS_RSA_SHA256)
+            .unwrap()
     })
 }
 

@@ -13,6 +13,8 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::{Value, json};
 use workload_ca::server::jwt::JwtAuthenticator;
 
+#[path = "../props/keys.rs"]
+mod keys;
 #[path = "../props/token.rs"]
 mod token;
 use token::{AUDIENCE, ISSUER, Keys, NOW, Signer, Spec};

@@ -111,9 +111,7 @@ impl Keys {
             let doc = EcdsaKeyPair::generate_pkcs8(a, &rng).unwrap();
             EcdsaKeyPair::from_pkcs8(a, doc.as_ref(), &rng).unwrap()
         };
-        let rsa_pem = workload_ca::ca::PrivateKey::generate(workload_ca::ca::KeyAlgorithm::Rsa2048)
-            .unwrap()
-            .to_pem();
+        let rsa_pem = crate::keys::rsa_pem(2048);
         let rsa_der = pem::parse(rsa_pem.as_bytes()).unwrap().into_contents();
         Self {
             ed: ed(),
