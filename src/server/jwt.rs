@@ -21,7 +21,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http_body_util::BodyExt;
 use jsonwebtoken::jwk::JwkSet;
@@ -274,10 +274,15 @@ impl JwtAuthenticator {
         })
     }
 
-    /// Every check of the module docs. The token is decoded and parsed
-    /// once ([`Token::parse`]); `exp` and `nbf` are checked against the
-    /// system clock.
-    fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+    /// Every check of the module docs, at `now`: the caller's clock (a
+    /// request's [`AuthContext::now`]), never the system's, so expiry and
+    /// `nbf` are testable at any instant. The token is decoded and parsed
+    /// once ([`Token::parse`]).
+    ///
+    /// # Errors
+    /// [`AuthError::Token`] naming the first check that failed, or the
+    /// cluster binding's refusal.
+    pub fn verify(&self, token: &str, now: SystemTime) -> Result<Caller, AuthError> {
         let bad = |m: String| AuthError::Token(m);
         if token.len() > MAX_TOKEN_BYTES {
             return Err(bad(format!("longer than {MAX_TOKEN_BYTES} bytes")));
@@ -339,7 +344,11 @@ impl JwtAuthenticator {
         {
             return Err(bad("InvalidSignature".into()));
         }
-        let now = unix_now();
+        // A clock before 1970 reads as 0 (no real deployment has one).
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         claims
             .validate(iss, &self.audiences, LEEWAY_SECS, now)
             .map_err(bad)?;
@@ -438,13 +447,6 @@ fn bound(r: NamedRef) -> BoundObject {
     }
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl Authenticator for JwtAuthenticator {
     fn name(&self) -> &'static str {
         "jwt"
@@ -455,7 +457,7 @@ impl Authenticator for JwtAuthenticator {
             let Some(token) = super::auth::bearer_token(ctx.metadata)? else {
                 return Ok(None);
             };
-            self.verify(token).map(Some)
+            self.verify(token, ctx.now).map(Some)
         })
     }
 }
