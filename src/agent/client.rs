@@ -2,6 +2,7 @@
 //! scripted CA) and its gRPC implementation, which authenticates with a token
 //! file re-read before every request.
 
+use crate::sync::LockExt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -210,10 +211,7 @@ impl TrustBoundSessions {
         keep_only_if_unchanged: bool,
     ) -> Option<Arc<rustls::client::ClientSessionMemoryCache>> {
         let roots = self.trust.roots();
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.state.locked();
         if state.0 != roots {
             *state = (roots, Self::fresh());
             if keep_only_if_unchanged {

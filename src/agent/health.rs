@@ -21,7 +21,9 @@
 //! overstate it). Everything runs on tokio's clock, so the margin is tested
 //! under a paused clock.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
+
+use crate::sync::LockExt;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -134,7 +136,7 @@ impl Health {
         let Some(cert) = t.cert.borrow().clone() else {
             return false;
         };
-        let mut seen = t.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut seen = t.seen.locked();
         if seen.serial.as_deref() == Some(cert.serial_hex.as_str()) {
             return false;
         }
@@ -148,7 +150,7 @@ impl Health {
 
     fn state(&self, t: &Tracked, now: Instant) -> State {
         self.observe(t, now);
-        let seen = t.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let seen = t.seen.locked();
         let cert = t.cert.borrow().clone();
         match cert {
             Some(c) if c.expires_at > now => {
@@ -167,11 +169,7 @@ impl Health {
 
     /// Failed certificate requests since the last certificate obtained.
     fn consecutive_failures(&self, t: &Tracked) -> u64 {
-        let before = t
-            .seen
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .failures_before;
+        let before = t.seen.locked().failures_before;
         self.failures(t).saturating_sub(before)
     }
 

@@ -111,7 +111,7 @@ pub fn serve(
         .unwrap_or(Path::new("."));
     let private = dir.join(format!(
         ".sds-{:016x}",
-        super::super::workload::unit_random().to_bits()
+        super::super::workload::random_bits().map_err(|e| err(e.to_string()))?
     ));
     let tmp = private.join("s");
     for p in [path, tmp.as_path()] {

@@ -136,14 +136,30 @@ impl RotationPolicy {
 /// The shortest time between two renewals.
 pub const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
 
-/// A uniform random number in [0, 1).
-pub fn unit_random() -> f64 {
+/// 64 random bits from the system's source.
+///
+/// # Errors
+/// The system random source failed.
+pub fn random_bits() -> io::Result<u64> {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 8];
-    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
-        return 0.5;
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| io::Error::other("the system random source failed"))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// A uniform random number in [0, 1), for jitter. If the system random
+/// source fails, that is logged as an error every time and the middle of
+/// the range (no jitter) is used: renewals go on, without their spread.
+pub fn unit_random() -> f64 {
+    match random_bits() {
+        Ok(bits) => (bits >> 11) as f64 / (1u64 << 53) as f64,
+        Err(e) => {
+            tracing::error!(error = %e, "renewal jitter unavailable: renewing without it");
+            0.5
+        }
     }
-    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The wall clock a [`CertManager`] reads (`SystemTime::now` outside tests).
@@ -554,7 +570,7 @@ pub fn publish_files(
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let random = (unit_random().to_bits() >> 12) & 0xff_ffff;
+    let random = random_bits()? & 0xff_ffff;
     let name = format!(
         "..{}_{:09}.{random:06x}",
         stamp.as_secs(),

@@ -37,8 +37,27 @@ pub fn random_serial() -> Result<SerialNumber, Error> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-pub(crate) fn to_offset(t: SystemTime) -> OffsetDateTime {
-    OffsetDateTime::from(t)
+/// `t` as a certificate time: an error, not a panic, for a time X.509 cannot
+/// express (years 0 to 9999 only), as a wildly wrong clock could give.
+pub(crate) fn to_offset(t: SystemTime) -> Result<OffsetDateTime, Error> {
+    let out_of_range = || {
+        Error::Signing(format!(
+            "the time {t:?} cannot be written in a certificate (years 0 to 9999)"
+        ))
+    };
+    let at = match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => time::Duration::try_from(d)
+            .ok()
+            .and_then(|d| OffsetDateTime::UNIX_EPOCH.checked_add(d)),
+        Err(e) => time::Duration::try_from(e.duration())
+            .ok()
+            .and_then(|d| OffsetDateTime::UNIX_EPOCH.checked_sub(d)),
+    }
+    .ok_or_else(out_of_range)?;
+    if !(0..=9999).contains(&at.year()) {
+        return Err(out_of_range());
+    }
+    Ok(at)
 }
 
 fn uri_san(id: &SpiffeId) -> Result<SanType, Error> {
@@ -80,8 +99,8 @@ pub fn leaf(
     ];
     p.serial_number = Some(random_serial()?);
     p.use_authority_key_identifier_extension = true;
-    p.not_before = to_offset(not_before);
-    p.not_after = to_offset(not_after);
+    p.not_before = to_offset(not_before)?;
+    p.not_after = to_offset(not_after)?;
     Ok(p)
 }
 
@@ -109,8 +128,8 @@ pub fn serving(
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     p.serial_number = Some(random_serial()?);
     p.use_authority_key_identifier_extension = true;
-    p.not_before = to_offset(not_before);
-    p.not_after = to_offset(not_after);
+    p.not_before = to_offset(not_before)?;
+    p.not_after = to_offset(not_after)?;
     Ok(p)
 }
 
@@ -143,7 +162,43 @@ pub fn root(
         KeyUsagePurpose::DigitalSignature,
     ];
     p.serial_number = Some(serial);
-    p.not_before = to_offset(now.checked_sub(backdate).unwrap_or(now));
-    p.not_after = to_offset(now + lifetime);
+    p.not_before = to_offset(now.checked_sub(backdate).unwrap_or(now))?;
+    p.not_after = to_offset(now.checked_add(lifetime).ok_or_else(|| {
+        Error::Signing("the certificate's end is past what a clock can hold".into())
+    })?)?;
     Ok(p)
+}
+
+#[cfg(test)]
+mod time_tests {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use super::to_offset;
+    use crate::ca::{Authority, KeyAlgorithm};
+    use crate::identity::TrustDomain;
+
+    const YEAR: u64 = 365 * 24 * 3600;
+
+    #[test]
+    fn a_time_x509_cannot_write_is_an_error_not_a_panic() {
+        assert_eq!(to_offset(UNIX_EPOCH).unwrap().year(), 1970);
+        let late = UNIX_EPOCH + Duration::from_secs(9000 * YEAR);
+        assert!(to_offset(late).is_err());
+        let early = UNIX_EPOCH - Duration::from_secs(3300 * YEAR);
+        assert!(to_offset(early).is_err());
+
+        // The whole path: an authority loaded (self-tested) under such a
+        // clock refuses instead of panicking in the certificate writer.
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let files = Authority::generate_root(
+            &td,
+            KeyAlgorithm::EcdsaP256,
+            Duration::from_secs(YEAR),
+            SystemTime::now(),
+        )
+        .unwrap();
+        for now in [late, early] {
+            assert!(Authority::from_files_any_time(&files, &td, now).is_err());
+        }
+    }
 }

@@ -19,6 +19,7 @@
 //! the Kubernetes API: a TokenReview authenticator is a later issue). A key
 //! without a `kid` (PEM keys) is tried for any token.
 
+use crate::sync::RwLockExt;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -131,14 +132,12 @@ impl Issuer {
                 self.config.issuer
             )));
         }
-        if let Ok(mut slot) = self.keys.write() {
-            *slot = Arc::new(keys);
-        }
+        *self.keys.write_locked() = Arc::new(keys);
         Ok(n)
     }
 
     fn keys(&self) -> Arc<Vec<VerifyKey>> {
-        self.keys.read().map(|k| k.clone()).unwrap_or_default()
+        self.keys.read_locked().clone()
     }
 }
 

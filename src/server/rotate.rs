@@ -10,6 +10,7 @@
 //! asks for, each refused while its gate (`crate::ca::rotation`) is closed
 //! unless forced.
 
+use crate::sync::LockExt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -57,21 +58,17 @@ impl LiveCa {
     /// # Errors
     /// Why they parted.
     pub fn check_in_step(&self) -> Result<(), String> {
-        match self.diverged.lock() {
-            Ok(d) => d.clone().map_or(Ok(()), Err),
-            Err(_) => Err("the CA state lock is poisoned".into()),
-        }
+        self.diverged.locked().clone().map_or(Ok(()), Err)
     }
 
     fn set_diverged(&self, why: Option<String>) {
-        if let Ok(mut d) = self.diverged.lock() {
-            if let Some(w) = &why
-                && d.as_deref() != Some(w.as_str())
-            {
-                tracing::error!(store = %self.store.describe(), "{w}");
-            }
-            *d = why;
+        let mut d = self.diverged.locked();
+        if let Some(w) = &why
+            && d.as_deref() != Some(w.as_str())
+        {
+            tracing::error!(store = %self.store.describe(), "{w}");
         }
+        *d = why;
     }
 
     /// How often [`LiveCa::follow`] should run: the store's own answer.
