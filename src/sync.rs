@@ -6,9 +6,12 @@
 //! one: the first use of a lock after a panic logs an error naming where it
 //! was taken, counts it ([`poisoned_locks`], exported as
 //! `workload_ca_poisoned_locks_total`), and clears the poison. The data is
-//! then used as the panicking thread left it (every critical section here
-//! keeps its data whole at each step: map inserts, counters, swaps); nothing
-//! is replaced by a default value, and no caller skips its work.
+//! then used as the panicking thread left it: the critical sections that
+//! use these keep their data whole at each step (map inserts, counters,
+//! swaps). Nothing is replaced by a default value, and no caller skips its
+//! work. Tables whose several indexes are updated in steps (the cluster
+//! caches of `k8s::cache`) handle a poisoning themselves: refused from
+//! (fail closed) and emptied, never read torn.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -20,6 +23,12 @@ static POISONED: AtomicU64 = AtomicU64::new(0);
 #[must_use]
 pub fn poisoned_locks() -> u64 {
     POISONED.load(Ordering::Relaxed)
+}
+
+/// Counts a poisoning found where it cannot be logged (the log writer's
+/// own locks).
+pub fn count_poisoned() {
+    POISONED.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Taking a [`Mutex`] without `unwrap` and without hiding a poisoning.
@@ -63,20 +72,26 @@ fn poisoned_here() {
 impl<T> RwLockExt<T> for RwLock<T> {
     #[track_caller]
     fn read_locked(&self) -> RwLockReadGuard<'_, T> {
-        self.read().unwrap_or_else(|poisoned| {
-            poisoned_here();
-            self.clear_poison();
-            poisoned.into_inner()
-        })
+        match self.read() {
+            Ok(guard) => guard,
+            Err(poisoned) => {
+                poisoned_here();
+                self.clear_poison();
+                poisoned.into_inner()
+            }
+        }
     }
 
     #[track_caller]
     fn write_locked(&self) -> RwLockWriteGuard<'_, T> {
-        self.write().unwrap_or_else(|poisoned| {
-            poisoned_here();
-            self.clear_poison();
-            poisoned.into_inner()
-        })
+        match self.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => {
+                poisoned_here();
+                self.clear_poison();
+                poisoned.into_inner()
+            }
+        }
     }
 }
 

@@ -85,7 +85,12 @@ pub struct SdsSocket {
 ///
 /// With a [`PeerRule`] ([`Sds::with_peer`]), a connection from any other uid (or gid) is closed
 /// before a byte is read, counted under the `peer_credentials` refusal and
-/// logged (rate-limited per socket by the accept loop's warnings).
+/// logged (rate-limited per peer uid).
+///
+/// The socket stays the agent's, mode 0600: a rule naming another uid needs
+/// the file's permissions opened to it as well (or the agent to run as
+/// that uid). Workloads that share a uid (every Istio proxy runs as 1337)
+/// are not told apart by it: give each its own uid or gid.
 ///
 /// # Errors
 /// [`Error::Socket`].
@@ -181,6 +186,7 @@ pub fn serve(
     let routes = tonic::service::Routes::new(SdsRoutes::new(sds, limits.http2.max_message_bytes));
     let shown = path.display().to_string();
     let peer_refusals = refusals.clone();
+    let warn = std::sync::Arc::new(crate::logsafe::WarnLimiter::<Option<u32>>::new());
     let check_peer = move |io: tokio::net::UnixStream, _| {
         let admitted = match peer {
             None => Some(io),
@@ -188,7 +194,10 @@ pub fn serve(
                 Ok(c) if rule.admits(c.uid(), c.gid()) => Some(io),
                 Ok(c) => {
                     peer_refusals.refused(crate::limits::label::PEER_CREDENTIALS);
-                    tracing::warn!(
+                    crate::peer_warn!(
+                        warn,
+                        Some(c.uid()),
+                        peer_refusals,
                         socket = %shown,
                         uid = c.uid(),
                         gid = c.gid(),
@@ -200,7 +209,7 @@ pub fn serve(
                 }
                 Err(e) => {
                     peer_refusals.refused(crate::limits::label::PEER_CREDENTIALS);
-                    tracing::warn!(socket = %shown, error = %e, "SDS connection refused: its peer credentials cannot be read");
+                    crate::peer_warn!(warn, None, peer_refusals, socket = %shown, error = %e, "SDS connection refused: its peer credentials cannot be read");
                     None
                 }
             },

@@ -610,17 +610,28 @@ pub fn publish_files(
         })?;
     }
     std::fs::File::open(dir)?.sync_all()?;
-    // The previous sets (and what a crash left: their temporaries).
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
+    // The previous sets (and what a crash left: their temporaries). The
+    // set `..data` names now is never removed, even if another agent
+    // swapped it meanwhile; a failure is logged and the rest goes on: the
+    // new set is published already.
+    let live = std::fs::read_link(dir.join(OUTPUT_DATA_LINK)).ok();
+    for entry in std::fs::read_dir(dir)?.flatten() {
         let n = entry.file_name();
         let n = n.to_string_lossy();
-        let stale_set = n.starts_with("..") && n != OUTPUT_DATA_LINK && n != name.as_str();
+        let is_live = live.as_deref().is_some_and(|l| l == Path::new(n.as_ref()));
+        let stale_set =
+            n.starts_with("..") && n != OUTPUT_DATA_LINK && n != name.as_str() && !is_live;
         let stale_tmp = n.starts_with('.') && n.contains(".tmp-");
-        if stale_set && entry.file_type()?.is_dir() {
-            std::fs::remove_dir_all(entry.path())?;
-        } else if stale_tmp && !entry.file_type()?.is_dir() {
-            std::fs::remove_file(entry.path())?;
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        let removed = if stale_set && is_dir {
+            std::fs::remove_dir_all(entry.path())
+        } else if stale_tmp && !is_dir {
+            std::fs::remove_file(entry.path())
+        } else {
+            continue;
+        };
+        if let Err(e) = removed {
+            tracing::warn!(path = %entry.path().display(), error = %e, "could not remove an old set of certificate files");
         }
     }
     Ok(())

@@ -219,16 +219,40 @@ pub async fn load_or_create(
     ))
 }
 
+/// Creates the empty marker file `path` (kept if it exists), durably.
+fn write_new_or_keep(path: &Path) -> io::Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    f.sync_all()?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// The manifest's name in a [`DirStore`].
 pub const MANIFEST: &str = "authorities.json";
 const LOCK: &str = ".lock";
 const SERVER_LOCK: &str = ".server";
+/// Present while the very first swap (the CA's creation) writes: authority
+/// directories without a manifest are an interrupted creation only then.
+const CREATING: &str = ".creating";
 
 /// The manifest's JSON (also the Kubernetes Secret backend's).
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Manifest {
     pub(crate) generation: u64,
     pub(crate) members: Vec<ManifestMember>,
+    /// Authorities this swap took out of the set: their directories are
+    /// deleted at start if a crash left them. Any other directory the
+    /// manifest does not name is moved aside, never deleted (the manifest
+    /// may be an older copy restored from a backup).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) removed: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -252,6 +276,7 @@ impl Manifest {
                     since: m.since,
                 })
                 .collect(),
+            removed: Vec::new(),
         }
     }
 }
@@ -408,19 +433,22 @@ impl DirStore {
         Ok(legacy)
     }
 
-    /// Authorities' directories with no manifest to name them, in a store
-    /// a server has run on: the manifest was lost (deleted, or a restore
-    /// that missed it). Taking that store as empty would create a new root
-    /// beside the old keys; it is refused instead. (Before any server ran,
-    /// they are what a first start interrupted before its manifest left:
-    /// nothing was ever in use, and the swap that creates the CA sweeps
-    /// them.)
+    /// Authorities' directories with no manifest to name them: the
+    /// manifest was lost (deleted, or a restore that missed it, such as
+    /// `cp dir/*`, which skips dot files). Taking that store as empty would
+    /// create a new root beside the old keys; it is refused instead. Only
+    /// the CA's creation interrupted before its manifest (the `.creating`
+    /// marker still there) leaves directories that were never in use; the
+    /// swap that creates the CA then sweeps them.
     fn refuse_orphans(&self) -> Result<(), Error> {
-        if !self.dir.join(SERVER_LOCK).exists() {
+        if self.dir.join(CREATING).exists() {
             return Ok(());
         }
-        let ids: Vec<String> = fs::read_dir(&self.dir)
-            .map_err(|e| self.err(format!("listing the directory: {e}")))?
+        let entries = match fs::read_dir(&self.dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            other => other.map_err(|e| self.err(format!("listing the directory: {e}")))?,
+        };
+        let ids: Vec<String> = entries
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| valid_id(n))
@@ -478,24 +506,45 @@ impl DirStore {
             .iter()
             .flat_map(|m| m.members.iter().map(|m| m.id.clone()))
             .collect();
+        let creating = self.dir.join(CREATING);
+        if manifest.is_none() && !legacy {
+            write_new_or_keep(&creating)
+                .map_err(|e| self.err(format!("writing {}: {e}", creating.display())))?;
+        }
         // 1. Every member's directory, complete, before the manifest names
         // it; the ones already stored must still hold what the set holds.
         let mut created = Vec::new();
         let written = self.write_members(next, &kept, &mut created);
         // 2. The manifest: the swap happens at this rename.
-        match written.and_then(|()| self.write_manifest(next)) {
+        let removed: Vec<String> = kept
+            .iter()
+            .filter(|id| !next.members.iter().any(|m| &m.id == *id))
+            .cloned()
+            .collect();
+        match written.and_then(|()| self.write_manifest(next, removed)) {
             Ok(true) => {}
             // In place, but not known to be durable: nothing is deleted (a
             // power loss could still bring the old manifest back, and it
             // must find its directories; the next start tidies).
-            Ok(false) => return Ok(true),
+            Ok(false) => {
+                let _ = fs::remove_file(&creating);
+                return Ok(true);
+            }
             Err(e) => {
                 // The swap did not happen: the keys it wrote for it go (no
                 // manifest names them), so a failed step leaves nothing.
+                let mut all_removed = true;
                 for dir in &created {
                     if let Err(rm) = fs::remove_dir_all(dir) {
+                        all_removed = false;
                         tracing::warn!(path = %dir.display(), error = %rm, "could not remove the directory of a failed swap; the next start removes it");
                     }
+                }
+                // A failed creation that left nothing needs no marker; one
+                // that left a directory keeps it, so the next start may
+                // sweep that directory.
+                if all_removed {
+                    let _ = fs::remove_file(&creating);
                 }
                 return Err(e);
             }
@@ -505,6 +554,7 @@ impl DirStore {
         // files of the layout before the manifest, leftovers of crashes.
         let ids: Vec<&str> = next.members.iter().map(|m| m.id.as_str()).collect();
         self.sweep(&ids);
+        let _ = fs::remove_file(&creating);
         Ok(true)
     }
 
@@ -512,8 +562,12 @@ impl DirStore {
     /// it is in place but syncing the directory failed afterwards, so the
     /// swap happened (saying otherwise would have the caller report a step
     /// that was taken as refused).
-    fn write_manifest(&self, next: &Stored) -> Result<bool, Error> {
-        let text = serde_json::to_string_pretty(&Manifest::of(next))
+    fn write_manifest(&self, next: &Stored, removed: Vec<String>) -> Result<bool, Error> {
+        let manifest = Manifest {
+            removed,
+            ..Manifest::of(next)
+        };
+        let text = serde_json::to_string_pretty(&manifest)
             .map_err(|e| self.err(format!("encoding {MANIFEST}: {e}")))?;
         crash_point("members-written");
         let path = self.dir.join(MANIFEST);
@@ -602,14 +656,29 @@ impl DirStore {
         let _lock = self.lock()?;
         if let Some(m) = self.read_manifest()? {
             let ids: Vec<&str> = m.members.iter().map(|m| m.id.as_str()).collect();
-            self.sweep(&ids);
+            let removed: Vec<&str> = m.removed.iter().map(String::as_str).collect();
+            self.sweep_at_start(&ids, &removed);
         }
         Ok(())
     }
 
     /// Removes every authority directory and legacy file that `ids` does
     /// not name. Failures are logged: the swap has happened already.
+    ///
     fn sweep(&self, ids: &[&str]) {
+        self.sweep_with(ids, &[], false);
+    }
+
+    /// As [`Self::sweep`], at start, from a manifest this process did not
+    /// write (it may be an older copy restored from a backup): the
+    /// authorities its swap took out (`removed`) are deleted; any other
+    /// directory it does not name is renamed `.unnamed-<id>` and logged,
+    /// never deleted, since it may hold the key in use.
+    fn sweep_at_start(&self, ids: &[&str], removed: &[&str]) {
+        self.sweep_with(ids, removed, true);
+    }
+
+    fn sweep_with(&self, ids: &[&str], removed: &[&str], at_start: bool) {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return;
         };
@@ -625,6 +694,19 @@ impl DirStore {
                 super::store::is_temp_name(&name)
             };
             if !stale {
+                continue;
+            }
+            if at_start && valid_id(&name) && !removed.contains(&name.as_str()) {
+                let to = self.dir.join(format!(".unnamed-{name}"));
+                match fs::rename(&path, &to) {
+                    Ok(()) => tracing::warn!(
+                        path = %to.display(),
+                        "an authority's directory that {MANIFEST} does not name was moved aside, not deleted (a crash during a swap, or a manifest restored from an older backup): delete it once the CA is known to be right"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "could not move aside an authority's directory that {MANIFEST} does not name")
+                    }
+                }
                 continue;
             }
             let removed = if path.is_dir() {

@@ -173,36 +173,73 @@ async fn a_manifest_naming_a_missing_directory_is_refused() {
     assert!(err.contains("directory is missing"), "{err}");
 }
 
-/// The manifest lost beside authorities' directories of a store a server
-/// ran on: refused, never read as empty (which would make a new root).
-/// Before any server ran, they are an interrupted first start's, and the
-/// CA is created.
+/// The manifest lost beside authorities' directories: refused, never read
+/// as empty (which would make a new root), whether or not a server ran
+/// (`cp dir/*` skips the dot files). Only an interrupted creation (its
+/// `.creating` marker still there) is swept and the CA created.
 #[tokio::test]
-async fn directories_without_their_manifest_are_refused_once_a_server_ran() {
+async fn directories_without_their_manifest_are_refused_unless_the_creation_was_interrupted() {
     let tmp = tempfile::tempdir().unwrap();
     let store = DirStore::new(tmp.path().join("ca"));
     let now = SystemTime::now();
     let (set, _) = load_or_create(&store, &spec(), None, now).await.unwrap();
+    assert!(
+        !store.dir().join(".creating").exists(),
+        "the marker outlived the creation"
+    );
     fs::remove_file(store.dir().join(MANIFEST)).unwrap();
-    // Never started: the interrupted first start's directory is swept.
+    // The creation interrupted before its manifest: swept, the CA created.
+    fs::write(store.dir().join(".creating"), "").unwrap();
     let (again, created) = load_or_create(&store, &spec(), None, now).await.unwrap();
     assert!(created);
     assert!(!store.member_dir(set.active().id()).exists());
+    assert!(!store.dir().join(".creating").exists());
 
-    drop(store.server_lock().unwrap());
-    fs::remove_file(store.dir().join(MANIFEST)).unwrap();
-    let err = load_or_create(&store, &spec(), None, now)
-        .await
-        .unwrap_err()
-        .to_string();
+    for server_ran in [false, true] {
+        if server_ran {
+            drop(store.server_lock().unwrap());
+        }
+        let manifest = fs::read(store.dir().join(MANIFEST)).unwrap();
+        fs::remove_file(store.dir().join(MANIFEST)).unwrap();
+        let err = load_or_create(&store, &spec(), None, now)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("authorities.json is missing") && err.contains(again.active().id()),
+            "{err}"
+        );
+        assert!(store.generation().await.is_err());
+        let next = again.prepare(authority(), now).unwrap();
+        assert!(store.swap(Some(1), &next.to_stored()).await.is_err());
+        assert!(store.member_dir(again.active().id()).exists());
+        fs::write(store.dir().join(MANIFEST), manifest).unwrap();
+    }
+}
+
+/// At start, a manifest that does not name an authority's directory (an
+/// older copy restored from a backup) never gets that directory deleted:
+/// it is moved aside, and the key stays on disk.
+#[tokio::test]
+async fn tidying_at_start_moves_unnamed_authorities_aside_never_deletes_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = DirStore::new(tmp.path().join("ca"));
+    let now = SystemTime::now();
+    let (set, _) = load_or_create(&store, &spec(), None, now).await.unwrap();
+    let old_manifest = fs::read(store.dir().join(MANIFEST)).unwrap();
+    let next = set.prepare(authority(), now).unwrap();
+    assert!(store.swap(Some(1), &next.to_stored()).await.unwrap());
+    let new_id = next.members().last().unwrap().authority.id().to_owned();
+    assert!(store.member_dir(&new_id).exists());
+    // The old manifest restored: it names the first authority only.
+    fs::write(store.dir().join(MANIFEST), old_manifest).unwrap();
+    store.tidy().unwrap();
+    assert!(!store.member_dir(&new_id).exists());
+    let aside = store.dir().join(format!(".unnamed-{new_id}"));
     assert!(
-        err.contains("authorities.json is missing") && err.contains(again.active().id()),
-        "{err}"
+        aside.join("ca-key.pem").exists(),
+        "the unnamed authority's key was deleted"
     );
-    assert!(store.generation().await.is_err());
-    let next = again.prepare(authority(), now).unwrap();
-    assert!(store.swap(Some(1), &next.to_stored()).await.is_err());
-    assert!(store.member_dir(again.active().id()).exists());
 }
 
 /// A kept authority's file changed on disk since it was loaded: the swap

@@ -12,7 +12,6 @@
 //! `run`). Only a process killed outright (SIGKILL) can lose the last
 //! [`FLUSH_INTERVAL`] of lines.
 
-use crate::sync::LockExt;
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -33,9 +32,20 @@ struct Shared {
     wake: Condvar,
 }
 
+/// A lock of the log writer's own. Not [`crate::sync::LockExt::locked`]:
+/// that logs a poisoning, and logging from here would take the writer's
+/// lock again. A poisoning here is cleared and counted, silently.
+fn quiet<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| {
+        m.clear_poison();
+        crate::sync::count_poisoned();
+        poisoned.into_inner()
+    })
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
-        self.buf.locked()
+        quiet(&self.buf)
     }
 
     /// Writes out what is gathered, holding the lock so that lines stay in
@@ -79,7 +89,7 @@ impl BufferedStderr {
         let thread = std::thread::Builder::new()
             .name("log-flush".into())
             .spawn(move || {
-                let mut stop = for_thread.stop.locked();
+                let mut stop = quiet(&for_thread.stop);
                 while !*stop {
                     stop = for_thread
                         .wake
@@ -101,7 +111,7 @@ impl BufferedStderr {
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        *self.shared.stop.locked() = true;
+        *quiet(&self.shared.stop) = true;
         self.shared.wake.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();

@@ -34,7 +34,6 @@
 //! normally well under a second).
 
 use crate::sync::LockExt;
-use crate::sync::RwLockExt;
 use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -313,6 +312,40 @@ impl CacheMetrics {
 }
 
 /// The pods and service accounts of the cluster, from watches.
+/// A cache table to read, or `None` (the caller refuses: fails closed)
+/// while a panic mid-update has left it poisoned and maybe torn: its
+/// indexes could disagree. The next change emptied it ([`write_or_empty`]).
+fn read_or_none<T>(lock: &RwLock<T>) -> Option<std::sync::RwLockReadGuard<'_, T>> {
+    match lock.read() {
+        Ok(guard) => Some(guard),
+        Err(_) => {
+            tracing::error!(
+                "a cache table was poisoned by a panic (a bug): refusing from it until the next list"
+            );
+            None
+        }
+    }
+}
+
+/// A cache table to change; if a panic poisoned it, emptied first (its
+/// indexes may disagree), counted and logged, so it is filled again from
+/// the next list and never read torn.
+fn write_or_empty<T>(lock: &RwLock<T>, empty: fn() -> T) -> std::sync::RwLockWriteGuard<'_, T> {
+    match lock.write() {
+        Ok(guard) => guard,
+        Err(poisoned) => {
+            crate::sync::count_poisoned();
+            tracing::error!(
+                "a cache table was poisoned by a panic (a bug): emptied, to be filled by the next list"
+            );
+            lock.clear_poison();
+            let mut guard = poisoned.into_inner();
+            *guard = empty();
+            guard
+        }
+    }
+}
+
 pub struct ClusterCache {
     pods: RwLock<Pods>,
     service_accounts: RwLock<HashMap<Key, Box<str>>>,
@@ -383,7 +416,10 @@ impl ClusterCache {
     }
 
     fn apply_pods(&self, change: Change<PodRow>) {
-        let mut pods = self.pods.write_locked();
+        // A panic mid-update may have left the pod indexes disagreeing
+        // (a node's count for a pod that is gone): emptied, so a poisoned
+        // cache refuses (fails closed) until the next list fills it.
+        let mut pods = write_or_empty(&self.pods, Pods::default);
         match change {
             Change::Reset(rows) => pods.reset(rows),
             Change::Upsert(row) => pods.upsert(row),
@@ -398,7 +434,7 @@ impl ClusterCache {
     }
 
     fn apply_sas(&self, change: Change<SaRow>) {
-        let mut sas = self.service_accounts.write_locked();
+        let mut sas = write_or_empty(&self.service_accounts, HashMap::new);
         let key = |ns: &str, name: &str| -> Key { (Arc::from(ns), Arc::from(name)) };
         match change {
             Change::Reset(rows) => {
@@ -477,8 +513,8 @@ impl ClusterCache {
 
     /// Objects held: (pods, service accounts).
     pub fn len(&self) -> (usize, usize) {
-        let pods = self.pods.read_locked().by_name.len();
-        let sas = self.service_accounts.read_locked().len();
+        let pods = read_or_none(&self.pods).map_or(0, |p| p.by_name.len());
+        let sas = read_or_none(&self.service_accounts).map_or(0, |s| s.len());
         (pods, sas)
     }
 
@@ -508,11 +544,9 @@ impl ClusterView for ClusterCache {
     fn pod(&self, namespace: &str, name: &str) -> Option<PodFacts> {
         let key: Key = (Arc::from(namespace), Arc::from(name));
         let now = std::time::SystemTime::now();
-        let found = self
-            .pods
-            .read_locked()
-            .by_name
-            .get(&key)
+        let found = read_or_none(&self.pods)
+            .as_deref()
+            .and_then(|p| p.by_name.get(&key))
             .filter(|e| e.deleted_at.is_none_or(|t| t + DELETION_LEEWAY > now))
             .map(|e| PodFacts {
                 uid: e.uid.to_string(),
@@ -525,10 +559,9 @@ impl ClusterView for ClusterCache {
 
     fn service_account_uid(&self, namespace: &str, name: &str) -> Option<String> {
         let key: Key = (Arc::from(namespace), Arc::from(name));
-        let found = self
-            .service_accounts
-            .read_locked()
-            .get(&key)
+        let found = read_or_none(&self.service_accounts)
+            .as_deref()
+            .and_then(|s| s.get(&key))
             .map(|u| u.to_string());
         self.count(false, found.is_some());
         found
@@ -536,16 +569,13 @@ impl ClusterView for ClusterCache {
 
     fn runs_anywhere(&self, namespace: &str, service_account: &str) -> bool {
         let key: Key = (Arc::from(namespace), Arc::from(service_account));
-        self.pods.read_locked().running.contains_key(&key)
+        read_or_none(&self.pods).is_some_and(|p| p.running.contains_key(&key))
     }
 
     fn runs_on_node(&self, node: &str, namespace: &str, service_account: &str) -> bool {
         let key: Key = (Arc::from(namespace), Arc::from(service_account));
-        self.pods
-            .read_locked()
-            .on_node
-            .get(node)
-            .is_some_and(|m| m.contains_key(&key))
+        read_or_none(&self.pods)
+            .is_some_and(|p| p.on_node.get(node).is_some_and(|m| m.contains_key(&key)))
     }
 }
 

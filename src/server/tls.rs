@@ -74,9 +74,16 @@ impl ServingCert {
         now: SystemTime,
     ) -> Result<SystemTime, Error> {
         let (key, not_after) = issue(authority, spec, now)?;
-        *self.current.write_locked() = key;
-        *self.validity.write_locked() = (now, not_after);
-        *self.issued_by.write_locked() = authority.signer().der().to_vec();
+        // All three taken before any is written: a reader sees the old
+        // certificate with its own validity and issuer, or the new.
+        let (mut cur, mut validity, mut by) = (
+            self.current.write_locked(),
+            self.validity.write_locked(),
+            self.issued_by.write_locked(),
+        );
+        *cur = key;
+        *validity = (now, not_after);
+        *by = authority.signer().der().to_vec();
         Ok(not_after)
     }
 
