@@ -166,10 +166,19 @@ async fn another_user_with_file_access_is_refused_and_the_bound_one_served() {
         let dir = tempfile::tempdir().unwrap();
         let agent = start(&ca, dir.path(), Some(rule)).await;
         let socket = dir.path().join("web.sock");
-        // File permissions that let any user in: only the peer check stands
-        // between the other user and the keys.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let meta = std::fs::metadata(&socket).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        if admitted {
+            // The socket is the bound peer's: it connects without any
+            // loosening of the file's permissions.
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!((meta.uid(), meta.gid()), (OTHER, OTHER));
+        } else {
+            // File permissions that let any user in: only the peer check
+            // stands between the other user and the keys.
+            std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+        }
         let sock = socket.clone();
         let got = tokio::task::spawn_blocking(move || first_bytes_as(&sock, OTHER, OTHER))
             .await

@@ -63,6 +63,19 @@ impl std::str::FromStr for PeerRule {
     }
 }
 
+/// Gives the socket file at `path` to the rule's uid and gid, if bound.
+fn give_to_peer(path: &Path, peer: Option<PeerRule>) -> std::io::Result<()> {
+    let Some(rule) = peer else {
+        return Ok(());
+    };
+    std::os::unix::fs::chown(path, Some(rule.uid), rule.gid).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("giving the socket to its peer ({rule}): {e}"),
+        )
+    })
+}
+
 /// A bound SDS socket, serving until shutdown.
 pub struct SdsSocket {
     pub path: PathBuf,
@@ -87,9 +100,11 @@ pub struct SdsSocket {
 /// before a byte is read, counted under the `peer_credentials` refusal and
 /// logged (rate-limited per peer uid).
 ///
-/// The socket stays the agent's, mode 0600: a rule naming another uid needs
-/// the file's permissions opened to it as well (or the agent to run as
-/// that uid). Workloads that share a uid (every Istio proxy runs as 1337)
+/// The socket file is given to the rule's uid (and gid), mode 0600, before
+/// it is placed, so the bound process can connect and no other non-root
+/// one can; that takes the agent running as root (node mode), and an agent
+/// that cannot chown refuses to start rather than serve a socket its peer
+/// cannot open. Workloads that share a uid (every Istio proxy runs as 1337)
 /// are not told apart by it: give each its own uid or gid.
 ///
 /// # Errors
@@ -159,6 +174,7 @@ pub fn serve(
         .map_err(|e| format!("binding: {e}"))
         .and_then(|l| {
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .and_then(|()| give_to_peer(&tmp, sds.peer))
                 .and_then(|()| std::fs::hard_link(&tmp, path))
                 .map_err(|e| format!("placing the socket: {e}"))?;
             Ok(l)

@@ -258,6 +258,7 @@ impl Step {
 
 /// Why a step was not taken.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StepError {
     #[error("not yet safe to {step}:\n  - {}\nwait, or pass --force to {step} anyway", missing.join("\n  - "))]
     Gated {
@@ -266,6 +267,18 @@ pub enum StepError {
     },
     #[error(transparent)]
     Failed(#[from] Error),
+}
+
+impl StepError {
+    /// A short, stable label for metrics and logs (every variant named; a
+    /// failure is labelled by its error).
+    #[must_use]
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Gated { .. } => "gated",
+            Self::Failed(e) => e.metric_label(),
+        }
+    }
 }
 
 /// The wall clock, replaceable in tests.
