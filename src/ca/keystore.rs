@@ -30,7 +30,8 @@ use super::authority::authority_id;
 use super::bundle::parse_pem_certs;
 use super::keys::KeyAlgorithm;
 use super::store::{
-    CA_CERT, CA_KEY, CERT_CHAIN, CaFiles, CacertsDir, FILES, ROOT_CERT, atomic_write,
+    CA_CERT, CA_KEY, CERT_CHAIN, CaFiles, CacertsDir, FILES, ROOT_CERT, atomic_write, crash_point,
+    write_new_or_keep,
 };
 use super::{Authority, AuthoritySet, Error};
 use crate::identity::TrustDomain;
@@ -217,21 +218,6 @@ pub async fn load_or_create(
         AuthoritySet::from_stored(&stored, &spec.trust_domain, now)?,
         false,
     ))
-}
-
-/// Creates the empty marker file `path` (kept if it exists), durably.
-fn write_new_or_keep(path: &Path) -> io::Result<()> {
-    let f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)?;
-    f.sync_all()?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 /// The manifest's name in a [`DirStore`].
@@ -778,22 +764,6 @@ impl KeyStore for DirStore {
         })
     }
 }
-
-/// Fault injection for the crash tests: when the environment variable
-/// [`CRASH_ENV`] names `point`, the process aborts there, as `kill -9`
-/// would stop it (no destructor, no flush). Points: `cacerts-partial`
-/// (an authority's directory half written), `members-written` (every
-/// directory written, the manifest not yet), `manifest-temp` (the new
-/// manifest written beside the old, not yet renamed), `manifest-written`
-/// (renamed, nothing deleted yet), `sweeping` (one old directory deleted).
-pub fn crash_point(point: &str) {
-    if std::env::var_os(CRASH_ENV).is_some_and(|v| v == point) {
-        std::process::abort();
-    }
-}
-
-/// See [`crash_point`].
-pub const CRASH_ENV: &str = "WORKLOAD_CA_CRASH_AT";
 
 pub(crate) fn parse_state(s: &str) -> Option<State> {
     [State::Prepared, State::Active, State::Retiring]

@@ -141,7 +141,7 @@ impl CacertsDir {
         };
         let write_all = || -> Result<(), String> {
             write(CA_KEY, &files.ca_key, 0o600)?;
-            super::keystore::crash_point("cacerts-partial");
+            crash_point("cacerts-partial");
             write(CA_CERT, &files.ca_cert, 0o644)?;
             write(CERT_CHAIN, &files.cert_chain, 0o644)?;
             write(ROOT_CERT, &files.root_cert, 0o644)?;
@@ -242,7 +242,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     // `write_new_file` refuses an existing name: we only remove what we made.
     let result = write_new_file(&tmp, bytes, mode).and_then(|()| {
         if name == super::keystore::MANIFEST {
-            super::keystore::crash_point("manifest-temp");
+            crash_point("manifest-temp");
         }
         fs::rename(&tmp, path)
     });
@@ -252,6 +252,37 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     result?;
     File::open(dir)?.sync_all()
 }
+
+/// Creates the empty marker file `path` (kept if it exists), durably.
+pub(crate) fn write_new_or_keep(path: &Path) -> io::Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    f.sync_all()?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Fault injection for the crash tests: when the environment variable
+/// [`CRASH_ENV`] names `point`, the process aborts there, as `kill -9`
+/// would stop it (no destructor, no flush). Points: `cacerts-partial`
+/// (an authority's directory half written), `members-written` (every
+/// directory written, the manifest not yet), `manifest-temp` (the new
+/// manifest written beside the old, not yet renamed), `manifest-written`
+/// (renamed, nothing deleted yet), `sweeping` (one old directory deleted).
+pub fn crash_point(point: &str) {
+    if std::env::var_os(CRASH_ENV).is_some_and(|v| v == point) {
+        std::process::abort();
+    }
+}
+
+/// See [`crash_point`].
+pub const CRASH_ENV: &str = "WORKLOAD_CA_CRASH_AT";
 
 #[cfg(test)]
 mod tests {
