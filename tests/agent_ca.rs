@@ -8,34 +8,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use common::*;
-use workload_ca::agent::client::CaEndpoint;
-use workload_ca::agent::workload::RotationPolicy;
-use workload_ca::agent::{self, AgentConfig, WorkloadConfig};
+use workload_ca::agent::{self, AgentConfig};
 use workload_ca::ca::KeyAlgorithm;
 
 fn config(ca: &TestServer, dir: &std::path::Path, key: KeyAlgorithm) -> AgentConfig {
-    AgentConfig {
-        agent_name: "test".into(),
-        ca: CaEndpoint {
-            address: ca.running.grpc_addr.to_string(),
-            root_cert: ca.running.root_cert_path.clone(),
-            server_name: "localhost".into(),
-        },
-        workloads: vec![WorkloadConfig {
-            peer: None,
-            name: "web".into(),
-            token_file: dir.join("token"),
-            socket: dir.join("web.sock"),
-            identity: None,
-        }],
-        policy: RotationPolicy {
-            key,
-            ..RotationPolicy::default()
-        },
-        ops_listen: None,
-        output_dir: Some(dir.join("out")),
-        limits: workload_ca::limits::AgentLimits::default(),
-    }
+    let mut config = agent_config(ca, dir);
+    config.policy.key = key;
+    config.output_dir = Some(dir.join("out"));
+    config
 }
 
 /// A token signed by the CA's development issuer that expired a minute ago.

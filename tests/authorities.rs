@@ -223,9 +223,7 @@ async fn every_part_of_the_server_follows_the_published_authorities() {
 /// roots the CA sent it (prepared before they are used) as well as its file.
 #[tokio::test]
 async fn an_agent_with_only_the_old_root_file_follows_the_rotation() {
-    use workload_ca::agent::client::CaEndpoint;
-    use workload_ca::agent::workload::RotationPolicy;
-    use workload_ca::agent::{self, AgentConfig, WorkloadConfig};
+    use workload_ca::agent::{self};
 
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(&dir.path().join("state"));
@@ -238,30 +236,10 @@ async fn an_agent_with_only_the_old_root_file_follows_the_rotation() {
     std::fs::copy(&server.running.root_cert_path, &old_root_file).unwrap();
     let old_root = ders(&server.root_pem()).remove(0);
     std::fs::write(dir.path().join("token"), server.token("prod", "web")).unwrap();
-    let agent = agent::start(AgentConfig {
-        agent_name: "test".into(),
-        ca: CaEndpoint {
-            address: server.running.grpc_addr.to_string(),
-            root_cert: old_root_file.clone(),
-            server_name: "localhost".into(),
-        },
-        workloads: vec![WorkloadConfig {
-            peer: None,
-            name: "web".into(),
-            token_file: dir.path().join("token"),
-            socket: dir.path().join("web.sock"),
-            identity: None,
-        }],
-        policy: RotationPolicy {
-            ttl: Duration::from_secs(4),
-            ..RotationPolicy::default()
-        },
-        ops_listen: None,
-        output_dir: None,
-        limits: workload_ca::limits::AgentLimits::default(),
-    })
-    .await
-    .unwrap();
+    let mut config = agent_config(&server, dir.path());
+    config.ca.root_cert = old_root_file.clone();
+    config.policy.ttl = Duration::from_secs(4);
+    let agent = agent::start(config).await.unwrap();
     let watch = agent.watches[0].1.clone();
     let chain_of = |w: &workload_ca::agent::workload::CertWatch| {
         let cert = w.cert.borrow().clone()?;

@@ -17,9 +17,8 @@ use common::envoy::{Envoy, mtls_get, server_bootstrap, tls_client};
 use common::procs::CaProc;
 use common::sds::{SotwStream, served};
 use common::*;
-use workload_ca::agent::client::CaEndpoint;
-use workload_ca::agent::workload::{OUTPUT_DATA_LINK, RotationPolicy};
-use workload_ca::agent::{self, AgentConfig, WorkloadConfig};
+use workload_ca::agent::workload::OUTPUT_DATA_LINK;
+use workload_ca::agent::{self};
 use workload_ca::ca::{KeyAlgorithm, PrivateKey};
 use workload_ca::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use x509_parser::prelude::FromDer;
@@ -292,30 +291,10 @@ async fn output_dir_readers_never_see_a_new_key_with_an_old_chain() {
     std::fs::write(dir.path().join("token"), ca.token("prod", "web")).unwrap();
     let out = dir.path().join("out");
     // Two-second certificates: renewed every second (the shortest interval).
-    let agent = agent::start(AgentConfig {
-        agent_name: "test".into(),
-        ca: CaEndpoint {
-            address: ca.running.grpc_addr.to_string(),
-            root_cert: ca.running.root_cert_path.clone(),
-            server_name: "localhost".into(),
-        },
-        workloads: vec![WorkloadConfig {
-            peer: None,
-            name: "web".into(),
-            token_file: dir.path().join("token"),
-            socket: dir.path().join("web.sock"),
-            identity: None,
-        }],
-        policy: RotationPolicy {
-            ttl: Duration::from_secs(2),
-            ..RotationPolicy::default()
-        },
-        ops_listen: None,
-        output_dir: Some(out.clone()),
-        limits: workload_ca::limits::AgentLimits::default(),
-    })
-    .await
-    .unwrap();
+    let mut config = agent_config(&ca, dir.path());
+    config.policy.ttl = Duration::from_secs(2);
+    config.output_dir = Some(out.clone());
+    let agent = agent::start(config).await.unwrap();
     let web = out.join("web");
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {

@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::sds::served;
 use common::*;
-use workload_ca::agent::client::CaEndpoint;
 use workload_ca::agent::sds::PeerRule;
-use workload_ca::agent::{self, Agent, AgentConfig, WorkloadConfig};
+use workload_ca::agent::{self, Agent};
 use workload_ca::limits::label::PEER_CREDENTIALS;
 
 /// An unprivileged uid and gid other than ours (Debian's `nobody`).
@@ -21,27 +20,9 @@ const OTHER: u32 = 65534;
 
 async fn start(ca: &TestServer, dir: &std::path::Path, peer: Option<PeerRule>) -> Agent {
     std::fs::write(dir.join("token"), ca.token("prod", "web")).unwrap();
-    let agent = agent::start(AgentConfig {
-        agent_name: "test".into(),
-        ca: CaEndpoint {
-            address: ca.running.grpc_addr.to_string(),
-            root_cert: ca.running.root_cert_path.clone(),
-            server_name: "localhost".into(),
-        },
-        workloads: vec![WorkloadConfig {
-            name: "web".into(),
-            token_file: dir.join("token"),
-            socket: dir.join("web.sock"),
-            identity: None,
-            peer,
-        }],
-        policy: Default::default(),
-        ops_listen: None,
-        output_dir: None,
-        limits: workload_ca::limits::AgentLimits::default(),
-    })
-    .await
-    .unwrap();
+    let mut config = agent_config(ca, dir);
+    config.workloads[0].peer = peer;
+    let agent = agent::start(config).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !agent.ready() {
         assert!(Instant::now() < deadline, "no certificate");

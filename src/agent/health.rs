@@ -36,17 +36,12 @@ use super::workload::{CertWatch, RotationPolicy, WorkloadCert};
 /// which the agent reports not ready.
 pub const UNREADY_SHARE: f64 = 0.2;
 
-/// The latest point of a lifetime at which the rotation policy ever renews
-/// (see [`RotationPolicy::renew_after`]).
-const LATEST_RENEWAL: f64 = 0.9;
-
 /// The share of a certificate's lifetime, before its expiry, in which the
 /// agent reports not ready: [`UNREADY_SHARE`], or half of what is left at
 /// the latest renewal point `policy` can choose, whichever is smaller (so a
 /// late `--rotation-fraction` does not end readiness before every renewal).
 pub fn unready_share(policy: &RotationPolicy) -> f64 {
-    let latest = (policy.fraction * (1.0 + policy.jitter)).clamp(0.0, LATEST_RENEWAL);
-    UNREADY_SHARE.min((1.0 - latest) / 2.0)
+    UNREADY_SHARE.min((1.0 - policy.latest_renewal_share()) / 2.0)
 }
 
 /// The certificate a workload last obtained, as first observed.

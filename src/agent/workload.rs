@@ -100,7 +100,7 @@ impl RotationPolicy {
     /// not get a fleet renewing in a tight loop).
     pub fn renew_after(&self, remaining: Duration, u: f64) -> Duration {
         let factor = self.fraction * (1.0 + self.jitter * (2.0 * u - 1.0));
-        let latest = remaining.mul_f64(0.9);
+        let latest = remaining.mul_f64(LATEST_RENEWAL);
         remaining
             .mul_f64(factor.clamp(0.0, 1.0))
             .min(latest)
@@ -130,6 +130,19 @@ impl RotationPolicy {
             .saturating_mul(1u32 << attempt.min(16))
             .min(self.backoff_max);
         exp / 2 + exp.mul_f64(u.clamp(0.0, 1.0) / 2.0)
+    }
+}
+
+/// The latest share of a certificate's lifetime at which it is renewed,
+/// whatever the fraction and jitter.
+pub const LATEST_RENEWAL: f64 = 0.9;
+
+impl RotationPolicy {
+    /// The latest share of the lifetime at which [`Self::renew_after`] can
+    /// renew (the fraction with the most jitter, capped).
+    #[must_use]
+    pub fn latest_renewal_share(&self) -> f64 {
+        (self.fraction * (1.0 + self.jitter)).clamp(0.0, LATEST_RENEWAL)
     }
 }
 
@@ -304,17 +317,17 @@ impl<C: CaClient> CertManager<C> {
                     let delay = self.policy.retry_delay(attempt, unit_random(), remaining);
                     attempt = attempt.saturating_add(1);
                     let serving = self.cert_tx.borrow().as_ref().map(|c| c.serial_hex.clone());
-                    if matches!(e, Error::TokenExpired { .. } | Error::Token(_)) {
-                        self.metrics
-                            .token_unusable
-                            .with_label_values(&[&self.name])
-                            .inc();
-                    }
                     match &e {
-                        Error::TokenExpired { .. } | Error::Token(_) => tracing::error!(
+                        Error::TokenExpired { .. } | Error::Token(_) => {
+                            self.metrics
+                                .token_unusable
+                                .with_label_values(&[&self.name])
+                                .inc();
+                            tracing::error!(
                             workload = %self.name, error = %crate::logsafe::peer(&e.to_string()), retry_in_ms = delay.as_millis() as u64, ?serving,
                             "NOT requesting a certificate: the service-account token is unusable; waiting for a fresh one"
-                        ),
+                            );
+                        }
                         // The CA's own words: escaped and truncated.
                         _ => tracing::warn!(
                             workload = %self.name, error = %crate::logsafe::peer(&e.to_string()), retry_in_ms = delay.as_millis() as u64, ?serving,

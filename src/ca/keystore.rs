@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::authorities::State;
 use super::authority::authority_id;
-use super::bundle::parse_pem_certs;
+use super::bundle::{parse_pem_certs, unix};
 use super::keys::KeyAlgorithm;
 use super::store::{
     CA_CERT, CA_KEY, CERT_CHAIN, CaFiles, CacertsDir, FILES, ROOT_CERT, atomic_write, crash_point,
@@ -774,12 +774,6 @@ pub(crate) fn parse_state(s: &str) -> Option<State> {
 /// An authority id: 16 lower-case hex digits (so it is never a path).
 pub(crate) fn valid_id(id: &str) -> bool {
     id.len() == 16 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -485,3 +485,29 @@ pub fn stop_ca(mut child: std::process::Child) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// An in-process agent's configuration against `ca`: one workload `web`
+/// with its token at `dir/token` and its socket at `dir/web.sock`, default
+/// policy and limits, no ops endpoint and no output directory. Tests
+/// change the fields they are about.
+pub fn agent_config(ca: &TestServer, dir: &Path) -> workload_ca::agent::AgentConfig {
+    workload_ca::agent::AgentConfig {
+        agent_name: "test".into(),
+        ca: workload_ca::agent::client::CaEndpoint {
+            address: ca.running.grpc_addr.to_string(),
+            root_cert: ca.running.root_cert_path.clone(),
+            server_name: "localhost".into(),
+        },
+        workloads: vec![workload_ca::agent::WorkloadConfig {
+            peer: None,
+            name: "web".into(),
+            token_file: dir.join("token"),
+            socket: dir.join("web.sock"),
+            identity: None,
+        }],
+        policy: workload_ca::agent::workload::RotationPolicy::default(),
+        ops_listen: None,
+        output_dir: None,
+        limits: workload_ca::limits::AgentLimits::default(),
+    }
+}
