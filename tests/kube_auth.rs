@@ -67,14 +67,18 @@ async fn bound_tokens_are_checked_locally_and_refused_once_their_bindings_go() {
             .issued_at(std::time::SystemTime::now() - Duration::from_secs(7200))
             .lifetime(Duration::from_secs(3600)),
     );
-    for (what, t) in [
-        ("signed by an unknown key", &untrusted),
-        ("another issuer", &other_issuer),
-        ("another audience", &other_audience),
-        ("expired", &expired),
+    // Each refusal is counted under the check that failed.
+    for (what, t, reason) in [
+        ("signed by an unknown key", &untrusted, "token_unknown_key"),
+        ("another issuer", &other_issuer, "token_issuer"),
+        ("another audience", &other_audience, "token_audience"),
+        ("expired", &expired, "token_expired"),
     ] {
+        let metric = format!("workload_ca_auth_refusals_total{{reason=\"{reason}\"}}");
+        let before = ca.metric(&metric).await;
         let e = issue(&ca, t, None).await.expect_err(what);
         assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
+        assert_eq!(ca.metric(&metric).await, before + 1.0, "{what}: {metric}");
     }
 
     // The pod deleted: refused within seconds.
@@ -108,7 +112,7 @@ async fn bound_tokens_are_checked_locally_and_refused_once_their_bindings_go() {
     })
     .await;
 
-    for reason in ["pod_gone", "pod_recreated", "service_account_gone", "token"] {
+    for reason in ["pod_gone", "pod_recreated", "service_account_gone"] {
         let n = ca
             .metric(&format!(
                 "workload_ca_auth_refusals_total{{reason=\"{reason}\"}}"

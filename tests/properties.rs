@@ -42,6 +42,7 @@ use workload_ca::identity::{SpiffeId, TrustDomain};
 use issuance::Outcome;
 use rotation::{Machine, Op, Pool};
 use token::{AUDIENCE, Keys, NOW, Signer, Spec};
+use workload_ca::server::auth::{AuthError, TokenFault};
 use workload_ca::server::jwt::LEEWAY_SECS as LEEWAY;
 
 const CALLER: &str = "spiffe://cluster.local/ns/default/sa/sleep";
@@ -321,16 +322,14 @@ fn the_token_check_reads_the_callers_clock_only() {
     let at = |secs: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
     assert!(auth.verify(&t, at(NOW)).is_ok());
     assert!(auth.verify(&t, at(NOW + 600 + LEEWAY)).is_ok());
-    assert!(
-        auth.verify(&t, at(NOW + 600 + LEEWAY + 1)).is_err(),
-        "expired"
-    );
-    assert!(
-        auth.verify(&t, at(NOW - 10 - LEEWAY - 1)).is_err(),
-        "not yet valid"
-    );
+    let fault = |now: u64| match auth.verify(&t, at(now)) {
+        Err(AuthError::Token { fault, .. }) => fault,
+        other => panic!("at {now}: {other:?}"),
+    };
+    assert_eq!(fault(NOW + 600 + LEEWAY + 1), TokenFault::Expired);
+    assert_eq!(fault(NOW - 10 - LEEWAY - 1), TokenFault::NotYetValid);
     // Whatever the system clock says, the caller's decides.
-    assert!(auth.verify(&t, at(NOW + 86_400)).is_err());
+    assert_eq!(fault(NOW + 86_400), TokenFault::Expired);
     assert!(auth.verify(&t, at(NOW + 300)).is_ok());
 }
 

@@ -15,7 +15,7 @@ use crate::drain::Tasks;
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::k8s;
 use crate::server::auth::{
-    AuthContext, AuthError, AuthFuture, Authenticator, Caller, bearer_token,
+    AuthContext, AuthError, AuthFuture, Authenticator, Caller, TokenFault, bearer_token,
 };
 use crate::server::cluster::{Cluster, ReadyCheck};
 use crate::server::jwt::{IssuerConfig, KeySource};
@@ -149,9 +149,9 @@ impl Authenticator for ReviewAuthenticator {
             let facts = self.reviewer.review(token).await.map_err(|e| {
                 let why = format!("token {}: {e}", k8s::review::token_id(token));
                 if e.is_unavailable() {
-                    AuthError::Unavailable(why)
+                    AuthError::unavailable(why)
                 } else {
-                    AuthError::Token(why)
+                    AuthError::token(TokenFault::Review, why)
                 }
             })?;
             check_binding(&facts, self.view.as_ref()).map_err(AuthError::from)?;
@@ -160,7 +160,7 @@ impl Authenticator for ReviewAuthenticator {
                 &facts.namespace,
                 &facts.service_account,
             )
-            .map_err(|e| AuthError::Token(e.to_string()))?;
+            .map_err(|e| AuthError::token(TokenFault::Subject, e.to_string()))?;
             let detail = format!(
                 "pod={}",
                 crate::logsafe::peer(facts.pod.as_ref().map_or("", |p| p.name.as_str()))

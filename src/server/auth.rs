@@ -22,21 +22,143 @@ use crate::ca::policy::{ClusterView, Refusal, TokenFacts, check_renewal};
 use crate::identity::{SpiffeId, TrustDomain};
 
 /// Why a presented credential was not accepted. Logged, never sent.
+///
+/// Each variant says which kind of check failed ([`TokenFault`],
+/// [`CertFault`]) beside a detail for the log, so the refusal metric can
+/// tell an expired token from a forged one without parsing text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuthError {
-    #[error("bearer token rejected: {0}")]
-    Token(String),
-    #[error("client certificate rejected: {0}")]
-    Cert(String),
+    /// A bearer token was presented and failed the check `fault`.
+    #[error("bearer token rejected: {detail}")]
+    Token {
+        /// Which check failed.
+        fault: TokenFault,
+        /// What was wrong, for the log (may quote the caller: escape it).
+        detail: String,
+    },
+    /// A client certificate was presented and failed the check `fault`.
+    #[error("client certificate rejected: {detail}")]
+    Cert {
+        /// Which check failed.
+        fault: CertFault,
+        /// What was wrong, for the log.
+        detail: String,
+    },
     /// The credential could not be judged now (the cluster caches are not
     /// synced, a TokenReview could not be made): the caller should retry.
-    #[error("cannot authenticate now: {0}")]
-    Unavailable(String),
+    #[error("cannot authenticate now: {detail}")]
+    Unavailable {
+        /// Why it cannot be judged now.
+        detail: String,
+    },
     /// A valid token whose bindings no longer hold in the cluster (its pod
     /// or service account deleted or recreated).
     #[error("bearer token rejected: {0}")]
     Binding(Refusal),
+}
+
+/// Which check a bearer token failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TokenFault {
+    /// The `authorization` header: repeated, not ASCII, or not `Bearer`.
+    Header,
+    /// Not a JWT we can read: too long, not three parts, bad base64url or
+    /// JSON, a required claim missing.
+    Malformed,
+    /// A symmetric algorithm, or a `crit` header parameter we do not know.
+    Algorithm,
+    /// No `iss`, or an issuer that is not trusted.
+    Issuer,
+    /// No key of the issuer matches the token's `kid` and `alg`.
+    UnknownKey,
+    /// The signature does not verify.
+    Signature,
+    /// Past `exp` (beyond the leeway).
+    Expired,
+    /// Before `nbf`, or `iat` in the future (beyond the leeway).
+    NotYetValid,
+    /// No audience of ours.
+    Audience,
+    /// No `iat`, or a lifetime above the ceiling.
+    Lifetime,
+    /// `sub` is not a service account, or the claims disagree about it.
+    Subject,
+    /// No service-account UID: not a bound token of the cluster.
+    Unbound,
+    /// Refused by the cluster's TokenReview.
+    Review,
+}
+
+impl TokenFault {
+    /// Every fault, in a stable order.
+    pub const ALL: [TokenFault; 13] = [
+        Self::Header,
+        Self::Malformed,
+        Self::Algorithm,
+        Self::Issuer,
+        Self::UnknownKey,
+        Self::Signature,
+        Self::Expired,
+        Self::NotYetValid,
+        Self::Audience,
+        Self::Lifetime,
+        Self::Subject,
+        Self::Unbound,
+        Self::Review,
+    ];
+
+    /// Its label in `workload_ca_auth_refusals_total`.
+    #[must_use]
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Self::Header => "token_header",
+            Self::Malformed => "token_malformed",
+            Self::Algorithm => "token_algorithm",
+            Self::Issuer => "token_issuer",
+            Self::UnknownKey => "token_unknown_key",
+            Self::Signature => "token_signature",
+            Self::Expired => "token_expired",
+            Self::NotYetValid => "token_not_yet_valid",
+            Self::Audience => "token_audience",
+            Self::Lifetime => "token_lifetime",
+            Self::Subject => "token_subject",
+            Self::Unbound => "token_unbound",
+            Self::Review => "token_review",
+        }
+    }
+}
+
+/// Which check a client certificate failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CertFault {
+    /// The TLS layer handed over no certificate.
+    Empty,
+    /// No path to one of this CA's signers at the request time, for client
+    /// authentication.
+    Path,
+    /// It verified but cannot be parsed.
+    Unparsable,
+    /// Not exactly one SPIFFE ID, or not a workload of our trust domain.
+    Identity,
+}
+
+impl CertFault {
+    /// Every fault, in a stable order.
+    pub const ALL: [CertFault; 4] = [Self::Empty, Self::Path, Self::Unparsable, Self::Identity];
+
+    /// Its label in `workload_ca_auth_refusals_total`.
+    #[must_use]
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Self::Empty => "certificate_empty",
+            Self::Path => "certificate_path",
+            Self::Unparsable => "certificate_unparsable",
+            Self::Identity => "certificate_identity",
+        }
+    }
 }
 
 /// A refusal by the cluster: transient ones (caches not synced) are worth
@@ -44,7 +166,7 @@ pub enum AuthError {
 impl From<Refusal> for AuthError {
     fn from(r: Refusal) -> Self {
         if r.is_transient() {
-            Self::Unavailable(r.to_string())
+            Self::unavailable(r.to_string())
         } else {
             Self::Binding(r)
         }
@@ -52,20 +174,53 @@ impl From<Refusal> for AuthError {
 }
 
 impl AuthError {
+    /// A token that failed `fault`, with `detail` for the log.
+    pub fn token(fault: TokenFault, detail: impl Into<String>) -> Self {
+        Self::Token {
+            fault,
+            detail: detail.into(),
+        }
+    }
+
+    /// A client certificate that failed `fault`, with `detail` for the log.
+    pub fn cert(fault: CertFault, detail: impl Into<String>) -> Self {
+        Self::Cert {
+            fault,
+            detail: detail.into(),
+        }
+    }
+
+    /// A credential that cannot be judged now.
+    pub fn unavailable(detail: impl Into<String>) -> Self {
+        Self::Unavailable {
+            detail: detail.into(),
+        }
+    }
+
+    /// Whether only a retry is needed (nothing was refused outright).
+    #[must_use]
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+
     /// Every [`AuthError::metric_label`] (a binding refusal is labelled by
     /// its [`Refusal`]), so metrics can show each at 0 from the start.
     pub fn metric_labels() -> impl Iterator<Item = &'static str> {
-        ["token", "certificate", "unavailable"]
+        TokenFault::ALL
             .into_iter()
+            .map(TokenFault::metric_label)
+            .chain(CertFault::ALL.into_iter().map(CertFault::metric_label))
+            .chain(std::iter::once("unavailable"))
             .chain(Refusal::METRIC_LABELS.iter().copied())
     }
 
-    /// A short, stable label for metrics.
+    /// A short, stable label for metrics: which check failed.
+    #[must_use]
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Self::Token(_) => "token",
-            Self::Cert(_) => "certificate",
-            Self::Unavailable(_) => "unavailable",
+            Self::Token { fault, .. } => fault.metric_label(),
+            Self::Cert { fault, .. } => fault.metric_label(),
+            Self::Unavailable { .. } => "unavailable",
             Self::Binding(r) => r.metric_label(),
         }
     }
@@ -163,24 +318,26 @@ impl AuthChain {
 /// value; refused when there are two (ambiguous) or it is not `Bearer`.
 ///
 /// # Errors
-/// [`AuthError::Token`] naming what is wrong with the header.
+/// [`AuthError::Token`] ([`TokenFault::Header`]) naming what is wrong.
 pub fn bearer_token(metadata: &MetadataMap) -> Result<Option<&str>, AuthError> {
     let mut values = metadata.get_all("authorization").iter();
     let Some(value) = values.next() else {
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(AuthError::Token(
-            "more than one authorization value: ambiguous, refused".into(),
+        return Err(AuthError::token(
+            TokenFault::Header,
+            "more than one authorization value: ambiguous, refused",
         ));
     }
     let value = value
         .to_str()
-        .map_err(|_| AuthError::Token("authorization is not ASCII".into()))?;
+        .map_err(|_| AuthError::token(TokenFault::Header, "authorization is not ASCII"))?;
     match value.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(Some(token.trim())),
-        _ => Err(AuthError::Token(
-            "authorization is not a Bearer token".into(),
+        _ => Err(AuthError::token(
+            TokenFault::Header,
+            "authorization is not a Bearer token",
         )),
     }
 }
@@ -223,7 +380,7 @@ impl ClientCertAuthenticator {
         let authorities = self.authorities.borrow().clone();
         let leaf = certs
             .first()
-            .ok_or_else(|| AuthError::Cert("empty chain".into()))?;
+            .ok_or_else(|| AuthError::cert(CertFault::Empty, "empty chain"))?;
         // Anchored on this CA's own signing certificates (every authority
         // still in the set: a leaf of a retiring one renews, and is
         // re-issued by the active one), not on the whole root bundle: a
@@ -242,11 +399,14 @@ impl ClientCertAuthenticator {
             now,
             webpki::KeyUsage::client_auth(),
         )
-        .map_err(|e| AuthError::Cert(format!("does not verify to this CA: {e}")))?;
+        .map_err(|e| {
+            AuthError::cert(CertFault::Path, format!("does not verify to this CA: {e}"))
+        })?;
         let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf)
-            .map_err(|e| AuthError::Cert(format!("unparsable: {e}")))?;
-        let id = single_spiffe_id(&cert).map_err(AuthError::Cert)?;
-        check_workload_id(&id, authorities.trust_domain()).map_err(AuthError::Cert)?;
+            .map_err(|e| AuthError::cert(CertFault::Unparsable, format!("unparsable: {e}")))?;
+        let id = single_spiffe_id(&cert).map_err(|e| AuthError::cert(CertFault::Identity, e))?;
+        check_workload_id(&id, authorities.trust_domain())
+            .map_err(|e| AuthError::cert(CertFault::Identity, e))?;
         if let (Some(view), Some((ns, sa))) = (&self.cluster, id.service_account()) {
             check_renewal(ns, sa, view.as_ref()).map_err(AuthError::from)?;
         }

@@ -29,7 +29,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey};
 
 use super::Error;
-use super::auth::{AuthContext, AuthError, AuthFuture, Authenticator, Caller};
+use super::auth::{AuthContext, AuthError, AuthFuture, Authenticator, Caller, TokenFault};
 use super::jwt_token::{Claims, NamedRef, Token};
 use crate::ca::policy::{BoundObject, ClusterView, TokenFacts, check_binding};
 use crate::identity::{SpiffeId, TrustDomain};
@@ -282,42 +282,48 @@ impl JwtAuthenticator {
     /// [`AuthError::Token`] naming the first check that failed, or the
     /// cluster binding's refusal.
     pub fn verify(&self, token: &str, now: SystemTime) -> Result<Caller, AuthError> {
-        let bad = |m: String| AuthError::Token(m);
+        use TokenFault::{Issuer, Malformed, Signature, UnknownKey};
         if token.len() > MAX_TOKEN_BYTES {
-            return Err(bad(format!("longer than {MAX_TOKEN_BYTES} bytes")));
+            return Err(AuthError::token(
+                Malformed,
+                format!("longer than {MAX_TOKEN_BYTES} bytes"),
+            ));
         }
         let Token {
             header,
             claims,
             signing_input,
             signature_b64,
-        } = Token::parse(token).map_err(bad)?;
+        } = Token::parse(token).map_err(|e| AuthError::token(Malformed, e))?;
         // RFC 7515 4.1.11: a recipient must refuse a token whose `crit`
         // names an extension it does not understand; we understand none.
         if let Some(crit) = &header.crit {
-            return Err(bad(format!(
-                "critical header parameter(s) {} not understood",
-                peer(&crit.to_string())
-            )));
+            return Err(AuthError::token(
+                TokenFault::Algorithm,
+                format!(
+                    "critical header parameter(s) {} not understood",
+                    peer(&crit.to_string())
+                ),
+            ));
         }
         if matches!(
             header.alg,
             Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
         ) {
-            return Err(bad(format!(
-                "symmetric algorithm {:?} is not accepted",
-                header.alg
-            )));
+            return Err(AuthError::token(
+                TokenFault::Algorithm,
+                format!("symmetric algorithm {:?} is not accepted", header.alg),
+            ));
         }
         let iss = claims
             .iss
             .as_deref()
-            .ok_or_else(|| bad("no iss claim".into()))?;
+            .ok_or_else(|| AuthError::token(Issuer, "no iss claim"))?;
         let issuer = self
             .issuers
             .iter()
             .find(|i| i.config.issuer == iss)
-            .ok_or_else(|| bad(format!("issuer {iss:?} is not trusted")))?;
+            .ok_or_else(|| AuthError::token(Issuer, format!("issuer {iss:?} is not trusted")))?;
 
         let keys = issuer.keys();
         let alg_name = format!("{:?}", header.alg);
@@ -332,16 +338,20 @@ impl JwtAuthenticator {
             if let KeySource::Published { stale, .. } = &issuer.config.keys {
                 stale.notify_one();
             }
-            return Err(bad(format!(
-                "no key of issuer {iss:?} matches kid {:?} and alg {alg_name}",
-                header.kid
-            )));
+            return Err(AuthError::token(
+                UnknownKey,
+                format!(
+                    "no key of issuer {iss:?} matches kid {:?} and alg {alg_name}",
+                    header.kid
+                ),
+            ));
         }
-        let signature = super::jwt_token::signature(signature_b64).map_err(bad)?;
+        let signature = super::jwt_token::signature(signature_b64)
+            .map_err(|e| AuthError::token(Malformed, e))?;
         if !candidates
             .any(|key| super::jwt_crypto::verify(header.alg, &key.key, signing_input, &signature))
         {
-            return Err(bad("InvalidSignature".into()));
+            return Err(AuthError::token(Signature, "InvalidSignature"));
         }
         // A clock before 1970 reads as 0 (no real deployment has one).
         let now = now
@@ -350,7 +360,7 @@ impl JwtAuthenticator {
             .unwrap_or(0);
         claims
             .validate(iss, &self.audiences, LEEWAY_SECS, now)
-            .map_err(bad)?;
+            .map_err(|(fault, what)| AuthError::token(fault, what))?;
         self.check_times(&claims, now)?;
         self.caller(claims, issuer)
     }
@@ -358,28 +368,33 @@ impl JwtAuthenticator {
     /// `iat` not in the future (beyond the leeway), and the lifetime under
     /// the ceiling. `exp` and `nbf` were checked by jsonwebtoken.
     fn check_times(&self, claims: &Claims, now: u64) -> Result<(), AuthError> {
+        use TokenFault::{Lifetime, NotYetValid};
         // Kubernetes always sets `iat`; without it a token's lifetime could
         // not be bounded (a ten-year token would pass in its last year).
         let Some(iat) = claims.iat else {
-            return Err(AuthError::Token("no iat claim".into()));
+            return Err(AuthError::token(Lifetime, "no iat claim"));
         };
         if iat > now.saturating_add(LEEWAY_SECS) {
-            return Err(AuthError::Token(format!(
-                "issued in the future (iat {iat}, now {now})"
-            )));
+            return Err(AuthError::token(
+                NotYetValid,
+                format!("issued in the future (iat {iat}, now {now})"),
+            ));
         }
         let lifetime = claims.exp.unwrap_or(0).saturating_sub(iat);
         if lifetime > self.max_lifetime.as_secs() {
-            return Err(AuthError::Token(format!(
-                "lifetime of {lifetime} s is above the ceiling of {} s",
-                self.max_lifetime.as_secs()
-            )));
+            return Err(AuthError::token(
+                Lifetime,
+                format!(
+                    "lifetime of {lifetime} s is above the ceiling of {} s",
+                    self.max_lifetime.as_secs()
+                ),
+            ));
         }
         Ok(())
     }
 
     fn caller(&self, claims: Claims, issuer: &Issuer) -> Result<Caller, AuthError> {
-        let bad = |m: String| AuthError::Token(m);
+        let bad = |m: String| AuthError::token(TokenFault::Subject, m);
         let sub = claims.sub.as_deref().unwrap_or_default();
         let rest = sub
             .strip_prefix("system:serviceaccount:")
@@ -408,9 +423,9 @@ impl JwtAuthenticator {
             // A cluster's bound tokens name their service account's UID;
             // a token that does not cannot be tied to what exists now.
             if facts.service_account_uid.is_none() {
-                return Err(bad(
-                    "no kubernetes.io service account UID: not a bound service-account token"
-                        .into(),
+                return Err(AuthError::token(
+                    TokenFault::Unbound,
+                    "no kubernetes.io service account UID: not a bound service-account token",
                 ));
             }
             check_binding(&facts, view.as_ref()).map_err(AuthError::from)?;

@@ -11,6 +11,7 @@
 //! decoded and parsed three times. Everything is refused exactly as before:
 //! only the number of passes changed.
 
+use super::auth::TokenFault;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::Algorithm;
@@ -157,34 +158,35 @@ impl Claims {
     /// `aud` among `audiences`.
     ///
     /// # Errors
-    /// What is wrong, in jsonwebtoken's words.
+    /// Which check failed, and what is wrong in jsonwebtoken's words.
     pub fn validate(
         &self,
         issuer: &str,
         audiences: &[String],
         leeway: u64,
         now: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), (TokenFault, &'static str)> {
+        use TokenFault::{Expired, Issuer, Malformed, NotYetValid};
         let Some(exp) = self.exp else {
-            return Err("Missing required claim: exp".into());
+            return Err((Malformed, "Missing required claim: exp"));
         };
         if self.iss.is_none() {
-            return Err("Missing required claim: iss".into());
+            return Err((Malformed, "Missing required claim: iss"));
         }
         let Some(aud) = &self.aud else {
-            return Err("Missing required claim: aud".into());
+            return Err((Malformed, "Missing required claim: aud"));
         };
         if self.sub.is_none() {
-            return Err("Missing required claim: sub".into());
+            return Err((Malformed, "Missing required claim: sub"));
         }
         if exp < now.saturating_sub(leeway) {
-            return Err("ExpiredSignature".into());
+            return Err((Expired, "ExpiredSignature"));
         }
         if self.nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
-            return Err("ImmatureSignature".into());
+            return Err((NotYetValid, "ImmatureSignature"));
         }
         if self.iss.as_deref() != Some(issuer) {
-            return Err("InvalidIssuer".into());
+            return Err((Issuer, "InvalidIssuer"));
         }
         let ours = |a: &String| audiences.contains(a);
         let known = match aud {
@@ -192,7 +194,7 @@ impl Claims {
             Audience::Many(list) => list.iter().any(ours),
         };
         if !known {
-            return Err("InvalidAudience".into());
+            return Err((TokenFault::Audience, "InvalidAudience"));
         }
         Ok(())
     }

@@ -28,7 +28,7 @@ fn claims(extra: serde_json::Value) -> Claims {
 
 const AUD: &[&str] = &["istio-ca", "other"];
 
-fn check(c: &Claims, now: u64) -> Result<(), String> {
+fn check(c: &Claims, now: u64) -> Result<(), (TokenFault, &'static str)> {
     let auds: Vec<String> = AUD.iter().map(|a| a.to_string()).collect();
     c.validate("iss", &auds, 10, now)
 }
@@ -86,8 +86,9 @@ fn registered_claims_are_required() {
     for name in ["exp", "iss", "aud", "sub"] {
         let mut without = serde_json::Map::new();
         without.insert(name.to_string(), serde_json::Value::Null);
-        let e = check(&claims(without.into()), 1_000).unwrap_err();
+        let (fault, e) = check(&claims(without.into()), 1_000).unwrap_err();
         assert!(e.contains(name), "{name}: {e}");
+        assert_eq!(fault, TokenFault::Malformed, "{name}");
     }
     // An explicit null is an absent claim.
     let mut c = json!({"iss": "iss", "sub": "s", "aud": "istio-ca", "exp": null});
@@ -99,16 +100,22 @@ fn registered_claims_are_required() {
 fn expiry_and_not_before_allow_the_leeway_and_no_more() {
     let c = claims(json!({"exp": 1_000, "nbf": 900}));
     assert_eq!(check(&c, 1_010), Ok(()), "expired within the leeway");
-    assert_eq!(check(&c, 1_011).unwrap_err(), "ExpiredSignature");
+    assert_eq!(
+        check(&c, 1_011).unwrap_err(),
+        (TokenFault::Expired, "ExpiredSignature")
+    );
     assert_eq!(check(&c, 890), Ok(()), "not yet valid within the leeway");
-    assert_eq!(check(&c, 889).unwrap_err(), "ImmatureSignature");
+    assert_eq!(
+        check(&c, 889).unwrap_err(),
+        (TokenFault::NotYetValid, "ImmatureSignature")
+    );
 }
 
 #[test]
 fn the_issuer_and_an_audience_must_be_ours() {
     assert_eq!(
         check(&claims(json!({"iss": "other"})), 1).unwrap_err(),
-        "InvalidIssuer"
+        (TokenFault::Issuer, "InvalidIssuer")
     );
     for (aud, ok) in [
         (json!("istio-ca"), true),
@@ -121,6 +128,9 @@ fn the_issuer_and_an_audience_must_be_ours() {
     ] {
         let r = check(&claims(json!({"aud": aud.clone()})), 1);
         assert_eq!(r.is_ok(), ok, "{aud}: {r:?}");
+        if let Err(e) = r {
+            assert_eq!(e, (TokenFault::Audience, "InvalidAudience"), "{aud}");
+        }
     }
     // Neither a string nor an array of strings.
     let bad = json!({"iss": "iss", "sub": "s", "aud": 5, "exp": 1});

@@ -56,9 +56,7 @@ impl IstioCertificateService for CaService {
                 // Nothing refused outright, but something could not be
                 // judged now (caches syncing): worth a retry.
                 let transient = !reasons.is_empty()
-                    && reasons
-                        .iter()
-                        .all(|r| matches!(r, super::auth::AuthError::Unavailable(_)));
+                    && reasons.iter().all(super::auth::AuthError::is_unavailable);
                 // Reasons quote what the caller sent: escaped and truncated.
                 let reasons: Vec<String> = reasons
                     .iter()
