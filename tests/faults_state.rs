@@ -675,3 +675,54 @@ async fn each_step_without_a_server_fails_cleanly_at_every_write() {
     let ca = CaProc::start_at(&state, NO_AUTO, &[]);
     issues_under(&ca, &root_of(&state, &with_state(&s, "active"))).await;
 }
+
+/// `root-cert.pem` (the bundle the server publishes beside its state)
+/// cannot be written when a step changes the bundle: the step still lands,
+/// the failure is logged, and the file is written by a retry once the
+/// fault is gone, with no further change to the authorities. (A directory
+/// in the file's place makes the rename fail, as a full disk makes the
+/// write fail, without disturbing the step's own writes.)
+#[tokio::test]
+async fn the_published_bundle_is_written_again_once_a_failed_write_can_succeed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let ca = CaProc::start_at(&state, NO_AUTO, &[]);
+    let published = state.join("root-cert.pem");
+    let roots = |pem: &str| pem.matches("BEGIN CERTIFICATE").count();
+    assert_eq!(roots(&fs::read_to_string(&published).unwrap()), 1);
+
+    fs::remove_file(&published).unwrap();
+    fs::create_dir(&published).unwrap();
+    fs::write(published.join("in-the-way"), b"x").unwrap();
+    let out = rotate(&state, &["prepare"]);
+    assert!(out.status.success(), "prepare: {}", text(&out));
+    let logged = Instant::now();
+    while !ca.log_text().contains("writing the trust bundle failed") {
+        assert!(
+            logged.elapsed() < Duration::from_secs(10),
+            "no failure logged: {}",
+            ca.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(published.is_dir(), "the obstacle is still there");
+
+    fs::remove_dir_all(&published).unwrap();
+    let freed = Instant::now();
+    let pem = loop {
+        if let Ok(pem) = fs::read_to_string(&published) {
+            break pem;
+        }
+        assert!(
+            freed.elapsed() < Duration::from_secs(15),
+            "root-cert.pem was not written again: {}",
+            ca.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(roots(&pem), 2, "the bundle with the prepared root: {pem}");
+    println!(
+        "root-cert.pem written again {:?} after the obstacle went",
+        freed.elapsed()
+    );
+}

@@ -678,7 +678,10 @@ fn expiry_gauges(metrics: &Metrics, set: &AuthoritySet) {
 }
 
 /// On every change of the authorities: the expiry gauges, and the bundle
-/// written to `root-cert.pem` (atomically, off the runtime's workers).
+/// written to `root-cert.pem` (atomically, off the runtime's workers). A
+/// failed write (a full or read-only disk) is retried with a backoff of 1 s
+/// doubling to [`PUBLISH_RETRY_MAX`] until it lands, so the file does not
+/// stay on an old bundle once the fault is gone.
 fn spawn_publisher(
     mut authorities: watch::Receiver<Arc<AuthoritySet>>,
     metrics: Arc<Metrics>,
@@ -686,9 +689,18 @@ fn spawn_publisher(
     mut shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
+        // Set while the last write failed: when to try again.
+        let mut retry: Option<Duration> = None;
         loop {
+            let again = async {
+                match retry {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 changed = authorities.changed() => if changed.is_err() { return },
+                () = again => {}
                 _ = shutdown.changed() => return,
             }
             let set = authorities.borrow_and_update().clone();
@@ -697,22 +709,38 @@ fn spawn_publisher(
             let pem = set.bundle_pem().to_owned();
             let written =
                 tokio::task::spawn_blocking(move || atomic_write(&path, pem.as_bytes(), 0o644))
-                    .await;
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+                    .and_then(|r| r);
             match written {
-                Ok(Ok(())) => tracing::info!(
-                    generation = set.generation(),
-                    roots = set.bundle().roots().len(),
-                    path = %root_cert_path.display(),
-                    "trust bundle published"
-                ),
-                Ok(Err(e)) => {
-                    tracing::error!(path = %root_cert_path.display(), error = %e, "writing the trust bundle failed")
+                Ok(()) => {
+                    tracing::info!(
+                        generation = set.generation(),
+                        roots = set.bundle().roots().len(),
+                        path = %root_cert_path.display(),
+                        retried = retry.is_some(),
+                        "trust bundle published"
+                    );
+                    retry = None;
                 }
-                Err(e) => tracing::error!(error = %e, "writing the trust bundle failed"),
+                Err(e) => {
+                    let next =
+                        retry.map_or(Duration::from_secs(1), |d| (d * 2).min(PUBLISH_RETRY_MAX));
+                    tracing::error!(
+                        path = %root_cert_path.display(),
+                        error = %e,
+                        retry_in = ?next,
+                        "writing the trust bundle failed; the file keeps the previous bundle until a retry lands"
+                    );
+                    retry = Some(next);
+                }
             }
         }
     })
 }
+
+/// The longest wait between two attempts to write `root-cert.pem`.
+const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Renews the serving certificate halfway through its life, retrying every
 /// few seconds on failure while the current one is still valid.
