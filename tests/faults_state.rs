@@ -726,3 +726,21 @@ async fn the_published_bundle_is_written_again_once_a_failed_write_can_succeed()
         freed.elapsed()
     );
 }
+
+/// A corrupt issuance ledger (`issued.json`) does not stop the start, and
+/// is not silently dropped: the log says so and what is assumed instead.
+#[tokio::test]
+async fn a_corrupt_issuance_ledger_is_reported_and_the_safe_assumption_made() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let ca = CaProc::start_at(&state, NO_AUTO, &[]);
+    drop(ca);
+    fs::write(state.join("issued.json"), b"{\"clean\": tru").unwrap();
+    let ca = CaProc::start_at(&state, NO_AUTO, &[]);
+    let log = ca.log_text();
+    assert!(
+        log.contains("the issuance ledger is corrupt") && log.contains("issued.json"),
+        "{log}"
+    );
+    issues_under(&ca, &root_of(&state, &with_state(&status(&state), "active"))).await;
+}

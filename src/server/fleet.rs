@@ -622,7 +622,6 @@ fn agent_name(reported: &str, caller: &str) -> String {
 /// How often the ledger and the agents are saved while they change.
 pub const SAVE_INTERVAL: Duration = Duration::from_secs(5);
 
-/// The file they are saved in, in the state directory.
 /// What was saved of the fleet and the ledger. When the last run did not
 /// end cleanly (or left nothing although the CA existed), the leaves it may
 /// have issued unrecorded are assumed valid for the longest lifetime issued,
@@ -636,9 +635,24 @@ pub(crate) fn load(
     now: SystemTime,
 ) -> Saved {
     let ids: Vec<&str> = authorities.iter().map(String::as_str).collect();
-    let saved = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| serde_json::from_str::<Saved>(&t).ok())
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e,
+                "cannot read the issuance ledger: assuming the last certificates of every authority are still valid for rotation gates");
+            None
+        }
+    };
+    let saved = text
+        .and_then(|t| match serde_json::from_str::<Saved>(&t) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e,
+                    "the issuance ledger is corrupt and is ignored: assuming the last certificates of every authority are still valid for rotation gates");
+                None
+            }
+        })
         // Saved under generations the store no longer has (restored from
         // an older backup): those numbers mean other bundles now.
         .map(|s| s.clamped(generation));
@@ -696,6 +710,7 @@ pub(crate) fn spawn_saver(
     })
 }
 
+/// The file they are saved in, in the state directory.
 pub fn saved_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("issued.json")
 }
