@@ -742,5 +742,9 @@ async fn a_corrupt_issuance_ledger_is_reported_and_the_safe_assumption_made() {
         log.contains("the issuance ledger is corrupt") && log.contains("issued.json"),
         "{log}"
     );
-    issues_under(&ca, &root_of(&state, &with_state(&status(&state), "active"))).await;
+    issues_under(
+        &ca,
+        &root_of(&state, &with_state(&status(&state), "active")),
+    )
+    .await;
 }

@@ -44,11 +44,21 @@ impl std::fmt::Display for PeerRule {
 impl std::str::FromStr for PeerRule {
     type Err = String;
 
-    /// `UID` or `UID:GID`, numeric.
+    /// `UID` or `UID:GID`, numeric. The kernel's overflow ids are refused:
+    /// `SO_PEERCRED` reports them for every process whose id is not mapped
+    /// into the agent's user namespace, so a rule naming one would let all
+    /// of those in. So is `-1` (4294967295), which no process has.
     fn from_str(s: &str) -> Result<Self, String> {
         let num = |t: &str, what: &str| {
-            t.parse::<u32>()
-                .map_err(|_| format!("{s:?}: the {what} must be a number (UID or UID:GID)"))
+            let id = t
+                .parse::<u32>()
+                .map_err(|_| format!("{s:?}: the {what} must be a number (UID or UID:GID)"))?;
+            if id == u32::MAX || id == overflow_id(what) {
+                return Err(format!(
+                    "{s:?}: {what} {id} is refused: the kernel reports it for any process whose {what} is not mapped into this user namespace (or it is -1)"
+                ));
+            }
+            Ok(id)
         };
         match s.split_once(':') {
             Some((uid, gid)) => Ok(Self {
@@ -61,6 +71,15 @@ impl std::str::FromStr for PeerRule {
             }),
         }
     }
+}
+
+/// The kernel's overflow uid or gid (`/proc/sys/kernel/overflow{uid,gid}`,
+/// 65534 unless changed).
+fn overflow_id(what: &str) -> u32 {
+    std::fs::read_to_string(format!("/proc/sys/kernel/overflow{what}"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(65534)
 }
 
 /// Gives the socket file at `path` to the rule's uid and gid, if bound.

@@ -378,6 +378,9 @@ mod tests {
             "default=",
             "default=x",
             "default=7:",
+            "default=65534",
+            "default=7:65534",
+            "default=4294967295",
             "default=-1",
             "=7",
         ] {
