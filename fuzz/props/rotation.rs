@@ -6,15 +6,19 @@
 //! which signs a leaf whenever it is within its validity (and always just
 //! after it was activated), and a step that fails leaves the set as it was.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use workload_ca::ca::keystore::{KeyStore, StoreFuture, Stored};
 use workload_ca::ca::rotation::{AgentView, Evidence, check_activate, check_retire};
 use workload_ca::ca::{
     Authority, AuthoritySet, AuthorityState as State, CaFiles, CheckedCsr, KeyAlgorithm, Member,
     PrivateKey, check_own_key,
 };
 use workload_ca::identity::{SpiffeId, TrustDomain};
+use workload_ca::server::rotate::LiveCa;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 pub const TRUST_DOMAIN: &str = "fuzz.test";
@@ -95,8 +99,9 @@ pub enum Op {
     /// `retire` if `check_retire` allows it, with agents holding a leaf of
     /// the retiring authority until `now` plus the given seconds.
     GatedRetire(Vec<u64>),
-    /// The step is computed and then abandoned (its store write failed):
-    /// the set in use must not have changed.
+    /// The step is computed and committed through the server's path onto
+    /// a store whose write fails: the commit must fail and the set the CA
+    /// publishes must not have changed.
     Abandon(Box<Op>),
     /// A set loaded as is (from a store someone else wrote): members by
     /// pool index and state (0 prepared, 1 active, 2 retiring), at a
@@ -106,6 +111,54 @@ pub enum Op {
     Forward(u32),
     /// The clock moves back.
     Back(u32),
+}
+
+/// A store whose every write fails, as a full or read-only disk or an API
+/// server that refuses the update.
+struct FailingStore;
+
+impl KeyStore for FailingStore {
+    fn describe(&self) -> String {
+        "a store whose writes fail".into()
+    }
+    fn load(&self) -> StoreFuture<'_, Option<Stored>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn generation(&self) -> StoreFuture<'_, Option<u64>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn swap<'a>(&'a self, _: Option<u64>, _: &'a Stored) -> StoreFuture<'a, bool> {
+        Box::pin(async {
+            Err(workload_ca::ca::Error::Store {
+                location: "fuzz".into(),
+                reason: "No space left on device".into(),
+            })
+        })
+    }
+}
+
+/// Commits `next` through the server's own path ([`LiveCa::commit`]) onto
+/// a copy of `set` whose store refuses the write: the commit must fail,
+/// and the set the live CA publishes must be `set` as it was.
+fn abandoned_commit(set: &AuthoritySet, next: AuthoritySet) -> Result<(), String> {
+    let copy = AuthoritySet::new(set.members().to_vec(), set.generation())
+        .map_err(|e| format!("the set in use does not load again: {e}"))?;
+    let live = LiveCa::new(copy, Arc::new(FailingStore));
+    let before = shape(&live.current());
+    let mut commit = std::pin::pin!(live.commit(next));
+    // Nothing in the commit waits on anything but the store, which answers
+    // at once: one poll finishes it.
+    let mut cx = Context::from_waker(Waker::noop());
+    let Poll::Ready(result) = commit.as_mut().poll(&mut cx) else {
+        return Err("a commit onto a failing store did not finish at once".into());
+    };
+    if result.is_ok() {
+        return Err("a commit succeeded although its store write failed".into());
+    }
+    if shape(&live.current()) != before {
+        return Err("a commit whose store write failed changed the published set".into());
+    }
+    Ok(())
 }
 
 /// The state machine: the set in use and the clock.
@@ -188,7 +241,9 @@ impl<'a> Machine<'a> {
             }
             Op::Abandon(inner) => {
                 let before = shape(set);
-                let _ = self.step(inner)?;
+                if let Some(next) = self.step(inner)? {
+                    abandoned_commit(set, next)?;
+                }
                 if shape(set) != before {
                     return Err("computing a step changed the set in use".into());
                 }
