@@ -10,6 +10,29 @@
 //! rate. On shutdown the leader releases the Lease so the next one need
 //! not wait.
 //!
+//! **An API server that does not answer.** Every round (read, then create
+//! or replace) is given up at the leader's renew deadline, so leadership
+//! ends then even when a call hangs: on a connection to an API server gone
+//! silent (a partition, its host gone) a call would otherwise wait for the
+//! client's read timeout (75 s), long after another replica took the
+//! Lease, and the old leader would go on believing it leads. The renew
+//! deadline is counted from before the round that renewed, never from its
+//! answer. Releasing at shutdown is bounded the same way.
+//!
+//! **Writes of a leader that lost the Lease.** A replica stops issuing
+//! single-writer writes when [`Leadership`] turns false (each controller
+//! checks it before each write, or aborts its writes in flight), but a
+//! write already sent cannot be called back: over a partition TCP delivers
+//! it late, after another replica took over (`tests/kube_lease_loss.rs`
+//! plays that). So every single-writer write is conditional: a create
+//! fails if the object exists, an update or delete carries the
+//! resourceVersion (and UID) it was decided on, so a late write that lands
+//! after the new leader wrote is refused (409) and changes nothing, and one
+//! that lands before is what the new leader then sees and judges. (One
+//! exception: the leader's deletion of a spent evidence report,
+//! [`super::evidence`], is unconditional; a report deleted late is written
+//! again by its replica at its next heartbeat, if that replica lives.)
+//!
 //! What leading means is up to the caller: it reads [`Leadership`].
 //! Single-writer work (the automatic rotation here, the controllers of
 //! secret mode later) runs only while it is true; everything whose
@@ -92,11 +115,20 @@ pub fn spawn(
         let mut observed: Option<Observed> = None;
         let mut renewed: Option<Instant> = None;
         loop {
-            match try_acquire_or_renew(&api, &opts, &mut observed).await {
-                Ok(true) => renewed = Some(Instant::now()),
-                Ok(false) => renewed = None,
-                Err(e) => {
+            // Counted from before the round: the Lease was renewed at the
+            // API server no earlier than this, and the others count its
+            // duration from when they see that renewal.
+            let started = Instant::now();
+            let limit = round_deadline(renewed, started, &opts);
+            let round = try_acquire_or_renew(&api, &opts, &mut observed);
+            match tokio::time::timeout_at(limit, round).await {
+                Ok(Ok(true)) => renewed = Some(started),
+                Ok(Ok(false)) => renewed = None,
+                Ok(Err(e)) => {
                     tracing::warn!(lease = %opts.name, error = %e, "leader election: Lease call failed")
+                }
+                Err(_) => {
+                    tracing::warn!(lease = %opts.name, waited = ?started.elapsed(), "leader election: no answer from the API server in time")
                 }
             }
             let leading = renewed.is_some_and(|t| t.elapsed() < opts.renew_deadline);
@@ -119,12 +151,28 @@ pub fn spawn(
         }
         if *tx.borrow() {
             tx.send_replace(false);
-            if let Err(e) = release(&api, &opts).await {
-                tracing::warn!(lease = %opts.name, error = %e, "releasing the Lease failed; the next leader waits for it to expire");
+            match tokio::time::timeout(opts.renew_deadline, release(&api, &opts)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(lease = %opts.name, error = %e, "releasing the Lease failed; the next leader waits for it to expire")
+                }
+                Err(_) => {
+                    tracing::warn!(lease = %opts.name, "releasing the Lease: no answer in time; the next leader waits for it to expire")
+                }
             }
         }
     });
     (Leadership(rx), task)
+}
+
+/// When a round started at `started` is given up: a leader's at its renew
+/// deadline (so leadership ends then, answer or not), a candidate's after
+/// a renew deadline too.
+fn round_deadline(renewed: Option<Instant>, started: Instant, opts: &LeaseOptions) -> Instant {
+    match renewed {
+        Some(t) if started < t + opts.renew_deadline => t + opts.renew_deadline,
+        _ => started + opts.renew_deadline,
+    }
 }
 
 fn now_micro() -> Option<MicroTime> {
@@ -233,4 +281,33 @@ async fn release(api: &Api<Lease>, opts: &LeaseOptions) -> Result<(), kube::Erro
     api.replace(&opts.name, &PostParams::default(), &lease)
         .await
         .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_never_outlasts_the_leaders_renew_deadline() {
+        let opts = LeaseOptions::new("ns", "lease", "me");
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(4);
+        // A leader renewed at t0: its round ends at t0 + 10 s whenever it
+        // starts, so leadership ends then, answer or not.
+        assert_eq!(
+            round_deadline(Some(t0), later, &opts),
+            t0 + opts.renew_deadline
+        );
+        // A candidate, or a leader past its deadline: a renew deadline from
+        // the round's start.
+        assert_eq!(
+            round_deadline(None, later, &opts),
+            later + opts.renew_deadline
+        );
+        let past = t0 + opts.renew_deadline + Duration::from_secs(1);
+        assert_eq!(
+            round_deadline(Some(t0), past, &opts),
+            past + opts.renew_deadline
+        );
+    }
 }

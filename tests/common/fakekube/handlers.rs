@@ -17,8 +17,8 @@ use super::authn;
 use super::certificates;
 use super::gc::DeleteOptions;
 use super::http::{
-    Body, Query, ReqInfo, Shared, authenticate, error_response, json_response, lock, parse_json,
-    read_body, record, request_info, take_fault, text_response,
+    Body, Peer, Query, ReqInfo, Shared, authenticate, error_response, json_response, lock,
+    parse_json, read_body, record, request_info, take_fault, text_response,
 };
 use super::resources::{ALL, ApiError, FieldError, Res};
 use super::selectors::{FieldSelector, LabelSelector};
@@ -41,7 +41,8 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> http::Respon
     }
     let (parts, body) = req.into_parts();
     let q = Query::parse(parts.uri.query());
-    let info = request_info(&parts.method, parts.uri.path(), &q);
+    let mut info = request_info(&parts.method, parts.uri.path(), &q);
+    info.source = parts.extensions.get::<Peer>().map(|p| p.0.ip());
     let Some(user) = bearer(&parts.headers).and_then(|t| authenticate(&shared, t)) else {
         record(&shared, None, &info, 401);
         return error_response(&ApiError::unauthorized());
@@ -92,9 +93,16 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> http::Respon
     } else {
         non_resource(&shared, &info, &parts.method)
     };
+    if let Some(Created(n)) = resp.extensions().get::<Created>() {
+        info.created = n.clone();
+    }
     record(&shared, Some(&user), &info, resp.status().as_u16());
     resp
 }
+
+/// The name of the object a create made (the URL names none), for the log.
+#[derive(Clone, Debug)]
+struct Created(String);
 
 fn non_resource(shared: &Shared, info: &ReqInfo, method: &http::Method) -> http::Response<Body> {
     if method != http::Method::GET {
@@ -280,7 +288,11 @@ async fn resource_request(
             let mut body = body;
             certificates::intake(res, version, &mut body, None);
             let obj = lock(&shared.store).create(res, ns, body, manager_or_empty(manager))?;
-            Ok(json_response(201, &out(&obj)))
+            let mut r = json_response(201, &out(&obj));
+            if let Some(n) = obj["metadata"]["name"].as_str() {
+                r.extensions_mut().insert(Created(n.to_string()));
+            }
+            Ok(r)
         }
         "update" => {
             let mut body = parse_json(&read_body(body).await?)?;

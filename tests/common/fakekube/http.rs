@@ -43,6 +43,14 @@ pub struct RequestRecord {
     pub path: String,
     /// The HTTP status answered (200 for a watch that started).
     pub code: u16,
+    /// The client's address (the audit log's `sourceIPs`): which replica,
+    /// when each connects from its own loopback address.
+    pub source: Option<std::net::IpAddr>,
+    /// When the answer was decided (the audit log's `stageTimestamp`).
+    pub at: std::time::Instant,
+    /// The name of the object a successful create made (the URL names
+    /// none; the audit log's `objectRef` takes it from the object).
+    pub created: String,
 }
 
 impl RequestRecord {
@@ -66,6 +74,10 @@ pub struct Fault {
     pub code: u16,
     pub remaining: usize,
 }
+
+/// The address a request's connection came from (a request extension).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub std::net::SocketAddr);
 
 /// Everything the server and the test's handle share.
 pub struct Shared {
@@ -182,6 +194,10 @@ pub struct ReqInfo {
     pub subresource: String,
     pub name: String,
     pub path: String,
+    /// The client's address, from the connection.
+    pub source: Option<std::net::IpAddr>,
+    /// The name of the object a create made.
+    pub created: String,
 }
 
 pub fn request_info(method: &http::Method, path: &str, q: &Query) -> ReqInfo {
@@ -312,7 +328,7 @@ pub async fn serve(
             a = listener.accept() => a,
             _ = &mut shutdown => return,
         };
-        let Ok((tcp, _peer)) = accepted else {
+        let Ok((tcp, peer)) = accepted else {
             continue;
         };
         if shared.down.load(Ordering::SeqCst) {
@@ -328,8 +344,9 @@ pub async fn serve(
                 return;
             };
             let svc_shared = shared.clone();
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 let shared = svc_shared.clone();
+                req.extensions_mut().insert(Peer(peer));
                 // In a task of its own, as the real API server does: a
                 // write it has begun is finished (and logged) even when the
                 // client goes away (a killed replica) mid-request.
@@ -372,6 +389,9 @@ pub fn record(shared: &Shared, user: Option<&UserInfo>, info: &ReqInfo, code: u1
         name: info.name.clone(),
         path: info.path.clone(),
         code,
+        source: info.source,
+        at: std::time::Instant::now(),
+        created: info.created.clone(),
     };
     lock(&shared.log).push(r);
 }
