@@ -218,3 +218,55 @@ async fn killing_the_leader_mid_rotation_hands_the_rest_to_another_replica() {
     webpki_verify(&chain);
     assert!(killed.elapsed() < Duration::from_secs(60));
 }
+
+/// The leader deletes the report of a replica that stopped long ago and
+/// holds nothing valid, once, with the report's resourceVersion as the
+/// precondition (the fake refuses a stale one with 409, as the API server
+/// does): a deletion delivered late cannot remove a report written since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_deletes_a_spent_report_of_a_stopped_replica_once() {
+    let k = KubeCluster::start().await;
+    let name = "workload-ca-evidence-gone";
+    let report = serde_json::json!({
+        "replica": "gone", "written": 1, "settle_until": null, "uncounted": 0,
+        "agents": [],
+        "ledger": {"by_generation": {}, "by_authority": {}, "longest": 0},
+    });
+    k.fake
+        .create_json(serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {
+                "name": name, "namespace": CA_NS,
+                "labels": {"workload-ca.io/rotation-evidence": "true"},
+            },
+            "data": {"evidence.json": report.to_string()},
+        }))
+        .unwrap();
+    let ca = k.start_ca("a", &[]);
+    wait_ready(&ca, READY).await;
+    let start = Instant::now();
+    while k.fake.get_json("configmaps", CA_NS, name).is_some() {
+        let deletes: Vec<_> = k
+            .fake
+            .requests()
+            .into_iter()
+            .filter(|r| r.verb == "delete")
+            .map(|r| format!("{} {} {}", r.resource, r.name, r.code))
+            .collect();
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "not deleted: {deletes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = start.elapsed();
+    let deletes: Vec<_> = k
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.verb == "delete" && r.resource == "configmaps" && r.name == name)
+        .map(|r| r.code)
+        .collect();
+    assert_eq!(deletes, [200], "one deletion, accepted");
+    println!("the spent report was deleted {took:?} after the leader was ready");
+}

@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Client;
-use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams, Preconditions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -62,6 +62,10 @@ struct Report {
     /// from before they existed have none).
     #[serde(default)]
     copies: Vec<Copies>,
+    /// The ConfigMap's resourceVersion when read back (not written): the
+    /// precondition of the leader's deletion of a spent report.
+    #[serde(skip)]
+    resource_version: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -108,6 +112,7 @@ impl Report {
                 .collect(),
             ledger: e.ledger.clone(),
             copies: e.copies.clone(),
+            resource_version: None,
         }
     }
 
@@ -280,8 +285,9 @@ impl Peers {
         }
     }
 
-    /// Names of reports that are stale and hold nothing valid.
-    fn spent(&self, now: SystemTime) -> Vec<String> {
+    /// Names of reports that are stale and hold nothing valid, with the
+    /// resourceVersion each was judged on.
+    fn spent(&self, now: SystemTime) -> Vec<(String, Option<String>)> {
         let r = self.reports.read_locked();
         r.iter()
             .filter(|(name, rep)| {
@@ -289,16 +295,23 @@ impl Peers {
                     && now.duration_since(time(rep.written)).unwrap_or_default() > STALE_AFTER
                     && rep.spent(now, self.max_stale)
             })
-            .map(|(n, _)| n.clone())
+            .map(|(n, rep)| (n.clone(), rep.resource_version.clone()))
             .collect()
     }
 }
 
 fn row(cm: ConfigMap) -> Option<(String, Report)> {
     let name = cm.metadata.name?;
+    let resource_version = cm.metadata.resource_version;
     let text = cm.data?.remove(KEY)?;
     match serde_json::from_str::<Report>(&text) {
-        Ok(r) => Some((name, r)),
+        Ok(r) => Some((
+            name,
+            Report {
+                resource_version,
+                ..r
+            },
+        )),
         Err(e) => {
             tracing::warn!(configmap = %name, error = %e, "unreadable rotation evidence report; ignored");
             None
@@ -392,12 +405,23 @@ pub fn spawn_publisher(
                 }
             }
             if *leader.borrow() {
-                for spent in peers.spent(now) {
-                    match api.delete(&spent, &DeleteParams::default()).await {
+                for (spent, resource_version) in peers.spent(now) {
+                    // Conditional on the version judged spent: a deletion
+                    // sent before this replica stepped down and delivered
+                    // late cannot remove a report written since.
+                    let params = DeleteParams {
+                        preconditions: Some(Preconditions {
+                            resource_version,
+                            uid: None,
+                        }),
+                        ..DeleteParams::default()
+                    };
+                    match api.delete(&spent, &params).await {
                         Ok(_) => {
                             tracing::info!(configmap = %spent, "deleted the spent evidence of a replica that stopped")
                         }
-                        Err(kube::Error::Api(s)) if s.code == 404 => {}
+                        // Gone already, or written again since it was judged.
+                        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
                         Err(e) => {
                             tracing::warn!(configmap = %spent, error = %e, "deleting spent evidence failed")
                         }
@@ -424,6 +448,7 @@ async fn write(api: &Api<ConfigMap>, name: &str, report: &Report) -> Result<(), 
             agents: Vec::new(),
             ledger: report.ledger.clone(),
             copies: report.copies.clone(),
+            resource_version: None,
         };
         text = serde_json::to_string(&overflow).unwrap_or_default();
     }

@@ -28,10 +28,8 @@
 //! fails if the object exists, an update or delete carries the
 //! resourceVersion (and UID) it was decided on, so a late write that lands
 //! after the new leader wrote is refused (409) and changes nothing, and one
-//! that lands before is what the new leader then sees and judges. (One
-//! exception: the leader's deletion of a spent evidence report,
-//! [`super::evidence`], is unconditional; a report deleted late is written
-//! again by its replica at its next heartbeat, if that replica lives.)
+//! that lands before is what the new leader then sees and judges (the
+//! deletion of a spent evidence report, [`super::evidence`], included).
 //!
 //! What leading means is up to the caller: it reads [`Leadership`].
 //! Single-writer work (the automatic rotation here, the controllers of
