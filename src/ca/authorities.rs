@@ -22,8 +22,11 @@ use crate::identity::{SpiffeId, TrustDomain};
 /// Where an authority is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum State {
+    /// In the bundle, not signing yet: proxies learn its root before it signs.
     Prepared,
+    /// The one authority that signs.
     Active,
+    /// No longer signing; its root stays in the bundle until its leaves are gone.
     Retiring,
 }
 
@@ -38,6 +41,7 @@ impl State {
         }
     }
 
+    /// The state's name, as stored and shown.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Prepared => "prepared",
@@ -50,7 +54,9 @@ impl State {
 /// One authority and its state.
 #[derive(Clone, Debug)]
 pub struct Member {
+    /// Its certificates and signing key.
     pub authority: Arc<Authority>,
+    /// Where it is in its life.
     pub state: State,
     /// When it entered this state.
     pub since: SystemTime,
@@ -137,6 +143,7 @@ impl AuthoritySet {
         })
     }
 
+    /// Every member, in their stored order.
     pub fn members(&self) -> &[Member] {
         &self.members
     }
@@ -151,6 +158,7 @@ impl AuthoritySet {
         &self.bundle
     }
 
+    /// The bundle as PEM, rendered once per set.
     pub fn bundle_pem(&self) -> &str {
         &self.bundle_pem
     }
@@ -170,6 +178,7 @@ impl AuthoritySet {
         }
     }
 
+    /// The active authority's trust domain (every member's).
     pub fn trust_domain(&self) -> &TrustDomain {
         self.active().trust_domain()
     }

@@ -25,10 +25,12 @@ impl Cert {
         Ok(Self { der, pem })
     }
 
+    /// The certificate, DER.
     pub fn der(&self) -> &[u8] {
         &self.der
     }
 
+    /// The certificate, PEM.
     pub fn pem(&self) -> &str {
         &self.pem
     }
@@ -98,6 +100,7 @@ pub fn from_unix(secs: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs)
 }
 
+/// The instant `secs` seconds after the Unix epoch; the epoch for negative `secs`.
 pub fn time_from_unix(secs: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0))
 }
@@ -197,6 +200,7 @@ impl TrustBundle {
         Ok(Self { roots })
     }
 
+    /// The roots, in bundle order.
     pub fn roots(&self) -> &[Cert] {
         &self.roots
     }
@@ -206,6 +210,7 @@ impl TrustBundle {
         self.roots.iter().map(Cert::pem).collect()
     }
 
+    /// Whether `der` is one of the roots.
     pub fn contains(&self, der: &[u8]) -> bool {
         self.roots.iter().any(|r| r.der() == der)
     }

@@ -37,8 +37,11 @@ pub const MAX_CSR_BYTES: usize = 64 * 1024;
 /// The type of key a CSR carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyKind {
+    /// ECDSA on P-256.
     EcdsaP256,
+    /// ECDSA on P-384.
     EcdsaP384,
+    /// Ed25519.
     Ed25519,
     /// RSA, with its modulus size in bits.
     Rsa(usize),

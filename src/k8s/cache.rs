@@ -346,6 +346,8 @@ fn write_or_empty<T>(lock: &RwLock<T>, empty: fn() -> T) -> std::sync::RwLockWri
     }
 }
 
+/// The pods and service accounts the watches hold, indexed for the
+/// [`ClusterView`] lookups.
 pub struct ClusterCache {
     pods: RwLock<Pods>,
     service_accounts: RwLock<HashMap<Key, Box<str>>>,

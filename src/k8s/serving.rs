@@ -52,8 +52,11 @@ pub const REFRESH_FRACTION: f64 = 0.5;
 /// One `--serving-secret`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServingSecret {
+    /// The Secret's namespace.
     pub namespace: String,
+    /// The Secret's name.
     pub name: String,
+    /// The DNS names the certificate covers.
     pub dns_names: Vec<String>,
 }
 

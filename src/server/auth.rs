@@ -91,11 +91,15 @@ pub struct Caller {
 
 /// What an authenticator may look at.
 pub struct AuthContext<'a> {
+    /// The request's gRPC metadata (the `authorization` header).
     pub metadata: &'a MetadataMap,
+    /// The client's certificate chain, leaf first, when it presented one.
     pub peer_certs: Option<&'a [CertificateDer<'static>]>,
+    /// The time the credentials are checked at.
     pub now: SystemTime,
 }
 
+/// What [`Authenticator::authenticate`] returns: boxed, for `dyn` use.
 pub type AuthFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Option<Caller>, AuthError>> + Send + 'a>>;
 
@@ -112,10 +116,12 @@ pub trait Authenticator: Send + Sync {
 pub struct AuthChain(Vec<Arc<dyn Authenticator>>);
 
 impl AuthChain {
+    /// A chain trying `authenticators` in this order.
     pub fn new(authenticators: Vec<Arc<dyn Authenticator>>) -> Self {
         Self(authenticators)
     }
 
+    /// The authenticators' names, in order.
     pub fn names(&self) -> Vec<&'static str> {
         self.0.iter().map(|a| a.name()).collect()
     }
@@ -201,6 +207,7 @@ pub struct ClientCertAuthenticator {
 }
 
 impl ClientCertAuthenticator {
+    /// Renewals anchored on the signing certificates of the authorities `authorities` publishes.
     pub fn new(authorities: watch::Receiver<Arc<AuthoritySet>>) -> Self {
         Self {
             authorities,

@@ -66,6 +66,7 @@ impl DevIssuer {
         Ok(Self { key, path })
     }
 
+    /// The file the development key is kept in.
     pub fn key_path(&self) -> &Path {
         &self.path
     }
@@ -128,9 +129,13 @@ impl DevIssuer {
 /// key the ring provider signs with: the development issuer's, or a test
 /// or benchmark issuer's (`ca bench --issuer-key`).
 pub struct TokenSigner {
+    /// The signing key.
     pub key: EncodingKey,
+    /// The algorithm the key signs with.
     pub algorithm: Algorithm,
+    /// The `kid` header, when the issuer's JWKS names its keys.
     pub key_id: Option<String>,
+    /// The `iss` claim.
     pub issuer: String,
 }
 

@@ -30,8 +30,11 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 /// What the serving certificate covers and how long it lives.
 #[derive(Clone, Debug)]
 pub struct ServingSpec {
+    /// DNS subject alternative names.
     pub dns_names: Vec<String>,
+    /// IP subject alternative names.
     pub ips: Vec<IpAddr>,
+    /// How long each serving certificate lives.
     pub ttl: Duration,
 }
 
@@ -93,6 +96,7 @@ impl ServingCert {
         self.issued_by.read_locked().clone()
     }
 
+    /// The NotAfter of the certificate being served.
     pub fn not_after(&self) -> SystemTime {
         self.validity.read_locked().1
     }

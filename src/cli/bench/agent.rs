@@ -33,6 +33,7 @@ use super::agent_streams::{self as streams, ENVOY_NODE_BYTES, Event, Plan};
 use super::procfs;
 use super::target::TempDir;
 
+/// Options of `ca bench agent`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct AgentArgs {
     /// SDS streams (in the envoy shape, half as many proxies).

@@ -6,8 +6,10 @@ use serde::Serialize;
 pub const TARGET_PUSH_MS: f64 = 50.0;
 pub const TARGET_RSS_BYTES: u64 = 50 * 1000 * 1000;
 
+/// The report of `ca bench agent`.
 #[derive(Debug, Serialize)]
 pub struct AgentReport {
+    /// Always `agent`.
     pub mode: &'static str,
     /// How the streams sit on connections (`envoy`: one connection per
     /// proxy, one stream per resource name; `one-stream-per-connection`).
@@ -23,6 +25,7 @@ pub struct AgentReport {
     pub node_bytes: usize,
     /// Rotations measured.
     pub rotations: usize,
+    /// The lifetime asked of the agent's certificates, in milliseconds.
     pub cert_ttl_ms: u64,
     /// What each push time counts from: `agent_log` (the time stamped on
     /// the agent's "certificate obtained" log line, just before it hands
@@ -35,12 +38,16 @@ pub struct AgentReport {
     pub missed_pushes: usize,
     /// Streams that ended or could not open.
     pub stream_errors: usize,
+    /// Opening the streams.
     pub open: OpenFigures,
+    /// The agent process.
     pub agent: AgentFigures,
+    /// The bench process.
     pub client: ClientFigures,
     /// Flags the bench gives the agent beyond its defaults (its per-socket
     /// connection and stream caps are raised to fit the streams).
     pub agent_flags: Vec<String>,
+    /// The targets, and whether this run met them.
     pub targets: Targets,
     /// What else the machine was doing: the agent and the streams share
     /// its cores with everything else.

@@ -56,24 +56,33 @@ pub struct ServerFigures {
 /// A run's report (`--json` prints it as is).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The load shape measured.
     pub mode: Mode,
     /// Calls completed in the measured window (successes and errors).
     pub requests: u64,
+    /// Successful calls (a certificate received).
     pub ok: u64,
     /// Failed calls by cause (`grpc Unauthenticated`, `tls: ...`).
     pub errors: BTreeMap<String, u64>,
     /// The measured window (burst: from firing to the last answer).
     pub seconds: f64,
+    /// Successful calls per second of the window.
     pub certs_per_sec: f64,
+    /// Latency of the measured calls (successes and errors).
     pub latency_ms: Latency,
     /// The client's own CPU per certificate (this process).
     pub client_cpu_us_per_cert: Option<f64>,
+    /// The CA's own figures, when it runs here.
     pub server: Option<ServerFigures>,
+    /// The unavoidable work per certificate, measured here.
     pub floor: Option<Floor>,
     /// The server's CPU per certificate over the floor.
     pub floor_ratio: Option<f64>,
+    /// Calls in flight at once.
     pub concurrency: usize,
+    /// Long-lived connections (warm).
     pub connections: usize,
+    /// Identities (tokens and CSRs) the calls cycle through.
     pub identities: usize,
     /// Client source addresses (cold, burst).
     pub sources: usize,

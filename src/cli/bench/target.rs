@@ -27,11 +27,13 @@ pub trait TokenSource: Send + Sync {
 pub struct Target {
     /// HOST:PORT of the CA's gRPC (TLS) listener.
     pub addr: String,
+    /// The name the CA's serving certificate is checked for (TLS SNI).
     pub server_name: String,
     /// The roots the CA's TLS certificate and its leaves chain to.
     pub root_cert: PathBuf,
     /// The CA's process, when it runs on this machine.
     pub server_pid: Option<u32>,
+    /// Mints the service-account tokens the calls present.
     pub tokens: Arc<dyn TokenSource>,
 }
 
