@@ -284,9 +284,9 @@ struct ConnService<S, I> {
 
 /// Long-lived calls (bundle watches) one connection may hold open: an
 /// agent needs one.
-pub const MAX_WATCHES_PER_CONNECTION: usize = 1;
+pub(super) const MAX_WATCHES_PER_CONNECTION: usize = 1;
 /// Long-lived calls open in all (one per node of a large cluster).
-pub const MAX_WATCHES: usize = 16_384;
+pub(super) const MAX_WATCHES: usize = 16_384;
 
 /// One count a call takes a place in: the counter (none: not counted),
 /// its maximum (none: unlimited), and the limit's label.

@@ -117,7 +117,7 @@ impl<'a> Token<'a> {
     ///
     /// # Errors
     /// A message naming the malformed part.
-    pub fn parse(token: &'a str) -> Result<Self, String> {
+    pub(super) fn parse(token: &'a str) -> Result<Self, String> {
         let mut parts = token.split('.');
         let (Some(head), Some(payload), Some(sig), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -158,7 +158,7 @@ impl Claims {
     ///
     /// # Errors
     /// What is wrong, in jsonwebtoken's words.
-    pub fn validate(
+    pub(super) fn validate(
         &self,
         issuer: &str,
         audiences: &[String],

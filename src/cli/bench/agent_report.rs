@@ -3,8 +3,8 @@
 use serde::Serialize;
 
 /// The push-spread and memory targets of the agent (issue 10).
-pub const TARGET_PUSH_MS: f64 = 50.0;
-pub const TARGET_RSS_BYTES: u64 = 50 * 1000 * 1000;
+pub(super) const TARGET_PUSH_MS: f64 = 50.0;
+pub(super) const TARGET_RSS_BYTES: u64 = 50 * 1000 * 1000;
 
 /// The report of `ca bench agent`.
 #[derive(Debug, Serialize)]

@@ -207,7 +207,7 @@ fn mib(b: u64) -> f64 {
 /// Counters the workers bump and the progress line reads: successes,
 /// errors, and a coarse latency histogram (bucket `i` holds latencies
 /// below `2^(i/4)` microseconds).
-pub struct Live {
+pub(super) struct Live {
     pub ok: AtomicU64,
     pub errors: AtomicU64,
     buckets: [AtomicU64; BUCKETS],
@@ -226,7 +226,7 @@ impl Default for Live {
 }
 
 impl Live {
-    pub fn record(&self, ok: bool, latency: Duration) {
+    pub(super) fn record(&self, ok: bool, latency: Duration) {
         if ok {
             self.ok.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -255,7 +255,7 @@ impl Live {
 
 /// Prints a progress line on stderr every second while `live` runs, when
 /// stderr is a terminal; returns the task to abort at the end.
-pub fn progress(
+pub(super) fn progress(
     name: &'static str,
     live: std::sync::Arc<Live>,
 ) -> Option<tokio::task::JoinHandle<()>> {
@@ -296,7 +296,7 @@ pub fn progress(
 }
 
 /// Ends a progress line.
-pub fn end_progress(task: Option<tokio::task::JoinHandle<()>>) {
+pub(super) fn end_progress(task: Option<tokio::task::JoinHandle<()>>) {
     if let Some(t) = task {
         t.abort();
         eprintln!();

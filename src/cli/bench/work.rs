@@ -16,14 +16,14 @@ use crate::ca::PrivateKey;
 use crate::proto::istio::IstioCertificateRequest;
 
 /// The namespace of the bench's service accounts.
-pub const NAMESPACE: &str = "bench";
+pub(super) const NAMESPACE: &str = "bench";
 /// RSA keys are slow to make: CSRs of RSA keys share this many keys.
 const RSA_KEYS: usize = 8;
 /// The method's path.
 pub const CREATE_CERTIFICATE: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
 
 /// One identity's call, ready to send.
-pub struct Prepared {
+pub(super) struct Prepared {
     /// `:authority`, content type, `te`, the bearer token.
     pub headers: HeaderMap,
     /// The gRPC frame: flag, length, the encoded request.
@@ -35,7 +35,7 @@ pub struct Prepared {
 }
 
 /// Every identity's call.
-pub struct Work {
+pub(super) struct Work {
     pub calls: Vec<Prepared>,
     pub keys: Vec<PrivateKey>,
     /// The algorithm the tokens are signed with (for the floor).
@@ -48,7 +48,7 @@ impl Work {
     ///
     /// # Errors
     /// A token or key that cannot be made.
-    pub fn prepare(target: &Target, load: &LoadArgs) -> anyhow::Result<Arc<Self>> {
+    pub(super) fn prepare(target: &Target, load: &LoadArgs) -> anyhow::Result<Arc<Self>> {
         let n = load.identities;
         let keys = (0..if load.csr_key.rsa_bits().is_some() {
             RSA_KEYS.min(n)
@@ -123,7 +123,7 @@ fn headers(token: &str) -> anyhow::Result<HeaderMap> {
 }
 
 /// A gRPC length-prefixed message (uncompressed).
-pub fn grpc_frame(msg: &impl Message) -> Bytes {
+pub(super) fn grpc_frame(msg: &impl Message) -> Bytes {
     let body = msg.encode_to_vec();
     let mut out = Vec::with_capacity(5 + body.len());
     out.push(0);
