@@ -66,6 +66,8 @@ pub struct Member {
 #[derive(Debug)]
 pub struct AuthoritySet {
     members: Vec<Member>,
+    /// The one active member's authority (`new` checks there is one).
+    active: Arc<Authority>,
     generation: u64,
     bundle: TrustBundle,
     bundle_pem: String,
@@ -100,18 +102,20 @@ impl AuthoritySet {
     /// [`Error::Material`] naming what is wrong.
     pub fn new(members: Vec<Member>, generation: u64) -> Result<Self, Error> {
         let count = |s: State| members.iter().filter(|m| m.state == s).count();
-        if count(State::Active) != 1 {
+        let active = members.iter().find(|m| m.state == State::Active);
+        let (Some(active), 1) = (active, count(State::Active)) else {
             return Err(Error::Material(format!(
                 "a CA needs exactly one active authority; this set has {}",
                 count(State::Active)
             )));
-        }
+        };
+        let active = active.authority.clone();
         if count(State::Prepared) > 1 {
             return Err(Error::Material(
                 "at most one authority may be prepared at a time".into(),
             ));
         }
-        let td = members[0].authority.trust_domain();
+        let td = active.trust_domain();
         if members.iter().any(|m| m.authority.trust_domain() != td) {
             return Err(Error::Material(
                 "every authority of a CA serves the same trust domain".into(),
@@ -136,6 +140,7 @@ impl AuthoritySet {
         let bundle_pem = bundle.pem();
         Ok(Self {
             members,
+            active,
             generation,
             bundle,
             bundle_pem,
@@ -170,12 +175,7 @@ impl AuthoritySet {
 
     /// The authority that signs.
     pub fn active(&self) -> &Arc<Authority> {
-        // `new` and `single` guarantee exactly one.
-        let active = self.members.iter().find(|m| m.state == State::Active);
-        match active {
-            Some(m) => &m.authority,
-            None => &self.members[0].authority,
-        }
+        &self.active
     }
 
     /// The active authority's trust domain (every member's).

@@ -454,7 +454,7 @@ impl Authority {
 /// its signing certificate.
 pub fn authority_id(signer_der: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, signer_der);
-    hex(&digest.as_ref()[..8])
+    hex(digest.as_ref().get(..8).unwrap_or_default())
 }
 
 fn single_cert(text: &str, name: &str) -> Result<Cert, Error> {

@@ -415,7 +415,11 @@ impl SecretCopier {
         // Leaf and intermediates; the bundle (the chain's last element)
         // goes to root-cert.pem.
         let chain = &leaf.issued.chain;
-        let chain_pem: String = chain[..chain.len().saturating_sub(1)].concat();
+        let chain_pem: String = chain
+            .split_last()
+            .map(|(_, r)| r)
+            .unwrap_or_default()
+            .concat();
         // What a watch event of this Secret will show, known already.
         let not_before = {
             use x509_parser::prelude::FromDer;

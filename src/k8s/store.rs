@@ -687,7 +687,7 @@ fn encode(next: &Stored) -> Result<Data, String> {
         if !valid_id(&m.id) {
             return Err(format!("bad authority id {:?}", m.id));
         }
-        if next.members[..i].iter().any(|o| o.id == m.id) {
+        if next.members.iter().take(i).any(|o| o.id == m.id) {
             return Err(format!("authority {} is in the set twice", m.id));
         }
         for (file, v) in entries(&m.files) {

@@ -211,7 +211,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Observed<S> {
         ready!(this.poll_release(cx))?;
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
-            this.scan(&buf[..n.min(buf.len())]);
+            this.scan(buf.get(..n).unwrap_or(buf));
         }
         r
     }
@@ -242,7 +242,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Observed<S> {
                     break;
                 }
                 let take = left.min(b.len());
-                this.scan(&b[..take]);
+                this.scan(b.get(..take).unwrap_or_default());
                 left -= take;
             }
         }

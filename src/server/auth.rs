@@ -228,15 +228,15 @@ impl ClientCertAuthenticator {
         now: SystemTime,
     ) -> Result<Caller, AuthError> {
         let authorities = self.authorities.borrow().clone();
-        let leaf = certs
-            .first()
+        let (leaf, rest) = certs
+            .split_first()
             .ok_or_else(|| AuthError::Cert("empty chain".into()))?;
         // Anchored on this CA's own signing certificates (every authority
         // still in the set: a leaf of a retiring one renews, and is
         // re-issued by the active one), not on the whole root bundle: a
         // sibling intermediate under a shared root must not be able to mint
         // renewals here.
-        let intermediates: Vec<Vec<u8>> = certs[1..].iter().map(|c| c.to_vec()).collect();
+        let intermediates: Vec<Vec<u8>> = rest.iter().map(|c| c.to_vec()).collect();
         let signers: Vec<&[u8]> = authorities
             .renewal_signers()
             .into_iter()

@@ -94,7 +94,8 @@ impl DevIssuer {
     fn kid(&self) -> String {
         use base64::Engine;
         let digest = ring::digest::digest(&ring::digest::SHA256, &self.key.spki_der());
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest.as_ref()[..12])
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(digest.as_ref().get(..12).unwrap_or_default())
     }
 
     /// Mints a service-account token for `namespace`/`service_account`.

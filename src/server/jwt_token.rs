@@ -129,7 +129,11 @@ impl<'a> Token<'a> {
         Ok(Self {
             header,
             claims,
-            signing_input: &token.as_bytes()[..head.len() + 1 + payload.len()],
+            // `head.payload`, which `split` found at the token's start.
+            signing_input: token
+                .as_bytes()
+                .get(..head.len() + 1 + payload.len())
+                .unwrap_or_default(),
             signature_b64: sig,
         })
     }

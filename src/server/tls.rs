@@ -118,7 +118,12 @@ fn issue(
     let issued = authority.sign_serving(&key, &spec.dns_names, &spec.ips, spec.ttl, now)?;
     // Leaf and intermediates; the root bundle (last element) is the client's.
     let mut chain = Vec::new();
-    for text in &issued.chain[..issued.chain.len().saturating_sub(1)] {
+    for text in issued
+        .chain
+        .split_last()
+        .map(|(_, r)| r)
+        .unwrap_or_default()
+    {
         for block in pem::parse_many(text).map_err(|e| Error::Tls(e.to_string()))? {
             chain.push(CertificateDer::from(block.into_contents()));
         }

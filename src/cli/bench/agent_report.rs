@@ -149,8 +149,11 @@ pub(super) fn spread(mut ms: Vec<f64>) -> (f64, f64, f64, f64) {
         return (0.0, 0.0, 0.0, 0.0);
     }
     ms.sort_by(f64::total_cmp);
-    let at = |p: f64| ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1];
-    (ms[0], at(0.5), at(0.99), ms[ms.len() - 1])
+    let at = |p: f64| {
+        let i = ((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1;
+        ms.get(i).copied().unwrap_or(0.0)
+    };
+    (at(0.0), at(0.5), at(0.99), at(1.0))
 }
 
 fn mb(b: u64) -> String {

@@ -33,7 +33,7 @@ impl Latency {
                 clippy::cast_precision_loss
             )]
             let i = ((micros.len() as f64 * p).ceil() as usize).clamp(1, micros.len()) - 1;
-            f64::from(micros[i]) / 1e3
+            micros.get(i).map_or(0.0, |m| f64::from(*m) / 1e3)
         };
         Self {
             p50: at(0.50),
@@ -248,7 +248,7 @@ impl Live {
         (
             self.ok.load(Ordering::Relaxed),
             self.errors.load(Ordering::Relaxed),
-            std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
+            self.buckets.each_ref().map(|b| b.load(Ordering::Relaxed)),
         )
     }
 }
@@ -273,7 +273,7 @@ pub(super) fn progress(
             let now = live.snapshot();
             let ok = now.0 - last.0;
             let err = now.1 - last.1;
-            let delta: Vec<u64> = (0..BUCKETS).map(|i| now.2[i] - last.2[i]).collect();
+            let delta: Vec<u64> = now.2.iter().zip(&last.2).map(|(n, l)| n - l).collect();
             let total: u64 = delta.iter().sum();
             let mut seen = 0;
             let mut p99_us = 0.0;
