@@ -11,6 +11,13 @@
 //!   TLS connection plus one CreateCertificate, timed alone and while one
 //!   source holds every connection it may (per-source cap) and keeps
 //!   reopening silent TCP connections.
+// A benchmark: a panic is a failed run, not a fault of the CA.
+#![allow(
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]

@@ -8,6 +8,13 @@
 //!    histogram, over rotations of 2 s certificates).
 //! 3. The agent process's resident memory serving one Envoy, then 1,000
 //!    concurrent SDS streams.
+// A benchmark: a panic is a failed run, not a fault of the CA.
+#![allow(
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]

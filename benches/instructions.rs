@@ -49,6 +49,13 @@
 //!   of the DiscoveryResponse, the Secret left as bytes) and its ACK, which
 //!   the agent parses and matches. Client and agent share one thread, so
 //!   the client's half is in the figure.
+// A benchmark: a panic is a failed run, not a fault of the CA.
+#![allow(
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

@@ -11,6 +11,13 @@
 //! creating clients), and the CA's creation-to-status latency histogram.
 //!
 //! The fake, the clients and the CA share the machine's cores.
+// A benchmark: a panic is a failed run, not a fault of the CA.
+#![allow(
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]

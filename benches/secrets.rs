@@ -11,6 +11,13 @@
 //! process's CPU over the same time (the fake API server lives here: when
 //! it uses more CPU than the CA, the fake is the bottleneck). A sample of
 //! the Secrets is then checked with rustls-webpki.
+// A benchmark: a panic is a failed run, not a fault of the CA.
+#![allow(
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]

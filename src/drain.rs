@@ -24,6 +24,7 @@ impl Default for Tasks {
 }
 
 impl Tasks {
+    /// No tasks yet; the shutdown signal not sent.
     pub fn new() -> Self {
         Self {
             signal: watch::channel(false).0,
@@ -103,7 +104,9 @@ impl Tasks {
 /// How a [`Tasks::shutdown`] went.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Stopped {
+    /// Tasks still running at the deadline, aborted.
     pub forced: Vec<&'static str>,
+    /// Tasks that had ended in a panic.
     pub panicked: Vec<&'static str>,
 }
 

@@ -290,8 +290,8 @@ fn is_dns1123_subdomain(name: &str) -> bool {
         && bytes
             .iter()
             .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.'))
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
 }
 
 /// The round-trip property the fuzz target asserts, shared with the unit

@@ -135,12 +135,14 @@ pub struct Http2Limits {
     /// handler has read. (tonic moves what arrives into the call's own
     /// buffer, which `max_message_bytes` bounds.)
     pub stream_window_bytes: u32,
+    /// The connection-level window, shared by all of a connection's streams.
     pub connection_window_bytes: u32,
 }
 
 /// The operations endpoint (`/metrics`, `/healthz`, `/readyz`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpsLimits {
+    /// Connections open at once.
     pub max_connections: usize,
     /// From one source address: one client cannot take every slot from the
     /// kubelet's probes and Prometheus.
@@ -165,8 +167,11 @@ impl Default for OpsLimits {
 /// The CA server's gRPC port and its operations endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerLimits {
+    /// The gRPC port's accept loop.
     pub accept: AcceptLimits,
+    /// The gRPC port's HTTP/2 connections.
     pub http2: Http2Limits,
+    /// The operations endpoint.
     pub ops: OpsLimits,
 }
 
@@ -220,10 +225,12 @@ pub struct AgentLimits {
     /// `max_connections` is per socket: one workload's socket cannot starve
     /// another's.
     pub accept: AcceptLimits,
+    /// The SDS sockets' HTTP/2 connections.
     pub http2: Http2Limits,
     /// Distinct resource names one SDS stream may subscribe to. A proxy asks
     /// for two to four (`default`, `ROOTCA`, its SPIFFE ID, its trust domain).
     pub max_resource_names_per_stream: usize,
+    /// The operations endpoint.
     pub ops: OpsLimits,
 }
 
@@ -272,29 +279,50 @@ impl Default for AgentLimits {
 
 /// The `limit` label values of the refusal counter.
 pub mod label {
+    /// A connection refused: `max_connections` open already.
     pub const CONNECTIONS: &str = "connections";
+    /// A connection refused: its source has `max_connections_per_source` open.
     pub const CONNECTIONS_PER_SOURCE: &str = "connections_per_source";
+    /// A connection refused: `max_pending_handshakes` under way already.
     pub const PENDING_HANDSHAKES: &str = "pending_handshakes";
+    /// A connection refused: its source has `max_pending_handshakes_per_source` under way.
     pub const PENDING_HANDSHAKES_PER_SOURCE: &str = "pending_handshakes_per_source";
+    /// A TLS handshake not done within `handshake_timeout`.
     pub const HANDSHAKE_TIMEOUT: &str = "handshake_timeout";
+    /// No HTTP/2 preface within `preface_timeout`.
     pub const PREFACE_TIMEOUT: &str = "preface_timeout";
+    /// A connection closed after `idle_timeout` without a stream.
     pub const IDLE_TIMEOUT: &str = "idle_timeout";
+    /// A stream refused: `max_streams_per_connection` open on its connection.
     pub const STREAMS_PER_CONNECTION: &str = "streams_per_connection";
+    /// Request headers over `max_header_list_bytes`.
     pub const HEADER_LIST_SIZE: &str = "header_list_size";
+    /// A connection closed for resetting too many streams (rapid reset).
     pub const RESET_FLOOD: &str = "http2_reset_flood";
+    /// A call cancelled after `request_timeout`.
     pub const REQUEST_TIMEOUT: &str = "request_timeout";
+    /// A connection closed because a call's answer was not taken in time.
     pub const RESPONSE_STALLED: &str = "response_stalled";
+    /// A call refused: its source has `max_calls_per_source` open.
     pub const CALLS_PER_SOURCE: &str = "calls_per_source";
+    /// A call refused: `max_calls` open already.
     pub const CALLS: &str = "calls";
+    /// A message over `max_message_bytes`.
     pub const MESSAGE_SIZE: &str = "message_size";
+    /// An SDS stream subscribing to more than `max_resource_names_per_stream`.
     pub const RESOURCE_NAMES: &str = "resource_names_per_stream";
+    /// An operations connection refused: over its connection limits.
     pub const OPS_CONNECTIONS: &str = "ops_connections";
+    /// An operations connection closed at its `connection_timeout`.
     pub const OPS_TIMEOUT: &str = "ops_timeout";
+    /// A bundle watch refused: one open already on its connection.
     pub const WATCHES_PER_CONNECTION: &str = "watches_per_connection";
+    /// A bundle watch refused: the total of open watches is reached.
     pub const WATCHES: &str = "watches";
     /// An SDS connection from a process other than the socket's bound peer.
     pub const PEER_CREDENTIALS: &str = "peer_credentials";
 
+    /// Every label, for registering each from the start.
     pub const ALL: &[&str] = &[
         CONNECTIONS,
         CONNECTIONS_PER_SOURCE,
@@ -357,14 +385,17 @@ impl Refusals {
         })
     }
 
+    /// Counts one refusal by `limit` (a [`label`] value).
     pub fn refused(&self, limit: &str) {
         self.refusals.with_label_values(&[limit]).inc();
     }
 
+    /// The refusals counted so far for `limit`.
     pub fn get(&self, limit: &str) -> u64 {
         self.refusals.with_label_values(&[limit]).get()
     }
 
+    /// Counts `n` peer warnings the log rate limit suppressed.
     pub fn suppressed(&self, n: u64) {
         self.suppressed.inc_by(n);
     }

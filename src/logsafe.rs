@@ -95,7 +95,10 @@ fn needs_escape(c: char) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// Log it, noting how many were suppressed since the last one logged.
-    Log { suppressed: u64 },
+    Log {
+        /// Warnings dropped since the last one logged.
+        suppressed: u64,
+    },
     /// Do not log it (counted).
     Suppress,
 }
@@ -122,6 +125,7 @@ impl<K: Hash + Eq + Clone> Default for WarnLimiter<K> {
 }
 
 impl<K: Hash + Eq + Clone> WarnLimiter<K> {
+    /// A limiter that has logged nothing yet.
     pub fn new() -> Self {
         Self::default()
     }

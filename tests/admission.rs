@@ -1,5 +1,6 @@
 //! The admission pool against a real `ca server` process: a source over its
 //! share of the pool waits for its turn, rather than being refused.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! managers feed it, early re-issue when the issuing authority is retired
 //! (under tokio's paused clock), and the `WatchBundle` client against a small
 //! in-test `TrustBundleService` on 127.0.0.1.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

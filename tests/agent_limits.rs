@@ -3,6 +3,7 @@
 //! real `ca server`: one workload's socket flooded, the other's proxy still
 //! served, every refusal counted, descriptors back to their level, and a
 //! peer's text never forging a log line.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

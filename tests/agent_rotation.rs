@@ -2,6 +2,7 @@
 //! configured fraction (with jitter), back-off while the CA is away, the
 //! current certificate kept while valid and withdrawn at expiry, recovery
 //! when the CA returns. The scripted CA signs with a real `Authority`.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

@@ -4,6 +4,7 @@
 //! without a restart: the bundle in every answer, `root-cert.pem`, the
 //! expiry gauges, who may renew, who signs new leaves, and the server's own
 //! TLS certificate.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Bad input gets the right status and nothing is issued.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

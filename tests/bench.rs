@@ -1,6 +1,7 @@
 //! `ca bench` itself, briefly, in each mode against a CA it starts: every
 //! call succeeds, answers are verified, and the report is well formed. Not
 //! timed: the figures are only checked for sanity.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 use std::process::Command;
 

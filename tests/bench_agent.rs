@@ -1,6 +1,7 @@
 //! `ca bench agent` end to end: the real binary starts a CA and an agent,
 //! holds SDS streams through rotations and reports one JSON object. Not
 //! timed: only that every stream got every rotation and the report holds.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -1,6 +1,7 @@
 //! CA key material: plugged-in CAs made by openssl, refusals with clear
 //! messages, and a state directory that survives restarts and is never
 //! silently replaced.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

@@ -5,6 +5,7 @@
 //! against the fake API server (and no rule goes unused); every metric the
 //! Grafana dashboard names is exported; the Dockerfile keeps its
 //! invariants.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 #[path = "deploy/manifests.rs"]

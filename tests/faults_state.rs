@@ -8,6 +8,7 @@
 //! Read-only is a read-only bind mount of the directory over itself, full
 //! is a small tmpfs that a filler file fills (as root, file modes stop no
 //! write). Every mount is undone when its guard drops (`umount -l`).
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 #[path = "common/mounts.rs"]

@@ -1,5 +1,6 @@
 //! End to end: a real server on port 0, a real TLS gRPC client, and every
 //! issued certificate checked by rustls-webpki and by openssl.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

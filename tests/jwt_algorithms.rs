@@ -5,6 +5,7 @@
 //! issued a certificate; the same token with one signature byte changed,
 //! signed by another key of the same kind, or relabelled with a sibling
 //! algorithm of the same key family, is refused.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! processes: a sidecar agent on its pod's bound token (rotated by the
 //! "kubelet", then its pod deleted), and a node agent with one node token
 //! asking for the identities of the pods on its node.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

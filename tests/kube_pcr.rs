@@ -3,6 +3,7 @@
 //! kubelet key type, v1 and v1beta1 (legacy pkixPublicKey requests), the
 //! status rules, other signers left alone, a leader killed mid-burst, and
 //! the bundle kept current through a root rotation.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

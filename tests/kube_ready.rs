@@ -8,6 +8,7 @@
 //! partition: nothing closed) is played by [`Blackhole`], a proxy that
 //! stops forwarding: the watch caches and the client must notice that by
 //! their own clocks.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Several `ca server --kube` replicas on one (fake) cluster: they agree on
 //! one CA kept in a Secret, and a change made through one is followed by
 //! the others through a watch.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! against the fake API server. Every Secret's chain is checked by
 //! rustls-webpki and openssl; rotations, repairs, foreign objects and a
 //! change of leader are watched through the fake's objects and request log.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

@@ -7,6 +7,7 @@
 //!
 //! Each store gets a client with a token of its own, so the fake's request
 //! log tells whose request each one was.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! The server's own TLS certificate renews without a restart, other token
 //! issuers (RS256 from a PEM file, ES256 from a loopback JWKS URL), health,
 //! graceful shutdown, and the real `ca` binary.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

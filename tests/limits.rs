@@ -6,6 +6,7 @@
 //! The hostile side is a raw HTTP/2 client (tests/common/h2raw.rs) that
 //! breaks the rules a real client keeps, connecting from 127.0.0.2 so that
 //! the per-source limits see another host than the legitimate 127.0.0.1.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

@@ -9,6 +9,7 @@
 //!   instant the caller gives;
 //! - SPIFFE ID: the parser accepts exactly what the rules allow;
 //! - rotation: no sequence of steps leaves the CA without its active signer.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 #[allow(dead_code)]
 #[path = "../fuzz/props/issuance.rs"]

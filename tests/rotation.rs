@@ -2,6 +2,7 @@
 //! admin socket with its gate, the same on a state directory with no
 //! server, a plugged-in CA replaced by one under another root, restarts,
 //! and `kill -9`-like crashes at every write of every step.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

@@ -3,6 +3,7 @@
 //! root file) and two real Envoys doing mTLS to each other on short-lived
 //! certificates, one new upstream handshake per request. `ca rotate-root`
 //! runs from prepare to retire, each step gated on what the agent reports.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

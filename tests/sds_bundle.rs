@@ -2,6 +2,7 @@
 //! socket: `ROOTCA`'s version is the bundle generation, and what each proxy
 //! ACKs (a matching nonce without `error_detail`, as Envoy sends) is
 //! aggregated across streams.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

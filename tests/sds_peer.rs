@@ -1,6 +1,7 @@
 //! Node mode's socket binding: an SDS socket bound to one peer uid (and gid)
 //! refuses every other process, checked by the kernel's `SO_PEERCRED`, even
 //! when the socket's file permissions would let that process connect.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The SDS server against a scripted client on a real Unix socket: what a
 //! real Envoy sends (REFERENCE section 3), and what it must get back.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

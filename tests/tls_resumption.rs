@@ -2,6 +2,7 @@
 //! a reconnection resumes (seen on the client's connection and in the CA's
 //! handshake counter), and a change of the agent's trust forces a full
 //! handshake, verified against the new trust.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 

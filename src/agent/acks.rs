@@ -70,6 +70,7 @@ impl Default for BundleAcks {
 }
 
 impl BundleAcks {
+    /// No streams yet.
     pub fn new() -> Self {
         Self {
             streams: Arc::new(Mutex::new(Streams::default())),

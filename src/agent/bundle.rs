@@ -85,7 +85,7 @@ impl RootBundle {
 /// The first 8 bytes of the SHA-256 of `pem`, in hex.
 fn digest(pem: &str) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, pem.as_bytes());
-    crate::ca::bundle::hex(&digest.as_ref()[..8])
+    crate::ca::bundle::hex(digest.as_ref().get(..8).unwrap_or_default())
 }
 
 /// Authorities being retired, as announced by a `BundleUpdate`.

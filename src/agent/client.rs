@@ -25,6 +25,7 @@ use crate::proto::istio::istio_certificate_service_client::IstioCertificateServi
 /// A `cert_chain` and the generation of the bundle in its last element.
 pub type Signed = (Vec<String>, Option<u64>);
 
+/// What [`CaClient::sign`] returns: boxed, for `dyn` use.
 pub type SignFuture<'a> = Pin<Box<dyn Future<Output = Result<Signed, Error>> + Send + 'a>>;
 
 /// Something that turns a CSR into an Istio-style `cert_chain` (leaf first,
@@ -47,10 +48,12 @@ pub struct TokenFile {
 const TOKEN_EXPIRY_MARGIN: Duration = Duration::from_secs(5);
 
 impl TokenFile {
+    /// The token at `path`.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self { path: path.into() }
     }
 
+    /// Where the token is read from.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -192,6 +195,7 @@ pub struct TrustBoundSessions {
 }
 
 impl TrustBoundSessions {
+    /// Sessions bound to `trust`'s roots as they are now.
     pub fn new(trust: Arc<CaTrust>) -> Self {
         let roots = trust.roots();
         Self {
@@ -276,6 +280,7 @@ pub struct GrpcCaClient {
 }
 
 impl GrpcCaClient {
+    /// The CA on `channel`, authenticated with `token`, asking for the token's own identity.
     pub fn new(channel: Channel, token: TokenFile) -> Self {
         Self {
             channel,

@@ -66,9 +66,17 @@ pub enum State {
     /// No certificate obtained yet.
     Waiting,
     /// Serving one with more than the margin left.
-    Fresh { left: Duration, margin: Duration },
+    Fresh {
+        /// Validity left.
+        left: Duration,
+        /// The readiness margin it is above.
+        margin: Duration,
+    },
     /// Serving one inside the margin: not ready.
-    Ending { left: Duration },
+    Ending {
+        /// Validity left.
+        left: Duration,
+    },
     /// The last one expired; nothing served.
     Expired,
 }

@@ -9,8 +9,10 @@ use prometheus::{
 use super::Error;
 use crate::limits::Refusals;
 
+/// The node agent's metrics, in their own registry.
 pub struct AgentMetrics {
     registry: Registry,
+    /// `workload_ca_agent_cert_expiry_timestamp{workload}`: the certificate's NotAfter, Unix seconds.
     pub cert_expiry: IntGaugeVec,
     /// Seconds until the served certificate expires (0: none served); set
     /// when `/metrics` is rendered.
@@ -19,15 +21,22 @@ pub struct AgentMetrics {
     pub renewal_failures: IntGaugeVec,
     /// 1 while `/readyz` counts the workload ready (see [`super::health`]).
     pub ready: IntGaugeVec,
+    /// `workload_ca_agent_csr_duration_seconds`: from key generation to a verified certificate.
     pub csr_latency: HistogramVec,
+    /// `workload_ca_agent_csr_failures_total`: failed certificate requests.
     pub csr_failures: IntCounterVec,
+    /// `workload_ca_agent_csr_retries_total`: requests retried after a failure.
     pub csr_retries: IntCounterVec,
     /// Certificate requests not made: the token was missing, unreadable or
     /// expired (the current certificate is kept while valid).
     pub token_unusable: IntCounterVec,
+    /// `workload_ca_agent_sds_streams`: connected SDS streams.
     pub sds_streams: IntGauge,
+    /// `workload_ca_agent_sds_pushes_total{resource}`: SDS responses sent.
     pub sds_pushes: IntCounterVec,
+    /// `workload_ca_agent_sds_nacks_total`: SDS responses the proxy rejected.
     pub sds_nacks: IntCounterVec,
+    /// `workload_ca_agent_sds_push_to_ack_seconds`: from a change to the proxy's ACK of its push.
     pub sds_ack_latency: prometheus::Histogram,
     /// The generation of the trust bundle the agent holds (0: none known).
     pub bundle_generation: IntGauge,

@@ -87,7 +87,9 @@ impl Error {
 pub struct WorkloadConfig {
     /// `default` in sidecar mode; the workload's name in node mode.
     pub name: String,
+    /// The service-account token presented to the CA, re-read before each request.
     pub token_file: PathBuf,
+    /// The SDS Unix socket the workload's proxy connects to.
     pub socket: PathBuf,
     /// Node mode with one node token: the identity asked for on the
     /// workload's behalf (`ImpersonatedIdentity`); `None`: the token's own.
@@ -98,12 +100,16 @@ pub struct WorkloadConfig {
     pub peer: Option<sds::PeerRule>,
 }
 
+/// The node agent's configuration.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     /// The agent's name in its bundle-watch reports (its node).
     pub agent_name: String,
+    /// The CA to request certificates from.
     pub ca: CaEndpoint,
+    /// The workloads served, each on its own socket.
     pub workloads: Vec<WorkloadConfig>,
+    /// Key type, lifetime and renewal timing of the certificates.
     pub policy: RotationPolicy,
     /// `/metrics`, `/healthz`, `/readyz`.
     pub ops_listen: Option<SocketAddr>,
@@ -117,9 +123,13 @@ pub struct AgentConfig {
 
 /// A running agent.
 pub struct Agent {
+    /// The SDS sockets, one per workload.
     pub sockets: Vec<PathBuf>,
+    /// The operations endpoint's bound address, when it listens.
     pub ops_addr: Option<SocketAddr>,
+    /// Each workload's name and its certificate watch.
     pub watches: Vec<(String, CertWatch)>,
+    /// The agent's metrics.
     pub metrics: Arc<AgentMetrics>,
     /// The one trust bundle every workload serves.
     pub bundle: AgentBundle,

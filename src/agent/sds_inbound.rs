@@ -56,11 +56,10 @@ where
 
     /// The next whole message in the buffer, if there is one.
     fn message(&mut self) -> Result<Option<M>, Status> {
-        if self.buf.len() < HEADER_BYTES {
+        let Some(&[flag, l0, l1, l2, l3]) = self.buf.get(..HEADER_BYTES) else {
             return Ok(None);
-        }
-        let flag = self.buf[0];
-        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+        };
+        let len = u32::from_be_bytes([l0, l1, l2, l3]);
         let len = usize::try_from(len).unwrap_or(usize::MAX);
         match flag {
             0 => {}
@@ -84,20 +83,20 @@ where
             )));
         }
         let whole = HEADER_BYTES + len;
-        if self.buf.len() < whole {
+        let Some(body) = self.buf.get(HEADER_BYTES..whole) else {
             // The rest arrives in frames: room for exactly the message.
             self.buf.reserve(whole - self.buf.len());
             return Ok(None);
-        }
-        let msg = M::decode(&self.buf[HEADER_BYTES..whole])
-            .map_err(|e| Status::internal(format!("decoding a request: {e}")))?;
+        };
+        let msg =
+            M::decode(body).map_err(|e| Status::internal(format!("decoding a request: {e}")))?;
         self.buf.advance(whole);
         if self.buf.len() <= KEEP_BYTES {
             // What follows (usually nothing) moves to a buffer its size, so
             // a buffer grown for a large message never outlives it. (A
             // larger rest stays where it is: each byte is moved at most
             // once, however many small messages share a frame.)
-            self.buf = BytesMut::from(&self.buf[..]);
+            self.buf = BytesMut::from(self.buf.as_ref());
         }
         Ok(Some(msg))
     }

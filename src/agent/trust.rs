@@ -95,6 +95,7 @@ pub struct Verifier {
 }
 
 impl Verifier {
+    /// Verifies against `trust`, with `provider`'s signature algorithms.
     pub fn new(trust: Arc<CaTrust>, provider: Arc<CryptoProvider>) -> Self {
         Self { trust, provider }
     }

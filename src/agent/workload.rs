@@ -41,13 +41,17 @@ use crate::identity::SpiffeId;
 
 /// A certificate and its key, as served to proxies.
 pub struct WorkloadCert {
+    /// The SPIFFE ID the certificate names.
     pub identity: SpiffeId,
     /// Leaf, then intermediates, PEM (no roots).
     pub chain_pem: String,
+    /// The private key, PKCS#8 PEM.
     pub key_pem: Zeroizing<String>,
+    /// The leaf's serial number, lower-case hex.
     pub serial_hex: String,
     /// The leaf alone, DER.
     pub leaf_der: Vec<u8>,
+    /// The leaf's NotAfter.
     pub not_after: SystemTime,
     /// NotAfter on tokio's clock: past it the certificate is withdrawn.
     pub expires_at: Instant,
@@ -68,6 +72,7 @@ impl fmt::Debug for WorkloadCert {
 /// When and how to renew.
 #[derive(Clone, Debug)]
 pub struct RotationPolicy {
+    /// The key type generated for each certificate.
     pub key: KeyAlgorithm,
     /// Requested lifetime; zero asks for the CA's default.
     pub ttl: Duration,
@@ -75,7 +80,10 @@ pub struct RotationPolicy {
     pub fraction: f64,
     /// Relative jitter on that point: 0.1 means +-10%.
     pub jitter: f64,
+    /// The back-off before the first retry (before jitter); it doubles per
+    /// retry up to `backoff_max`.
     pub backoff_initial: Duration,
+    /// The ceiling of the doubling back-off.
     pub backoff_max: Duration,
 }
 
@@ -189,6 +197,7 @@ const WALL_CLOCK_SLACK: Duration = Duration::from_secs(1);
 /// What the rest of the agent watches.
 #[derive(Clone)]
 pub struct CertWatch {
+    /// The current certificate (`None` until the first, or once withdrawn).
     pub cert: watch::Receiver<Option<Arc<WorkloadCert>>>,
     /// The agent-wide trust bundle (the same for every workload).
     pub roots: watch::Receiver<Option<Arc<RootBundle>>>,

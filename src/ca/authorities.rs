@@ -22,8 +22,11 @@ use crate::identity::{SpiffeId, TrustDomain};
 /// Where an authority is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum State {
+    /// In the bundle, not signing yet: proxies learn its root before it signs.
     Prepared,
+    /// The one authority that signs.
     Active,
+    /// No longer signing; its root stays in the bundle until its leaves are gone.
     Retiring,
 }
 
@@ -38,6 +41,7 @@ impl State {
         }
     }
 
+    /// The state's name, as stored and shown.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Prepared => "prepared",
@@ -50,7 +54,9 @@ impl State {
 /// One authority and its state.
 #[derive(Clone, Debug)]
 pub struct Member {
+    /// Its certificates and signing key.
     pub authority: Arc<Authority>,
+    /// Where it is in its life.
     pub state: State,
     /// When it entered this state.
     pub since: SystemTime,
@@ -60,6 +66,8 @@ pub struct Member {
 #[derive(Debug)]
 pub struct AuthoritySet {
     members: Vec<Member>,
+    /// The one active member's authority (`new` checks there is one).
+    active: Arc<Authority>,
     generation: u64,
     bundle: TrustBundle,
     bundle_pem: String,
@@ -94,18 +102,20 @@ impl AuthoritySet {
     /// [`Error::Material`] naming what is wrong.
     pub fn new(members: Vec<Member>, generation: u64) -> Result<Self, Error> {
         let count = |s: State| members.iter().filter(|m| m.state == s).count();
-        if count(State::Active) != 1 {
+        let active = members.iter().find(|m| m.state == State::Active);
+        let (Some(active), 1) = (active, count(State::Active)) else {
             return Err(Error::Material(format!(
                 "a CA needs exactly one active authority; this set has {}",
                 count(State::Active)
             )));
-        }
+        };
+        let active = active.authority.clone();
         if count(State::Prepared) > 1 {
             return Err(Error::Material(
                 "at most one authority may be prepared at a time".into(),
             ));
         }
-        let td = members[0].authority.trust_domain();
+        let td = active.trust_domain();
         if members.iter().any(|m| m.authority.trust_domain() != td) {
             return Err(Error::Material(
                 "every authority of a CA serves the same trust domain".into(),
@@ -130,6 +140,7 @@ impl AuthoritySet {
         let bundle_pem = bundle.pem();
         Ok(Self {
             members,
+            active,
             generation,
             bundle,
             bundle_pem,
@@ -137,6 +148,7 @@ impl AuthoritySet {
         })
     }
 
+    /// Every member, in their stored order.
     pub fn members(&self) -> &[Member] {
         &self.members
     }
@@ -151,6 +163,7 @@ impl AuthoritySet {
         &self.bundle
     }
 
+    /// The bundle as PEM, rendered once per set.
     pub fn bundle_pem(&self) -> &str {
         &self.bundle_pem
     }
@@ -162,14 +175,10 @@ impl AuthoritySet {
 
     /// The authority that signs.
     pub fn active(&self) -> &Arc<Authority> {
-        // `new` and `single` guarantee exactly one.
-        let active = self.members.iter().find(|m| m.state == State::Active);
-        match active {
-            Some(m) => &m.authority,
-            None => &self.members[0].authority,
-        }
+        &self.active
     }
 
+    /// The active authority's trust domain (every member's).
     pub fn trust_domain(&self) -> &TrustDomain {
         self.active().trust_domain()
     }

@@ -20,7 +20,9 @@ pub const CLOCK_SKEW_BACKDATE: Duration = Duration::from_secs(120);
 /// Leaf lifetimes: what `validity_duration <= 0` means, and the ceiling.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TtlPolicy {
+    /// The lifetime of a leaf whose request asks for none.
     pub default_ttl: Duration,
+    /// The longest lifetime a leaf may have.
     pub max_ttl: Duration,
 }
 
@@ -81,8 +83,11 @@ pub struct Issued {
     /// Leaf first, then the signer and intermediates (one PEM cert each),
     /// then the root bundle (possibly several roots) last.
     pub chain: Vec<String>,
+    /// The leaf certificate, DER.
     pub leaf_der: Vec<u8>,
+    /// The leaf's serial number, in lower-case hex.
     pub serial_hex: String,
+    /// The leaf's NotAfter.
     pub not_after: SystemTime,
 }
 
@@ -400,10 +405,12 @@ impl Authority {
         })
     }
 
+    /// The trust domain it issues identities in.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
     }
 
+    /// The roots it chains to.
     pub fn roots(&self) -> &TrustBundle {
         &self.roots
     }
@@ -447,7 +454,7 @@ impl Authority {
 /// its signing certificate.
 pub fn authority_id(signer_der: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, signer_der);
-    hex(&digest.as_ref()[..8])
+    hex(digest.as_ref().get(..8).unwrap_or_default())
 }
 
 fn single_cert(text: &str, name: &str) -> Result<Cert, Error> {

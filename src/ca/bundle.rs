@@ -25,10 +25,12 @@ impl Cert {
         Ok(Self { der, pem })
     }
 
+    /// The certificate, DER.
     pub fn der(&self) -> &[u8] {
         &self.der
     }
 
+    /// The certificate, PEM.
     pub fn pem(&self) -> &str {
         &self.pem
     }
@@ -77,11 +79,11 @@ pub fn parse_pem_certs(text: &str) -> Result<Vec<Cert>, Error> {
 /// Seconds since the epoch to `SystemTime`, saturating at the epoch.
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+        for nibble in [b >> 4, b & 0xf] {
+            out.extend(char::from_digit(u32::from(nibble), 16));
+        }
     }
     out
 }
@@ -98,6 +100,7 @@ pub fn from_unix(secs: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs)
 }
 
+/// The instant `secs` seconds after the Unix epoch; the epoch for negative `secs`.
 pub fn time_from_unix(secs: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0))
 }
@@ -197,6 +200,7 @@ impl TrustBundle {
         Ok(Self { roots })
     }
 
+    /// The roots, in bundle order.
     pub fn roots(&self) -> &[Cert] {
         &self.roots
     }
@@ -206,6 +210,7 @@ impl TrustBundle {
         self.roots.iter().map(Cert::pem).collect()
     }
 
+    /// Whether `der` is one of the roots.
     pub fn contains(&self, der: &[u8]) -> bool {
         self.roots.iter().any(|r| r.der() == der)
     }
@@ -278,23 +283,24 @@ fn jwk_public_key(
             Some(c) if c == OID_NIST_EC_P521 => ("P-521", 66),
             _ => return Err(Error::Cert("EC root on a curve a JWK cannot name".into())),
         };
-        if key.len() != 1 + 2 * len || key[0] != 4 {
-            return Err(Error::Cert(
-                "EC root key is not an uncompressed point".into(),
-            ));
-        }
+        let (x, y) = match key.split_first() {
+            Some((4, point)) if point.len() == 2 * len => point.split_at(len),
+            _ => {
+                return Err(Error::Cert(
+                    "EC root key is not an uncompressed point".into(),
+                ));
+            }
+        };
         jwk.insert("kty".into(), "EC".into());
         jwk.insert("crv".into(), crv.into());
-        jwk.insert("x".into(), base64_url(&key[1..=len]).into());
-        jwk.insert("y".into(), base64_url(&key[1 + len..]).into());
+        jwk.insert("x".into(), base64_url(x).into());
+        jwk.insert("y".into(), base64_url(y).into());
     } else if *alg == OID_PKCS1_RSAENCRYPTION {
         let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = spki.parsed() else {
             return Err(Error::Cert("malformed RSA root key".into()));
         };
-        let unsigned = |b: &[u8]| -> Vec<u8> {
-            let start = b.iter().position(|x| *x != 0).unwrap_or(b.len());
-            b[start..].to_vec()
-        };
+        let unsigned =
+            |b: &[u8]| -> Vec<u8> { b.iter().skip_while(|x| **x == 0).copied().collect() };
         jwk.insert("kty".into(), "RSA".into());
         jwk.insert("n".into(), base64_url(&unsigned(rsa.modulus)).into());
         jwk.insert("e".into(), base64_url(&unsigned(rsa.exponent)).into());

@@ -37,8 +37,11 @@ pub const MAX_CSR_BYTES: usize = 64 * 1024;
 /// The type of key a CSR carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyKind {
+    /// ECDSA on P-256.
     EcdsaP256,
+    /// ECDSA on P-384.
     EcdsaP384,
+    /// Ed25519.
     Ed25519,
     /// RSA, with its modulus size in bits.
     Rsa(usize),
@@ -222,7 +225,7 @@ fn validate_key(
                 .iter()
                 .skip_while(|b| **b == 0)
                 .collect::<Vec<_>>();
-            if !odd(rsa.modulus) || !odd(rsa.exponent) || (e.len() == 1 && *e[0] < 3) {
+            if !odd(rsa.modulus) || !odd(rsa.exponent) || matches!(e.as_slice(), [b] if **b < 3) {
                 return Err(Error::CsrKeyType(
                     "RSA public key with an even modulus or an exponent that is even or below 3"
                         .into(),
@@ -343,12 +346,12 @@ fn key_kind(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<KeyKin
 /// The bit length of a big-endian unsigned integer (leading zero bytes, such
 /// as DER's sign byte, do not count).
 fn modulus_bits(modulus: &[u8]) -> usize {
-    let digits = match modulus.iter().position(|b| *b != 0) {
-        Some(first) => &modulus[first..],
-        None => return 0,
+    let first = modulus.iter().position(|b| *b != 0);
+    let Some((top, rest)) = first.and_then(|i| modulus.get(i..)?.split_first()) else {
+        return 0;
     };
-    let top = usize::try_from(8 - digits[0].leading_zeros()).unwrap_or(8);
-    (digits.len() - 1) * 8 + top
+    let top = usize::try_from(8 - top.leading_zeros()).unwrap_or(8);
+    rest.len() * 8 + top
 }
 
 #[cfg(test)]

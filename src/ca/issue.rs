@@ -37,6 +37,7 @@ pub enum Tracked {
 /// A leaf signed through [`LeafIssuer::issue`].
 #[derive(Clone, Debug)]
 pub struct LeafFor {
+    /// The leaf and its chain.
     pub issued: Issued,
     /// The generation of the set that signed it (its bundle is the chain's
     /// last element).

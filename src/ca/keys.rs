@@ -20,11 +20,17 @@ use super::Error;
 /// The key types this project generates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KeyAlgorithm {
+    /// ECDSA on P-256 (the CLI's default).
     EcdsaP256,
+    /// ECDSA on P-384.
     EcdsaP384,
+    /// Ed25519.
     Ed25519,
+    /// RSA, 2048-bit modulus.
     Rsa2048,
+    /// RSA, 3072-bit modulus.
     Rsa3072,
+    /// RSA, 4096-bit modulus.
     Rsa4096,
 }
 

@@ -39,17 +39,22 @@ use crate::identity::TrustDomain;
 /// One authority as stored.
 #[derive(Clone, Debug)]
 pub struct StoredMember {
+    /// The authority's id ([`authority_id`]).
     pub id: String,
+    /// Active, prepared or retiring.
     pub state: State,
     /// When it entered its state (seconds since the Unix epoch).
     pub since: u64,
+    /// Its certificates and key.
     pub files: CaFiles,
 }
 
 /// The CA's authorities as stored.
 #[derive(Clone, Debug)]
 pub struct Stored {
+    /// Increases on every change of the set.
     pub generation: u64,
+    /// Every authority of the set.
     pub members: Vec<StoredMember>,
 }
 
@@ -171,8 +176,11 @@ impl AuthoritySet {
 /// What to generate when a store is empty.
 #[derive(Clone, Debug)]
 pub struct RootSpec {
+    /// The trust domain of the root.
     pub trust_domain: TrustDomain,
+    /// The root key's algorithm.
     pub algorithm: KeyAlgorithm,
+    /// How long the root is valid.
     pub lifetime: Duration,
 }
 
@@ -278,10 +286,12 @@ pub struct DirStore {
 }
 
 impl DirStore {
+    /// A store in `dir` (created on first write).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self { dir: dir.into() }
     }
 
+    /// The store's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -111,7 +111,7 @@ pub(crate) mod testing {
     use crate::identity::TrustDomain;
 
     /// A CSR (PEM) for a fresh P-256 key, empty subject, no SAN.
-    pub fn csr_pem() -> String {
+    pub(crate) fn csr_pem() -> String {
         let key = super::PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
         rcgen::CertificateParams::default()
             .serialize_request(key.key_pair())
@@ -121,7 +121,7 @@ pub(crate) mod testing {
     }
 
     /// A fresh self-signed P-256 authority for `td`, valid for `secs`.
-    pub fn authority(td: &str, secs: u64) -> Authority {
+    pub(crate) fn authority(td: &str, secs: u64) -> Authority {
         let td = TrustDomain::new(td).unwrap();
         let now = SystemTime::now();
         let files =

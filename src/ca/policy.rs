@@ -19,7 +19,9 @@ use crate::identity::{SpiffeId, TrustDomain};
 /// An object a token is bound to: name and UID.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BoundObject {
+    /// Its `metadata.name`.
     pub name: String,
+    /// Its `metadata.uid` (a recreated object has a new one).
     pub uid: String,
 }
 
@@ -27,7 +29,9 @@ pub struct BoundObject {
 /// about its holder.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenFacts {
+    /// The service account's namespace.
     pub namespace: String,
+    /// The service account's name.
     pub service_account: String,
     /// The service account's UID, when the token carries it (bound tokens do).
     pub service_account_uid: Option<String>,
@@ -40,7 +44,9 @@ pub struct TokenFacts {
 /// A pod as the cache holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodFacts {
+    /// The pod's UID.
     pub uid: String,
+    /// The service account the pod runs as.
     pub service_account: String,
     /// `spec.nodeName`, once scheduled.
     pub node: Option<String>,
@@ -67,54 +73,105 @@ pub trait ClusterView: Send + Sync {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Refusal {
+    /// The watch caches have not synced since they last lost their watches.
     #[error("the cluster caches have not synced yet")]
     NotSynced,
+    /// The pod the token is bound to is not in the cache.
     #[error("pod {namespace}/{name} no longer exists")]
-    PodGone { namespace: String, name: String },
+    PodGone {
+        /// The pod's namespace.
+        namespace: String,
+        /// The pod's name.
+        name: String,
+    },
+    /// The bound pod exists under another UID than the token's.
     #[error(
         "pod {namespace}/{name} has UID {current}, the token names {token} (the pod was recreated)"
     )]
     PodRecreated {
+        /// The pod's namespace.
         namespace: String,
+        /// The pod's name.
         name: String,
+        /// The UID the token names.
         token: String,
+        /// The UID of the pod that exists now.
         current: String,
     },
+    /// The bound pod runs as another service account than the token's.
     #[error("pod {namespace}/{name} runs as service account {runs_as}, not the token's {token}")]
     PodServiceAccount {
+        /// The pod's namespace.
         namespace: String,
+        /// The pod's name.
         name: String,
+        /// The service account the token names.
         token: String,
+        /// The service account the pod runs as.
         runs_as: String,
     },
+    /// The token's service account is not in the cache.
     #[error("service account {namespace}/{name} no longer exists")]
-    ServiceAccountGone { namespace: String, name: String },
+    ServiceAccountGone {
+        /// The service account's namespace.
+        namespace: String,
+        /// The service account's name.
+        name: String,
+    },
+    /// The service account exists under another UID than the token's.
     #[error(
         "service account {namespace}/{name} has UID {current}, the token names {token} (it was recreated)"
     )]
     ServiceAccountRecreated {
+        /// The service account's namespace.
         namespace: String,
+        /// The service account's name.
         name: String,
+        /// The UID the token names.
         token: String,
+        /// The UID of the service account that exists now.
         current: String,
     },
+    /// An impersonation request from a caller that is not a trusted node
+    /// account.
     #[error(
         "{caller} is not a trusted node account and may not request certificates for {requested}"
     )]
-    NotTrustedNode { caller: String, requested: String },
+    NotTrustedNode {
+        /// The caller's identity.
+        caller: String,
+        /// The identity it asked for.
+        requested: String,
+    },
+    /// An impersonation request whose token names neither a node nor a pod.
     #[error("impersonation needs a service-account token naming the caller's node or pod")]
     NoCallerNode,
+    /// No pod of the requested identity is scheduled on the caller's node.
     #[error("no pod of {requested} runs on node {node}")]
-    NotOnNode { requested: String, node: String },
+    NotOnNode {
+        /// The identity asked for.
+        requested: String,
+        /// The caller's node.
+        node: String,
+    },
+    /// The requested identity is not a service account of our trust domain.
     #[error("{requested} is not a service-account identity of trust domain {trust_domain}")]
     BadRequested {
+        /// The identity asked for.
         requested: String,
+        /// Our trust domain.
         trust_domain: String,
     },
+    /// A renewal for a service account none of whose pods is running.
     #[error(
         "no pod of service account {namespace}/{name} is running: its certificate is not renewed"
     )]
-    NoRunningPod { namespace: String, name: String },
+    NoRunningPod {
+        /// The service account's namespace.
+        namespace: String,
+        /// The service account's name.
+        name: String,
+    },
 }
 
 impl Refusal {
@@ -274,6 +331,7 @@ impl NodeAgents {
         self.0.iter().any(|(n, s)| n == ns && s == sa)
     }
 
+    /// Whether no account is trusted.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -151,7 +151,7 @@ pub fn root(
     // Each root's name is its own (the serial's first bytes): two roots
     // trusted side by side during a rotation must not share a subject, or
     // verifiers that look issuers up by name may try the wrong one.
-    let tag = super::bundle::hex(&serial.as_ref()[..4]);
+    let tag = super::bundle::hex(serial.as_ref().get(..4).unwrap_or_default());
     dn.push(DnType::CommonName, format!("workload-ca root {tag}"));
     p.distinguished_name = dn;
     p.subject_alt_names = vec![uri_san(&td.id())?];

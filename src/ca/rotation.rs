@@ -165,7 +165,9 @@ impl Ledger {
 /// One agent as the rotation sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentView {
+    /// The name it reports (its node).
     pub name: String,
+    /// Whether its bundle watch is open now.
     pub connected: bool,
     /// The lowest bundle generation its proxies ACKed.
     pub acked_generation: u64,
@@ -275,7 +277,9 @@ impl Copies {
 /// What the server knows when a step is asked for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Evidence {
+    /// Every agent known.
     pub agents: Vec<AgentView>,
+    /// The leaves issued, per generation and authority.
     pub ledger: Ledger,
     /// While set, the server has just started: agents it knew have until
     /// then to reconnect, and no gate opens.

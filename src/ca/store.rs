@@ -15,19 +15,28 @@ use zeroize::Zeroizing;
 
 use super::Error;
 
-/// The four files of an Istio `cacerts` directory.
+/// The signing certificate: the first of the four files of an Istio
+/// `cacerts` directory.
 pub const CA_CERT: &str = "ca-cert.pem";
+/// The signing certificate's private key (PEM).
 pub const CA_KEY: &str = "ca-key.pem";
+/// The signing certificate and the chain above it, up to the root.
 pub const CERT_CHAIN: &str = "cert-chain.pem";
+/// The root certificate(s).
 pub const ROOT_CERT: &str = "root-cert.pem";
+/// All four, in a fixed order.
 pub const FILES: [&str; 4] = [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT];
 
 /// The four pieces of CA material, in Istio's naming.
 #[derive(Clone)]
 pub struct CaFiles {
+    /// `ca-cert.pem`: the signing certificate.
     pub ca_cert: String,
+    /// `ca-key.pem`: its private key.
     pub ca_key: Zeroizing<String>,
+    /// `cert-chain.pem`: the signing certificate and the chain above it.
     pub cert_chain: String,
+    /// `root-cert.pem`: the root(s).
     pub root_cert: String,
 }
 
@@ -51,10 +60,12 @@ pub struct CacertsDir {
 }
 
 impl CacertsDir {
+    /// The files of directory `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self { dir: dir.into() }
     }
 
+    /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }

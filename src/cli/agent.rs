@@ -13,6 +13,7 @@ use crate::agent::workload::RotationPolicy;
 use crate::agent::{self, AgentConfig, WorkloadConfig};
 use crate::ca::KeyAlgorithm;
 
+/// `ca agent`: the node agent's options.
 #[derive(Args, Debug)]
 pub struct AgentArgs {
     /// CA address, host:port.
@@ -53,6 +54,7 @@ pub struct AgentArgs {
     /// the host name).
     #[arg(long, env = "CA_AGENT_NAME")]
     pub agent_name: Option<String>,
+    /// When and how certificates are renewed.
     #[command(flatten)]
     pub rotation: RotationArgs,
     /// Metrics and health listen address; `off` disables it. `/readyz` is
@@ -70,10 +72,12 @@ pub struct AgentArgs {
     /// Also write key.pem (0600), cert-chain.pem and root-cert.pem to DIR/<workload>/.
     #[arg(long, env = "CA_OUTPUT_DIR")]
     pub output_dir: Option<PathBuf>,
+    /// Connection, stream and name limits.
     #[command(flatten)]
     pub limits: limits::AgentLimitArgs,
 }
 
+/// Certificate key type, lifetime and renewal timing (`ca agent`, `ca dev`).
 #[derive(Args, Debug, Clone)]
 pub struct RotationArgs {
     /// Key type of workload keys (a fresh key for every certificate).

@@ -13,8 +13,10 @@ use crate::agent::client::CaEndpoint;
 use crate::agent::{self, AgentConfig, WorkloadConfig};
 use crate::server::{self, devissuer::DevIssuer};
 
+/// `ca dev`: a CA and an agent in one process.
 #[derive(Args, Debug)]
 pub struct DevArgs {
+    /// The CA server's options.
     #[command(flatten)]
     pub server: ServerArgs,
     /// The SDS socket of the local agent [default: <state-dir>/sds.sock].
@@ -23,8 +25,10 @@ pub struct DevArgs {
     /// The identity the local agent gets.
     #[arg(long, default_value = "default")]
     pub namespace: String,
+    /// The service account of the identity the local agent gets.
     #[arg(long, default_value = "default")]
     pub service_account: String,
+    /// When and how the local agent renews its certificate.
     #[command(flatten)]
     pub rotation: RotationArgs,
     /// The agent's metrics and health address.

@@ -20,6 +20,7 @@ use crate::server::auth::{
 use crate::server::cluster::{Cluster, ReadyCheck};
 use crate::server::jwt::{IssuerConfig, KeySource};
 
+/// The Kubernetes options of `ca server` (`--kube` and what it enables).
 #[derive(Args, Debug, Clone)]
 pub struct KubeArgs {
     /// Run on Kubernetes: the CA in a Secret, tokens checked against the
@@ -102,8 +103,10 @@ pub struct KubeArgs {
     /// `istio-system/istiod-tls=istiod.istio-system.svc`.
     #[arg(long, env = "CA_SERVING_SECRETS", value_delimiter = ';')]
     pub serving_secret: Vec<k8s::serving::ServingSecret>,
+    /// Secret mode: `istio.<account>` Secrets written for service accounts.
     #[command(flatten)]
     pub secret_mode: super::kube_secrets::SecretModeArgs,
+    /// The PodCertificateRequest signer.
     #[command(flatten)]
     pub pcr: super::kube_pcr::PcrArgs,
 }

@@ -12,6 +12,7 @@ use crate::identity::TrustDomain;
 use crate::k8s;
 use crate::server::cluster::Controller;
 
+/// Options of the PodCertificateRequest signer.
 #[derive(Args, Debug, Clone)]
 pub struct PcrArgs {
     /// Sign PodCertificateRequests for `--pcr-signer-name` (pods mounting

@@ -13,6 +13,7 @@ use crate::k8s;
 use crate::k8s::copies::{CopyMetrics, Engine, EngineOptions};
 use crate::server::cluster::Controller;
 
+/// Options of secret mode (leaves written into Secrets).
 #[derive(Args, Debug, Clone)]
 pub struct SecretModeArgs {
     /// Secret mode: keep a Secret `istio.<sa>` (key, chain, root bundle)

@@ -129,6 +129,7 @@ pub struct ServerLimitArgs {
     /// Streams opened and reset by the client before being served ("rapid reset") before GOAWAY.
     #[arg(long, env = "CA_MAX_PENDING_ACCEPT_RESETS", default_value_t = server_default().http2.max_pending_accept_resets)]
     pub max_pending_accept_resets: usize,
+    /// The operations endpoint's limits.
     #[command(flatten)]
     pub ops: OpsLimitArgs,
 }
@@ -218,6 +219,7 @@ pub struct AgentLimitArgs {
     /// After GOAWAY, how long streams may stay before the connection is closed regardless.
     #[arg(long, env = "CA_SDS_GOAWAY_GRACE", default_value_t = Dur(agent_default().http2.goaway_grace))]
     pub sds_goaway_grace: Dur,
+    /// The operations endpoint's limits.
     #[command(flatten)]
     pub ops: OpsLimitArgs,
 }

@@ -20,9 +20,9 @@ use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
 
 /// How long a line may wait in memory.
-pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+pub(super) const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 /// Bytes gathered before they are written regardless of the interval.
-pub const FLUSH_BYTES: usize = 64 * 1024;
+pub(super) const FLUSH_BYTES: usize = 64 * 1024;
 
 #[derive(Default)]
 struct Shared {
@@ -65,10 +65,10 @@ impl Shared {
 /// Gathers lines for stderr (see the module docs). Cloned into the
 /// subscriber; [`BufferedStderr::start`] gives the guard.
 #[derive(Clone)]
-pub struct BufferedStderr(Arc<Shared>);
+pub(super) struct BufferedStderr(Arc<Shared>);
 
 /// Writes what is left and stops the flushing thread when dropped.
-pub struct LogGuard {
+pub(super) struct LogGuard {
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -79,7 +79,7 @@ impl BufferedStderr {
     ///
     /// # Errors
     /// The thread could not be started.
-    pub fn start() -> io::Result<(Self, LogGuard)> {
+    pub(super) fn start() -> io::Result<(Self, LogGuard)> {
         Self::start_every(FLUSH_INTERVAL)
     }
 
@@ -121,7 +121,7 @@ impl Drop for LogGuard {
 }
 
 /// One event's writer: `urgent` ones (warnings, errors) are written at once.
-pub struct EventWriter<'a> {
+pub(super) struct EventWriter<'a> {
     shared: &'a Shared,
     urgent: bool,
 }

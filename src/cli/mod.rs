@@ -42,6 +42,7 @@ pub use server::ServerArgs;
 use crate::ca::KeyAlgorithm;
 use crate::server::devissuer::DevIssuer;
 
+/// The `ca` command line.
 #[derive(Parser, Debug)]
 #[command(
     name = "ca",
@@ -49,12 +50,15 @@ use crate::server::devissuer::DevIssuer;
     about = "workload-ca: SPIFFE certificates for Kubernetes service accounts"
 )]
 pub struct Cli {
+    /// Logging options, global to every subcommand.
     #[command(flatten)]
     pub log: LogArgs,
+    /// What to run.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// Logging options.
 #[derive(Args, Debug, Clone)]
 pub struct LogArgs {
     /// Log format.
@@ -65,12 +69,16 @@ pub struct LogArgs {
     pub log_level: String,
 }
 
+/// How log lines are written.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
+    /// Human-readable lines.
     Text,
+    /// One JSON object per line.
     Json,
 }
 
+/// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the CA server (Istio's CreateCertificate API over gRPC/TLS).
@@ -91,17 +99,22 @@ pub enum Command {
     RotateRoot(Box<rotate::RotateArgs>),
 }
 
+/// `ca token`: a development service-account token.
 #[derive(Args, Debug)]
 pub struct TokenArgs {
     /// State directory of a server started with `--dev`.
     #[arg(long, env = "CA_STATE_DIR", default_value = "ca-state")]
     pub state_dir: PathBuf,
+    /// The token's namespace.
     #[arg(long, default_value = "default")]
     pub namespace: String,
+    /// The token's service account.
     #[arg(long, default_value = "default")]
     pub service_account: String,
+    /// The token's audience (`aud`).
     #[arg(long, default_value = "istio-ca")]
     pub audience: String,
+    /// The token's lifetime.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub ttl: Duration,
 }

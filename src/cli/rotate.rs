@@ -23,9 +23,11 @@ use crate::server::admin::{CacertsBody, DEFAULT_SOCKET, ErrorBody, StepRequest};
 use crate::server::fleet::{Fleet, Saved, saved_path};
 use crate::server::rotate::{RotationStatus, Step, status_of};
 
+/// `ca rotate-root`: the whole rotation, or one step.
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct RotateArgs {
+    /// One step only; none: the whole rotation.
     #[command(subcommand)]
     pub step: Option<StepCommand>,
     /// Print the schedule and what each step waits for; change nothing.
@@ -42,10 +44,12 @@ pub struct RotateArgs {
     /// where it is; run the command again to go on).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// The CA to act on.
     #[command(flatten)]
     pub target: Target,
 }
 
+/// The steps `ca rotate-root` can take one at a time.
 #[derive(Subcommand, Debug)]
 pub enum StepCommand {
     /// Add a new authority whose root is trusted everywhere; it signs nothing.

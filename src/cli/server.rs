@@ -14,6 +14,7 @@ use crate::server::jwt::{IssuerConfig, KeySource};
 use crate::server::tls::ServingSpec;
 use crate::server::{self, CaSource, ServerConfig};
 
+/// `ca server`: the CA server's options.
 #[derive(Args, Debug)]
 pub struct ServerArgs {
     /// State directory: the embedded CA, root-cert.pem, the dev issuer key.
@@ -90,8 +91,10 @@ pub struct ServerArgs {
     /// asked to re-issue across the fleet (they spread their renewals).
     #[arg(long, env = "CA_REISSUE_RATE", default_value_t = 50)]
     pub reissue_rate: u32,
+    /// Connection, stream and request limits.
     #[command(flatten)]
     pub limits: limits::ServerLimitArgs,
+    /// Kubernetes options.
     #[command(flatten)]
     pub kube: super::kube::KubeArgs,
 }

@@ -346,6 +346,8 @@ fn write_or_empty<T>(lock: &RwLock<T>, empty: fn() -> T) -> std::sync::RwLockWri
     }
 }
 
+/// The pods and service accounts the watches hold, indexed for the
+/// [`ClusterView`] lookups.
 pub struct ClusterCache {
     pods: RwLock<Pods>,
     service_accounts: RwLock<HashMap<Key, Box<str>>>,
@@ -531,7 +533,14 @@ impl ClusterCache {
 
     /// Counts a lookup (the counters are resolved once, not per call).
     fn count(&self, pods: bool, hit: bool) {
-        self.lookups[usize::from(!pods) * 2 + usize::from(!hit)].inc();
+        let [ph, pm, sh, sm] = &self.lookups;
+        match (pods, hit) {
+            (true, true) => ph,
+            (true, false) => pm,
+            (false, true) => sh,
+            (false, false) => sm,
+        }
+        .inc();
     }
 }
 

@@ -42,7 +42,10 @@ pub use super::observed::{Key, Observed, Seen, Shared, WATCH_DOWN_GRACE, shown};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Judgement {
     /// Holds what the live set calls for; to be rewritten at `refresh_at`.
-    Current { refresh_at: Option<SystemTime> },
+    Current {
+        /// When it is to be rewritten; `None`: not until the set changes.
+        refresh_at: Option<SystemTime>,
+    },
     /// Missing or not current: why.
     Write(&'static str),
     /// Not ours: left alone, reported.
@@ -167,6 +170,7 @@ impl CopyMetrics {
 /// How the engine runs.
 #[derive(Clone)]
 pub struct EngineOptions {
+    /// Paces the writes (shared by every engine).
     pub bucket: Arc<TokenBucket>,
     /// Writes in flight at once.
     pub concurrency: usize,
@@ -211,6 +215,7 @@ type Backoff = HashMap<Key, (Instant, u32)>;
 type Queue<W> = VecDeque<(Key, W)>;
 
 impl<C: Copier> Engine<C> {
+    /// An engine writing `copier`'s objects, woken by `dirty` and by changes of `authorities`.
     pub fn new(
         copier: Arc<C>,
         dirty: Arc<Notify>,

@@ -22,8 +22,11 @@ pub fn shown(key: &Key) -> String {
 /// verdict computed when the event arrived.
 #[derive(Clone, Debug)]
 pub struct Seen<F> {
+    /// The object's `metadata.uid`.
     pub uid: String,
+    /// The `metadata.resourceVersion` the verdict was computed at.
     pub resource_version: String,
+    /// The verdict.
     pub facts: F,
 }
 
@@ -57,6 +60,7 @@ fn older(new: &str, old: &str) -> bool {
 }
 
 impl<F> Observed<F> {
+    /// Replaces every object with `rows`, from a fresh list: the watch is synced.
     pub fn reset(&mut self, rows: Vec<(Key, Seen<F>)>) {
         self.map = rows.into_iter().collect();
         self.synced = true;
@@ -124,6 +128,7 @@ impl<F> Observed<F> {
         }
     }
 
+    /// Forgets object `namespace/name` (deleted).
     pub fn remove(&mut self, namespace: &str, name: &str) {
         let key = (Arc::from(namespace), Arc::from(name));
         self.unconfirmed.remove(&key);
@@ -135,18 +140,22 @@ impl<F> Observed<F> {
         self.map.iter()
     }
 
+    /// The object `key`, if seen.
     pub fn get(&self, key: &Key) -> Option<&Seen<F>> {
         self.map.get(key)
     }
 
+    /// Whether a full list has been taken in since the watch started.
     pub fn synced(&self) -> bool {
         self.synced
     }
 
+    /// How many objects are held.
     pub fn len(&self) -> usize {
         self.map.len()
     }
 
+    /// Whether none is.
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }

@@ -83,7 +83,9 @@ const CONFLICT_RETRIES: usize = 3;
 /// How the signer runs.
 #[derive(Clone, Debug)]
 pub struct SignerOptions {
+    /// The `spec.signerName` this signer answers.
     pub signer_name: String,
+    /// The trust domain of the SPIFFE IDs it signs.
     pub trust_domain: TrustDomain,
     /// Status writes in flight at once (on the signer's own client).
     pub max_in_flight: usize,
@@ -100,16 +102,27 @@ pub struct SignerOptions {
 /// A request, as the signer reads it.
 #[derive(Clone, Debug, Default)]
 pub struct Request {
+    /// The request's namespace (the pod's).
     pub namespace: String,
+    /// The request's name.
     pub name: String,
+    /// The request's UID (empty when absent).
     pub uid: String,
+    /// The resourceVersion read, sent back with the status write.
     pub resource_version: String,
+    /// `spec.signerName`.
     pub signer_name: String,
+    /// `spec.serviceAccountName`: the pod's service account.
     pub service_account: String,
+    /// `spec.maxExpirationSeconds`, when set.
     pub max_expiration_seconds: Option<i64>,
+    /// `spec.stubPKCS10Request` (DER), empty when absent or not base64.
     pub stub_csr: Vec<u8>,
+    /// `spec.pkixPublicKey` (DER SPKI), empty when absent or not base64.
     pub pkix_public_key: Vec<u8>,
+    /// The keys of `spec.unverifiedUserAnnotations`.
     pub user_annotation_keys: Vec<String>,
+    /// `metadata.creationTimestamp`, when set.
     pub created: Option<SystemTime>,
     /// Issued, Denied or Failed already.
     pub answered: bool,
@@ -120,17 +133,27 @@ pub struct Request {
 /// What to answer.
 #[derive(Clone, Debug)]
 pub enum Decision {
+    /// Sign a leaf for the request's key.
     Issue {
+        /// The pod's service-account identity.
         id: SpiffeId,
+        /// The request's public key, checked.
         key: CheckedCsr,
+        /// The leaf's lifetime.
         ttl: Duration,
     },
+    /// Answer `Denied`: the request itself is unacceptable.
     Deny {
+        /// The condition's `reason`.
         reason: &'static str,
+        /// The condition's `message`.
         message: String,
     },
+    /// Answer `Failed`: the request cannot be signed now (no usable key, lifetime).
     Fail {
+        /// The condition's `reason`.
         reason: &'static str,
+        /// The condition's `message`.
         message: String,
     },
 }
@@ -138,7 +161,9 @@ pub enum Decision {
 /// What the decision needs to know of the CA.
 #[derive(Clone, Debug)]
 pub struct Context {
+    /// Our trust domain.
     pub trust_domain: TrustDomain,
+    /// The server's TTL policy.
     pub ttl: TtlPolicy,
     /// The end of the active authority's chain.
     pub chain_not_after: SystemTime,

@@ -39,6 +39,7 @@ pub const ISTIOD_LABEL: &str = "istio.io/config";
 /// The verdict kept per ConfigMap.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CmFacts {
+    /// Labelled as ours.
     pub ours: bool,
     /// Labelled by istiod.
     pub istiod: bool,
@@ -101,6 +102,7 @@ pub struct RootCmCopier {
 }
 
 impl RootCmCopier {
+    /// A copier writing the root ConfigMap into the namespaces of `scope`.
     pub fn new(client: Client, scope: watch::Receiver<Arc<Managed>>) -> Self {
         Self {
             client,

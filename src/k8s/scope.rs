@@ -52,6 +52,7 @@ pub struct Managed {
     /// The watch's first list is in (before that, nothing is known: no
     /// writer acts on an empty set it has not seen).
     pub synced: bool,
+    /// The managed namespaces' names.
     pub names: BTreeSet<String>,
 }
 
@@ -59,13 +60,17 @@ pub struct Managed {
 /// not decoded.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 pub struct SlimNamespace {
+    /// Its metadata: the name and deletionTimestamp are read.
     pub metadata: ObjectMeta,
+    /// Its status.
     #[serde(default)]
     pub status: SlimNsStatus,
 }
 
+/// The part of a namespace's status the CA reads.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 pub struct SlimNsStatus {
+    /// `status.phase`: `Active` or `Terminating`.
     pub phase: Option<String>,
 }
 

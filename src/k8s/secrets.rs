@@ -54,8 +54,11 @@ pub const MANAGED_BY: &str = "workload-ca.io/managed-by";
 pub const MANAGER: &str = "workload-ca";
 /// Secret names: this prefix and the account's name.
 pub const PREFIX: &str = "istio.";
+/// The Secret's key of the workload's private key.
 pub const KEY_PEM: &str = "key.pem";
+/// The Secret's key of the leaf and intermediates.
 pub const CHAIN_PEM: &str = "cert-chain.pem";
+/// The Secret's key of the trust bundle.
 pub const ROOT_PEM: &str = "root-cert.pem";
 /// The most roots a Secret of ours holds (a bundle mid-rotation holds two
 /// or three) before it is judged unsound without a signature check.
@@ -72,7 +75,9 @@ pub struct LeafFacts {
     pub issuer: Box<str>,
     /// SHA-256 of `root-cert.pem`.
     pub bundle: [u8; 32],
+    /// The leaf's NotBefore.
     pub not_before: SystemTime,
+    /// The leaf's NotAfter.
     pub not_after: SystemTime,
 }
 
@@ -273,7 +278,9 @@ pub fn refresh_at(not_before: SystemTime, not_after: SystemTime, fraction: f64) 
 /// A service account a Secret is wanted for.
 #[derive(Clone, Debug)]
 pub struct Account {
+    /// The service account's name.
     pub name: Arc<str>,
+    /// The service account's UID: the Secret's owner reference names it.
     pub uid: Arc<str>,
 }
 
@@ -287,8 +294,11 @@ pub struct Accounts {
 /// How Secrets are made.
 #[derive(Clone, Debug)]
 pub struct SecretOptions {
+    /// The lifetime of the leaves written.
     pub ttl: Duration,
+    /// Renewed after this fraction of a leaf's life.
     pub fraction: f64,
+    /// The key type of the leaves.
     pub key: KeyAlgorithm,
 }
 
@@ -305,6 +315,7 @@ pub struct SecretCopier {
 }
 
 impl SecretCopier {
+    /// A copier writing leaves from `issuer` into the namespaces of `scope`.
     pub fn new(
         client: Client,
         issuer: Arc<dyn LeafIssuer>,
@@ -404,7 +415,11 @@ impl SecretCopier {
         // Leaf and intermediates; the bundle (the chain's last element)
         // goes to root-cert.pem.
         let chain = &leaf.issued.chain;
-        let chain_pem: String = chain[..chain.len().saturating_sub(1)].concat();
+        let chain_pem: String = chain
+            .split_last()
+            .map(|(_, r)| r)
+            .unwrap_or_default()
+            .concat();
         // What a watch event of this Secret will show, known already.
         let not_before = {
             use x509_parser::prelude::FromDer;

@@ -52,8 +52,11 @@ pub const REFRESH_FRACTION: f64 = 0.5;
 /// One `--serving-secret`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServingSecret {
+    /// The Secret's namespace.
     pub namespace: String,
+    /// The Secret's name.
     pub name: String,
+    /// The DNS names the certificate covers.
     pub dns_names: Vec<String>,
 }
 
@@ -356,7 +359,11 @@ async fn reconcile(
     let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
     let leaf = issuer.issue_serving(&key, &spec.dns_names, ttl, now, "serving-secret")?;
     let chain = &leaf.issued.chain;
-    let crt: String = chain[..chain.len().saturating_sub(1)].concat();
+    let crt: String = chain
+        .split_last()
+        .map(|(_, r)| r)
+        .unwrap_or_default()
+        .concat();
     let data: BTreeMap<String, ByteString> = [
         ("tls.crt", crt.into_bytes()),
         ("tls.key", key.to_pem().as_bytes().to_vec()),

@@ -34,23 +34,31 @@ fn slim_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
 /// A pod: its keys, service account, node and phase.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 pub struct SlimPod {
+    /// Name, namespace, UID, resourceVersion and deletionTimestamp only.
     #[serde(deserialize_with = "slim_meta")]
     pub metadata: ObjectMeta,
+    /// The pod's spec, trimmed.
     #[serde(default)]
     pub spec: SlimPodSpec,
+    /// The pod's status, trimmed.
     #[serde(default)]
     pub status: SlimPodStatus,
 }
 
+/// The fields of a pod's `spec` the CA reads.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SlimPodSpec {
+    /// `spec.serviceAccountName`.
     pub service_account_name: Option<String>,
+    /// `spec.nodeName`, once scheduled.
     pub node_name: Option<String>,
 }
 
+/// The fields of a pod's `status` the CA reads.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 pub struct SlimPodStatus {
+    /// `status.phase` (`Pending`, `Running`, `Succeeded`, ...).
     pub phase: Option<String>,
 }
 
@@ -81,6 +89,7 @@ impl kube::Resource for SlimPod {
 /// A service account: its keys alone.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 pub struct SlimServiceAccount {
+    /// Name, namespace, UID, resourceVersion and deletionTimestamp only.
     #[serde(deserialize_with = "slim_meta")]
     pub metadata: ObjectMeta,
 }

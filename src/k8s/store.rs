@@ -122,9 +122,13 @@ pub const SECRET_TYPE: &str = "istio.io/ca-root";
 pub const MAX_SECRET_BYTES: usize = 1024 * 1024;
 /// [`KeyStore::poll_interval`] while the watch is live.
 pub const WATCHED_POLL_INTERVAL: Duration = Duration::from_millis(150);
+/// The label marking the Secret as ours.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Its value.
 pub const MANAGED_BY: &str = "workload-ca";
+/// Annotation: the stored set's generation.
 pub const GENERATION_ANNOTATION: &str = "workload-ca/generation";
+/// Annotation: the id of the active authority.
 pub const ACTIVE_ANNOTATION: &str = "workload-ca/active";
 
 /// A `kubernetes.io/tls` `cacerts` (as cert-manager writes it), which
@@ -200,10 +204,12 @@ impl SecretStore {
         }
     }
 
+    /// The Secret's namespace.
     pub fn namespace(&self) -> &str {
         &self.namespace
     }
 
+    /// The Secret's name.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -681,7 +687,7 @@ fn encode(next: &Stored) -> Result<Data, String> {
         if !valid_id(&m.id) {
             return Err(format!("bad authority id {:?}", m.id));
         }
-        if next.members[..i].iter().any(|o| o.id == m.id) {
+        if next.members.iter().take(i).any(|o| o.id == m.id) {
             return Err(format!("authority {} is in the set twice", m.id));
         }
         for (file, v) in entries(&m.files) {

@@ -67,6 +67,8 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// A publisher of `authorities`' bundle for `signer` (the object named
+    /// after it and `suffix`), writing while `leader` is true.
     pub fn new(
         client: kube::Client,
         signer: &str,

@@ -40,6 +40,7 @@ use crate::logsafe::WarnLimiter;
 
 /// A listening socket: TCP (with the peer's address) or Unix.
 pub trait Listener: Send + 'static {
+    /// The connection type.
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     /// The next connection and, for TCP, its source address.
     fn accept(&self) -> impl Future<Output = io::Result<(Self::Io, Option<IpAddr>)>> + Send;
@@ -167,7 +168,9 @@ impl Source {
 /// each connection's `serve`.
 #[derive(Clone, Default)]
 pub struct Calls {
+    /// Calls in flight from this connection's source (TCP only).
     pub source: Option<Arc<AtomicUsize>>,
+    /// Calls in flight in all.
     pub all: Arc<AtomicUsize>,
     /// Long-lived calls (bundle watches) open in all.
     pub watches: Arc<AtomicUsize>,
@@ -294,9 +297,13 @@ async fn serve_admitted<F: Future<Output = ()>>(
 pub struct Acceptor<L> {
     /// What is being served, for logs ("CA gRPC", "SDS <path>", "ops").
     pub name: String,
+    /// The socket connections are accepted from.
     pub listener: L,
+    /// Connection and handshake limits.
     pub limits: AcceptLimits,
+    /// Where refusals are counted.
     pub refusals: Refusals,
+    /// Turns true when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
     /// How long connections may take to finish after shutdown begins.
     pub drain: Duration,

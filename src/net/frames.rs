@@ -25,16 +25,16 @@ impl FrameScanner {
     pub(super) fn feed(&mut self, mut bytes: &[u8], report: &mut impl FnMut(u8, u32)) {
         while !bytes.is_empty() {
             if self.remaining == 0 {
-                let n = (9 - self.head_len).min(bytes.len());
-                self.head[self.head_len..self.head_len + n].copy_from_slice(&bytes[..n]);
-                self.head_len += n;
-                bytes = &bytes[n..];
+                let (taken, rest) = bytes.split_at((9 - self.head_len).min(bytes.len()));
+                let slots = self.head.iter_mut().skip(self.head_len);
+                slots.zip(taken).for_each(|(slot, b)| *slot = *b);
+                self.head_len += taken.len();
+                bytes = rest;
                 if self.head_len == 9 {
                     self.head_len = 0;
-                    self.remaining = usize::from(self.head[0]) << 16
-                        | usize::from(self.head[1]) << 8
-                        | usize::from(self.head[2]);
-                    self.kind = self.head[3];
+                    let [l0, l1, l2, kind, ..] = self.head;
+                    self.remaining = usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2);
+                    self.kind = kind;
                     self.code_len = 0;
                     self.code_want = match self.kind {
                         FRAME_RST_STREAM => 4,
@@ -44,24 +44,30 @@ impl FrameScanner {
                 }
                 continue;
             }
-            let n = self.remaining.min(bytes.len());
+            let (payload, rest) = bytes.split_at(self.remaining.min(bytes.len()));
             if self.code_len < self.code_want {
-                let take = (self.code_want - self.code_len).min(n);
-                self.code[self.code_len..self.code_len + take].copy_from_slice(&bytes[..take]);
-                self.code_len += take;
+                let slots = self
+                    .code
+                    .iter_mut()
+                    .take(self.code_want)
+                    .skip(self.code_len);
+                let before = self.code_len;
+                let copied = slots.zip(payload).map(|(slot, b)| *slot = *b).count();
+                self.code_len = before + copied;
                 if self.code_len == self.code_want {
-                    let at = self.code_want - 4;
-                    let code = u32::from_be_bytes([
-                        self.code[at],
-                        self.code[at + 1],
-                        self.code[at + 2],
-                        self.code[at + 3],
-                    ]);
-                    report(self.kind, code);
+                    // The error code is the payload's last 4 of its 4
+                    // (RST_STREAM) or 8 (GOAWAY) leading bytes.
+                    let [a0, a1, a2, a3, b0, b1, b2, b3] = self.code;
+                    let code = if self.code_want == 8 {
+                        [b0, b1, b2, b3]
+                    } else {
+                        [a0, a1, a2, a3]
+                    };
+                    report(self.kind, u32::from_be_bytes(code));
                 }
             }
-            self.remaining -= n;
-            bytes = &bytes[n..];
+            self.remaining -= payload.len();
+            bytes = rest;
         }
     }
 }

@@ -211,7 +211,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Observed<S> {
         ready!(this.poll_release(cx))?;
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
-            this.scan(&buf[..n.min(buf.len())]);
+            this.scan(buf.get(..n).unwrap_or(buf));
         }
         r
     }
@@ -242,7 +242,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Observed<S> {
                     break;
                 }
                 let take = left.min(b.len());
-                this.scan(&b[..take]);
+                this.scan(b.get(..take).unwrap_or_default());
                 left -= take;
             }
         }
@@ -284,9 +284,9 @@ struct ConnService<S, I> {
 
 /// Long-lived calls (bundle watches) one connection may hold open: an
 /// agent needs one.
-pub const MAX_WATCHES_PER_CONNECTION: usize = 1;
+pub(super) const MAX_WATCHES_PER_CONNECTION: usize = 1;
 /// Long-lived calls open in all (one per node of a large cluster).
-pub const MAX_WATCHES: usize = 16_384;
+pub(super) const MAX_WATCHES: usize = 16_384;
 
 /// One count a call takes a place in: the counter (none: not counted),
 /// its maximum (none: unlimited), and the limit's label.

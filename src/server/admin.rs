@@ -30,6 +30,7 @@ pub const DEFAULT_SOCKET: &str = "admin.sock";
 /// The body of a step.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct StepRequest {
+    /// Take the step even though its gate is closed (`--force`).
     #[serde(default)]
     pub force: bool,
     /// `prepare` only: a `cacerts` set to prepare instead of a new root.
@@ -40,10 +41,14 @@ pub struct StepRequest {
 /// The four files of a `cacerts` directory.
 #[derive(Serialize, Deserialize)]
 pub struct CacertsBody {
+    /// `ca-cert.pem`: the signing certificate.
     pub ca_cert: String,
+    /// `ca-key.pem`: its private key (never shown in Debug).
     #[serde(serialize_with = "ser_key", deserialize_with = "de_key")]
     pub ca_key: Zeroizing<String>,
+    /// `cert-chain.pem`: the signing certificate and the chain above it.
     pub cert_chain: String,
+    /// `root-cert.pem`: the root(s).
     pub root_cert: String,
 }
 
@@ -88,6 +93,7 @@ impl From<&CaFiles> for CacertsBody {
 /// An error answer.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
+    /// Why the request failed.
     pub error: String,
     /// What a closed gate is waiting for.
     #[serde(default)]

@@ -246,11 +246,15 @@ pub struct Caller {
 
 /// What an authenticator may look at.
 pub struct AuthContext<'a> {
+    /// The request's gRPC metadata (the `authorization` header).
     pub metadata: &'a MetadataMap,
+    /// The client's certificate chain, leaf first, when it presented one.
     pub peer_certs: Option<&'a [CertificateDer<'static>]>,
+    /// The time the credentials are checked at.
     pub now: SystemTime,
 }
 
+/// What [`Authenticator::authenticate`] returns: boxed, for `dyn` use.
 pub type AuthFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Option<Caller>, AuthError>> + Send + 'a>>;
 
@@ -267,10 +271,12 @@ pub trait Authenticator: Send + Sync {
 pub struct AuthChain(Vec<Arc<dyn Authenticator>>);
 
 impl AuthChain {
+    /// A chain trying `authenticators` in this order.
     pub fn new(authenticators: Vec<Arc<dyn Authenticator>>) -> Self {
         Self(authenticators)
     }
 
+    /// The authenticators' names, in order.
     pub fn names(&self) -> Vec<&'static str> {
         self.0.iter().map(|a| a.name()).collect()
     }
@@ -358,6 +364,7 @@ pub struct ClientCertAuthenticator {
 }
 
 impl ClientCertAuthenticator {
+    /// Renewals anchored on the signing certificates of the authorities `authorities` publishes.
     pub fn new(authorities: watch::Receiver<Arc<AuthoritySet>>) -> Self {
         Self {
             authorities,
@@ -378,15 +385,15 @@ impl ClientCertAuthenticator {
         now: SystemTime,
     ) -> Result<Caller, AuthError> {
         let authorities = self.authorities.borrow().clone();
-        let leaf = certs
-            .first()
+        let (leaf, rest) = certs
+            .split_first()
             .ok_or_else(|| AuthError::cert(CertFault::Empty, "empty chain"))?;
         // Anchored on this CA's own signing certificates (every authority
         // still in the set: a leaf of a retiring one renews, and is
         // re-issued by the active one), not on the whole root bundle: a
         // sibling intermediate under a shared root must not be able to mint
         // renewals here.
-        let intermediates: Vec<Vec<u8>> = certs[1..].iter().map(|c| c.to_vec()).collect();
+        let intermediates: Vec<Vec<u8>> = rest.iter().map(|c| c.to_vec()).collect();
         let signers: Vec<&[u8]> = authorities
             .renewal_signers()
             .into_iter()

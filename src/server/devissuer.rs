@@ -66,6 +66,7 @@ impl DevIssuer {
         Ok(Self { key, path })
     }
 
+    /// The file the development key is kept in.
     pub fn key_path(&self) -> &Path {
         &self.path
     }
@@ -93,7 +94,8 @@ impl DevIssuer {
     fn kid(&self) -> String {
         use base64::Engine;
         let digest = ring::digest::digest(&ring::digest::SHA256, &self.key.spki_der());
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest.as_ref()[..12])
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(digest.as_ref().get(..12).unwrap_or_default())
     }
 
     /// Mints a service-account token for `namespace`/`service_account`.
@@ -128,9 +130,13 @@ impl DevIssuer {
 /// key the ring provider signs with: the development issuer's, or a test
 /// or benchmark issuer's (`ca bench --issuer-key`).
 pub struct TokenSigner {
+    /// The signing key.
     pub key: EncodingKey,
+    /// The algorithm the key signs with.
     pub algorithm: Algorithm,
+    /// The `kid` header, when the issuer's JWKS names its keys.
     pub key_id: Option<String>,
+    /// The `iss` claim.
     pub issuer: String,
 }
 

@@ -39,7 +39,9 @@ const MAX_AGENTS_PER_IDENTITY: usize = 10_000;
 /// An agent: the identity it authenticated as, and its name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct AgentKey {
+    /// The SPIFFE ID the agent authenticated as.
     pub identity: String,
+    /// The name the agent reports (its node).
     pub name: String,
 }
 
@@ -52,8 +54,11 @@ impl AgentKey {
 /// What one agent (or one stream of it) last reported.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Held {
+    /// The lowest generation every proxy subscribed to the bundle has ACKed.
     pub acked_generation: u64,
+    /// The bundle generation the agent holds.
     pub bundle_generation: u64,
+    /// Proxy streams subscribed to the trust bundle.
     pub proxies: u32,
     /// Authority id -> latest NotAfter (Unix seconds) of the leaves it
     /// serves, each checked against the authority's signer.
@@ -182,9 +187,12 @@ impl Inner {
 /// ended cleanly (a crash may have lost the last seconds of issuance).
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Saved {
+    /// Leaves issued, per authority and generation.
     pub ledger: Ledger,
+    /// Each agent and its last report.
     #[serde(default)]
     pub agents: Vec<(AgentKey, Held)>,
+    /// Whether the run that saved this ended cleanly.
     pub clean: bool,
 }
 
@@ -233,12 +241,19 @@ impl std::fmt::Debug for Counters {
 /// One agent, for `status`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AgentStatus {
+    /// The name the agent reports (its node).
     pub name: String,
+    /// The SPIFFE ID the agent authenticated as.
     pub identity: String,
+    /// Whether a bundle watch of it is open now.
     pub connected: bool,
+    /// The bundle generation it holds.
     pub bundle_generation: u64,
+    /// The lowest generation its subscribed proxies have ACKed.
     pub acked_generation: u64,
+    /// Proxy streams subscribed to the trust bundle.
     pub proxies: u32,
+    /// Leaves it reported serving.
     pub leaves: usize,
 }
 
@@ -710,7 +725,7 @@ pub(crate) fn spawn_saver(
     })
 }
 
-/// The file they are saved in, in the state directory.
+/// Where [`Saved`] is kept in `state_dir`.
 pub fn saved_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("issued.json")
 }

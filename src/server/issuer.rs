@@ -16,7 +16,7 @@ use crate::ca::{
 use crate::identity::SpiffeId;
 
 /// [`LeafIssuer`] over the server's live CA.
-pub struct CaIssuer {
+pub(super) struct CaIssuer {
     pub(crate) live: Arc<LiveCa>,
     pub(crate) fleet: Arc<Fleet>,
     pub(crate) ttl: TtlPolicy,

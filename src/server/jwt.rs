@@ -48,9 +48,11 @@ const MAX_JWKS_BYTES: usize = 1 << 20;
 /// A public key a token may be signed with.
 #[derive(Clone)]
 pub struct VerifyKey {
+    /// The JWK's `kid`; `None` for PEM keys, which any token may try.
     pub kid: Option<String>,
     /// The JWK's `alg`, if it names one.
     pub alg: Option<String>,
+    /// The key itself.
     pub key: DecodingKey,
 }
 
@@ -68,7 +70,9 @@ pub enum KeySource {
     /// until the first fetch. A token naming a key id we do not know
     /// pokes `stale`, so a rotated issuer key is fetched at once.
     Published {
+        /// The latest document, `None` until the first fetch.
         jwks: tokio::sync::watch::Receiver<Option<String>>,
+        /// Poked when a token names an unknown key id.
         stale: Arc<tokio::sync::Notify>,
     },
 }
@@ -106,7 +110,9 @@ impl KeySource {
 /// One trusted token issuer.
 #[derive(Clone, Debug)]
 pub struct IssuerConfig {
+    /// The `iss` claim its tokens carry.
     pub issuer: String,
+    /// Where its public keys come from.
     pub keys: KeySource,
 }
 

@@ -210,7 +210,10 @@ fn ec_components_from_private_key(
         .map_err(|_| Error::from(ErrorKind::InvalidEcdsaKey))?;
     let point = k.public_key().as_ref();
     match point.split_first() {
-        Some((4, xy)) if xy.len() == 2 * len => Ok((curve, xy[..len].to_vec(), xy[len..].to_vec())),
+        Some((4, xy)) if xy.len() == 2 * len => {
+            let (x, y) = xy.split_at(len);
+            Ok((curve, x.to_vec(), y.to_vec()))
+        }
         _ => Err(ErrorKind::InvalidEcdsaKey.into()),
     }
 }

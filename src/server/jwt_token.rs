@@ -118,7 +118,7 @@ impl<'a> Token<'a> {
     ///
     /// # Errors
     /// A message naming the malformed part.
-    pub fn parse(token: &'a str) -> Result<Self, String> {
+    pub(super) fn parse(token: &'a str) -> Result<Self, String> {
         let mut parts = token.split('.');
         let (Some(head), Some(payload), Some(sig), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -130,7 +130,11 @@ impl<'a> Token<'a> {
         Ok(Self {
             header,
             claims,
-            signing_input: &token.as_bytes()[..head.len() + 1 + payload.len()],
+            // `head.payload`, which `split` found at the token's start.
+            signing_input: token
+                .as_bytes()
+                .get(..head.len() + 1 + payload.len())
+                .unwrap_or_default(),
             signature_b64: sig,
         })
     }
@@ -159,7 +163,7 @@ impl Claims {
     ///
     /// # Errors
     /// Which check failed, and what is wrong in jsonwebtoken's words.
-    pub fn validate(
+    pub(super) fn validate(
         &self,
         issuer: &str,
         audiences: &[String],

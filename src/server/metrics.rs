@@ -12,16 +12,26 @@ use crate::limits::Refusals;
 /// Kinds of signing error, the `error` label of `citadel_server_csr_sign_err_count`.
 pub const SIGN_ERROR_KINDS: &[&str] = &["identity_mismatch", "ttl", "signer_expired", "internal"];
 
+/// The CA server's metrics, in their own registry.
 pub struct Metrics {
     registry: Registry,
+    /// `citadel_server_csr_count`: CreateCertificate requests.
     pub csr_count: IntCounter,
+    /// `citadel_server_success_cert_issuance_count`: certificates issued.
     pub success_cert_issuance: IntCounter,
+    /// `citadel_server_authentication_failure_count`: callers not authenticated.
     pub authentication_failure: IntCounter,
+    /// `citadel_server_csr_parsing_err_count`: CSRs that did not parse or pass the key policy.
     pub csr_parsing_err: IntCounter,
+    /// `citadel_server_id_extraction_err_count`: callers refused the identity they asked for.
     pub id_extraction_err: IntCounter,
+    /// `citadel_server_csr_sign_err_count{error}`, by [`SIGN_ERROR_KINDS`].
     pub csr_sign_err: IntCounterVec,
+    /// `citadel_server_root_cert_expiry_timestamp`: the root's NotAfter, Unix seconds.
     pub root_cert_expiry: IntGauge,
+    /// `citadel_server_cert_chain_expiry_timestamp`: the chain's end, Unix seconds.
     pub cert_chain_expiry: IntGauge,
+    /// `workload_ca_serving_cert_expiry_timestamp`: the serving certificate's NotAfter, Unix seconds.
     pub serving_cert_expiry: IntGauge,
     /// `workload_ca_limit_refusals_total{limit}`, `workload_ca_log_suppressed_total`.
     pub refusals: Refusals,
@@ -41,7 +51,9 @@ pub struct Metrics {
 /// Completed TLS handshakes by kind.
 #[derive(Clone)]
 pub struct Handshakes {
+    /// Full handshakes.
     pub full: IntCounter,
+    /// Resumed handshakes (session tickets or IDs).
     pub resumed: IntCounter,
 }
 

@@ -94,7 +94,9 @@ impl Error {
 pub enum CaSource {
     /// A self-signed root kept in `<state-dir>/ca`, generated on first start.
     Embedded {
+        /// The root's key algorithm.
         algorithm: KeyAlgorithm,
+        /// How long a generated root is valid.
         root_lifetime: Duration,
     },
     /// An Istio `cacerts` directory (intermediate under an existing root).
@@ -104,20 +106,29 @@ pub enum CaSource {
 /// The server's configuration.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
+    /// Where the CA keeps its state (`ca/`, the serving certificate, the development key).
     pub state_dir: PathBuf,
+    /// The trust domain of every identity issued.
     pub trust_domain: TrustDomain,
+    /// Where the CA key material comes from.
     pub ca: CaSource,
+    /// The gRPC port's address.
     pub listen: SocketAddr,
     /// `/metrics`, `/healthz`, `/readyz`; none when `None`.
     pub ops_listen: Option<SocketAddr>,
+    /// The serving certificate's names and lifetime.
     pub serving: ServingSpec,
+    /// How long issued leaves live.
     pub ttl: TtlPolicy,
+    /// The JWT issuers whose tokens are accepted.
     pub jwt_issuers: Vec<IssuerConfig>,
+    /// Accepted token audiences.
     pub jwt_audiences: Vec<String>,
     /// Tokens living longer than this (`iat` to `exp`) are refused.
     pub max_token_lifetime: Duration,
     /// Trust tokens minted by `ca token` (development only).
     pub dev_issuer: bool,
+    /// How often JWKS files and URLs are re-read.
     pub jwks_refresh: Duration,
     /// How long in-flight calls may take to finish on shutdown.
     pub drain_timeout: Duration,
@@ -137,14 +148,19 @@ pub struct ServerConfig {
 
 /// A started server.
 pub struct Running {
+    /// The gRPC port's bound address.
     pub grpc_addr: SocketAddr,
+    /// The operations endpoint's bound address, when it listens.
     pub ops_addr: Option<SocketAddr>,
     /// The trust bundle clients verify the server (and their certs) against.
     pub root_cert_path: PathBuf,
     /// Where `ca token` finds the development key, when `--dev` is on.
     pub dev_issuer_key: Option<PathBuf>,
+    /// The names of the authenticators, in the order they are tried.
     pub authenticators: Vec<&'static str>,
+    /// The `iss` of every JWT issuer trusted.
     pub jwt_issuers: Vec<String>,
+    /// Whether this start generated the CA (the store was empty).
     pub ca_created: bool,
     /// The CA's authorities, published once and read by every part of the
     /// server: signing, client-certificate renewal, the serving certificate,

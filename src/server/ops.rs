@@ -13,7 +13,7 @@ use crate::ca::AuthoritySet;
 use crate::limits::OpsLimits;
 
 /// What readiness depends on.
-pub struct Health {
+pub(super) struct Health {
     /// False before start-up completes and once shutdown begins.
     pub serving: AtomicBool,
     pub serving_cert: Arc<ServingCert>,
@@ -25,7 +25,7 @@ pub struct Health {
 
 impl Health {
     /// Ready: serving, with an unexpired serving certificate and signer.
-    pub fn ready(&self) -> Result<(), String> {
+    pub(super) fn ready(&self) -> Result<(), String> {
         let now = SystemTime::now();
         if !self.serving.load(Ordering::Acquire) {
             return Err("not serving (starting or draining)".into());
@@ -53,7 +53,7 @@ impl Health {
 
 /// Serves `/metrics`, `/healthz`, `/readyz` and `/trust-bundle` until
 /// `shutdown` fires.
-pub fn spawn(
+pub(super) fn spawn(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     health: Arc<Health>,

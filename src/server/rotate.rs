@@ -36,6 +36,7 @@ pub struct LiveCa {
 }
 
 impl LiveCa {
+    /// Publishes `set`, whose authorities `store` holds.
     pub fn new(set: AuthoritySet, store: Arc<dyn KeyStore>) -> Self {
         Self {
             tx: watch::channel(Arc::new(set)).0,
@@ -45,10 +46,12 @@ impl LiveCa {
         }
     }
 
+    /// The authorities in use now.
     pub fn current(&self) -> Arc<AuthoritySet> {
         self.tx.borrow().clone()
     }
 
+    /// Follows the authorities in use: a new value on every change.
     pub fn subscribe(&self) -> watch::Receiver<Arc<AuthoritySet>> {
         self.tx.subscribe()
     }
@@ -193,25 +196,35 @@ impl LiveCa {
 /// One authority, for `status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuthorityStatus {
+    /// The authority's id ([`crate::ca::authority_id`]).
     pub id: String,
+    /// `active`, `prepared` or `retiring`.
     pub state: String,
+    /// When it entered that state (RFC 3339).
     pub since: String,
+    /// The end of its chain (RFC 3339).
     pub not_after: String,
     /// SHA-256 of the signing certificate.
     pub fingerprint: String,
+    /// The signing certificate's subject.
     pub subject: String,
 }
 
 /// What `ca rotate-root status` shows.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RotationStatus {
+    /// The set's generation.
     pub generation: u64,
+    /// Every member of the set.
     pub authorities: Vec<AuthorityStatus>,
     /// Agents whose proxies ACKed the current generation, of all the
     /// agents known (connected, or disconnected with leaves still valid).
     pub confirmed: usize,
+    /// How many agents are known (connected, or with leaves still valid).
     pub known: usize,
+    /// The known agents that have not confirmed the current generation.
     pub behind: Vec<String>,
+    /// Each known agent and what it last reported.
     pub agents: Vec<AgentStatus>,
     /// Until when leaves issued to clients that are not our agents may
     /// still carry an older bundle (they learn it at their next request).
@@ -222,6 +235,7 @@ pub struct RotationStatus {
     pub copies: Vec<rotation::Copies>,
     /// What the next step is, and whether its gate is open.
     pub next_step: Option<String>,
+    /// What keeps the next step's gate closed (empty: it is open).
     pub blocked_by: Vec<String>,
 }
 
@@ -229,12 +243,16 @@ pub struct RotationStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Step {
+    /// Add a new authority, prepared: its root joins the bundle.
     Prepare,
+    /// Make the prepared authority the signer; the active one starts retiring.
     Activate,
+    /// Remove the retiring authority (its root leaves the bundle).
     Retire,
 }
 
 impl Step {
+    /// The step's name, as the CLI and the admin API spell it.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Prepare => "prepare",
@@ -286,8 +304,11 @@ pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
 /// Takes rotation steps on a [`LiveCa`].
 pub struct Rotator {
+    /// The authorities the steps change.
     pub live: Arc<LiveCa>,
+    /// The agents' evidence the gates read.
     pub fleet: Arc<Fleet>,
+    /// What a prepared authority is generated from.
     pub spec: RootSpec,
     /// The other replicas' evidence, merged into every gate.
     peers: Option<Arc<dyn rotation::PeerEvidence>>,
@@ -299,6 +320,7 @@ pub struct Rotator {
 }
 
 impl Rotator {
+    /// A rotator without peers, leadership or a test clock.
     pub fn new(live: Arc<LiveCa>, fleet: Arc<Fleet>, spec: RootSpec) -> Self {
         Self {
             live,

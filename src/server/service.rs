@@ -18,7 +18,7 @@ use crate::proto::{AGENT_HEADER, BUNDLE_GENERATION_HEADER};
 use std::net::IpAddr;
 
 /// The CSR-signing service.
-pub struct CaService {
+pub(super) struct CaService {
     pub(crate) authority: watch::Receiver<Arc<AuthoritySet>>,
     pub(crate) auth: AuthChain,
     pub(crate) ttl: TtlPolicy,

@@ -7,7 +7,7 @@ use crate::ca;
 
 /// What every authentication failure looks like to the caller: nothing that
 /// tells an attacker which check failed. The reason is logged instead.
-pub fn unauthenticated() -> Status {
+pub(super) fn unauthenticated() -> Status {
     Status::unauthenticated("authentication failed")
 }
 
@@ -28,7 +28,7 @@ fn bounded(mut message: String) -> String {
 }
 
 /// Maps a CA error to the status Istio's clients expect.
-pub fn from_ca(e: &ca::Error) -> Status {
+pub(super) fn from_ca(e: &ca::Error) -> Status {
     use ca::Error as E;
     match e {
         E::CsrTooLarge { .. }
@@ -49,7 +49,7 @@ pub fn from_ca(e: &ca::Error) -> Status {
 }
 
 /// Counts a refused request under Istio's metric for its kind.
-pub fn count(metrics: &Metrics, e: &ca::Error) {
+pub(super) fn count(metrics: &Metrics, e: &ca::Error) {
     use ca::Error as E;
     let kind = match e {
         E::CsrTooLarge { .. } | E::CsrMalformed(_) | E::CsrKeyType(_) | E::CsrSignature(_) => {

@@ -30,8 +30,11 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 /// What the serving certificate covers and how long it lives.
 #[derive(Clone, Debug)]
 pub struct ServingSpec {
+    /// DNS subject alternative names.
     pub dns_names: Vec<String>,
+    /// IP subject alternative names.
     pub ips: Vec<IpAddr>,
+    /// How long each serving certificate lives.
     pub ttl: Duration,
 }
 
@@ -93,6 +96,7 @@ impl ServingCert {
         self.issued_by.read_locked().clone()
     }
 
+    /// The NotAfter of the certificate being served.
     pub fn not_after(&self) -> SystemTime {
         self.validity.read_locked().1
     }
@@ -114,7 +118,12 @@ fn issue(
     let issued = authority.sign_serving(&key, &spec.dns_names, &spec.ips, spec.ttl, now)?;
     // Leaf and intermediates; the root bundle (last element) is the client's.
     let mut chain = Vec::new();
-    for text in &issued.chain[..issued.chain.len().saturating_sub(1)] {
+    for text in issued
+        .chain
+        .split_last()
+        .map(|(_, r)| r)
+        .unwrap_or_default()
+    {
         for block in pem::parse_many(text).map_err(|e| Error::Tls(e.to_string()))? {
             chain.push(CertificateDer::from(block.into_contents()));
         }

@@ -33,6 +33,7 @@ use super::agent_streams::{self as streams, ENVOY_NODE_BYTES, Event, Plan};
 use super::procfs;
 use super::target::TempDir;
 
+/// Options of `ca bench agent`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct AgentArgs {
     /// SDS streams (in the envoy shape, half as many proxies).
@@ -274,15 +275,10 @@ impl Seen {
         });
     }
 
-    fn received(&self, serial: &str) -> usize {
-        self.receipts.get(serial).map_or(0, HashMap::len)
-    }
-
     /// Marks rotations complete (every stream has it) or timed out.
     fn settle(&mut self, streams: usize, timeout: Duration) {
-        for i in 0..self.rotations.len() {
-            let n = self.received(&self.rotations[i].serial);
-            let r = &mut self.rotations[i];
+        for r in &mut self.rotations {
+            let n = self.receipts.get(&r.serial).map_or(0, HashMap::len);
             if !r.done && (n >= streams || r.seen.elapsed() >= timeout) {
                 r.done = true;
             }

@@ -3,11 +3,13 @@
 use serde::Serialize;
 
 /// The push-spread and memory targets of the agent (issue 10).
-pub const TARGET_PUSH_MS: f64 = 50.0;
-pub const TARGET_RSS_BYTES: u64 = 50 * 1000 * 1000;
+pub(super) const TARGET_PUSH_MS: f64 = 50.0;
+pub(super) const TARGET_RSS_BYTES: u64 = 50 * 1000 * 1000;
 
+/// The report of `ca bench agent`.
 #[derive(Debug, Serialize)]
 pub struct AgentReport {
+    /// Always `agent`.
     pub mode: &'static str,
     /// How the streams sit on connections (`envoy`: one connection per
     /// proxy, one stream per resource name; `one-stream-per-connection`).
@@ -23,6 +25,7 @@ pub struct AgentReport {
     pub node_bytes: usize,
     /// Rotations measured.
     pub rotations: usize,
+    /// The lifetime asked of the agent's certificates, in milliseconds.
     pub cert_ttl_ms: u64,
     /// What each push time counts from: `agent_log` (the time stamped on
     /// the agent's "certificate obtained" log line, just before it hands
@@ -35,12 +38,16 @@ pub struct AgentReport {
     pub missed_pushes: usize,
     /// Streams that ended or could not open.
     pub stream_errors: usize,
+    /// Opening the streams.
     pub open: OpenFigures,
+    /// The agent process.
     pub agent: AgentFigures,
+    /// The bench process.
     pub client: ClientFigures,
     /// Flags the bench gives the agent beyond its defaults (its per-socket
     /// connection and stream caps are raised to fit the streams).
     pub agent_flags: Vec<String>,
+    /// The targets, and whether this run met them.
     pub targets: Targets,
     /// What else the machine was doing: the agent and the streams share
     /// its cores with everything else.
@@ -142,8 +149,11 @@ pub(super) fn spread(mut ms: Vec<f64>) -> (f64, f64, f64, f64) {
         return (0.0, 0.0, 0.0, 0.0);
     }
     ms.sort_by(f64::total_cmp);
-    let at = |p: f64| ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1];
-    (ms[0], at(0.5), at(0.99), ms[ms.len() - 1])
+    let at = |p: f64| {
+        let i = ((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1;
+        ms.get(i).copied().unwrap_or(0.0)
+    };
+    (at(0.0), at(0.5), at(0.99), at(1.0))
 }
 
 fn mb(b: u64) -> String {

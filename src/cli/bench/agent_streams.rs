@@ -283,7 +283,7 @@ pub(super) mod wire {
     /// `envoy.service.discovery.v3.DiscoveryRequest` (without
     /// `error_detail`: the bench never NACKs).
     #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Request {
+    pub(crate) struct Request {
         #[prost(string, tag = "1")]
         pub version_info: String,
         #[prost(message, optional, tag = "2")]
@@ -298,7 +298,7 @@ pub(super) mod wire {
 
     /// `envoy.config.core.v3.Node`: id, cluster, user agent and extensions.
     #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Node {
+    pub(crate) struct Node {
         #[prost(string, tag = "1")]
         pub id: String,
         #[prost(string, tag = "2")]
@@ -311,7 +311,7 @@ pub(super) mod wire {
 
     /// `envoy.config.core.v3.Extension`: name, category, type URLs.
     #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Extension {
+    pub(crate) struct Extension {
         #[prost(string, tag = "1")]
         pub name: String,
         #[prost(string, tag = "2")]
@@ -322,7 +322,7 @@ pub(super) mod wire {
 
     /// A node of about `bytes` encoded bytes (at least its id and cluster):
     /// extensions named like Envoy's until the size is reached.
-    pub fn envoy_node(bytes: usize) -> Node {
+    pub(crate) fn envoy_node(bytes: usize) -> Node {
         use prost::Message;
         let mut node = Node {
             id: "sidecar~10.0.0.1~bench-0.bench~bench.svc.cluster.local".into(),

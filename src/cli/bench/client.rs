@@ -19,11 +19,11 @@ use super::work::Prepared;
 
 /// How long one call (or one connection set-up) may take before it
 /// counts as an error.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a call failed, as counted in the report.
 #[derive(Debug)]
-pub enum CallError {
+pub(super) enum CallError {
     /// TCP connect (refused, reset, no address).
     Connect(std::io::Error),
     /// The TLS handshake.
@@ -40,7 +40,7 @@ pub enum CallError {
 
 impl CallError {
     /// The report's key for this error.
-    pub fn label(&self) -> String {
+    pub(super) fn label(&self) -> String {
         match self {
             Self::Connect(e) => format!("connect: {:?}", e.kind()),
             Self::Tls(e) => format!("tls: {:?}", e.kind()),
@@ -58,7 +58,7 @@ impl CallError {
 
 /// TLS to the CA: its roots, ALPN h2, resumption on or off.
 #[derive(Clone)]
-pub struct Tls {
+pub(super) struct Tls {
     connector: tokio_rustls::TlsConnector,
     name: ServerName<'static>,
     /// Handshakes that resumed a session, over every clone.
@@ -68,7 +68,7 @@ pub struct Tls {
 impl Tls {
     /// # Errors
     /// An unreadable root file or a bad server name.
-    pub fn new(root_cert: &Path, server_name: &str, resume: bool) -> anyhow::Result<Self> {
+    pub(super) fn new(root_cert: &Path, server_name: &str, resume: bool) -> anyhow::Result<Self> {
         let pem =
             std::fs::read(root_cert).with_context(|| format!("reading {}", root_cert.display()))?;
         let mut roots = rustls::RootCertStore::empty();
@@ -106,7 +106,7 @@ impl Tls {
 ///
 /// # Errors
 /// The stage that failed.
-pub async fn connect(
+pub(super) async fn connect(
     addr: SocketAddr,
     source: Option<IpAddr>,
     tls: &Tls,
@@ -148,7 +148,7 @@ pub async fn connect(
 ///
 /// # Errors
 /// Anything but an HTTP 200 with gRPC status 0.
-pub async fn call(
+pub(super) async fn call(
     send: &mut SendRequest<Bytes>,
     uri: &http::Uri,
     call: &Prepared,
@@ -204,7 +204,7 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
 ///
 /// # Errors
 /// An address that does not resolve.
-pub async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+pub(super) async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
     tokio::net::lookup_host(addr)
         .await
         .with_context(|| format!("resolving {addr}"))?

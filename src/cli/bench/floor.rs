@@ -70,7 +70,7 @@ impl Floor {
 ///
 /// # Errors
 /// A key that cannot be made or a signature that fails.
-pub fn measure_connection() -> anyhow::Result<ConnectionFloor> {
+pub(super) fn measure_connection() -> anyhow::Result<ConnectionFloor> {
     use ring::agreement;
     let rng = ring::rand::SystemRandom::new();
     let client = agreement::EphemeralPrivateKey::generate(&agreement::X25519, &rng)
@@ -160,7 +160,7 @@ fn csr_algorithm(k: KeyAlgorithm) -> &'static dyn sig::VerificationAlgorithm {
 /// # Errors
 /// A key that cannot be made, or a verification that fails (which would
 /// make the figure meaningless).
-pub fn measure(
+pub(super) fn measure(
     csr_key: KeyAlgorithm,
     ca_key: KeyAlgorithm,
     token: Algorithm,

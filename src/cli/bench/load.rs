@@ -156,7 +156,11 @@ async fn clock(
 ///
 /// # Errors
 /// A connection that cannot be opened.
-pub async fn warm(target: &Target, work: &Arc<Work>, load: &LoadArgs) -> anyhow::Result<Report> {
+pub(super) async fn warm(
+    target: &Target,
+    work: &Arc<Work>,
+    load: &LoadArgs,
+) -> anyhow::Result<Report> {
     let addr = client::resolve(&target.addr).await?;
     let tls = Tls::new(&target.root_cert, &target.server_name, false)?;
     let mut conns = Vec::new();
@@ -169,10 +173,12 @@ pub async fn warm(target: &Target, work: &Arc<Work>, load: &LoadArgs) -> anyhow:
     }
     let k = conns.len();
     timed(Mode::Warm, target, work, load, (k, 0), |w| {
+        // In bounds: `w % k` with k the number of connections.
+        #[allow(clippy::indexing_slicing)]
         let (send, work) = (conns[w % k].clone(), work.clone());
         move |i, body| {
             let (mut send, work) = (send.clone(), work.clone());
-            async move { client::call(&mut send, &work.uri, &work.calls[i], body).await }
+            async move { client::call(&mut send, &work.uri, work.call(i), body).await }
         }
     })
     .await
@@ -183,12 +189,18 @@ pub async fn warm(target: &Target, work: &Arc<Work>, load: &LoadArgs) -> anyhow:
 ///
 /// # Errors
 /// A bad root file or address.
-pub async fn cold(target: &Target, work: &Arc<Work>, load: &LoadArgs) -> anyhow::Result<Report> {
+pub(super) async fn cold(
+    target: &Target,
+    work: &Arc<Work>,
+    load: &LoadArgs,
+) -> anyhow::Result<Report> {
     let addr = client::resolve(&target.addr).await?;
     let tls = Tls::new(&target.root_cert, &target.server_name, load.resume)?;
     let sources = sources(addr, load.sources, 16);
     let n = sources.iter().flatten().count();
     let mut report = timed(Mode::Cold, target, work, load, (0, n), |w| {
+        // In bounds: modulo the number of sources.
+        #[allow(clippy::indexing_slicing)]
         let (source, tls, work) = (sources[w % sources.len()], tls.clone(), work.clone());
         move |i, body| {
             let (tls, work) = (tls.clone(), work.clone());
@@ -287,7 +299,7 @@ async fn one_connection(
     body: bool,
 ) -> Result<Bytes, CallError> {
     let mut send = client::connect(addr, source, tls).await?;
-    client::call(&mut send, &work.uri, &work.calls[i], body).await
+    client::call(&mut send, &work.uri, work.call(i), body).await
 }
 
 /// Burst: every identity at once, each on its own new connection; the
@@ -295,7 +307,11 @@ async fn one_connection(
 ///
 /// # Errors
 /// More identities than this process may open files for.
-pub async fn burst(target: &Target, work: &Arc<Work>, load: &LoadArgs) -> anyhow::Result<Report> {
+pub(super) async fn burst(
+    target: &Target,
+    work: &Arc<Work>,
+    load: &LoadArgs,
+) -> anyhow::Result<Report> {
     let addr = client::resolve(&target.addr).await?;
     let tls = Tls::new(&target.root_cert, &target.server_name, false)?;
     let n = work.calls.len();
@@ -315,6 +331,8 @@ pub async fn burst(target: &Target, work: &Arc<Work>, load: &LoadArgs) -> anyhow
     let fired = Instant::now();
     let mut workers = Vec::with_capacity(n);
     for i in 0..n {
+        // In bounds: modulo the number of sources.
+        #[allow(clippy::indexing_slicing)]
         let source = sources[i % sources.len()];
         let (live, keep, work, tls) = (live.clone(), keep.clone(), work.clone(), tls.clone());
         let verify = load.verify;
@@ -432,7 +450,7 @@ fn verify(
     let now = SystemTime::now();
     let mut checked = 0;
     for (i, body) in kept.iter().take(limit) {
-        let call = &work.calls[*i];
+        let call = work.call(*i);
         let outcome = check_answer(body, call, work, &anchors, now);
         checked += 1;
         if let Err(why) = outcome {

@@ -6,7 +6,7 @@ const TICKS_PER_SECOND: f64 = 100.0;
 
 /// User + system CPU time of a process (every thread), in seconds;
 /// `None` when it cannot be read (not Linux, not ours, gone).
-pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+pub(super) fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     let path = match pid {
         Some(p) => format!("/proc/{p}/stat"),
         None => "/proc/self/stat".into(),
@@ -22,7 +22,7 @@ pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
 }
 
 /// A `/proc/<pid>/status` memory field (`VmRSS`, `VmHWM`) in bytes.
-pub fn memory_bytes(pid: u32, field: &str) -> Option<u64> {
+pub(super) fn memory_bytes(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find_map(|l| {
         let v = l.strip_prefix(field)?.strip_prefix(':')?.trim();
@@ -32,7 +32,7 @@ pub fn memory_bytes(pid: u32, field: &str) -> Option<u64> {
 }
 
 /// The soft limit on open files of this process.
-pub fn open_files_limit() -> Option<u64> {
+pub(super) fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     match line.split_whitespace().nth(3)? {
@@ -42,7 +42,7 @@ pub fn open_files_limit() -> Option<u64> {
 }
 
 /// The 1-minute load average.
-pub fn loadavg() -> f64 {
+pub(super) fn loadavg() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())

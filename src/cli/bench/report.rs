@@ -33,7 +33,7 @@ impl Latency {
                 clippy::cast_precision_loss
             )]
             let i = ((micros.len() as f64 * p).ceil() as usize).clamp(1, micros.len()) - 1;
-            f64::from(micros[i]) / 1e3
+            micros.get(i).map_or(0.0, |m| f64::from(*m) / 1e3)
         };
         Self {
             p50: at(0.50),
@@ -56,24 +56,33 @@ pub struct ServerFigures {
 /// A run's report (`--json` prints it as is).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The load shape measured.
     pub mode: Mode,
     /// Calls completed in the measured window (successes and errors).
     pub requests: u64,
+    /// Successful calls (a certificate received).
     pub ok: u64,
     /// Failed calls by cause (`grpc Unauthenticated`, `tls: ...`).
     pub errors: BTreeMap<String, u64>,
     /// The measured window (burst: from firing to the last answer).
     pub seconds: f64,
+    /// Successful calls per second of the window.
     pub certs_per_sec: f64,
+    /// Latency of the measured calls (successes and errors).
     pub latency_ms: Latency,
     /// The client's own CPU per certificate (this process).
     pub client_cpu_us_per_cert: Option<f64>,
+    /// The CA's own figures, when it runs here.
     pub server: Option<ServerFigures>,
+    /// The unavoidable work per certificate, measured here.
     pub floor: Option<Floor>,
     /// The server's CPU per certificate over the floor.
     pub floor_ratio: Option<f64>,
+    /// Calls in flight at once.
     pub concurrency: usize,
+    /// Long-lived connections (warm).
     pub connections: usize,
+    /// Identities (tokens and CSRs) the calls cycle through.
     pub identities: usize,
     /// Client source addresses (cold, burst).
     pub sources: usize,
@@ -198,7 +207,7 @@ fn mib(b: u64) -> f64 {
 /// Counters the workers bump and the progress line reads: successes,
 /// errors, and a coarse latency histogram (bucket `i` holds latencies
 /// below `2^(i/4)` microseconds).
-pub struct Live {
+pub(super) struct Live {
     pub ok: AtomicU64,
     pub errors: AtomicU64,
     buckets: [AtomicU64; BUCKETS],
@@ -217,7 +226,7 @@ impl Default for Live {
 }
 
 impl Live {
-    pub fn record(&self, ok: bool, latency: Duration) {
+    pub(super) fn record(&self, ok: bool, latency: Duration) {
         if ok {
             self.ok.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -239,14 +248,14 @@ impl Live {
         (
             self.ok.load(Ordering::Relaxed),
             self.errors.load(Ordering::Relaxed),
-            std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
+            self.buckets.each_ref().map(|b| b.load(Ordering::Relaxed)),
         )
     }
 }
 
 /// Prints a progress line on stderr every second while `live` runs, when
 /// stderr is a terminal; returns the task to abort at the end.
-pub fn progress(
+pub(super) fn progress(
     name: &'static str,
     live: std::sync::Arc<Live>,
 ) -> Option<tokio::task::JoinHandle<()>> {
@@ -264,7 +273,7 @@ pub fn progress(
             let now = live.snapshot();
             let ok = now.0 - last.0;
             let err = now.1 - last.1;
-            let delta: Vec<u64> = (0..BUCKETS).map(|i| now.2[i] - last.2[i]).collect();
+            let delta: Vec<u64> = now.2.iter().zip(&last.2).map(|(n, l)| n - l).collect();
             let total: u64 = delta.iter().sum();
             let mut seen = 0;
             let mut p99_us = 0.0;
@@ -287,7 +296,7 @@ pub fn progress(
 }
 
 /// Ends a progress line.
-pub fn end_progress(task: Option<tokio::task::JoinHandle<()>>) {
+pub(super) fn end_progress(task: Option<tokio::task::JoinHandle<()>>) {
     if let Some(t) = task {
         t.abort();
         eprintln!();

@@ -27,11 +27,13 @@ pub trait TokenSource: Send + Sync {
 pub struct Target {
     /// HOST:PORT of the CA's gRPC (TLS) listener.
     pub addr: String,
+    /// The name the CA's serving certificate is checked for (TLS SNI).
     pub server_name: String,
     /// The roots the CA's TLS certificate and its leaves chain to.
     pub root_cert: PathBuf,
     /// The CA's process, when it runs on this machine.
     pub server_pid: Option<u32>,
+    /// Mints the service-account tokens the calls present.
     pub tokens: Arc<dyn TokenSource>,
 }
 
@@ -127,7 +129,7 @@ impl Drop for StartedServer {
 ///
 /// # Errors
 /// A token source that cannot be read, or a CA that does not start.
-pub async fn open(
+pub(super) async fn open(
     args: &TargetArgs,
     tokens: &TokenArgs,
 ) -> anyhow::Result<(Target, Option<StartedServer>)> {
@@ -201,12 +203,12 @@ pub async fn open(
 
 /// A directory of our own (0700) under the system's temporary directory,
 /// removed with everything in it when dropped.
-pub struct TempDir(PathBuf);
+pub(super) struct TempDir(PathBuf);
 
 impl TempDir {
     /// # Errors
     /// When it cannot be made, or there is no system randomness for its name.
-    pub fn new(prefix: &str) -> anyhow::Result<Self> {
+    pub(super) fn new(prefix: &str) -> anyhow::Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
         let mut b = [0u8; 8];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
@@ -223,7 +225,7 @@ impl TempDir {
         Ok(Self(path))
     }
 
-    pub fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         &self.0
     }
 }

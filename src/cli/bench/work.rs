@@ -16,14 +16,15 @@ use crate::ca::PrivateKey;
 use crate::proto::istio::IstioCertificateRequest;
 
 /// The namespace of the bench's service accounts.
-pub const NAMESPACE: &str = "bench";
+pub(super) const NAMESPACE: &str = "bench";
 /// RSA keys are slow to make: CSRs of RSA keys share this many keys.
 const RSA_KEYS: usize = 8;
 /// The method's path.
-pub const CREATE_CERTIFICATE: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
+pub(super) const CREATE_CERTIFICATE: &str =
+    "/istio.v1.auth.IstioCertificateService/CreateCertificate";
 
 /// One identity's call, ready to send.
-pub struct Prepared {
+pub(super) struct Prepared {
     /// `:authority`, content type, `te`, the bearer token.
     pub headers: HeaderMap,
     /// The gRPC frame: flag, length, the encoded request.
@@ -35,7 +36,7 @@ pub struct Prepared {
 }
 
 /// Every identity's call.
-pub struct Work {
+pub(super) struct Work {
     pub calls: Vec<Prepared>,
     pub keys: Vec<PrivateKey>,
     /// The algorithm the tokens are signed with (for the floor).
@@ -44,11 +45,18 @@ pub struct Work {
 }
 
 impl Work {
+    /// Call `i` of [`Work::calls`], counted modulo their number (there is
+    /// at least one: `timed` takes its indices modulo the count too).
+    #[allow(clippy::indexing_slicing)] // `% len` is in bounds; no calls panics on `%` as before.
+    pub(super) fn call(&self, i: usize) -> &Prepared {
+        &self.calls[i % self.calls.len()]
+    }
+
     /// Makes `--identities` calls (or one per token of a token file).
     ///
     /// # Errors
     /// A token or key that cannot be made.
-    pub fn prepare(target: &Target, load: &LoadArgs) -> anyhow::Result<Arc<Self>> {
+    pub(super) fn prepare(target: &Target, load: &LoadArgs) -> anyhow::Result<Arc<Self>> {
         let n = load.identities;
         let keys = (0..if load.csr_key.rsa_bits().is_some() {
             RSA_KEYS.min(n)
@@ -60,15 +68,15 @@ impl Work {
             .context("generating CSR keys")?;
         let mut calls = Vec::with_capacity(n);
         let mut token_algorithm = None;
-        for i in 0..n {
+        // Key `i % keys.len()` for call `i`.
+        for (i, (key, key_pair)) in (0..n).zip(keys.iter().enumerate().cycle()) {
             let sa = format!("sa-{i}");
             let token = target.tokens.token(NAMESPACE, &sa)?;
             let header =
                 jsonwebtoken::decode_header(&token).context("a token that is not a JWT")?;
             token_algorithm.get_or_insert(header.alg);
             let path = path_of(&token).unwrap_or_else(|| format!("/ns/{NAMESPACE}/sa/{sa}"));
-            let key = i % keys.len();
-            let csr = csr_for(&keys[key])?;
+            let csr = csr_for(key_pair)?;
             calls.push(Prepared {
                 headers: headers(&token)?,
                 body: grpc_frame(&IstioCertificateRequest {
@@ -123,7 +131,7 @@ fn headers(token: &str) -> anyhow::Result<HeaderMap> {
 }
 
 /// A gRPC length-prefixed message (uncompressed).
-pub fn grpc_frame(msg: &impl Message) -> Bytes {
+pub(super) fn grpc_frame(msg: &impl Message) -> Bytes {
     let body = msg.encode_to_vec();
     let mut out = Vec::with_capacity(5 + body.len());
     out.push(0);

@@ -134,6 +134,7 @@ pub struct KubeReviewBackend {
 }
 
 impl KubeReviewBackend {
+    /// TokenReviews through `client`.
     pub fn new(client: kube::Client) -> Self {
         Self {
             api: kube::Api::all(client),
@@ -399,6 +400,7 @@ impl TokenReviewer {
         })
     }
 
+    /// The options it was built with.
     pub fn options(&self) -> &ReviewOptions {
         &self.inner.options
     }
