@@ -32,28 +32,39 @@ const SCHEME: &str = "spiffe://";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The ID is the empty string.
     #[error("SPIFFE ID is empty")]
     Empty,
+    /// It does not start with `spiffe://`.
     #[error("SPIFFE ID must start with \"spiffe://\"")]
     WrongScheme,
+    /// Nothing between `spiffe://` and the path.
     #[error("trust domain is empty")]
     EmptyTrustDomain,
+    /// The trust domain is over [`MAX_TRUST_DOMAIN_LEN`] bytes.
     #[error("trust domain is longer than {MAX_TRUST_DOMAIN_LEN} bytes")]
     TrustDomainTooLong,
+    /// A trust-domain character outside `[a-z0-9._-]`, at this byte.
     #[error(
         "trust domain has a character outside [a-z0-9._-] at byte {0} (upper case, ports, user info and percent-encoding are not allowed)"
     )]
     BadTrustDomainChar(usize),
+    /// The whole ID is over [`MAX_SPIFFE_ID_LEN`] bytes.
     #[error("SPIFFE ID is longer than {MAX_SPIFFE_ID_LEN} bytes")]
     TooLong,
+    /// A path character outside `[a-zA-Z0-9._-]`, at this byte.
     #[error("path segment has a character outside [a-zA-Z0-9._-] at byte {0}")]
     BadPathChar(usize),
+    /// Two slashes in a row.
     #[error("path has an empty segment")]
     EmptySegment,
+    /// A `.` or `..` segment.
     #[error("path has a \".\" or \"..\" segment")]
     DotSegment,
+    /// The path ends with `/`.
     #[error("path ends with \"/\"")]
     TrailingSlash,
+    /// A namespace or service account that is not a DNS-1123 subdomain.
     #[error("{0:?} is not a valid Kubernetes namespace or service account name")]
     BadKubernetesName(String),
 }

@@ -18,20 +18,44 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// Making the key or the CSR failed.
     #[error(transparent)]
     Crypto(#[from] crate::ca::Error),
+    /// The agent's configuration cannot work (a flag, a file, the CA's
+    /// address or root).
     #[error("{0}")]
     Config(String),
+    /// The service-account token cannot be read or is not a JWT.
     #[error("service-account token: {0}")]
     Token(String),
+    /// The token read has expired: it is not sent.
     #[error("service-account token {path} expired (exp {exp}); not sending it")]
-    TokenExpired { path: PathBuf, exp: u64 },
+    TokenExpired {
+        /// The token file.
+        path: PathBuf,
+        /// Its `exp` claim (Unix seconds).
+        exp: u64,
+    },
+    /// The CA refused the request or could not be reached.
     #[error("CA answered {code:?}: {message}")]
-    Ca { code: tonic::Code, message: String },
+    Ca {
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// The status message (escaped when logged).
+        message: String,
+    },
+    /// The CA answered with a chain the agent does not accept (another
+    /// identity or key, not verifying to the trust bundle, not yet valid).
     #[error("CA response refused: {0}")]
     BadResponse(String),
+    /// An SDS socket could not be made or served.
     #[error("SDS socket {path}: {reason}")]
-    Socket { path: PathBuf, reason: String },
+    Socket {
+        /// The socket's path.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
 }
 
 use std::net::SocketAddr;

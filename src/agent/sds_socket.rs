@@ -97,7 +97,9 @@ fn give_to_peer(path: &Path, peer: Option<PeerRule>) -> std::io::Result<()> {
 
 /// A bound SDS socket, serving until shutdown.
 pub struct SdsSocket {
+    /// Where it is bound.
     pub path: PathBuf,
+    /// The task accepting on it; ends at shutdown.
     pub task: tokio::task::JoinHandle<()>,
 }
 

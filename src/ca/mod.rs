@@ -34,32 +34,70 @@ pub use store::{CaFiles, CacertsDir};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The CSR is larger than the limit (checked before parsing).
     #[error("CSR of {size} bytes exceeds the {max}-byte limit")]
-    CsrTooLarge { size: usize, max: usize },
+    CsrTooLarge {
+        /// Its size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        max: usize,
+    },
+    /// The CSR is not a DER or PEM PKCS#10 request we can read.
     #[error("malformed CSR: {0}")]
     CsrMalformed(String),
+    /// The CSR's key is of a type or size not allowed.
     #[error("CSR key not allowed: {0}")]
     CsrKeyType(String),
+    /// The CSR's self-signature does not verify.
     #[error("CSR signature rejected: {0}")]
     CsrSignature(String),
+    /// The CSR names another identity than the caller proved.
     #[error("the CSR asks for identity {requested}, but the caller may only have {allowed}")]
-    IdentityMismatch { requested: String, allowed: String },
+    IdentityMismatch {
+        /// What the CSR asks for (escaped when it came from the caller).
+        requested: String,
+        /// The identity the caller proved.
+        allowed: String,
+    },
+    /// The identity is in another trust domain than this CA's.
     #[error("identity {id} is outside this CA's trust domain {expected}")]
-    WrongTrustDomain { id: String, expected: String },
+    WrongTrustDomain {
+        /// The identity.
+        id: String,
+        /// This CA's trust domain.
+        expected: String,
+    },
+    /// The requested lifetime is above the maximum.
     #[error("requested lifetime {}s exceeds the maximum {}s", requested.as_secs(), max.as_secs())]
-    TtlTooLong { requested: Duration, max: Duration },
+    TtlTooLong {
+        /// What was asked for.
+        requested: Duration,
+        /// The most this CA issues.
+        max: Duration,
+    },
+    /// The active signing certificate is past its NotAfter.
     #[error("the signing certificate has expired")]
     SignerExpired,
+    /// A key cannot be generated, parsed or used.
     #[error("key: {0}")]
     Key(String),
+    /// A certificate cannot be parsed or built.
     #[error("certificate: {0}")]
     Cert(String),
+    /// Signing a leaf failed.
     #[error("signing failed: {0}")]
     Signing(String),
+    /// CA material (a root, an intermediate, its key) fails validation.
     #[error("CA material refused: {0}")]
     Material(String),
+    /// The authorities' store cannot be read or written, or is not whole.
     #[error("CA store {location}: {reason}")]
-    Store { location: String, reason: String },
+    Store {
+        /// Which file or Secret.
+        location: String,
+        /// What failed.
+        reason: String,
+    },
 }
 
 impl Error {

@@ -50,6 +50,7 @@ use tokio::time::Instant;
 /// How the Lease is held.
 #[derive(Clone, Debug)]
 pub struct LeaseOptions {
+    /// The Lease's namespace.
     pub namespace: String,
     /// The Lease's name.
     pub name: String,

@@ -42,14 +42,21 @@ pub enum Error {
     /// An API call failed.
     #[error("Kubernetes API: {what}: {source}")]
     Api {
+        /// What was being done.
         what: String,
+        /// The client's error.
         #[source]
         source: Box<kube::Error>,
     },
     /// What the API server holds is not what we expect (a malformed
     /// Secret, a JWKS that does not parse).
     #[error("{what}: {reason}")]
-    Invalid { what: String, reason: String },
+    Invalid {
+        /// The object.
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The CA layer refused what was read.
     #[error(transparent)]
     Ca(#[from] crate::ca::Error),

@@ -46,17 +46,24 @@ use tls::{ServingCert, ServingSpec};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The CA layer's error (material, store, signing).
     #[error(transparent)]
     Ca(#[from] ca::Error),
+    /// A configuration that cannot work, or a request the state refuses.
     #[error("{0}")]
     Config(String),
+    /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What the system said.
         source: std::io::Error,
     },
+    /// The serving certificate or the TLS configuration.
     #[error("TLS: {0}")]
     Tls(String),
+    /// Binding or serving the gRPC listener.
     #[error("gRPC server: {0}")]
     Transport(String),
 }

@@ -278,11 +278,15 @@ impl Step {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StepError {
+    /// Its gate is closed: the proof it needs is missing.
     #[error("not yet safe to {step}:\n  - {}\nwait, or pass --force to {step} anyway", missing.join("\n  - "))]
     Gated {
+        /// The step (`activate`, `retire`).
         step: &'static str,
+        /// What is missing, one line each.
         missing: Vec<String>,
     },
+    /// The step was tried and failed; nothing changed.
     #[error(transparent)]
     Failed(#[from] Error),
 }
