@@ -32,6 +32,7 @@ mod report;
 pub mod soak;
 mod soak_check;
 mod soak_report;
+mod soak_tasks;
 mod target;
 mod work;
 

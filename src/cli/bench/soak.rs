@@ -24,28 +24,26 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::agent_proc::{self as proc, AgentProc, Obtained};
 use super::agent_report::Machine;
-use super::agent_streams::{self as streams, default_version, wire};
-use super::client::{self, CALL_TIMEOUT, CallError, Tls};
+use super::client;
 use super::procfs;
 use super::soak_check::{self as check, Errors, Roots};
 pub use super::soak_report::SoakReport;
 use super::soak_report::{
     AgentCounters, Limits, LoadFigures, ProcFigures, RotationFigures, Sample, SdsFigures, figures,
 };
+use super::soak_tasks::{LoadWorker, Pace, StreamSpec, stream_task};
 use super::target::{self, TempDir};
 use super::work::{NAMESPACE, Work};
 use super::{BenchArgs, OnOff};
-use crate::agent::sds::{DEFAULT, ROOTCA, SECRET_TYPE_URL};
 use crate::cli::parse_duration;
 
 /// The soak's own flags.
@@ -102,32 +100,26 @@ pub struct SoakArgs {
 
 /// A soak's length unless `--duration` says otherwise.
 const DEFAULT_DURATION: Duration = Duration::from_secs(600);
-/// How long agents may take to obtain their first certificates, and a
-/// stream to connect and get its first response.
+/// How long agents may take to obtain their first certificates.
 const START_WAIT: Duration = Duration::from_secs(30);
-/// A stream whose certificate expired this long ago with no new one has
-/// missed a rotation.
-const MISS_GRACE: Duration = Duration::from_secs(1);
-/// One load answer in this many is decoded and checked.
-const VERIFY_EVERY: u64 = 100;
 /// After the run, how long the root rotation may still take.
 const ROTATION_GRACE: Duration = Duration::from_secs(120);
 /// The main loop's period.
 const TICK: Duration = Duration::from_millis(250);
 
 /// What every task shares.
-struct Shared {
-    errors: Errors,
-    roots: Roots,
-    pushes: AtomicU64,
-    checked: AtomicU64,
-    rotations: AtomicU64,
-    missed: AtomicU64,
-    requests: AtomicU64,
-    ok: AtomicU64,
-    verified: AtomicU64,
+pub(super) struct Shared {
+    pub errors: Errors,
+    pub roots: Roots,
+    pub pushes: AtomicU64,
+    pub checked: AtomicU64,
+    pub rotations: AtomicU64,
+    pub missed: AtomicU64,
+    pub requests: AtomicU64,
+    pub ok: AtomicU64,
+    pub verified: AtomicU64,
     /// Each stream's last `ROOTCA` (PEM).
-    last_rootca: Mutex<Vec<Vec<u8>>>,
+    pub last_rootca: Mutex<Vec<Vec<u8>>>,
 }
 
 /// Runs the soak.
@@ -277,16 +269,15 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<SoakReport> {
         }
         if let Some(r) = &mut rotation
             && r.poll(&shared)
+            && r.figures().completed
         {
-            if r.figures().completed {
-                let now_roots = shared.roots.current(true);
-                if now_roots.iter().any(|r| initial_roots.contains(r)) {
-                    shared.errors.add("root rotation", || {
-                        "the old root is still in the CA's bundle after retire".into()
-                    });
-                }
-                shared.roots.retire(initial_roots.clone());
+            let now_roots = shared.roots.current(true);
+            if now_roots.iter().any(|r| initial_roots.contains(r)) {
+                shared.errors.add("root rotation", || {
+                    "the old root is still in the CA's bundle after retire".into()
+                });
             }
+            shared.roots.retire(initial_roots.clone());
         }
         let rotating = rotation.as_ref().is_some_and(|r| r.done.is_none());
         if at >= duration && (!rotating || at >= duration + ROTATION_GRACE) {
@@ -651,233 +642,6 @@ impl Drop for Rotation {
     fn drop(&mut self) {
         if self.done.is_none() {
             self.kill();
-        }
-    }
-}
-
-/// One SDS stream: which, on which socket, for which identity.
-struct StreamSpec {
-    number: usize,
-    socket: PathBuf,
-    /// `/ns/<ns>/sa/<sa>` of its workload.
-    path: String,
-}
-
-/// Holds a stream until `stop`, reopening it (after counting an error)
-/// when it ends.
-async fn stream_task(spec: StreamSpec, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    while !*stop.borrow() {
-        let r = tokio::select! {
-            r = one_stream(&spec, &shared) => r,
-            _ = stop.changed() => return,
-        };
-        if let Err(e) = r {
-            shared
-                .errors
-                .add("SDS stream", || format!("stream {}: {e}", spec.number));
-        }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.changed() => return,
-        }
-    }
-}
-
-async fn one_stream(spec: &StreamSpec, shared: &Shared) -> Result<(), String> {
-    let channel = tokio::time::timeout(START_WAIT, streams::connect(spec.socket.clone()))
-        .await
-        .map_err(|_| format!("no connection within {START_WAIT:?}"))??;
-    let names = vec![DEFAULT.to_owned(), ROOTCA.to_owned()];
-    let node = wire::envoy_node(0);
-    let (tx, mut inbound) = tokio::time::timeout(
-        START_WAIT,
-        streams::open(spec.number, channel, names.clone(), &node),
-    )
-    .await
-    .map_err(|_| format!("no stream within {START_WAIT:?}"))??;
-    let mut last: Option<String> = None;
-    let mut rootca: Vec<u8> = Vec::new();
-    let mut expires: Option<SystemTime> = None;
-    loop {
-        let wait = match expires {
-            Some(t) => t.duration_since(SystemTime::now()).unwrap_or_default() + MISS_GRACE,
-            None => START_WAIT,
-        };
-        let msg = match tokio::time::timeout(wait, inbound.message()).await {
-            Ok(m) => m,
-            Err(_) if expires.is_some() => {
-                shared.missed.fetch_add(1, Ordering::Relaxed);
-                shared.errors.add("missed rotation", || {
-                    format!(
-                        "stream {}: its certificate expired with no new one",
-                        spec.number
-                    )
-                });
-                expires = None;
-                continue;
-            }
-            Err(_) => return Err(format!("no response within {START_WAIT:?}")),
-        };
-        let resp = match msg {
-            Ok(Some(r)) => r,
-            Ok(None) => return Err("the agent ended the stream".into()),
-            Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
-        };
-        shared.pushes.fetch_add(1, Ordering::Relaxed);
-        match check::decode(&resp) {
-            Err(e) => shared.errors.add("invalid SDS response", || e),
-            Ok(pushed) => {
-                if let Some(r) = pushed.roots {
-                    rootca = r;
-                    if let Ok(mut l) = shared.last_rootca.lock()
-                        && let Some(slot) = l.get_mut(spec.number)
-                    {
-                        slot.clone_from(&rootca);
-                    }
-                }
-                let version = default_version(&resp.version_info).map(str::to_owned);
-                if version != last {
-                    if last.is_some() {
-                        shared.rotations.fetch_add(1, Ordering::Relaxed);
-                    }
-                    last = version;
-                    let now = SystemTime::now();
-                    let checked = pushed
-                        .chain
-                        .ok_or_else(|| "no certificate".to_owned())
-                        .and_then(|c| {
-                            check::check_leaf(&c, &rootca, &shared.roots, &spec.path, now)
-                        });
-                    match checked {
-                        Ok(not_after) => {
-                            expires = Some(not_after);
-                            shared.checked.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => shared.errors.add("invalid SDS certificate", || {
-                            format!("stream {}: {e}", spec.number)
-                        }),
-                    }
-                }
-            }
-        }
-        // As Envoy: the ACK echoes the version and the nonce.
-        tx.send(wire::Request {
-            version_info: resp.version_info,
-            node: None,
-            resource_names: names.clone(),
-            type_url: SECRET_TYPE_URL.into(),
-            response_nonce: resp.nonce,
-        })
-        .await
-        .map_err(|_| "the request stream closed".to_owned())?;
-    }
-}
-
-/// The load's schedule: call `n` is due at `start + n * period`.
-#[derive(Clone)]
-struct Pace {
-    start: Instant,
-    period: Duration,
-    next: Arc<AtomicU64>,
-}
-
-/// One worker of the background load, on a connection of its own.
-struct LoadWorker {
-    shared: Arc<Shared>,
-    work: Arc<Work>,
-    addr: std::net::SocketAddr,
-    root_cert: PathBuf,
-    server_name: String,
-    pace: Pace,
-}
-
-impl LoadWorker {
-    async fn run(self, mut stop: watch::Receiver<bool>) {
-        let mut conn: Option<h2::client::SendRequest<Bytes>> = None;
-        let calls = self.work.calls.len().max(1) as u64;
-        while !*stop.borrow() {
-            let n = self.pace.next.fetch_add(1, Ordering::Relaxed);
-            let due = self.pace.start
-                + self
-                    .pace
-                    .period
-                    .saturating_mul(u32::try_from(n).unwrap_or(u32::MAX));
-            tokio::select! {
-                () = tokio::time::sleep_until(due) => {}
-                _ = stop.changed() => return,
-            }
-            if conn.is_none() {
-                match self.connect().await {
-                    Ok(c) => conn = Some(c),
-                    Err(e) => {
-                        self.error(&e);
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                }
-            }
-            let Some(send) = conn.as_mut() else {
-                continue;
-            };
-            let i = usize::try_from(n % calls).unwrap_or(0);
-            let Some(call) = self.work.calls.get(i) else {
-                continue;
-            };
-            let keep = n % VERIFY_EVERY == 0;
-            self.shared.requests.fetch_add(1, Ordering::Relaxed);
-            let r = match tokio::time::timeout(
-                CALL_TIMEOUT,
-                client::call(send, &self.work.uri, call, keep),
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => Err(CallError::Timeout),
-            };
-            match r {
-                Ok(body) => {
-                    self.shared.ok.fetch_add(1, Ordering::Relaxed);
-                    if keep {
-                        self.verify(&body, call);
-                    }
-                }
-                Err(e) => {
-                    self.error(&e);
-                    // A new connection after any failure.
-                    conn = None;
-                }
-            }
-        }
-    }
-
-    async fn connect(&self) -> Result<h2::client::SendRequest<Bytes>, CallError> {
-        // The CA's bundle as it is now: its TLS certificate follows the
-        // rotation.
-        let tls = Tls::new(&self.root_cert, &self.server_name, false)
-            .map_err(|e| CallError::Tls(std::io::Error::other(e.to_string())))?;
-        match tokio::time::timeout(CALL_TIMEOUT, client::connect(self.addr, None, &tls)).await {
-            Ok(r) => r,
-            Err(_) => Err(CallError::Timeout),
-        }
-    }
-
-    fn error(&self, e: &CallError) {
-        self.shared
-            .errors
-            .add(&format!("load: {}", e.label()), || format!("{e:?}"));
-    }
-
-    fn verify(&self, body: &Bytes, call: &super::work::Prepared) {
-        let now = SystemTime::now();
-        let r = self
-            .shared
-            .roots
-            .check(|anchors| super::load::check_answer(body, call, &self.work, anchors, now));
-        match r {
-            Ok(()) => {
-                self.shared.verified.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => self.shared.errors.add("load: bad certificate", || e),
         }
     }
 }
