@@ -208,7 +208,7 @@ async fn run_stream(
 }
 
 /// A connection of its own to `socket`.
-async fn connect(socket: PathBuf) -> Result<tonic::transport::Channel, String> {
+pub(super) async fn connect(socket: PathBuf) -> Result<tonic::transport::Channel, String> {
     let endpoint = tonic::transport::Endpoint::from_static("http://sds.local");
     endpoint
         .connect_with_connector(tower::service_fn(move |_| {
@@ -223,14 +223,14 @@ async fn connect(socket: PathBuf) -> Result<tonic::transport::Channel, String> {
         .map_err(|e| format!("connecting: {e}"))
 }
 
-type Opened = (
+pub(super) type Opened = (
     mpsc::Sender<wire::Request>,
     tonic::Streaming<DiscoveryResponse>,
 );
 
 /// A `StreamSecrets` stream on `channel` whose first request (with the
 /// node, as Envoy's) is sent.
-async fn open(
+pub(super) async fn open(
     stream: usize,
     channel: tonic::transport::Channel,
     names: Vec<String>,

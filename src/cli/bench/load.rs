@@ -242,7 +242,7 @@ where
         _ => "cold",
     };
     let progress = report::progress(name, live.clone());
-    let clock = tokio::spawn(clock(window.clone(), load.duration, target.server_pid));
+    let clock = tokio::spawn(clock(window.clone(), load.duration(), target.server_pid));
     let mut workers = Vec::new();
     for w in 0..load.concurrency {
         let mut call = caller(w);
@@ -460,7 +460,7 @@ fn verify(
     Ok(checked)
 }
 
-fn check_answer(
+pub(super) fn check_answer(
     body: &[u8],
     call: &super::work::Prepared,
     work: &Work,

@@ -7,6 +7,10 @@
 //! - **burst**: `N` distinct identities fire at once, each on a new
 //!   connection: the time until every one holds a certificate.
 //! - **agent**: one node agent serving many SDS streams through rotations.
+//! - **soak**: minutes of everything at once (a started CA under load,
+//!   several node agents renewing every few seconds with SDS streams
+//!   checking each certificate, a root rotation in the middle), watching
+//!   for errors and for memory or file-descriptor growth.
 //!
 //! Everything a request needs (identities, tokens, keys, CSRs, the encoded
 //! gRPC message and its headers) is made before the clock starts, so the
@@ -25,6 +29,10 @@ mod floor;
 mod load;
 mod procfs;
 mod report;
+pub mod soak;
+mod soak_check;
+mod soak_report;
+mod soak_tasks;
 mod target;
 mod work;
 
@@ -52,6 +60,9 @@ pub enum Mode {
     Burst,
     /// One node agent serving many SDS streams through rotations.
     Agent,
+    /// Minutes of load, agents renewing and a root rotation: errors and
+    /// resource growth.
+    Soak,
 }
 
 #[derive(Args, Debug)]
@@ -67,6 +78,8 @@ pub struct BenchArgs {
     pub load: LoadArgs,
     #[command(flatten, next_help_heading = "Agent mode")]
     pub agent: agent::AgentArgs,
+    #[command(flatten, next_help_heading = "Soak mode")]
+    pub soak: soak::SoakArgs,
     /// Print one JSON object instead of the human report.
     #[arg(long)]
     pub json: bool,
@@ -104,6 +117,10 @@ pub struct TargetArgs {
     /// `--server-arg=--default-ttl=1h`.
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     pub server_args: Vec<String>,
+    /// A started CA keeps its admin socket (`<state-dir>/admin.sock`) for
+    /// `ca rotate-root` (soak); otherwise it runs without one.
+    #[arg(skip)]
+    pub admin_socket: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,9 +168,10 @@ pub struct LoadArgs {
     /// HTTP/2 connections the requests share (warm).
     #[arg(long, default_value_t = 8)]
     pub connections: usize,
-    /// How long to measure (warm, cold), after --warmup.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    pub duration: Duration,
+    /// How long to measure (warm, cold: default 30s), after --warmup; how
+    /// long a soak runs (default 10m).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
     /// Stop after this many measured requests instead.
     #[arg(long)]
     pub requests: Option<u64>,
@@ -182,6 +200,13 @@ pub struct LoadArgs {
     /// Client runtime threads.
     #[arg(long, default_value_t = 1)]
     pub client_threads: usize,
+}
+
+impl LoadArgs {
+    /// `--duration`, or 30 s.
+    pub fn duration(&self) -> Duration {
+        self.duration.unwrap_or(Duration::from_secs(30))
+    }
 }
 
 /// Runs `ca bench` to its report.
@@ -222,6 +247,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         })?;
         return emit(&report, &args, || report.print_human());
+    }
+    if args.mode == Mode::Soak {
+        let report = runtime.block_on(async {
+            tokio::select! {
+                r = soak::run(&args) => r,
+                () = interrupted() => bail!("interrupted"),
+            }
+        })?;
+        emit(&report, &args, || report.print_human())?;
+        return report.verdict();
     }
     let report = runtime.block_on(async {
         tokio::select! {
@@ -270,7 +305,7 @@ fn check(args: &BenchArgs) -> anyhow::Result<()> {
     {
         bail!("--addr needs a token source: --issuer-key with --issuer, --dev-state, or --tokens");
     }
-    if l.duration > Duration::from_secs(3000) {
+    if l.duration.is_some_and(|d| d > Duration::from_secs(3000)) {
         bail!("--duration is at most 50 minutes (tokens are minted for an hour)");
     }
     Ok(())
@@ -294,7 +329,7 @@ async fn run_mode(args: &BenchArgs) -> anyhow::Result<Report> {
         Mode::Warm => load::warm(&target, &work, &args.load).await?,
         Mode::Cold => load::cold(&target, &work, &args.load).await?,
         Mode::Burst => load::burst(&target, &work, &args.load).await?,
-        Mode::Agent => bail!("agent mode has its own report"),
+        Mode::Agent | Mode::Soak => bail!("{:?} mode has its own report", args.mode),
     };
     report.mode = args.mode;
     report.set_floor(floor);

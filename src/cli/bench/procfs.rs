@@ -31,6 +31,12 @@ pub(super) fn memory_bytes(pid: u32, field: &str) -> Option<u64> {
     })
 }
 
+/// Open file descriptors of a process (entries of `/proc/<pid>/fd`).
+pub fn open_fds(pid: u32) -> Option<u64> {
+    let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    u64::try_from(entries.count()).ok()
+}
+
 /// The soft limit on open files of this process.
 pub(super) fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
@@ -59,6 +65,7 @@ mod tests {
         let rss = memory_bytes(std::process::id(), "VmRSS").unwrap();
         assert!(rss > 100_000, "{rss}");
         assert!(open_files_limit().unwrap() > 0);
+        assert!(open_fds(std::process::id()).unwrap() >= 3);
         assert_eq!(memory_bytes(std::process::id(), "NoSuchField"), None);
     }
 }

@@ -109,6 +109,7 @@ impl Report {
             Mode::Cold => "cold",
             Mode::Burst => "burst",
             Mode::Agent => "agent",
+            Mode::Soak => "soak",
         };
         let errors: u64 = self.errors.values().sum();
         let mut out = String::new();
@@ -121,7 +122,7 @@ impl Report {
         let conns = match self.mode {
             Mode::Warm => format!("{} connections", self.connections),
             Mode::Cold => "a new connection per call".into(),
-            Mode::Burst | Mode::Agent => "a connection each".into(),
+            Mode::Burst | Mode::Agent | Mode::Soak => "a connection each".into(),
         };
         let _ = writeln!(
             out,

@@ -116,6 +116,8 @@ pub struct StartedServer {
     _dir: TempDir,
     /// Its log (the audit lines among it).
     pub log: PathBuf,
+    /// Its state directory (`ca rotate-root --state-dir`).
+    pub state_dir: PathBuf,
 }
 
 impl Drop for StartedServer {
@@ -278,7 +280,6 @@ async fn start_server(
         .arg("--state-dir")
         .arg(dir.join("state"))
         .args(["--listen", "127.0.0.1:0", "--ops-listen", "off"])
-        .args(["--admin-socket", "off"])
         .arg("--root-key")
         .arg(args.ca_key.to_string())
         .arg("--jwt-issuer")
@@ -292,11 +293,15 @@ async fn start_server(
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
+    if !args.admin_socket {
+        cmd.args(["--admin-socket", "off"]);
+    }
     let child = cmd.spawn().context("starting `ca server`")?;
     let server = StartedServer {
         child,
         _dir: tmp,
         log: log.clone(),
+        state_dir: dir.join("state"),
     };
     let (addr, root) = wait_for_banner(&log, START_TIMEOUT).await?;
     Ok((server, addr, root, Arc::new(signer)))
