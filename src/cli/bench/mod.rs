@@ -65,19 +65,25 @@ pub enum Mode {
     Soak,
 }
 
+/// `ca bench`'s arguments.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// What to measure.
     #[arg(value_enum)]
     pub mode: Mode,
+    /// The CA under test.
     #[command(flatten)]
     pub target: TargetArgs,
+    /// Where the callers' tokens come from.
     #[command(flatten)]
     pub tokens: TokenArgs,
+    /// How much load, for how long.
     #[command(flatten)]
     pub load: LoadArgs,
+    /// The agent mode's shape.
     #[command(flatten, next_help_heading = "Agent mode")]
     pub agent: agent::AgentArgs,
+    /// The soak's agents, certificates and limits.
     #[command(flatten, next_help_heading = "Soak mode")]
     pub soak: soak::SoakArgs,
     /// Print one JSON object instead of the human report.
@@ -123,9 +129,12 @@ pub struct TargetArgs {
     pub admin_socket: bool,
 }
 
+/// A switch.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnOff {
+    /// Turned on.
     On,
+    /// Turned off.
     Off,
 }
 

@@ -32,7 +32,7 @@ pub(super) fn memory_bytes(pid: u32, field: &str) -> Option<u64> {
 }
 
 /// Open file descriptors of a process (entries of `/proc/<pid>/fd`).
-pub fn open_fds(pid: u32) -> Option<u64> {
+pub(super) fn open_fds(pid: u32) -> Option<u64> {
     let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
     u64::try_from(entries.count()).ok()
 }
