@@ -488,7 +488,10 @@ fn delta(stream: u8, subscribe: &[Name], unsubscribe: &[Name], nonce: NonceSel) 
 
 /// Runs `events` through the SDS checker, returning what each sent (per
 /// response: name, carried a key) and how many streams it ended.
-fn sds_run(pool: &SdsPool, events: &[Event]) -> Vec<(Vec<Vec<(String, bool)>>, usize)> {
+/// Per step: what each response sent (name, carried a key), streams ended.
+type Seen = (Vec<Vec<(String, bool)>>, usize);
+
+fn sds_run(pool: &SdsPool, events: &[Event]) -> Vec<Seen> {
     let mut w = World::new(pool);
     events
         .iter()
@@ -499,11 +502,11 @@ fn sds_run(pool: &SdsPool, events: &[Event]) -> Vec<(Vec<Vec<(String, bool)>>, u
         .collect()
 }
 
-fn only(name: &str, key: bool) -> (Vec<Vec<(String, bool)>>, usize) {
+fn only(name: &str, key: bool) -> Seen {
     (vec![vec![(name.to_owned(), key)]], 0)
 }
 
-const NOTHING: (Vec<Vec<(String, bool)>>, usize) = (Vec::new(), 0);
+const NOTHING: Seen = (Vec::new(), 0);
 
 #[test]
 fn a_sotw_stream_asking_for_the_bundle_only_never_receives_a_key() {

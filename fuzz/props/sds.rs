@@ -434,11 +434,10 @@ impl<'p> World<'p> {
                 must_end = Some("too many names");
             } else if r.response_nonce.is_empty() {
                 m.subscribed = requested.clone();
-            } else if Some(r.response_nonce.as_str()) == last {
-                if r.error_detail.is_none() {
-                    acked_nonce = Some(r.response_nonce.clone());
-                    m.subscribed = requested.clone();
-                }
+            } else if Some(r.response_nonce.as_str()) == last && r.error_detail.is_none() {
+                // An ACK; a NACK or a stale nonce changes nothing.
+                acked_nonce = Some(r.response_nonce.clone());
+                m.subscribed = requested.clone();
             }
         }
         if must_end.is_none() && self.refused(&m.subscribed) {

@@ -5,7 +5,8 @@
 //! own SPIFFE ID, answered like `default`, and its trust domain's ID
 //! (`spiffe://<td>`, SPIRE's bundle name), answered like `ROOTCA`. Any other name ends
 //! that stream only, with `InvalidArgument` (unknown) or `PermissionDenied`
-//! (another identity's SPIFFE ID).
+//! (another identity's SPIFFE ID), even while another name it asks for
+//! does not exist yet.
 //!
 //! State of the world (`StreamSecrets`) follows what a real Envoy does
 //! (REFERENCE section 3): a request with an empty nonce (a new stream, or a
@@ -22,6 +23,10 @@
 //! `ROOTCA`'s version is the bundle's generation when the CA sent one. Each
 //! stream subscribed to the bundle records the generation its proxy ACKs
 //! (a matching nonce, no `error_detail`) in the agent-wide [`BundleAcks`].
+//!
+//! What each stream decides is in [`super::sds_state`] (pure, synchronous,
+//! fuzzed: `fuzz/fuzz_targets/sds_streams.rs`); the loops here feed it the
+//! requests and the `watch` changes and do what it says.
 
 use std::collections::BTreeSet;
 use std::pin::Pin;
