@@ -20,7 +20,7 @@ secs="${1:-60}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(spiffe_id_roundtrip issuance token_check rotation)
+  targets=(spiffe_id_roundtrip issuance token_check rotation sds_streams)
 fi
 target_dir="${FUZZ_TARGET_DIR:-${CARGO_TARGET_DIR:+$CARGO_TARGET_DIR/fuzz}}"
 target_dir="${target_dir:-target}"

@@ -8,7 +8,9 @@
 //!   expired, not yet valid, or for another audience is accepted, at the
 //!   instant the caller gives;
 //! - SPIFFE ID: the parser accepts exactly what the rules allow;
-//! - rotation: no sequence of steps leaves the CA without its active signer.
+//! - rotation: no sequence of steps leaves the CA without its active signer;
+//! - SDS streams: no stream is sent a resource it did not subscribe to, a
+//!   key it did not ask for, another identity's, an expired or a stale one.
 #![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 #[allow(dead_code)]
@@ -20,6 +22,12 @@ mod keys;
 #[allow(dead_code)]
 #[path = "../fuzz/props/rotation.rs"]
 mod rotation;
+#[allow(dead_code)]
+#[path = "../fuzz/props/sds.rs"]
+mod sds;
+#[allow(dead_code)]
+#[path = "../fuzz/props/sds_events.rs"]
+mod sds_events;
 #[allow(dead_code)]
 #[path = "../fuzz/props/spiffe.rs"]
 mod spiffe;
@@ -42,6 +50,8 @@ use workload_ca::identity::{SpiffeId, TrustDomain};
 
 use issuance::Outcome;
 use rotation::{Machine, Op, Pool};
+use sds::World;
+use sds_events::{Event, Name, NonceSel, Pool as SdsPool};
 use token::{AUDIENCE, Keys, NOW, Signer, Spec};
 use workload_ca::server::auth::{AuthError, TokenFault};
 use workload_ca::server::jwt::LEEWAY_SECS as LEEWAY;
@@ -453,4 +463,269 @@ fn the_rotation_checker_refuses_a_set_whose_signer_was_activated_invalid() {
     m.apply(&Op::Load(vec![(5, 1)], 1)).unwrap();
     assert!(rotation::check(&m.set, &pool, m.now, true).is_err());
     assert!(rotation::check(&m.set, &pool, m.now, false).is_ok());
+}
+
+fn sotw(stream: u8, names: &[Name], nonce: NonceSel, nack: bool) -> Event {
+    Event::Sotw {
+        stream,
+        names: names.to_vec(),
+        nonce,
+        nack,
+        wrong_type: false,
+    }
+}
+
+fn delta(stream: u8, subscribe: &[Name], unsubscribe: &[Name], nonce: NonceSel) -> Event {
+    Event::Delta {
+        stream,
+        subscribe: subscribe.to_vec(),
+        unsubscribe: unsubscribe.to_vec(),
+        initial: vec![],
+        nonce,
+        nack: false,
+    }
+}
+
+/// Runs `events` through the SDS checker, returning what each sent (per
+/// response: name, carried a key) and how many streams it ended.
+/// Per step: what each response sent (name, carried a key), streams ended.
+type Seen = (Vec<Vec<(String, bool)>>, usize);
+
+fn sds_run(pool: &SdsPool, events: &[Event]) -> Vec<Seen> {
+    let mut w = World::new(pool);
+    events
+        .iter()
+        .map(|e| {
+            let seen = w.apply(e).unwrap_or_else(|v| panic!("{v} after {e:?}"));
+            (seen.sent, seen.ended.len())
+        })
+        .collect()
+}
+
+fn only(name: &str, key: bool) -> Seen {
+    (vec![vec![(name.to_owned(), key)]], 0)
+}
+
+const NOTHING: Seen = (Vec::new(), 0);
+
+#[test]
+fn a_sotw_stream_asking_for_the_bundle_only_never_receives_a_key() {
+    let pool = SdsPool::generate();
+    let td = format!("spiffe://{}", sds_events::TRUST_DOMAIN);
+    let seen = sds_run(
+        &pool,
+        &[
+            sotw(0, &[Name::RootCa], NonceSel::Empty, false),
+            Event::Rotate(0),
+            Event::Bundle(0, true),
+            sotw(0, &[Name::RootCa], NonceSel::Last, false), // ACK
+            Event::Rotate(1),
+            sotw(0, &[Name::TrustDomain], NonceSel::Last, false), // new names
+            Event::Rotate(2),
+            Event::Expire,
+            // Whose trust domain the ID is cannot be told without a
+            // certificate.
+            Event::Bundle(1, false),
+            Event::Rotate(0),
+        ],
+    );
+    assert_eq!(
+        seen,
+        [
+            NOTHING,
+            NOTHING,
+            only("ROOTCA", false),
+            NOTHING,
+            NOTHING,
+            only(&td, false),
+            NOTHING,
+            NOTHING,
+            NOTHING,
+            only(&td, false),
+        ]
+    );
+}
+
+#[test]
+fn a_delta_stream_that_unsubscribed_from_default_is_sent_no_key() {
+    let pool = SdsPool::generate();
+    let seen = sds_run(
+        &pool,
+        &[
+            Event::Rotate(0),
+            Event::Bundle(0, true),
+            delta(0, &[Name::Default, Name::RootCa], &[], NonceSel::Empty),
+            Event::Rotate(1),
+            delta(0, &[], &[Name::Default], NonceSel::Last),
+            Event::Rotate(2),
+            Event::Bundle(1, true),
+            delta(0, &[Name::Own], &[], NonceSel::Last),
+            Event::Rotate(2), // the same certificate again: nothing new
+            Event::Expire,
+            Event::Rotate(0),
+        ],
+    );
+    let both = vec![vec![
+        ("ROOTCA".to_owned(), false),
+        ("default".to_owned(), true),
+    ]];
+    assert_eq!(
+        seen,
+        [
+            NOTHING,
+            NOTHING,
+            (both, 0),
+            only("default", true),
+            NOTHING,
+            NOTHING,
+            only("ROOTCA", false),
+            only(sds_events::OWN, true),
+            NOTHING,
+            NOTHING,
+            only(sds_events::OWN, true),
+        ]
+    );
+}
+
+#[test]
+fn another_identitys_name_ends_the_stream_with_nothing_sent() {
+    let pool = SdsPool::generate();
+    let ended = |n| (Vec::new(), n);
+    let seen = sds_run(
+        &pool,
+        &[
+            // Before any certificate, whose ID it is cannot be told.
+            sotw(0, &[Name::Other, Name::RootCa], NonceSel::Empty, false),
+            delta(0, &[Name::Other, Name::Default], &[], NonceSel::Empty),
+            Event::Bundle(0, true),
+            Event::Rotate(0),
+            sotw(
+                0,
+                &[Name::Default, Name::OtherDomain],
+                NonceSel::Empty,
+                false,
+            ),
+            delta(0, &[Name::Own], &[], NonceSel::Empty),
+            // A name refused while another resource is missing is still
+            // refused.
+            Event::Expire,
+            sotw(
+                0,
+                &[Name::Default, Name::Garbage("x".into())],
+                NonceSel::Empty,
+                false,
+            ),
+            // The workload's identity changes: its old ID is another's.
+            Event::Rotate(1),
+            Event::Rotate(3),
+        ],
+    );
+    assert_eq!(
+        seen,
+        [
+            NOTHING,
+            NOTHING,
+            NOTHING,
+            ended(2),
+            ended(1),
+            only(sds_events::OWN, true),
+            NOTHING,
+            ended(1),
+            only(sds_events::OWN, true),
+            ended(1),
+        ]
+    );
+}
+
+#[test]
+fn a_stale_nonce_or_a_nack_changes_nothing_on_a_sotw_stream() {
+    let pool = SdsPool::generate();
+    let seen = sds_run(
+        &pool,
+        &[
+            Event::Rotate(0),
+            Event::Bundle(0, true),
+            sotw(0, &[Name::Default], NonceSel::Empty, false),
+            sotw(0, &[Name::RootCa], NonceSel::Garbage("zzz".into()), false),
+            Event::Rotate(1),
+            sotw(0, &[Name::RootCa], NonceSel::Earlier(0), false), // the first nonce
+            sotw(0, &[Name::RootCa], NonceSel::Last, true),        // NACK
+            Event::Bundle(1, true),
+            Event::Rotate(2),
+            sotw(0, &[Name::RootCa], NonceSel::Last, false), // ACK, new names
+        ],
+    );
+    assert_eq!(
+        seen,
+        [
+            NOTHING,
+            NOTHING,
+            only("default", true),
+            NOTHING,
+            only("default", true),
+            NOTHING,
+            NOTHING,
+            NOTHING,
+            only("default", true),
+            only("ROOTCA", false),
+        ]
+    );
+}
+
+#[test]
+fn the_sds_checker_refuses_a_key_where_none_belongs() {
+    use prost::Message;
+    use workload_ca::agent::sds_state::SECRET_TYPE_URL;
+    use workload_ca::proto::envoy::config::core::v3::{DataSource, data_source};
+    use workload_ca::proto::envoy::extensions::transport_sockets::tls::v3::{
+        Secret, TlsCertificate, secret,
+    };
+    let pool = SdsPool::generate();
+    let mut w = World::new(&pool);
+    w.apply(&Event::Rotate(0)).unwrap();
+    w.apply(&Event::Bundle(0, true)).unwrap();
+    let bytes = |s: &str| DataSource {
+        specifier: Some(data_source::Specifier::InlineBytes(s.as_bytes().to_vec())),
+    };
+    let tls = |name: &str, chain: usize, key: usize| {
+        Secret {
+            name: name.to_owned(),
+            r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                certificate_chain: Some(bytes(&pool.certs[chain].chain_pem)),
+                private_key: Some(bytes(&pool.certs[key].key_pem)),
+            })),
+        }
+        .encode_to_vec()
+    };
+    let check =
+        |w: &World, name: &str, value: &[u8]| w.check_resource(name, SECRET_TYPE_URL, value);
+    assert!(check(&w, "default", &tls("default", 0, 0)).is_ok());
+    assert!(check(&w, sds_events::OWN, &tls(sds_events::OWN, 0, 0)).is_ok());
+    assert!(
+        check(&w, "ROOTCA", &tls("ROOTCA", 0, 0)).is_err(),
+        "a key as the bundle"
+    );
+    assert!(
+        check(&w, "default", &tls("default", 1, 1)).is_err(),
+        "not the current one"
+    );
+    assert!(
+        check(&w, "default", &tls("default", 0, 1)).is_err(),
+        "not the current key"
+    );
+    assert!(check(&w, sds_events::OTHER, &tls(sds_events::OTHER, 0, 0)).is_err());
+    assert!(
+        check(&w, "default", &tls("ROOTCA", 0, 0)).is_err(),
+        "misnamed"
+    );
+    let (chain, key) = (&pool.certs[0].chain_pem, &pool.certs[1].key_pem);
+    assert!(
+        sds_events::check_key_matches_leaf(chain.as_bytes(), key.as_bytes(), "default").is_err(),
+        "not the leaf's key"
+    );
+    w.apply(&Event::Expire).unwrap();
+    assert!(
+        check(&w, "default", &tls("default", 0, 0)).is_err(),
+        "expired"
+    );
 }

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod sds;
 mod sds_inbound;
 mod sds_routes;
+pub mod sds_state;
 pub mod trust;
 pub mod watcher;
 pub mod workload;

@@ -5,7 +5,8 @@
 //! own SPIFFE ID, answered like `default`, and its trust domain's ID
 //! (`spiffe://<td>`, SPIRE's bundle name), answered like `ROOTCA`. Any other name ends
 //! that stream only, with `InvalidArgument` (unknown) or `PermissionDenied`
-//! (another identity's SPIFFE ID).
+//! (another identity's SPIFFE ID), even while another name it asks for
+//! does not exist yet.
 //!
 //! State of the world (`StreamSecrets`) follows what a real Envoy does
 //! (REFERENCE section 3): a request with an empty nonce (a new stream, or a
@@ -22,52 +23,41 @@
 //! `ROOTCA`'s version is the bundle's generation when the CA sent one. Each
 //! stream subscribed to the bundle records the generation its proxy ACKs
 //! (a matching nonce, no `error_detail`) in the agent-wide [`BundleAcks`].
+//!
+//! What each stream decides is in [`super::sds_state`] (pure, synchronous,
+//! fuzzed: `fuzz/fuzz_targets/sds_streams.rs`); the loops here feed it the
+//! requests and the `watch` changes and do what it says.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::acks::{BundleAcks, is_bundle_name};
+use super::acks::{BundleAcks, Subscription};
 use super::metrics::AgentMetrics;
 use super::sds_inbound::Inbound;
+use super::sds_state::{
+    Action, DeltaStream, Effects, Nonces, Refusal, Snapshot, SotwStream, Step, sotw_response,
+};
+pub use super::sds_state::{DEFAULT, ROOTCA, SECRET_TYPE_URL};
 use super::workload::{CertWatch, RootBundle, WorkloadCert};
 use crate::limits::{AgentLimits, label};
 use crate::logsafe::{WarnLimiter, peer};
-use crate::proto::envoy::config::core::v3::{DataSource, data_source};
-use crate::proto::envoy::extensions::transport_sockets::tls::v3::{
-    CertificateValidationContext, Secret, TlsCertificate, secret,
-};
 use crate::proto::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use crate::proto::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
 
-pub const SECRET_TYPE_URL: &str =
-    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
-pub const DEFAULT: &str = "default";
-pub const ROOTCA: &str = "ROOTCA";
-/// Delta responses holding the bundle remembered per stream until ACKed.
-const MAX_PENDING_ACKS: usize = 16;
 /// How long `FetchSecrets` waits for a first certificate.
 const FETCH_WAIT: Duration = Duration::from_secs(10);
 /// How long SDS connections may take to close after shutdown begins (every
 /// stream ends at once; this covers a proxy slow to read its last frames).
 const SDS_DRAIN: Duration = Duration::from_secs(2);
-
-/// What a resource name refers to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Cert,
-    Roots,
-}
 
 /// The SDS service for one workload.
 #[derive(Clone)]
@@ -76,7 +66,7 @@ pub struct Sds {
     metrics: Arc<AgentMetrics>,
     /// Where streams subscribed to the bundle record what they ACKed.
     acks: BundleAcks,
-    nonces: Arc<AtomicU64>,
+    nonces: Arc<Nonces>,
     limits: Arc<AgentLimits>,
     /// Warnings this socket's peers cause, rate-limited per kind.
     warn: Arc<WarnLimiter<&'static str>>,
@@ -86,7 +76,7 @@ pub struct Sds {
     peer: Option<PeerRule>,
 }
 
-type Snapshot = (Option<Arc<WorkloadCert>>, Option<Arc<RootBundle>>);
+type Owned = (Option<Arc<WorkloadCert>>, Option<Arc<RootBundle>>);
 
 impl Sds {
     /// The service with the default [`AgentLimits`].
@@ -95,7 +85,7 @@ impl Sds {
             watch,
             metrics,
             acks: BundleAcks::new(),
-            nonces: Arc::new(AtomicU64::new(0)),
+            nonces: Arc::new(Nonces::new()),
             limits: Arc::new(AgentLimits::default()),
             warn: Arc::new(WarnLimiter::new()),
             shutdown: None,
@@ -126,22 +116,12 @@ impl Sds {
         self
     }
 
-    /// Refuses a stream that subscribes to more names than the limit.
+    /// Refuses a request for more names than the limit.
     fn check_names(&self, n: usize) -> Result<(), Status> {
         let max = self.limits.max_resource_names_per_stream;
         if n > max {
-            self.metrics.refusals.refused(label::RESOURCE_NAMES);
-            crate::peer_warn!(
-                self.warn,
-                "names",
-                self.metrics.refusals,
-                names = n,
-                max,
-                "SDS stream refused: too many resource names"
-            );
-            return Err(Status::resource_exhausted(format!(
-                "{n} resource names requested; at most {max} per stream"
-            )));
+            let refusal = Refusal::TooManyNames { requested: n, max };
+            return Err(self.refuse(&refusal, ""));
         }
         Ok(())
     }
@@ -156,11 +136,8 @@ impl Sds {
         }
     }
 
-    fn nonce(&self) -> String {
-        self.nonces.fetch_add(1, Ordering::Relaxed).to_string()
-    }
-
-    fn snapshot(&self) -> Snapshot {
+    /// The certificate (unless expired) and the bundle now.
+    fn snapshot(&self) -> Owned {
         let now = tokio::time::Instant::now();
         let cert = self
             .watch
@@ -172,98 +149,75 @@ impl Sds {
         (cert, roots)
     }
 
-    /// Maps a requested name to a resource kind. `Ok(None)`: cannot tell yet
-    /// (a SPIFFE ID before the first certificate).
-    fn classify(name: &str, snap: &Snapshot) -> Result<Option<Kind>, Status> {
-        match name {
-            DEFAULT => Ok(Some(Kind::Cert)),
-            ROOTCA => Ok(Some(Kind::Roots)),
-            id if id.starts_with("spiffe://") => match &snap.0 {
-                Some(c) if c.identity.as_str() == id => Ok(Some(Kind::Cert)),
-                // SPIRE names the bundle by the trust domain's ID.
-                Some(c) if c.identity.trust_domain().id().as_str() == id => Ok(Some(Kind::Roots)),
-                Some(c) => Err(Status::permission_denied(format!(
-                    "this socket serves {} only, not {id}",
-                    c.identity
-                ))),
-                None => Ok(None),
-            },
-            other => Err(Status::invalid_argument(format!(
-                "unknown secret {other:?}: this agent serves \"default\", \"ROOTCA\" and the workload's SPIFFE ID"
-            ))),
-        }
-    }
-
-    /// The resource for `name`: `Ok(None)` if it does not exist yet.
-    fn resource(name: &str, snap: &Snapshot) -> Result<Option<(String, prost_types::Any)>, Status> {
-        let Some(kind) = Self::classify(name, snap)? else {
-            return Ok(None);
-        };
-        let (version, secret) = match kind {
-            Kind::Cert => {
-                let Some(c) = &snap.0 else { return Ok(None) };
-                (
-                    c.version.clone(),
-                    secret::Type::TlsCertificate(TlsCertificate {
-                        certificate_chain: Some(inline(c.chain_pem.as_bytes())),
-                        private_key: Some(inline(c.key_pem.as_bytes())),
-                    }),
-                )
-            }
-            Kind::Roots => {
-                let Some(r) = &snap.1 else { return Ok(None) };
-                (
-                    r.version.clone(),
-                    secret::Type::ValidationContext(CertificateValidationContext {
-                        trusted_ca: Some(inline(r.pem.as_bytes())),
-                    }),
-                )
-            }
-        };
-        let secret = Secret {
-            name: name.to_owned(),
-            r#type: Some(secret),
-        };
-        Ok(Some((
-            version,
-            prost_types::Any {
-                type_url: SECRET_TYPE_URL.to_owned(),
-                value: secret.encode_to_vec(),
-            },
-        )))
-    }
-
-    /// A state-of-the-world response for all `names`, or `Ok(None)` while any
-    /// of them does not exist yet.
-    fn sotw_response(
-        &self,
-        names: &BTreeSet<String>,
-        snap: &Snapshot,
-    ) -> Result<Option<DiscoveryResponse>, Status> {
-        let mut resources = Vec::new();
-        let mut versions = Vec::new();
-        for name in names {
-            let Some((version, any)) = Self::resource(name, snap)? else {
-                return Ok(None);
-            };
-            versions.push(format!("{name}={version}"));
-            resources.push(any);
-        }
-        Ok(Some(DiscoveryResponse {
-            version_info: versions.join(";"),
-            resources,
-            canary: false,
-            type_url: SECRET_TYPE_URL.to_owned(),
-            nonce: self.nonce(),
-        }))
-    }
-
     fn count_push(&self, names: impl IntoIterator<Item = impl AsRef<str>>) {
         for n in names {
             self.metrics
                 .sds_pushes
                 .with_label_values(&[metric_label(n.as_ref())])
                 .inc();
+        }
+    }
+
+    /// The status ending a stream for `refusal`, counted and logged (`what`:
+    /// the names concerned, for the log).
+    fn refuse(&self, refusal: &Refusal, what: &str) -> Status {
+        match refusal {
+            Refusal::WrongType { .. } => {}
+            Refusal::TooManyNames { requested, max } => {
+                self.metrics.refusals.refused(label::RESOURCE_NAMES);
+                crate::peer_warn!(
+                    self.warn,
+                    "names",
+                    self.metrics.refusals,
+                    names = requested,
+                    max,
+                    "SDS stream refused: too many resource names"
+                );
+            }
+            _ => {
+                crate::peer_warn!(self.warn, "refused", self.metrics.refusals,
+                    resources = %what, error = %peer(&refusal.to_string()), "refusing SDS request");
+            }
+        }
+        status(refusal)
+    }
+
+    /// Records a step's side effects; `nack`: the request's nonce, accepted
+    /// version and error, when it has one.
+    fn record<At>(
+        &self,
+        effects: &Effects<At>,
+        bundle_acks: &Subscription,
+        nack: Option<(&str, &str, &crate::proto::google::rpc::Status)>,
+        delta: bool,
+    ) {
+        if let (Some(names), Some((nonce, accepted, err))) = (&effects.nacked, nack) {
+            if delta {
+                // Delta: the rejected response is not tracked.
+                self.metrics.sds_nacks.with_label_values(&["delta"]).inc();
+                crate::peer_warn!(self.warn, "nack", self.metrics.refusals,
+                    nonce = %peer(nonce), code = err.code, detail = %peer(&err.message),
+                    "proxy rejected a delta update (NACK)");
+            } else {
+                for n in names {
+                    self.metrics
+                        .sds_nacks
+                        .with_label_values(&[metric_label(n)])
+                        .inc();
+                }
+                let names: BTreeSet<String> = names.iter().cloned().collect();
+                crate::peer_warn!(self.warn, "nack", self.metrics.refusals,
+                    resources = %shown(&names), nonce = %peer(nonce), accepted = %peer(accepted),
+                    code = err.code, detail = %peer(&err.message),
+                    "proxy rejected the secret (NACK); it keeps its previous one"
+                );
+            }
+        }
+        if let Some(g) = effects.acked_generation {
+            bundle_acks.acked(g);
+        }
+        if let Some(s) = effects.subscribed_to_bundle {
+            bundle_acks.set_subscribed(s);
         }
     }
 
@@ -278,22 +232,12 @@ impl Sds {
         // is answered from the current state anyway.
         cert_rx.borrow_and_update();
         roots_rx.borrow_and_update();
-        let mut names: BTreeSet<String> = BTreeSet::new();
-        let mut last_nonce: Option<String> = None;
-        let mut last_version: Option<String> = None;
-        // This stream's ACKs of the bundle, and the generation of the
-        // bundle in the last response (when it held one with a generation).
+        let mut stream: SotwStream<tokio::time::Instant> =
+            SotwStream::new(self.limits.max_resource_names_per_stream);
         let bundle_acks = self.acks.stream();
-        let mut last_generation: Option<u64> = None;
-        // Set when a response is due (new stream, new names) but a resource
-        // does not exist yet.
-        let mut due = false;
-        // When the change behind the response awaiting an ACK happened.
-        let mut changed_at: Option<tokio::time::Instant> = None;
-        let mut awaiting: Option<(String, tokio::time::Instant)> = None;
         let mut shutdown = self.shutdown.clone();
         loop {
-            tokio::select! {
+            let step = tokio::select! {
                 () = Self::stopping(&mut shutdown) => return,
                 msg = inbound.next() => {
                     let req = match msg {
@@ -301,102 +245,51 @@ impl Sds {
                         None => return,
                         Some(Err(e)) => return self.ended(e, &tx).await,
                     };
-                    if !req.type_url.is_empty() && req.type_url != SECRET_TYPE_URL {
-                        let _ = tx.send(Err(Status::invalid_argument(format!("type {} is not served here; only {SECRET_TYPE_URL}", peer(&req.type_url))))).await;
-                        return;
+                    let (cert, roots) = self.snapshot();
+                    let step = stream.request(&req, &Snapshot::of(cert.as_deref(), roots.as_deref()), &self.nonces);
+                    let nack = req.error_detail.as_ref().map(|e| (req.response_nonce.as_str(), req.version_info.as_str(), e));
+                    self.record(&step.effects, &bundle_acks, nack, false);
+                    if let Some(at) = step.effects.ack_latency_since {
+                        self.metrics.sds_ack_latency.observe(at.elapsed().as_secs_f64());
                     }
-                    let requested: BTreeSet<String> = req.resource_names.iter().cloned().collect();
-                    if let Err(status) = self.check_names(requested.len()) {
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
-                    // A rejection is always reported, even for a response
-                    // that a newer push has already superseded.
-                    if let Some(err) = &req.error_detail {
-                        for n in &names {
-                            self.metrics.sds_nacks.with_label_values(&[metric_label(n)]).inc();
-                        }
-                        crate::peer_warn!(self.warn, "nack", self.metrics.refusals,
-                            resources = %shown(&names), nonce = %peer(&req.response_nonce), accepted = %peer(&req.version_info),
-                            code = err.code, detail = %peer(&err.message),
-                            "proxy rejected the secret (NACK); it keeps its previous one"
-                        );
-                    }
-                    if !req.response_nonce.is_empty() {
-                        if last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
-                            tracing::debug!(nonce = %peer(&req.response_nonce), "stale nonce; ignored");
-                            continue;
-                        }
-                        tracing::debug!(nonce = %peer(&req.response_nonce), nack = req.error_detail.is_some(), "SDS response acknowledged");
-                        if let Some((_, at)) = awaiting.take().filter(|(n, _)| *n == req.response_nonce && req.error_detail.is_none()) {
-                            self.metrics.sds_ack_latency.observe(at.elapsed().as_secs_f64());
-                        }
-                        if req.error_detail.is_none() && let Some(g) = last_generation {
-                            bundle_acks.acked(g);
-                        }
-                        // A NACK is not answered with the same secret again;
-                        // a plain ACK only matters if the names changed.
-                        if req.error_detail.is_some() || requested == names {
-                            continue;
-                        }
-                    }
-                    names = requested;
-                    bundle_acks.set_subscribed(names.iter().any(|n| is_bundle_name(n)));
-                    due = true;
+                    step
                 }
                 changed = cert_rx.changed() => {
                     if changed.is_err() { return }
-                    if !names.is_empty() { due = true; changed_at.get_or_insert_with(tokio::time::Instant::now); }
+                    self.sotw_changed(&mut stream)
                 }
                 changed = roots_rx.changed() => {
                     if changed.is_err() { return }
-                    if !names.is_empty() { due = true; changed_at.get_or_insert_with(tokio::time::Instant::now); }
+                    self.sotw_changed(&mut stream)
                 }
                 _ = tx.closed() => return,
-            }
-            if !due || names.is_empty() {
-                continue;
-            }
-            let snap = self.snapshot();
-            match self.sotw_response(&names, &snap) {
-                Err(status) => {
-                    crate::peer_warn!(self.warn, "refused", self.metrics.refusals,
-                        resources = %shown(&names),
-                        error = %peer(status.message()), "refusing SDS request");
-                    let _ = tx.send(Err(status)).await;
+            };
+            match step.action {
+                Action::Nothing => {}
+                Action::End(refusal) => {
+                    let _ = tx
+                        .send(Err(self.refuse(&refusal, &shown(stream.names()))))
+                        .await;
                     return;
                 }
-                Ok(None) => {} // stays due until the resources exist
-                Ok(Some(resp)) => {
-                    due = false;
-                    // A change that leaves our resources as they were (the
-                    // other watch fired) is not pushed, unless the request
-                    // itself asked for an answer.
-                    if last_version.as_deref() == Some(resp.version_info.as_str())
-                        && last_nonce.is_some()
-                        && !names_changed(&last_version, &resp.version_info)
-                    {
-                        changed_at = None;
-                        continue;
-                    }
-                    last_nonce = Some(resp.nonce.clone());
-                    last_version = Some(resp.version_info.clone());
-                    last_generation = snap
-                        .1
-                        .as_ref()
-                        .and_then(|r| r.generation)
-                        .filter(|_| names.iter().any(|n| is_bundle_name(n)));
-                    if let Some(at) = changed_at.take() {
-                        awaiting = Some((resp.nonce.clone(), at));
-                    }
-                    self.count_push(&names);
-                    tracing::debug!(resources = %shown(&names), nonce = %resp.nonce, version = %resp.version_info, "SDS push");
+                Action::Send(resp) => {
+                    self.count_push(stream.names());
+                    tracing::debug!(resources = %shown(stream.names()), nonce = %resp.nonce, version = %resp.version_info, "SDS push");
                     if tx.send(Ok(resp)).await.is_err() {
                         return;
                     }
                 }
             }
         }
+    }
+
+    fn sotw_changed(
+        &self,
+        stream: &mut SotwStream<tokio::time::Instant>,
+    ) -> Step<DiscoveryResponse, tokio::time::Instant> {
+        let (cert, roots) = self.snapshot();
+        let snap = Snapshot::of(cert.as_deref(), roots.as_deref());
+        stream.changed(tokio::time::Instant::now(), &snap, &self.nonces)
     }
 
     async fn delta_loop(
@@ -406,17 +299,11 @@ impl Sds {
     ) {
         let mut cert_rx = self.watch.cert.clone();
         let mut roots_rx = self.watch.roots.clone();
-        let mut subscribed: BTreeSet<String> = BTreeSet::new();
-        // What the client holds, by name: the version we sent it (or it told
-        // us it had, on reconnect).
-        let mut held: BTreeMap<String, String> = BTreeMap::new();
-        let mut first = true;
-        // Responses carrying the bundle that await an ACK: nonce, generation.
+        let mut stream = DeltaStream::new(self.limits.max_resource_names_per_stream);
         let bundle_acks = self.acks.stream();
-        let mut pending: std::collections::VecDeque<(String, u64)> = Default::default();
         let mut shutdown = self.shutdown.clone();
         loop {
-            tokio::select! {
+            let (cert, roots) = tokio::select! {
                 () = Self::stopping(&mut shutdown) => return,
                 msg = inbound.next() => {
                     let req = match msg {
@@ -424,116 +311,63 @@ impl Sds {
                         None => return,
                         Some(Err(e)) => return self.ended(e, &tx).await,
                     };
-                    if !req.type_url.is_empty() && req.type_url != SECRET_TYPE_URL {
-                        let _ = tx.send(Err(Status::invalid_argument(format!("type {:?} is not served here", peer(&req.type_url))))).await;
+                    let (cert, roots) = self.snapshot();
+                    let step = stream.request(&req, &Snapshot::of(cert.as_deref(), roots.as_deref()), &self.nonces);
+                    let nack = req.error_detail.as_ref().map(|e| (req.response_nonce.as_str(), "", e));
+                    self.record(&step.effects, &bundle_acks, nack, true);
+                    if self.delta_act(step.action, &tx).await.is_err() {
                         return;
                     }
-                    if first {
-                        // What the client says it holds is bounded like what
-                        // it subscribes to.
-                        if let Err(status) = self.check_names(req.initial_resource_versions.len()) {
-                            let _ = tx.send(Err(status)).await;
-                            return;
-                        }
-                        held.extend(req.initial_resource_versions.clone());
-                        first = false;
-                    }
-                    if let Some(err) = &req.error_detail {
-                        self.metrics.sds_nacks.with_label_values(&["delta"]).inc();
-                        crate::peer_warn!(self.warn, "nack", self.metrics.refusals,
-                            nonce = %peer(&req.response_nonce), code = err.code, detail = %peer(&err.message),
-                            "proxy rejected a delta update (NACK)");
-                    }
-                    if req.error_detail.is_none()
-                        && let Some(i) = pending.iter().position(|(n, _)| *n == req.response_nonce)
-                    {
-                        bundle_acks.acked(pending[i].1);
-                        pending.drain(..=i);
-                    }
-                    for name in &req.resource_names_unsubscribe {
-                        subscribed.remove(name);
-                        held.remove(name);
-                    }
-                    for name in &req.resource_names_subscribe {
-                        // A (re-)subscription must be answered unless the
-                        // client told us, in this stream's first message,
-                        // that it already holds the current version.
-                        if !req.initial_resource_versions.contains_key(name) {
-                            held.remove(name);
-                        }
-                        subscribed.insert(name.clone());
-                    }
-                    if let Err(status) = self.check_names(subscribed.len()) {
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
-                    bundle_acks.set_subscribed(subscribed.iter().any(|n| is_bundle_name(n)));
+                    continue;
                 }
-                changed = cert_rx.changed() => if changed.is_err() { return },
-                changed = roots_rx.changed() => if changed.is_err() { return },
+                changed = cert_rx.changed() => if changed.is_err() { return } else { self.snapshot() },
+                changed = roots_rx.changed() => if changed.is_err() { return } else { self.snapshot() },
                 _ = tx.closed() => return,
-            }
-            let snap = self.snapshot();
-            let mut resources = Vec::new();
-            for name in &subscribed {
-                match Self::resource(name, &snap) {
-                    Err(status) => {
-                        crate::peer_warn!(self.warn, "refused", self.metrics.refusals,
-                            resource = %peer(name), error = %peer(status.message()), "refusing delta SDS subscription");
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
-                    Ok(None) => {}
-                    Ok(Some((version, any))) => {
-                        if held.get(name) != Some(&version) {
-                            held.insert(name.clone(), version.clone());
-                            resources.push(Resource {
-                                version,
-                                resource: Some(any),
-                                name: name.clone(),
-                                aliases: vec![],
-                                ttl: None,
-                            });
-                        }
-                    }
-                }
-            }
-            if resources.is_empty() {
-                continue;
-            }
-            self.count_push(resources.iter().map(|r| r.name.clone()));
-            let resp = DeltaDiscoveryResponse {
-                system_version_info: String::new(),
-                resources,
-                type_url: SECRET_TYPE_URL.to_owned(),
-                nonce: self.nonce(),
-                removed_resources: vec![],
             };
-            let generation = snap.1.as_ref().and_then(|r| r.generation);
-            if let Some(g) =
-                generation.filter(|_| resp.resources.iter().any(|r| is_bundle_name(&r.name)))
-            {
-                if pending.len() >= MAX_PENDING_ACKS {
-                    pending.pop_front();
-                }
-                pending.push_back((resp.nonce.clone(), g));
-            }
-            if tx.send(Ok(resp)).await.is_err() {
+            let step = stream.changed(
+                &Snapshot::of(cert.as_deref(), roots.as_deref()),
+                &self.nonces,
+            );
+            if self.delta_act(step.action, &tx).await.is_err() {
                 return;
+            }
+        }
+    }
+
+    /// Does what a delta step asks; `Err` when the stream is over.
+    async fn delta_act(
+        &self,
+        action: Action<DeltaDiscoveryResponse>,
+        tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    ) -> Result<(), ()> {
+        match action {
+            Action::Nothing => Ok(()),
+            Action::End(refusal) => {
+                let what = match &refusal {
+                    Refusal::UnknownName { name } | Refusal::OtherIdentity { name, .. } => {
+                        peer(name).to_string()
+                    }
+                    _ => String::new(),
+                };
+                let _ = tx.send(Err(self.refuse(&refusal, &what))).await;
+                Err(())
+            }
+            Action::Send(resp) => {
+                self.count_push(resp.resources.iter().map(|r| r.name.clone()));
+                tx.send(Ok(resp)).await.map_err(drop)
             }
         }
     }
 }
 
-/// Whether the subscribed names differ between the last response and this
-/// one (the version string starts each entry with the name).
-fn names_changed(last_version: &Option<String>, version_info: &str) -> bool {
-    let names = |v: &str| {
-        v.split(';')
-            .map(|e| e.split('=').next().unwrap_or_default().to_owned())
-            .collect::<Vec<_>>()
-    };
-    last_version.as_deref().map(names) != Some(names(version_info))
+/// The status ending a stream for `refusal`.
+fn status(refusal: &Refusal) -> Status {
+    let message = refusal.to_string();
+    match refusal {
+        Refusal::TooManyNames { .. } => Status::resource_exhausted(message),
+        Refusal::OtherIdentity { .. } => Status::permission_denied(message),
+        _ => Status::invalid_argument(message),
+    }
 }
 
 /// Requested names for a log line: each escaped and cut, at most four.
@@ -551,12 +385,6 @@ fn metric_label(name: &str) -> &str {
     match name {
         DEFAULT | ROOTCA => name,
         _ => "spiffe-id",
-    }
-}
-
-fn inline(bytes: &[u8]) -> DataSource {
-    DataSource {
-        specifier: Some(data_source::Specifier::InlineBytes(bytes.to_vec())),
     }
 }
 
@@ -668,7 +496,11 @@ impl SecretDiscoveryService for Sds {
         let deadline = tokio::time::Instant::now() + FETCH_WAIT;
         let mut shutdown = self.shutdown.clone();
         loop {
-            if let Some(resp) = self.sotw_response(&names, &self.snapshot())? {
+            let (cert, roots) = self.snapshot();
+            let snap = Snapshot::of(cert.as_deref(), roots.as_deref());
+            if let Some(resp) =
+                sotw_response(&names, &snap, &self.nonces).map_err(|r| status(&r))?
+            {
                 self.count_push(&names);
                 return Ok(Response::new(resp));
             }
