@@ -3,6 +3,7 @@
 //! root rotation in the middle. The run must end with no error, the
 //! rotation complete, and every figure in its report. Not timed: the
 //! figures are only checked for sanity.
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 use std::process::Command;
 use std::time::{Duration, Instant};

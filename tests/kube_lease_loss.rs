@@ -26,6 +26,7 @@
 //! case A also reports not ready during the cut (a silent API server is
 //! noticed only by the watches' idle timeout, 65 s, longer than these cuts;
 //! `tests/kube_ready.rs` covers that).
+#![allow(missing_docs, unreachable_pub, clippy::restriction)] // Test crate: a panic fails a test.
 
 mod common;
 
