@@ -6,6 +6,10 @@
 // Lints (unsafe forbidden, docs, no unwrap/expect/indexing outside tests):
 // Cargo.toml's [lints] table and clippy.toml.
 
+// Also in Cargo.toml's [lints]; kept here so any build of this source
+// forbids it.
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod ca;
 pub mod cli;

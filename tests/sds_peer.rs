@@ -16,8 +16,10 @@ use workload_ca::agent::sds::PeerRule;
 use workload_ca::agent::{self, Agent};
 use workload_ca::limits::label::PEER_CREDENTIALS;
 
-/// An unprivileged uid and gid other than ours (Debian's `nobody`).
-const OTHER: u32 = 65534;
+/// An unprivileged uid and gid other than ours, with no account (not
+/// `nobody`, 65534: that is the kernel's overflow id, which no rule may
+/// name and no peer reporting it is admitted under).
+const OTHER: u32 = 4242;
 
 async fn start(ca: &TestServer, dir: &std::path::Path, peer: Option<PeerRule>) -> Agent {
     std::fs::write(dir.join("token"), ca.token("prod", "web")).unwrap();

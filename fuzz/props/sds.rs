@@ -54,6 +54,9 @@ struct SotwModel {
     last: Option<(String, Contents)>,
     /// Per nonce sent: the bundle generation the response carried.
     generations: BTreeMap<String, Option<u64>>,
+    /// Whether the stream last said it subscribes to the bundle (what the
+    /// rotation gate counts).
+    bundle_reported: bool,
 }
 
 struct DeltaModel {
@@ -63,6 +66,8 @@ struct DeltaModel {
     first: bool,
     last_nonce: Option<String>,
     generations: BTreeMap<String, Option<u64>>,
+    /// As [`SotwModel::bundle_reported`].
+    bundle_reported: bool,
 }
 
 enum Stream {
@@ -279,6 +284,7 @@ impl<'p> World<'p> {
                 first: true,
                 last_nonce: None,
                 generations: BTreeMap::new(),
+                bundle_reported: false,
             }))
         } else {
             Stream::Sotw(Box::new(SotwModel {
@@ -286,6 +292,7 @@ impl<'p> World<'p> {
                 subscribed: BTreeSet::new(),
                 last: None,
                 generations: BTreeMap::new(),
+                bundle_reported: false,
             }))
         });
     }
@@ -482,7 +489,8 @@ impl<'p> World<'p> {
             acked_nonce.as_deref(),
             &m.generations,
             &m.subscribed,
-            req.is_some(),
+            req.map(|r| r.error_detail.is_some()),
+            &mut m.bundle_reported,
             seen,
         )?;
         // Once every resource subscribed exists, the stream holds them.
@@ -541,14 +549,20 @@ impl<'p> World<'p> {
     }
 
     /// Effects: an ACK only of a generation the ACKed response carried; the
-    /// bundle subscription as the names say.
+    /// bundle subscription as the names say, reported after every request
+    /// that left the stream open (a stream that never said so would let
+    /// the rotation gate open without its proxy); a NACK reported exactly
+    /// when the request was one. `request`: whether the step was a request,
+    /// and a NACK.
+    #[allow(clippy::too_many_arguments)]
     fn check_effects<At>(
         &self,
         e: &Effects<At>,
         acked_nonce: Option<&str>,
         generations: &BTreeMap<String, Option<u64>>,
         subscribed: &BTreeSet<String>,
-        request: bool,
+        request: Option<bool>,
+        bundle_reported: &mut bool,
         seen: &mut Observed,
     ) -> Result<(), String> {
         if let Some(g) = e.acked_generation {
@@ -560,10 +574,28 @@ impl<'p> World<'p> {
             }
             seen.acked.push(g);
         }
-        if let Some(s) = e.subscribed_to_bundle
-            && (!request || s != subscribed.iter().any(|n| is_bundle(n)))
-        {
-            return Err(format!("subscribed to the bundle: {s} for {subscribed:?}"));
+        let wants_bundle = subscribed.iter().any(|n| is_bundle(n));
+        if let Some(s) = e.subscribed_to_bundle {
+            if request.is_none() || s != wants_bundle {
+                return Err(format!("subscribed to the bundle: {s} for {subscribed:?}"));
+            }
+            *bundle_reported = s;
+        }
+        if let Some(nack) = request {
+            if *bundle_reported != wants_bundle {
+                return Err(format!(
+                    "the stream subscribes to {subscribed:?} but last reported bundle subscription {bundle_reported}"
+                ));
+            }
+            if e.nacked.is_some() != nack {
+                return Err(format!(
+                    "NACK reported {:?} for a request that was {}a NACK",
+                    e.nacked.is_some(),
+                    if nack { "" } else { "not " }
+                ));
+            }
+        } else if e.nacked.is_some() {
+            return Err("a NACK reported without a request".into());
         }
         Ok(())
     }
@@ -693,7 +725,8 @@ impl<'p> World<'p> {
             acked_nonce.as_deref(),
             &m.generations,
             &m.subscribed,
-            req.is_some(),
+            req.map(|r| r.error_detail.is_some()),
+            &mut m.bundle_reported,
             seen,
         )?;
         // Every subscribed resource that exists is held at its current

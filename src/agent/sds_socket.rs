@@ -28,7 +28,13 @@ impl PeerRule {
     /// True when the peer's `uid` and `gid` satisfy the rule.
     #[must_use]
     pub fn admits(&self, uid: u32, gid: u32) -> bool {
-        uid == self.uid && self.gid.is_none_or(|g| g == gid)
+        // A peer reporting an overflow id is from an unmapped user
+        // namespace: never this rule's process, whatever the rule says.
+        let overflow = |id: u32, what: &str| id == u32::MAX || id == overflow_id(what);
+        uid == self.uid
+            && self.gid.is_none_or(|g| g == gid)
+            && !overflow(uid, "uid")
+            && !(self.gid.is_some() && overflow(gid, "gid"))
     }
 }
 
@@ -282,4 +288,40 @@ pub fn serve(
         path: path.to_owned(),
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_reporting_an_overflow_id_is_never_admitted() {
+        let overflow = overflow_id("uid");
+        // A rule built in code (not parsed) naming the overflow id.
+        let rule = PeerRule {
+            uid: overflow,
+            gid: None,
+        };
+        assert!(!rule.admits(overflow, 0));
+        let rule = PeerRule {
+            uid: 7,
+            gid: Some(overflow_id("gid")),
+        };
+        assert!(!rule.admits(7, overflow_id("gid")));
+        assert!(
+            !PeerRule {
+                uid: u32::MAX,
+                gid: None
+            }
+            .admits(u32::MAX, 0)
+        );
+        // Anything else is judged by the rule.
+        let rule = PeerRule {
+            uid: 7,
+            gid: Some(8),
+        };
+        assert!(rule.admits(7, 8));
+        assert!(!rule.admits(7, 9));
+        assert!(!rule.admits(6, 8));
+    }
 }

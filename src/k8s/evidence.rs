@@ -406,6 +406,11 @@ pub fn spawn_publisher(
             }
             if *leader.borrow() {
                 for (spent, resource_version) in peers.spent(now) {
+                    // Without the version it was judged on, a deletion
+                    // could not be conditional: left for the next pass.
+                    if resource_version.is_none() {
+                        continue;
+                    }
                     // Conditional on the version judged spent: a deletion
                     // sent before this replica stepped down and delivered
                     // late cannot remove a report written since.

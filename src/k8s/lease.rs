@@ -110,47 +110,15 @@ pub fn spawn(
 ) -> (Leadership, JoinHandle<()>) {
     let (tx, rx) = watch::channel(false);
     let task = tokio::spawn(async move {
-        let api: Api<Lease> = Api::namespaced(client, &opts.namespace);
-        let mut observed: Option<Observed> = None;
-        let mut renewed: Option<Instant> = None;
-        loop {
-            // Counted from before the round: the Lease was renewed at the
-            // API server no earlier than this, and the others count its
-            // duration from when they see that renewal.
-            let started = Instant::now();
-            let limit = round_deadline(renewed, started, &opts);
-            let round = try_acquire_or_renew(&api, &opts, &mut observed);
-            match tokio::time::timeout_at(limit, round).await {
-                Ok(Ok(true)) => renewed = Some(started),
-                Ok(Ok(false)) => renewed = None,
-                Ok(Err(e)) => {
-                    tracing::warn!(lease = %opts.name, error = %e, "leader election: Lease call failed")
-                }
-                Err(_) => {
-                    tracing::warn!(lease = %opts.name, waited = ?started.elapsed(), "leader election: no answer from the API server in time")
-                }
-            }
-            let leading = renewed.is_some_and(|t| t.elapsed() < opts.renew_deadline);
-            tx.send_if_modified(|cur| {
-                if *cur == leading {
-                    return false;
-                }
-                if leading {
-                    tracing::info!(lease = %opts.name, identity = %opts.identity, "leading: single-writer work runs here");
-                } else {
-                    tracing::warn!(lease = %opts.name, identity = %opts.identity, "no longer leading");
-                }
-                *cur = leading;
-                true
-            });
-            tokio::select! {
-                _ = tokio::time::sleep(opts.retry) => {}
-                _ = shutdown.changed() => break,
-            }
-        }
+        let mut rounds = LeaseRounds {
+            api: Api::namespaced(client, &opts.namespace),
+            opts: opts.clone(),
+            observed: None,
+        };
+        elect(&mut rounds, &opts, &tx, &mut shutdown).await;
         if *tx.borrow() {
             tx.send_replace(false);
-            match tokio::time::timeout(opts.renew_deadline, release(&api, &opts)).await {
+            match tokio::time::timeout(opts.renew_deadline, release(&rounds.api, &opts)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(lease = %opts.name, error = %e, "releasing the Lease failed; the next leader waits for it to expire")
@@ -164,13 +132,128 @@ pub fn spawn(
     (Leadership(rx), task)
 }
 
-/// When a round started at `started` is given up: a leader's at its renew
-/// deadline (so leadership ends then, answer or not), a candidate's after
-/// a renew deadline too.
-fn round_deadline(renewed: Option<Instant>, started: Instant, opts: &LeaseOptions) -> Instant {
-    match renewed {
-        Some(t) if started < t + opts.renew_deadline => t + opts.renew_deadline,
-        _ => started + opts.renew_deadline,
+/// What one election round returns: `Ok(true)` when this replica holds the
+/// Lease now, `Ok(false)` when another does.
+type RoundFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, kube::Error>> + Send + 'a>>;
+
+/// The election's calls to the API server, one round at a time.
+trait Rounds: Send {
+    /// Creates, renews or takes over the Lease.
+    fn round(&mut self) -> RoundFuture<'_>;
+}
+
+/// The rounds against the real Lease.
+struct LeaseRounds {
+    api: Api<Lease>,
+    opts: LeaseOptions,
+    observed: Option<Observed>,
+}
+
+impl Rounds for LeaseRounds {
+    fn round(&mut self) -> RoundFuture<'_> {
+        Box::pin(try_acquire_or_renew(
+            &self.api,
+            &self.opts,
+            &mut self.observed,
+        ))
+    }
+}
+
+/// The election loop, until `shutdown`: publishes in `tx` whether this
+/// replica leads, which is never longer than a renew deadline after its
+/// last renewal, whatever the rounds do.
+async fn elect(
+    rounds: &mut dyn Rounds,
+    opts: &LeaseOptions,
+    tx: &watch::Sender<bool>,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    let publish = |leading: bool| {
+        tx.send_if_modified(|cur| {
+            if *cur == leading {
+                return false;
+            }
+            if leading {
+                tracing::info!(lease = %opts.name, identity = %opts.identity, "leading: single-writer work runs here");
+            } else {
+                tracing::warn!(lease = %opts.name, identity = %opts.identity, "no longer leading");
+            }
+            *cur = leading;
+            true
+        });
+    };
+    let mut term = Term::default();
+    loop {
+        // Counted from before the round: the Lease was renewed at the
+        // API server no earlier than this, and the others count its
+        // duration from when they see that renewal.
+        let started = Instant::now();
+        // Past the deadline, leadership ends before any call is made: a
+        // round may then take a renew deadline of its own.
+        publish(term.leading_at(started, opts));
+        let limit = term.round_deadline(started, opts);
+        match tokio::time::timeout_at(limit, rounds.round()).await {
+            Ok(Ok(held)) => term.answered(held, started),
+            Ok(Err(e)) => {
+                tracing::warn!(lease = %opts.name, error = %e, "leader election: Lease call failed")
+            }
+            Err(_) => {
+                tracing::warn!(lease = %opts.name, waited = ?started.elapsed(), "leader election: no answer from the API server in time")
+            }
+        }
+        let now = Instant::now();
+        publish(term.leading_at(now, opts));
+        // The next round, or the deadline if it comes first, so that
+        // leadership ends at the deadline and not a retry later.
+        tokio::select! {
+            _ = tokio::time::sleep_until(term.next_wake(now, opts)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// This replica's belief that it leads: when it last renewed the Lease
+/// (counted from before that round). It leads only while that is less
+/// than a renew deadline ago, whatever the API server does meanwhile.
+#[derive(Default, Debug, Clone, Copy)]
+struct Term {
+    renewed: Option<Instant>,
+}
+
+impl Term {
+    /// Whether it leads at `now` (forgetting a renewal past its deadline).
+    fn leading_at(&mut self, now: Instant, opts: &LeaseOptions) -> bool {
+        if self.renewed.is_some_and(|t| now >= t + opts.renew_deadline) {
+            self.renewed = None;
+        }
+        self.renewed.is_some()
+    }
+
+    /// A round started at `started` (after [`Term::leading_at`]) answered:
+    /// the Lease is held, or another replica holds it.
+    fn answered(&mut self, held: bool, started: Instant) {
+        self.renewed = held.then_some(started);
+    }
+
+    /// When a round started at `started` is given up: a leader's at its
+    /// renew deadline (so leadership ends then, answer or not), a
+    /// candidate's after a renew deadline.
+    fn round_deadline(&self, started: Instant, opts: &LeaseOptions) -> Instant {
+        match self.renewed {
+            Some(t) => (t + opts.renew_deadline).min(started + opts.renew_deadline),
+            None => started + opts.renew_deadline,
+        }
+    }
+
+    /// When to start the next round, from `now`: a retry later, or at the
+    /// renew deadline if that comes first.
+    fn next_wake(&self, now: Instant, opts: &LeaseOptions) -> Instant {
+        let retry = now + opts.retry;
+        match self.renewed {
+            Some(t) => retry.min(t + opts.renew_deadline),
+            None => retry,
+        }
     }
 }
 
@@ -291,22 +374,76 @@ mod tests {
         let opts = LeaseOptions::new("ns", "lease", "me");
         let t0 = Instant::now();
         let later = t0 + Duration::from_secs(4);
+        let mut term = Term::default();
+        term.answered(true, t0);
         // A leader renewed at t0: its round ends at t0 + 10 s whenever it
         // starts, so leadership ends then, answer or not.
+        assert!(term.leading_at(later, &opts));
+        assert_eq!(term.round_deadline(later, &opts), t0 + opts.renew_deadline);
+        // A candidate: a renew deadline from the round's start.
+        let candidate = Term::default();
         assert_eq!(
-            round_deadline(Some(t0), later, &opts),
-            t0 + opts.renew_deadline
-        );
-        // A candidate, or a leader past its deadline: a renew deadline from
-        // the round's start.
-        assert_eq!(
-            round_deadline(None, later, &opts),
+            candidate.round_deadline(later, &opts),
             later + opts.renew_deadline
         );
+        // Past the deadline it is a candidate before its round starts.
         let past = t0 + opts.renew_deadline + Duration::from_secs(1);
-        assert_eq!(
-            round_deadline(Some(t0), past, &opts),
-            past + opts.renew_deadline
-        );
+        assert!(!term.leading_at(past, &opts));
+        assert_eq!(term.round_deadline(past, &opts), past + opts.renew_deadline);
+    }
+
+    /// A round script: the first answers `Ok(true)` (renewed), the next
+    /// `fast` fail at once (connection refused), every later one hangs (a
+    /// silent API server).
+    struct Script {
+        calls: u32,
+        fast: u32,
+    }
+
+    impl Rounds for Script {
+        fn round(&mut self) -> RoundFuture<'_> {
+            self.calls += 1;
+            let n = self.calls;
+            let fast = self.fast;
+            Box::pin(async move {
+                match n {
+                    1 => Ok(true),
+                    n if n <= fast + 1 => Err(kube::Error::LinesCodecMaxLineLengthExceeded),
+                    _ => std::future::pending().await,
+                }
+            })
+        }
+    }
+
+    /// The real loop on a paused clock, the API server refusing and then
+    /// going silent, at every offset of the switch against the retries:
+    /// leadership ends no later than a renew deadline after the renewal.
+    /// (It used to end up to a renew deadline later: a round starting just
+    /// past the deadline, the flag still up from the round before, got a
+    /// deadline of its own.)
+    #[tokio::test(start_paused = true)]
+    async fn leadership_ends_at_the_renew_deadline_whatever_the_rounds_do() {
+        let opts = LeaseOptions::new("ns", "lease", "me");
+        let most = opts.renew_deadline.as_millis() / opts.retry.as_millis() + 2;
+        for fast in 0..=u32::try_from(most).unwrap() {
+            let (tx, mut rx) = watch::channel(false);
+            let (stop, mut shutdown) = watch::channel(false);
+            let t0 = Instant::now();
+            let run = opts.clone();
+            let task = tokio::spawn(async move {
+                let mut script = Script { calls: 0, fast };
+                elect(&mut script, &run, &tx, &mut shutdown).await;
+            });
+            rx.wait_for(|l| *l).await.unwrap();
+            rx.wait_for(|l| !*l).await.unwrap();
+            let led = t0.elapsed();
+            let deadline = opts.renew_deadline;
+            assert!(
+                led <= deadline,
+                "{fast} refused rounds then silence: led for {led:?}, the deadline is {deadline:?}"
+            );
+            stop.send_replace(true);
+            task.abort();
+        }
     }
 }

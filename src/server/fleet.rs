@@ -663,8 +663,8 @@ pub(crate) fn load(
         .and_then(|t| match serde_json::from_str::<Saved>(&t) {
             Ok(s) => Some(s),
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e,
-                    "the issuance ledger is corrupt and is ignored: assuming the last certificates of every authority are still valid for rotation gates");
+                tracing::warn!(path = %path.display(), error = %e, assumed = assumption(ca_created),
+                    "the issuance ledger is corrupt and is ignored");
                 None
             }
         })
@@ -686,6 +686,15 @@ pub(crate) fn load(
             s.ledger.assume_lost(&ids, now, max_ttl);
             s
         }
+    }
+}
+
+/// What is assumed in place of a ledger that cannot be used.
+fn assumption(ca_created: bool) -> &'static str {
+    if ca_created {
+        "nothing: the CA was just created, so it issued nothing before"
+    } else {
+        "the last certificates of every authority are still valid, for the rotation gates"
     }
 }
 
