@@ -189,16 +189,7 @@ async fn run_stream(
                 at,
             });
         }
-        // As Envoy: the ACK echoes the version and the nonce, without node.
-        tx.send(wire::Request {
-            version_info: resp.version_info,
-            node: None,
-            resource_names: names.clone(),
-            type_url: SECRET_TYPE_URL.into(),
-            response_nonce: resp.nonce,
-        })
-        .await
-        .map_err(|_| "the request stream closed".to_owned())?;
+        ack(&tx, resp, &names).await?;
         if !opened {
             opened = true;
             let _ = events.send(Event::Opened);
@@ -343,6 +334,24 @@ pub(super) mod wire {
         }
         node
     }
+}
+
+/// Acknowledges `resp` as Envoy does: the version and the nonce echoed,
+/// the names again, no node.
+pub(super) async fn ack(
+    tx: &mpsc::Sender<wire::Request>,
+    resp: DiscoveryResponse,
+    names: &[String],
+) -> Result<(), String> {
+    tx.send(wire::Request {
+        version_info: resp.version_info,
+        node: None,
+        resource_names: names.to_vec(),
+        type_url: SECRET_TYPE_URL.into(),
+        response_nonce: resp.nonce,
+    })
+    .await
+    .map_err(|_| "the request stream closed".to_owned())
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use super::client::{self, CALL_TIMEOUT, CallError, Tls};
 use super::soak::Shared;
 use super::soak_check as check;
 use super::work::Work;
-use crate::agent::sds::{DEFAULT, ROOTCA, SECRET_TYPE_URL};
+use crate::agent::sds::{DEFAULT, ROOTCA};
 
 /// How long a stream may take to connect and get its first response.
 const START_WAIT: Duration = Duration::from_secs(30);
@@ -134,16 +134,7 @@ async fn one_stream(spec: &StreamSpec, shared: &Shared) -> Result<(), String> {
                 }
             }
         }
-        // As Envoy: the ACK echoes the version and the nonce.
-        tx.send(wire::Request {
-            version_info: resp.version_info,
-            node: None,
-            resource_names: names.clone(),
-            type_url: SECRET_TYPE_URL.into(),
-            response_nonce: resp.nonce,
-        })
-        .await
-        .map_err(|_| "the request stream closed".to_owned())?;
+        streams::ack(&tx, resp, &names).await?;
     }
 }
 
