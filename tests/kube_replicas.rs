@@ -245,29 +245,29 @@ async fn the_leader_deletes_a_spent_report_of_a_stopped_replica_once() {
         .unwrap();
     let ca = k.start_ca("a", &[]);
     wait_ready(&ca, READY).await;
-    let start = Instant::now();
-    while k.fake.get_json("configmaps", CA_NS, name).is_some() {
-        let deletes: Vec<_> = k
-            .fake
+    let deletes = || -> Vec<u16> {
+        k.fake
             .requests()
             .into_iter()
-            .filter(|r| r.verb == "delete")
-            .map(|r| format!("{} {} {}", r.resource, r.name, r.code))
-            .collect();
+            .filter(|r| r.verb == "delete" && r.resource == "configmaps" && r.name == name)
+            .map(|r| r.code)
+            .collect()
+    };
+    // The fake logs a request once it has answered it: wait for the entry,
+    // not only for the object to be gone.
+    let start = Instant::now();
+    while k.fake.get_json("configmaps", CA_NS, name).is_some() || deletes().is_empty() {
         assert!(
             start.elapsed() < Duration::from_secs(30),
-            "not deleted: {deletes:?}"
+            "not deleted: {:?}",
+            deletes()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let took = start.elapsed();
-    let deletes: Vec<_> = k
-        .fake
-        .requests()
-        .into_iter()
-        .filter(|r| r.verb == "delete" && r.resource == "configmaps" && r.name == name)
-        .map(|r| r.code)
-        .collect();
-    assert_eq!(deletes, [200], "one deletion, accepted");
+    // A few more passes of the leader's loop (one every 0.5 s at most):
+    // nothing deleted again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(deletes(), [200], "one deletion, accepted");
     println!("the spent report was deleted {took:?} after the leader was ready");
 }
