@@ -244,6 +244,18 @@ fn decode_pem_or_der(input: &[u8]) -> Result<Vec<u8>, Error> {
         }
         return Err(Error::CsrMalformed("neither PEM nor DER".into()));
     }
+    // RFC 7468 text is printable ASCII, spaces, tabs and line breaks. The
+    // `pem` crate would also skip other whitespace (a vertical tab, a
+    // no-break space) inside the base64, which other parsers refuse: what
+    // we accept must read the same everywhere.
+    if let Some(c) = trimmed
+        .iter()
+        .find(|&&c| !(c.is_ascii_graphic() || matches!(c, b' ' | b'\t' | b'\r' | b'\n')))
+    {
+        return Err(Error::CsrMalformed(format!(
+            "PEM holds byte 0x{c:02x}: only printable ASCII, spaces, tabs and line breaks"
+        )));
+    }
     if let Some(der) = plain_csr_pem(trimmed) {
         return Ok(der);
     }
@@ -393,7 +405,6 @@ mod tests {
             format!("{csr}{csr}"),
             format!("{csr}trailing words"),
             csr.replace("CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST"),
-            csr.replacen('M', "\u{a0}", 1),
             csr.replacen('M', "*", 1),
             csr.replacen('M', "", 1),
         ] {
@@ -405,6 +416,18 @@ mod tests {
                 .filter(|b| b.len() == 1)
                 .map(|b| b[0].contents().to_vec());
             assert_eq!(ours, theirs, "{odd:?}");
+        }
+        // Whitespace the pem crate skips and other parsers refuse (found
+        // by the issuance fuzz target, against x509-parser's PEM reader):
+        // refused, naming the byte.
+        for odd in [
+            csr.replacen('M', "\u{a0}", 1),
+            csr.replacen('\n', "\x0b", 2),
+            csr.replacen('\n', "\x0c\n", 2),
+            format!("{csr}\0"),
+        ] {
+            let e = decode_pem_or_der(odd.as_bytes()).unwrap_err().to_string();
+            assert!(e.contains("PEM holds byte 0x"), "{odd:?}: {e}");
         }
     }
 
