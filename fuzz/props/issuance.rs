@@ -63,12 +63,31 @@ pub fn issue_and_check(
 /// The CSR's SubjectPublicKeyInfo, read with x509-parser (PEM or DER).
 pub fn csr_spki(csr: &[u8]) -> Option<Vec<u8>> {
     use x509_parser::certification_request::X509CertificationRequest;
-    let der = match x509_parser::pem::parse_x509_pem(csr) {
-        Ok((_, pem)) => pem.contents,
-        Err(_) => csr.to_vec(),
+    let der = match lax_pem(csr) {
+        Some(der) => der,
+        None => csr.to_vec(),
     };
     let (_, req) = X509CertificationRequest::from_der(&der).ok()?;
     Some(req.certification_request_info.subject_pki.raw.to_vec())
+}
+
+/// The DER of a PEM block read as RFC 7468's lax parsers read it
+/// (whitespace inside the base64 skipped): the body's whitespace is removed
+/// here, and x509-parser's strict reader then decodes what is left. What
+/// matters independently is the DER; PEM's spacing is not the property.
+fn lax_pem(csr: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(csr).ok()?;
+    let start = text.find("-----BEGIN ")?;
+    let body_start = start + text.get(start..)?.find('\n')? + 1;
+    let end = body_start + text.get(body_start..)?.find("-----END ")?;
+    let body: String = text
+        .get(body_start..end)?
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '\t' | '\x0b' | '\x0c' | '\r'))
+        .collect();
+    let cleaned = format!("{}{body}{}", text.get(..body_start)?, text.get(end..)?);
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cleaned.as_bytes()).ok()?;
+    Some(pem.contents)
 }
 
 /// The property on one leaf (DER): exactly `caller` as its single name,
