@@ -80,12 +80,18 @@ impl std::str::FromStr for PeerRule {
 }
 
 /// The kernel's overflow uid or gid (`/proc/sys/kernel/overflow{uid,gid}`,
-/// 65534 unless changed).
+/// 65534 unless changed), read once per process: every connection's peer
+/// check asks.
 fn overflow_id(what: &str) -> u32 {
-    std::fs::read_to_string(format!("/proc/sys/kernel/overflow{what}"))
-        .ok()
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(65534)
+    static UID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    static GID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let cell = if what == "gid" { &GID } else { &UID };
+    *cell.get_or_init(|| {
+        std::fs::read_to_string(format!("/proc/sys/kernel/overflow{what}"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(65534)
+    })
 }
 
 /// Gives the socket file at `path` to the rule's uid and gid, if bound.
